@@ -1,0 +1,28 @@
+"""compress: Minitron-style compression of Hugging Face causal LMs.
+
+Prune width (MLP neurons, attention heads, hidden channels) and depth (layers) by activation importance,
+then save a standard student that ``AutoModelForCausalLM.from_pretrained`` loads with no custom code.
+"""
+
+__version__ = "0.1.0"
+
+from . import evaluate
+from .api import compress, load_report, load_teacher, save_student, smollm2_gguf_path
+from .calibrate import Calibration, CalibrationConfig, Importance
+from .errors import (CheckpointError, CompressError, ConfigError, DataError, OutputExistsError, PluginError,
+                     TargetError, UnsupportedModelError)
+from .models import DecoderAdapter, register_adapter, supported_families
+from .plan import PlanConfig, Target
+from .plugin_api import AxisPlugin, ImportancePlugin, PruneContext
+from .prune import prune
+from .registry import get_plugin, list_plugins, register_plugin
+from .report import PruneReport, Result
+from .shape import ModelShape
+
+__all__ = [
+    "AxisPlugin", "Calibration", "CalibrationConfig", "CheckpointError", "CompressError", "ConfigError", "DataError",
+    "DecoderAdapter", "ImportancePlugin", "Importance", "ModelShape", "OutputExistsError", "PlanConfig",
+    "PluginError", "PruneContext", "PruneReport", "Result", "Target", "TargetError", "UnsupportedModelError",
+    "__version__", "compress", "evaluate", "get_plugin", "list_plugins", "load_report", "load_teacher", "prune",
+    "register_adapter", "register_plugin", "save_student", "smollm2_gguf_path", "supported_families",
+]

@@ -1,0 +1,129 @@
+"""Text sources: reading files or strings, a default corpus that exists offline, and packing into token windows.
+
+Text is read and tokenized in pieces and tokenization stops as soon as enough tokens are packed, so a
+multi-gigabyte corpus costs only what the caller asked for.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import pkgutil
+from pathlib import Path
+from typing import Iterable, Iterator, Union
+
+import torch
+
+from .errors import DataError
+
+TextSource = Union[str, os.PathLike, Iterable[str]]
+
+SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+PYDOCS_TRAIN = SHARED_DATA / "pydocs" / "train.txt"
+PYDOCS_VALID = SHARED_DATA / "pydocs" / "valid.txt"
+SHAKESPEARE = SHARED_DATA / "shakespeare" / "input.txt"
+
+_CHUNK_CHARS = 1 << 20
+
+
+def _looks_like_path(source: str | os.PathLike) -> bool:
+    if isinstance(source, os.PathLike):
+        return True
+    return "\n" not in source and len(source) < 4096 and (os.sep in source or source.endswith((".txt", ".md")))
+
+
+def iter_text(source: TextSource) -> Iterator[str]:
+    """Yield text pieces from a path, a literal string, or an iterable of strings (documents)."""
+    if isinstance(source, (str, os.PathLike)):
+        if _looks_like_path(source):
+            path = Path(source)
+            if not path.is_file():
+                raise DataError(f"text file {str(path)!r} does not exist")
+            with path.open(encoding="utf-8", errors="replace") as fh:
+                while piece := fh.read(_CHUNK_CHARS):
+                    yield piece
+        else:
+            yield source
+        return
+    for doc in source:
+        if not isinstance(doc, str):
+            raise DataError(f"text sources must yield str, got {type(doc).__name__}")
+        yield doc
+
+
+def describe_source(source: TextSource) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return str(source) if _looks_like_path(source) else f"<text, {len(source)} chars>"
+    return f"<{type(source).__name__} of documents>"
+
+
+def pack_tokens(
+    tokenizer, source: TextSource, seq_len: int, max_windows: int | None = None, skip_tokens: int = 0
+) -> torch.Tensor:
+    """Tokenize ``source`` and pack it into non-overlapping windows of ``seq_len`` tokens, ``[N, seq_len]``.
+
+    Documents are joined with the tokenizer's EOS token. Stops once ``max_windows`` windows are full; the first
+    ``skip_tokens`` tokens are dropped (used to keep splits of one file apart). A trailing partial window is
+    dropped.
+    """
+    if seq_len < 2:
+        raise DataError(f"seq_len should be at least 2, got {seq_len}")
+    need = None if max_windows is None else skip_tokens + max_windows * seq_len
+    ids: list[int] = []
+    sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    for piece in iter_text(source):
+        if not piece.strip():
+            continue
+        ids.extend(tokenizer(piece, add_special_tokens=False)["input_ids"])
+        ids.extend(sep)
+        if need is not None and len(ids) >= need:
+            break
+    ids = ids[skip_tokens:]
+    n = len(ids) // seq_len
+    if max_windows is not None:
+        n = min(n, max_windows)
+    if n == 0:
+        raise DataError(
+            f"{describe_source(source)} gives {len(ids)} tokens after skipping {skip_tokens}, fewer than one "
+            f"window of seq_len={seq_len}; give more text or a shorter seq_len"
+        )
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def stdlib_docstrings(max_chars: int = 4_000_000, held_out: bool = False) -> list[str]:
+    """Docstrings of Python's standard library: an English technical corpus on any machine, offline.
+
+    Modules are split deterministically by name into a calibration part and a held-out part (``held_out``),
+    so calibration and evaluation never share text.
+    """
+    docs: list[str] = []
+    total = 0
+    names = sorted(m.name for m in pkgutil.iter_modules() if not m.name.startswith("_"))
+    for name in names:
+        if (sum(map(ord, name)) % 5 == 0) != held_out:
+            continue
+        try:
+            module = importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - some stdlib modules need optional system libraries
+            continue
+        if not getattr(module, "__file__", None) or "site-packages" in (module.__file__ or ""):
+            continue
+        for _, obj in inspect.getmembers(module):
+            doc = inspect.getdoc(obj) if (inspect.isclass(obj) or inspect.isfunction(obj)) else None
+            if doc and len(doc) > 200:
+                docs.append(doc)
+                total += len(doc)
+        if total >= max_chars:
+            break
+    return docs
+
+
+def default_calibration_source() -> TextSource:
+    """``../shared/data/pydocs/train.txt`` when this checkout has it, else stdlib docstrings."""
+    return PYDOCS_TRAIN if PYDOCS_TRAIN.is_file() else stdlib_docstrings()
+
+
+def default_eval_source() -> TextSource:
+    """``../shared/data/pydocs/valid.txt`` when present, else held-out stdlib docstrings."""
+    return PYDOCS_VALID if PYDOCS_VALID.is_file() else stdlib_docstrings(max_chars=400_000, held_out=True)

@@ -1,0 +1,45 @@
+"""Evaluation: standard perplexity over non-overlapping windows."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .calibrate import check_tokenizer_matches
+from .data import TextSource, pack_tokens
+
+
+def perplexity(
+    model: nn.Module,
+    tokenizer,
+    text_or_path: TextSource,
+    seq_len: int = 512,
+    max_tokens: int | None = 4096,
+    batch_size: int = 4,
+) -> float:
+    """Perplexity of ``model`` on ``text_or_path`` split into non-overlapping windows of ``seq_len`` tokens.
+
+    Each window is scored independently (no context carried across windows); the result is
+    ``exp(total next-token NLL / predicted tokens)``. ``max_tokens`` caps the text read (the first tokens are used,
+    so numbers are comparable across runs); ``None`` evaluates everything.
+    """
+    check_tokenizer_matches(model, tokenizer)
+    windows = None if max_tokens is None else max(1, max_tokens // seq_len)
+    ids = pack_tokens(tokenizer, text_or_path, seq_len, max_windows=windows)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    nll, count = 0.0, 0
+    with torch.inference_mode():
+        for batch in ids.split(batch_size):
+            batch = batch.to(device)
+            logits = model(input_ids=batch, use_cache=False).logits.float()
+            loss = nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+            )
+            nll += float(loss)
+            count += batch[:, 1:].numel()
+    model.train(was_training)
+    return math.exp(nll / count)

@@ -1,0 +1,198 @@
+"""Targets and the planner that turns a parameter budget into a concrete, hardware-friendly shape.
+
+A target is either a parameter budget — ``{"params": 0.5}`` (a fraction of the teacher) or
+``{"params": 70_000_000}`` (a count) — or an explicit shape (any of ``hidden_size``, ``intermediate_size``,
+``num_attention_heads``, ``num_key_value_heads``, ``num_hidden_layers``; unnamed fields keep the teacher's value).
+
+For a budget, the planner enumerates every shape on a grid of hardware-friendly sizes that the strategy allows,
+keeps those within ``tolerance`` below the budget, and picks the one with the lowest *damage cost*:
+``sum(weight[axis] * removed_fraction[axis] ** 2)``. The default weights follow Minitron's findings — MLP
+neurons tolerate pruning most, then hidden channels, then attention heads — and the squares spread the cut
+over several axes rather than gutting one.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from .errors import ConfigError, TargetError
+from .shape import SHAPE_FIELDS, ModelShape, ParamFormula
+
+STRATEGIES = ("width", "depth", "width+depth")
+
+
+@dataclass(frozen=True)
+class Target:
+    """A parsed pruning target: exactly one of ``params`` (a count) or ``shape`` (explicit fields) is set."""
+
+    params: int | None = None
+    shape: Mapping[str, int] | None = None
+    requested: Any = None
+
+    @classmethod
+    def parse(cls, target: Any, teacher_params: int) -> "Target":
+        """Accept ``0.5``, ``{"params": 0.5}``, ``{"params": 70_000_000}``, a shape dict, or a :class:`Target`."""
+        if isinstance(target, Target):
+            return target
+        if isinstance(target, (int, float)) and not isinstance(target, bool):
+            target = {"params": target}
+        if not isinstance(target, Mapping) or not target:
+            raise TargetError(
+                f"target should be a dict like {{'params': 0.5}} or {{'hidden_size': 448}}, got {target!r}"
+            )
+        unknown = set(target) - set(SHAPE_FIELDS) - {"params"}
+        if unknown:
+            raise TargetError(f"unknown target key(s) {sorted(unknown)}; use 'params' or {list(SHAPE_FIELDS)}")
+        if "params" in target:
+            if len(target) > 1:
+                raise TargetError("give either 'params' or shape fields in a target, not both")
+            value = target["params"]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise TargetError(f"target params should be a positive fraction or count, got {value!r}")
+            count = int(value * teacher_params) if value < 1 else int(value)
+            if count >= teacher_params:
+                raise TargetError(
+                    f"target of {count:,} parameters is not smaller than the teacher's {teacher_params:,}; "
+                    "give a fraction below 1 or a smaller count"
+                )
+            return cls(params=count, requested=dict(target))
+        for name, value in target.items():
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TargetError(f"target {name} should be an integer, got {value!r}")
+        return cls(shape=dict(target), requested=dict(target))
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    """Knobs of the budget planner; the defaults follow Minitron's guidance (see the module docstring)."""
+
+    weights: Mapping[str, float] = field(
+        default_factory=lambda: {"mlp": 1.0, "hidden": 2.0, "heads": 4.0, "depth": 2.0}
+    )
+    tolerance: float = 0.03
+    multiple_of: int = 64
+    min_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        missing = {"mlp", "hidden", "heads", "depth"} - set(self.weights)
+        if missing:
+            raise ConfigError(f"PlanConfig.weights is missing {sorted(missing)}")
+        for axis, w in self.weights.items():
+            if not isinstance(w, (int, float)) or w < 0:
+                raise ConfigError(f"PlanConfig.weights[{axis!r}] should be a non-negative number, got {w!r}")
+        if not 0 < self.tolerance < 1:
+            raise ConfigError(f"PlanConfig.tolerance should be in (0, 1), got {self.tolerance!r}")
+        if not isinstance(self.multiple_of, int) or self.multiple_of < 1:
+            raise ConfigError(f"PlanConfig.multiple_of should be a positive integer, got {self.multiple_of!r}")
+        if not 0 < self.min_fraction <= 1:
+            raise ConfigError(f"PlanConfig.min_fraction should be in (0, 1], got {self.min_fraction!r}")
+
+
+@dataclass(frozen=True)
+class Plan:
+    shape: ModelShape
+    params: int
+    reason: str
+    candidates: int = 0
+
+
+def _grid(size: int, multiple: int, min_fraction: float) -> list[int]:
+    """Sizes from ``size`` down to ``min_fraction * size`` in steps of ``multiple`` (smaller steps for tiny sizes)."""
+    step = multiple
+    while step > 1 and size < 4 * step:
+        step //= 2
+    low = max(1, int(size * min_fraction))
+    values = {size} | {v for v in range(step, size, step) if v >= low}
+    return sorted(values, reverse=True)
+
+
+def _head_options(teacher: ModelShape) -> list[tuple[int, int]]:
+    """Every (query heads, KV heads) pair that keeps GQA groups valid."""
+    return [
+        (kv * g, kv)
+        for kv in range(1, teacher.num_key_value_heads + 1)
+        for g in range(1, teacher.group_size + 1)
+    ]
+
+
+def _cost(teacher: ModelShape, s: ModelShape, weights: Mapping[str, float]) -> float:
+    removed = {
+        "mlp": 1 - s.intermediate_size / teacher.intermediate_size,
+        "hidden": 1 - s.hidden_size / teacher.hidden_size,
+        "heads": 1 - s.num_attention_heads / teacher.num_attention_heads,
+        "depth": 1 - s.num_hidden_layers / teacher.num_hidden_layers,
+    }
+    return sum(weights[a] * r * r for a, r in removed.items())
+
+
+def plan_shape(
+    teacher: ModelShape, formula: ParamFormula, target: Target, strategy: str, config: PlanConfig | None = None
+) -> Plan:
+    """Resolve ``target`` to a concrete shape for ``strategy``; raises :class:`TargetError` when impossible."""
+    config = config or PlanConfig()
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"strategy should be one of {STRATEGIES}, got {strategy!r}")
+    if target.shape is not None:
+        return _explicit(teacher, formula, target, strategy)
+
+    width = strategy in ("width", "width+depth")
+    depth = strategy in ("depth", "width+depth")
+    f = config.min_fraction
+    hiddens = _grid(teacher.hidden_size, config.multiple_of, f) if width else [teacher.hidden_size]
+    inters = _grid(teacher.intermediate_size, config.multiple_of, f) if width else [teacher.intermediate_size]
+    heads = _head_options(teacher) if width else [(teacher.num_attention_heads, teacher.num_key_value_heads)]
+    depths = list(range(teacher.num_hidden_layers, 0, -1)) if depth else [teacher.num_hidden_layers]
+
+    smallest = ModelShape(min(hiddens), min(inters), *min(heads), min(depths), teacher.head_dim)
+    if formula.total(smallest) > target.params:
+        raise TargetError(
+            f"target of {target.params:,} parameters is below the smallest shape strategy {strategy!r} allows "
+            f"({formula.total(smallest):,} at {smallest.to_dict()}); raise the target"
+            + ("" if strategy == "width+depth" else " or use strategy='width+depth'")
+        )
+    low = target.params * (1 - config.tolerance)
+    best: tuple[float, int, ModelShape] | None = None
+    fallback: tuple[int, ModelShape] | None = None
+    count = 0
+    for d, i, (h, k), n in itertools.product(hiddens, inters, heads, depths):
+        s = ModelShape(d, i, h, k, n, teacher.head_dim)
+        p = formula.total(s)
+        if p > target.params or s == teacher:
+            continue
+        if p < low:
+            if fallback is None or p > fallback[0]:
+                fallback = (p, s)
+            continue
+        count += 1
+        key = (_cost(teacher, s, config.weights), -p)
+        if best is None or key < best[:2]:
+            best = (*key, s)
+    if best is None:
+        p, s = fallback  # nothing on the grid lands within tolerance; take the closest below
+        reason = (f"no {strategy} shape on the grid (multiples of {config.multiple_of}) lands within "
+                  f"{config.tolerance:.0%} below {target.params:,}; took the largest below it")
+        return Plan(s, p, reason, 0)
+    shape = best[2]
+    reason = (
+        f"{count} {strategy} shapes on the grid (multiples of {config.multiple_of}, valid GQA head counts) land within "
+        f"{config.tolerance:.0%} below the budget of {target.params:,} params; chose the one with the lowest damage "
+        f"cost sum(w*removed^2) with weights {dict(config.weights)} (Minitron: MLP tolerates pruning most, then "
+        f"hidden, then heads)"
+    )
+    return Plan(shape, formula.total(shape), reason, count)
+
+
+def _explicit(teacher: ModelShape, formula: ParamFormula, target: Target, strategy: str) -> Plan:
+    shape = teacher.replace(**target.shape)
+    shape.check_within(teacher)
+    width_changed = (shape.hidden_size, shape.intermediate_size, shape.num_attention_heads,
+                     shape.num_key_value_heads) != (teacher.hidden_size, teacher.intermediate_size,
+                                                    teacher.num_attention_heads, teacher.num_key_value_heads)
+    depth_changed = shape.num_hidden_layers != teacher.num_hidden_layers
+    if depth_changed and strategy == "width":
+        raise TargetError("the target shape removes layers but strategy='width'; use 'depth' or 'width+depth'")
+    if width_changed and strategy == "depth":
+        raise TargetError("the target shape changes widths but strategy='depth'; use 'width' or 'width+depth'")
+    return Plan(shape, formula.total(shape), f"explicit shape {dict(target.shape)} requested", 1)

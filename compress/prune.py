@@ -1,0 +1,137 @@
+"""The pruning stage: resolve plugins, calibrate, score, plan, select, slice — in that order, nothing mutated
+until every check has passed and every selection is made."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from . import registry
+from .calibrate import Calibration, CalibrationConfig, prepare_calibration
+from .data import TextSource
+from .errors import ConfigError, PluginError
+from .models import adapter_for
+from .plan import STRATEGIES, PlanConfig, Target, plan_shape
+from .plugin_api import AXES, AxisPlugin, ImportancePlugin, PruneContext
+from .report import PruneReport
+from .shape import ModelShape, ParamFormula, changed_axes, count_params
+
+PluginsArg = Mapping[str, Any] | Sequence[str] | None
+DEFAULT_IMPORTANCE = "activation"
+
+
+def _normalize_plugins(plugins: PluginsArg) -> dict[str, Any]:
+    if plugins is None:
+        return {}
+    if isinstance(plugins, str):
+        return {plugins: None}
+    if isinstance(plugins, Mapping):
+        return dict(plugins)
+    return {name: None for name in plugins}
+
+
+def resolve_plugins(plugins: PluginsArg, needed_axes: Sequence[str]) -> tuple[ImportancePlugin, dict[str, AxisPlugin]]:
+    """Build the importance plugin and one axis plugin per needed axis.
+
+    ``plugins`` maps plugin names to configs (a Config, a dict of its fields, or None), or lists names. Naming an
+    importance plugin replaces ``activation``; naming an axis plugin replaces the built-in one for its axis.
+    """
+    chosen = _normalize_plugins(plugins)
+    importance: ImportancePlugin | None = None
+    axes: dict[str, AxisPlugin] = {}
+    for name, config in chosen.items():
+        cls = registry.get_plugin(name)
+        plugin = registry.build_plugin(name, cls.kind, config)
+        if cls.kind == "importance":
+            if importance is not None:
+                raise PluginError(f"two importance plugins given ({importance.name!r}, {name!r}); choose one")
+            importance = plugin
+        else:
+            if plugin.axis not in AXES:
+                raise PluginError(f"axis plugin {name!r} declares axis {plugin.axis!r}; expected one of {AXES}")
+            if plugin.axis in axes:
+                raise PluginError(f"two plugins given for the {plugin.axis!r} axis ({axes[plugin.axis].name!r}, {name!r})")
+            axes[plugin.axis] = plugin
+    if importance is None:
+        importance = registry.build_plugin(DEFAULT_IMPORTANCE, "importance")
+    for axis in needed_axes:
+        if axis not in axes:
+            axes[axis] = registry.build_plugin(axis, "axis")
+    return importance, {a: axes[a] for a in AXES if a in needed_axes}
+
+
+def prune(
+    model: nn.Module,
+    target: Any,
+    calibration: TextSource | torch.Tensor | Calibration | None,
+    *,
+    strategy: str = "width",
+    plugins: PluginsArg = None,
+    tokenizer=None,
+    calibration_config: CalibrationConfig | None = None,
+    plan_config: PlanConfig | None = None,
+) -> PruneReport:
+    """Prune ``model`` **in place** to ``target`` and return a :class:`PruneReport`.
+
+    ``target``: ``{"params": 0.5}``, ``{"params": 70_000_000}`` or an explicit shape (see :mod:`compress.plan`).
+    ``calibration``: text (path, string or documents; needs ``tokenizer``), token ids ``[N, seq_len]`` or a
+    :class:`Calibration`; may be None only with a data-free importance plugin. ``strategy``: ``"width"``,
+    ``"depth"`` or ``"width+depth"``. ``plugins``: plugin names → configs (see :func:`resolve_plugins`).
+
+    Every input is checked before the model is touched; on error the model is unchanged.
+    """
+    start = time.perf_counter()
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"strategy should be one of {STRATEGIES}, got {strategy!r}")
+    adapter = adapter_for(model)
+    formula = ParamFormula.from_model(model, adapter)
+    before = ModelShape.from_config(model.config)
+    params_before = count_params(model)
+    parsed = Target.parse(target, params_before)
+    plan = plan_shape(before, formula, parsed, strategy, plan_config)
+    after = plan.shape
+    importance_plugin, axes = resolve_plugins(plugins, changed_axes(before, after))
+    for axis in axes.values():
+        for need in axis.needs:
+            if need not in ("mlp", "heads", "hidden", "layers"):
+                raise PluginError(f"axis plugin {axis.name!r} needs unknown importance field {need!r}")
+
+    wants_data = (any(axis.needs for axis in axes.values()) and importance_plugin.needs_calibration) or (
+        "depth" in axes and getattr(axes["depth"].config, "method", None) == "contiguous_block")
+    calib = None
+    if calibration is not None or wants_data:
+        if calibration is None:
+            raise ConfigError(f"importance plugin {importance_plugin.name!r} needs calibration data; got None")
+        calib = prepare_calibration(model, tokenizer, calibration, calibration_config or CalibrationConfig())
+
+    importance = None
+    if any(axis.needs for axis in axes.values()):
+        importance = importance_plugin.score(model, adapter, calib)
+    ctx = PruneContext(model, adapter, importance, calib, before, after)
+    selections = {name: axis.select(ctx) for name, axis in axes.items()}
+
+    for name, axis in axes.items():
+        axis.apply(model, adapter, selections[name])
+    after.apply_to_config(model.config)
+    params_after = count_params(model)
+    if params_after != plan.params:
+        raise RuntimeError(f"internal error: planned {plan.params:,} params but the pruned model has {params_after:,}")
+
+    return PruneReport(
+        strategy=strategy,
+        importance=importance_plugin.name,
+        target=parsed.requested,
+        plan_reason=plan.reason,
+        shape_before=before.to_dict(),
+        shape_after=after.to_dict(),
+        params_before=params_before,
+        params_after=params_after,
+        removed={name: {"plugin": axes[name].name, **axes[name].summarize(sel)} for name, sel in selections.items()},
+        importance_summary=importance.summary() if importance is not None else {},
+        calibration={"source": calib.source, "samples": calib.num_samples, "tokens": calib.num_tokens,
+                     "seq_len": calib.input_ids.shape[1]} if calib is not None else {},
+        seconds=round(time.perf_counter() - start, 3),
+    )

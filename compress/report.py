@@ -1,0 +1,60 @@
+"""Reports returned by the public calls: plain dataclasses that serialize to JSON."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class PruneReport:
+    """What :func:`compress.prune` did: shapes, parameter counts, what was removed and why."""
+
+    strategy: str
+    importance: str
+    target: Any
+    plan_reason: str
+    shape_before: dict
+    shape_after: dict
+    params_before: int
+    params_after: int
+    removed: dict = field(default_factory=dict)
+    importance_summary: dict = field(default_factory=dict)
+    calibration: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def fraction_kept(self) -> float:
+        return self.params_after / self.params_before
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        changed = {k: f"{v} -> {self.shape_after[k]}" for k, v in self.shape_before.items() if self.shape_after[k] != v}
+        return (
+            f"pruned {self.params_before:,} -> {self.params_after:,} params ({self.fraction_kept:.1%}) by "
+            f"{self.strategy} with {self.importance} importance: {changed}"
+        )
+
+
+@dataclass
+class Result:
+    """What :func:`compress.compress` produced. ``stages`` holds each stage's report in the order it ran."""
+
+    out_dir: Path
+    prune: PruneReport
+    perplexity: dict = field(default_factory=dict)
+    stages: dict = field(default_factory=dict)
+    data: dict = field(default_factory=dict)
+    seconds: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["out_dir"] = str(self.out_dir)
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=str)

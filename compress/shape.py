@@ -1,0 +1,150 @@
+"""The shape of a decoder-only model and its exact parameter count as a function of that shape.
+
+Pruning is uniform across layers, so five numbers (plus ``head_dim``, which pruning never changes) describe
+the model completely; :class:`ParamFormula` counts parameters for any candidate shape without building it,
+which is what lets the planner search thousands of shapes in milliseconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+from torch import nn
+
+from .errors import TargetError
+from .models import DecoderAdapter
+
+SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    num_hidden_layers: int
+    head_dim: int
+
+    @classmethod
+    def from_config(cls, config) -> "ModelShape":
+        heads = config.num_attention_heads
+        kv = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return cls(config.hidden_size, config.intermediate_size, heads, kv, config.num_hidden_layers, head_dim)
+
+    def apply_to_config(self, config) -> None:
+        """Write this shape into a transformers config (``head_dim`` always explicit, as Minitron's exports)."""
+        layer_types = getattr(config, "layer_types", None)
+        for name in SHAPE_FIELDS:
+            setattr(config, name, getattr(self, name))
+        config.head_dim = self.head_dim
+        if layer_types is not None and len(layer_types) != self.num_hidden_layers:
+            raise TargetError("layer_types must be sliced by the depth axis before the shape is applied")
+
+    def replace(self, **changes) -> "ModelShape":
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def group_size(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+    def check_within(self, teacher: "ModelShape") -> None:
+        """Raise a :class:`TargetError` if this shape is not a valid sub-shape of ``teacher``."""
+        for name in SHAPE_FIELDS:
+            new, old = getattr(self, name), getattr(teacher, name)
+            if new < 1:
+                raise TargetError(f"{name} must be at least 1, got {new}")
+            if new > old:
+                raise TargetError(f"{name}={new} is larger than the teacher's {old}; pruning only removes")
+        h, k = self.num_attention_heads, self.num_key_value_heads
+        if h % k:
+            raise TargetError(
+                f"num_attention_heads={h} is not a multiple of num_key_value_heads={k}: every KV head must "
+                "serve the same number of query heads (GQA)"
+            )
+        if h // k > teacher.group_size:
+            raise TargetError(
+                f"{h} query heads over {k} KV heads is {h // k} per group, but the teacher has only "
+                f"{teacher.group_size} per group ({teacher.num_attention_heads}/{teacher.num_key_value_heads}); "
+                "prune query heads evenly inside groups or remove whole KV groups"
+            )
+        if self == teacher:
+            raise TargetError("the target shape equals the teacher's shape: nothing to prune")
+
+
+@dataclass(frozen=True)
+class ParamFormula:
+    """Exact parameter count of a model of this family for any :class:`ModelShape`.
+
+    Built from a real model: biases and tying are read off its modules, and whatever the formula does not model
+    (e.g. Qwen3's head_dim-sized q/k norms) is measured and carried as a constant per layer.
+    """
+
+    vocab_size: int
+    tied: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    norms_per_layer: int
+    norm_params_per_channel: int  # 1 for RMSNorm, 2 for LayerNorm with bias
+    per_layer_constant: int
+
+    @classmethod
+    def from_model(cls, model: nn.Module, adapter: DecoderAdapter) -> "ParamFormula":
+        layer = adapter.decoder_layers(model)[0]
+        final_norm = model.get_submodule(adapter.final_norm)
+        embed = model.get_submodule(adapter.embed)
+        lm_head = model.get_submodule(adapter.lm_head)
+        formula = cls(
+            vocab_size=embed.weight.shape[0],
+            tied=lm_head.weight is embed.weight,
+            qkv_bias=layer.get_submodule(adapter.q).bias is not None,
+            o_bias=layer.get_submodule(adapter.o).bias is not None,
+            mlp_bias=layer.get_submodule(adapter.down).bias is not None,
+            norms_per_layer=len(adapter.layer_norms),
+            norm_params_per_channel=sum(p.numel() for p in final_norm.parameters()) // final_norm.weight.shape[0],
+            per_layer_constant=0,
+        )
+        shape = ModelShape.from_config(model.config)
+        measured = sum(p.numel() for p in layer.parameters())
+        return replace(formula, per_layer_constant=measured - formula.layer_params(shape))
+
+    def layer_params(self, s: ModelShape) -> int:
+        d, i, hd = s.hidden_size, s.intermediate_size, s.head_dim
+        q_out, kv_out = s.num_attention_heads * hd, s.num_key_value_heads * hd
+        attn = d * q_out + 2 * d * kv_out + q_out * d
+        if self.qkv_bias:
+            attn += q_out + 2 * kv_out
+        if self.o_bias:
+            attn += d
+        mlp = 3 * d * i + ((2 * i + d) if self.mlp_bias else 0)
+        norms = self.norms_per_layer * self.norm_params_per_channel * d
+        return attn + mlp + norms + self.per_layer_constant
+
+    def total(self, s: ModelShape) -> int:
+        embed = self.vocab_size * s.hidden_size
+        head = 0 if self.tied else self.vocab_size * s.hidden_size
+        return embed + head + self.norm_params_per_channel * s.hidden_size + s.num_hidden_layers * self.layer_params(s)
+
+
+def changed_axes(before: ModelShape, after: ModelShape) -> list[str]:
+    """The pruning axes (in the order they are applied) that take ``before`` to ``after``."""
+    axes = []
+    if after.intermediate_size != before.intermediate_size:
+        axes.append("mlp")
+    if (after.num_attention_heads, after.num_key_value_heads) != (before.num_attention_heads, before.num_key_value_heads):
+        axes.append("heads")
+    if after.hidden_size != before.hidden_size:
+        axes.append("hidden")
+    if after.num_hidden_layers != before.num_hidden_layers:
+        axes.append("depth")
+    return axes
+
+
+def count_params(model: nn.Module) -> int:
+    """Parameters of ``model``, counting tied tensors once."""
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,93 @@
+"""Built-in depth axis: remove whole decoder layers.
+
+Two ways to choose them (``method``):
+
+* ``"block_influence"`` — remove the layers that change the residual stream least, by Block Influence
+  (``1 - cos(layer input, layer output)``, from the importance plugin's ``layers`` scores);
+* ``"contiguous_block"`` — try every contiguous block of the needed length and remove the one whose removal
+  raises the calibration loss least (forward passes only, over ``eval_samples`` calibration windows).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from compress.calibrate import calibration_loss
+from compress.errors import ConfigError
+from compress.models import DecoderAdapter
+from compress.plugin_api import AxisPlugin, PruneContext
+from compress.surgery import top_k_sorted
+
+METHODS = ("block_influence", "contiguous_block")
+
+
+class DepthAxis(AxisPlugin):
+    name = "depth"
+    axis = "depth"
+
+    @dataclass
+    class Config:
+        method: str = "block_influence"
+        eval_samples: int = 32
+
+        def __post_init__(self) -> None:
+            if self.method not in METHODS:
+                raise ConfigError(f"DepthAxis.method should be one of {METHODS}, got {self.method!r}")
+            if not isinstance(self.eval_samples, int) or self.eval_samples < 1:
+                raise ConfigError(f"DepthAxis.eval_samples should be a positive integer, got {self.eval_samples!r}")
+
+    @property
+    def needs(self) -> tuple[str, ...]:  # type: ignore[override]
+        return ("layers",) if self.config.method == "block_influence" else ()
+
+    def select(self, ctx: PruneContext) -> dict:
+        n_before, n_after = ctx.shape_before.num_hidden_layers, ctx.shape_after.num_hidden_layers
+        if self.config.method == "block_influence":
+            keep = top_k_sorted(ctx.importance.require("layers", self.name), n_after).tolist()
+            detail = {"block_influence": [round(float(v), 6) for v in ctx.importance.layers]}
+        else:
+            if ctx.calibration is None:
+                raise ConfigError("DepthAxis(method='contiguous_block') needs calibration data")
+            keep, detail = self._best_block(ctx, n_before - n_after)
+        removed = [i for i in range(n_before) if i not in keep]
+        return {"keep": keep, "removed_layers": removed, "method": self.config.method, **detail}
+
+    def _best_block(self, ctx: PruneContext, n_remove: int) -> tuple[list[int], dict]:
+        layers = ctx.adapter.decoder_layers(ctx.model)
+        n = len(layers)
+        parent_path, _, attr = ctx.adapter.layers.rpartition(".")
+        parent = ctx.model.get_submodule(parent_path) if parent_path else ctx.model
+        losses: dict[int, float] = {}
+        try:
+            for start in range(n - n_remove + 1):
+                kept = [layers[i] for i in range(n) if not start <= i < start + n_remove]
+                setattr(parent, attr, nn.ModuleList(kept))
+                losses[start] = calibration_loss(ctx.model, ctx.calibration, limit=self.config.eval_samples)
+        finally:
+            setattr(parent, attr, layers)
+        best = min(losses, key=losses.get)
+        keep = [i for i in range(n) if not best <= i < best + n_remove]
+        return keep, {"block_start": best, "block_losses": {str(k): round(v, 5) for k, v in losses.items()}}
+
+    def apply(self, model: nn.Module, adapter: DecoderAdapter, selection: dict) -> None:
+        layers = adapter.decoder_layers(model)
+        keep = selection["keep"]
+        parent_path, _, attr = adapter.layers.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        setattr(parent, attr, nn.ModuleList([layers[i] for i in keep]))
+        for new_idx, layer in enumerate(adapter.decoder_layers(model)):
+            # The KV cache is indexed by layer_idx; it must be dense after removal.
+            for module in layer.modules():
+                if hasattr(module, "layer_idx"):
+                    module.layer_idx = new_idx
+        layer_types = getattr(model.config, "layer_types", None)
+        if layer_types is not None:
+            model.config.layer_types = [layer_types[i] for i in keep]
+        if getattr(model.config, "max_window_layers", None) is not None:
+            model.config.max_window_layers = min(model.config.max_window_layers, len(keep))
+
+    def summarize(self, selection: dict) -> dict:
+        out = {k: v for k, v in selection.items() if k != "keep"}
+        return out

@@ -1,0 +1,201 @@
+"""Built-in importance plugins: Minitron's activation importance, and weight magnitude and random baselines."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compress.calibrate import Calibration, Importance, hooks, streamed_pass
+from compress.errors import ConfigError
+from compress.models import DecoderAdapter
+from compress.plugin_api import ImportancePlugin
+
+_AGGREGATIONS = ("mean", "l2")
+
+
+def _reduce(x: torch.Tensor, how: str, dim: int) -> torch.Tensor:
+    return x.mean(dim) if how == "mean" else x.pow(2).sum(dim).sqrt()
+
+
+class ActivationImportance(ImportancePlugin):
+    """Minitron activation importance, gathered with forward hooks in one streamed pass.
+
+    * MLP neuron: magnitude of the input of ``down_proj`` (the gated activation);
+    * attention head: L2 norm of the head's slice of the input of ``o_proj`` (the attention output);
+    * hidden channel: magnitude of every hidden-size norm output, summed over norms;
+    * layer: Block Influence, the mean over tokens of ``1 - cos(layer input, layer output)``.
+
+    Each statistic is aggregated over the sequence first (``seq_agg``), then over samples (``batch_agg``);
+    Minitron's best setting is mean over sequence, L2 over batch.
+    """
+
+    name = "activation"
+
+    @dataclass
+    class Config:
+        seq_agg: str = "mean"
+        batch_agg: str = "l2"
+
+        def __post_init__(self) -> None:
+            for field_name in ("seq_agg", "batch_agg"):
+                value = getattr(self, field_name)
+                if value not in _AGGREGATIONS:
+                    raise ConfigError(f"ActivationImportance.{field_name} should be one of {_AGGREGATIONS}, got {value!r}")
+
+    def score(self, model: nn.Module, adapter: DecoderAdapter, calibration: Calibration | None) -> Importance:
+        if calibration is None:
+            raise ConfigError("activation importance needs calibration data")
+        cfg = self.config
+        layers = adapter.decoder_layers(model)
+        n_layers = len(layers)
+        heads = model.config.num_attention_heads
+        norms = adapter.hidden_norms(model)
+        inter = layers[0].get_submodule(adapter.down).in_features
+        hidden = norms[-1].weight.shape[0]
+        acc_mlp = torch.zeros(n_layers, inter, dtype=torch.float64)
+        acc_heads = torch.zeros(n_layers, heads, dtype=torch.float64)
+        acc_norms = torch.zeros(len(norms), hidden, dtype=torch.float64)
+        acc_bi = torch.zeros(n_layers, dtype=torch.float64)
+        counts = {"samples": 0, "tokens": 0}
+
+        def per_sample(x: torch.Tensor) -> torch.Tensor:
+            """[B, T, C] -> [C] accumulator increment: sequence reduction, then the batch part of the L2/mean."""
+            s = _reduce(x.float().abs() if cfg.seq_agg == "mean" else x.float(), cfg.seq_agg, 1)
+            return (s.pow(2) if cfg.batch_agg == "l2" else s).sum(0).double().cpu()
+
+        def mlp_hook(i):
+            def hook(_mod, args):
+                acc_mlp[i] += per_sample(args[0])
+            return hook
+
+        def heads_hook(i):
+            def hook(_mod, args):
+                x = args[0]
+                per_head = x.float().reshape(*x.shape[:-1], heads, -1).norm(dim=-1)  # [B, T, H]
+                acc_heads[i] += per_sample(per_head)
+            return hook
+
+        def norm_hook(j):
+            def hook(_mod, _args, out):
+                acc_norms[j] += per_sample(out)
+            return hook
+
+        inputs: dict[int, torch.Tensor] = {}
+
+        def layer_pre(i):
+            def hook(_mod, args, kwargs):
+                inputs[i] = args[0] if args else kwargs["hidden_states"]
+            return hook
+
+        def layer_post(i):
+            def hook(_mod, _args, _kwargs, out):
+                out = out[0] if isinstance(out, (tuple, list)) else out
+                cos = F.cosine_similarity(inputs.pop(i).float(), out.float(), dim=-1)
+                acc_bi[i] += float((1 - cos).sum())
+                if i == 0:
+                    counts["samples"] += out.shape[0]
+                    counts["tokens"] += out.shape[0] * out.shape[1]
+            return hook
+
+        registrations = []
+        for i, layer in enumerate(layers):
+            registrations += [
+                lambda i=i, l=layer: l.get_submodule(adapter.down).register_forward_pre_hook(mlp_hook(i)),
+                lambda i=i, l=layer: l.get_submodule(adapter.o).register_forward_pre_hook(heads_hook(i)),
+                lambda i=i, l=layer: l.register_forward_pre_hook(layer_pre(i), with_kwargs=True),
+                lambda i=i, l=layer: l.register_forward_hook(layer_post(i), with_kwargs=True),
+            ]
+        for j, norm in enumerate(norms):
+            registrations.append(lambda j=j, n=norm: n.register_forward_hook(norm_hook(j)))
+        with hooks(registrations):
+            stats = streamed_pass(model, calibration, desc="activation importance")
+
+        def finish(acc: torch.Tensor) -> torch.Tensor:
+            return (acc.sqrt() if cfg.batch_agg == "l2" else acc / max(counts["samples"], 1)).float()
+
+        return Importance(
+            method=self.name,
+            mlp=finish(acc_mlp),
+            heads=finish(acc_heads),
+            hidden=finish(acc_norms).sum(0),
+            layers=(acc_bi / max(counts["tokens"], 1)).float(),
+            stats=stats,
+        )
+
+
+class MagnitudeImportance(ImportancePlugin):
+    """Weight-magnitude baseline: the norm of every weight a channel, head or layer owns (no data needed)."""
+
+    name = "magnitude"
+    needs_calibration = False
+
+    @dataclass
+    class Config:
+        p: float = 2.0
+
+        def __post_init__(self) -> None:
+            if not isinstance(self.p, (int, float)) or self.p <= 0:
+                raise ConfigError(f"MagnitudeImportance.p should be a positive number, got {self.p!r}")
+
+    def _norm(self, w: torch.Tensor, dim: int) -> torch.Tensor:
+        return w.detach().float().abs().pow(self.config.p).sum(dim)
+
+    def score(self, model: nn.Module, adapter: DecoderAdapter, calibration: Calibration | None) -> Importance:
+        layers = adapter.decoder_layers(model)
+        heads = model.config.num_attention_heads
+        mlp, head_scores, layer_scores = [], [], []
+        embed = model.get_submodule(adapter.embed).weight
+        hidden = self._norm(embed, 0)
+        for layer in layers:
+            get = layer.get_submodule
+            mlp.append(self._norm(get(adapter.gate).weight, 1) + self._norm(get(adapter.up).weight, 1)
+                       + self._norm(get(adapter.down).weight, 0))
+            q = self._norm(get(adapter.q).weight, 1).view(heads, -1).sum(1)
+            o = self._norm(get(adapter.o).weight, 0).view(heads, -1).sum(1)
+            head_scores.append(q + o)
+            for lin in adapter.hidden_in_linears(layer):
+                hidden = hidden + self._norm(lin.weight, 0)
+            for lin in adapter.hidden_out_linears(layer):
+                hidden = hidden + self._norm(lin.weight, 1)
+            layer_scores.append(sum(self._norm(p, tuple(range(p.dim()))) for p in layer.parameters()))
+        lm_head = model.get_submodule(adapter.lm_head).weight
+        if lm_head is not embed:
+            hidden = hidden + self._norm(lm_head, 0)
+        root = 1.0 / self.config.p
+        return Importance(
+            method=self.name,
+            mlp=torch.stack(mlp).pow(root),
+            heads=torch.stack(head_scores).pow(root),
+            hidden=hidden.pow(root),
+            layers=torch.stack(layer_scores).pow(root),
+        )
+
+
+class RandomImportance(ImportancePlugin):
+    """Random scores (seeded): the floor any importance method must beat."""
+
+    name = "random"
+    needs_calibration = False
+
+    @dataclass
+    class Config:
+        seed: int = 0
+
+        def __post_init__(self) -> None:
+            if not isinstance(self.seed, int) or self.seed < 0:
+                raise ConfigError(f"RandomImportance.seed should be a non-negative integer, got {self.seed!r}")
+
+    def score(self, model: nn.Module, adapter: DecoderAdapter, calibration: Calibration | None) -> Importance:
+        g = torch.Generator().manual_seed(self.config.seed)
+        cfg = model.config
+        n = cfg.num_hidden_layers
+        return Importance(
+            method=self.name,
+            mlp=torch.rand(n, cfg.intermediate_size, generator=g),
+            heads=torch.rand(n, cfg.num_attention_heads, generator=g),
+            hidden=torch.rand(cfg.hidden_size, generator=g),
+            layers=torch.rand(n, generator=g),
+        )
