@@ -1,0 +1,79 @@
+"""Tiny random models of every supported family, a tiny tokenizer trained offline, and text to calibrate on."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("COMPRESS_PLUGINS", "none")  # tests load built-in plugins only, unless a test opts in
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, PreTrainedTokenizerFast, Qwen2Config,
+                          Qwen3Config)
+
+VOCAB = 320
+
+CONFIGS = {
+    "llama": LlamaConfig,
+    "mistral": MistralConfig,
+    "qwen2": Qwen2Config,
+    "qwen3": Qwen3Config,
+}
+
+
+def tiny_config(family: str = "llama", **overrides):
+    base = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_attention_heads=6, num_key_value_heads=2,
+        num_hidden_layers=4, max_position_embeddings=256, tie_word_embeddings=family in ("llama", "qwen3"),
+        head_dim=16, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    base.update(overrides)
+    return CONFIGS[family](**base)
+
+
+def tiny_model(family: str = "llama", seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides), attn_implementation="eager")
+    with torch.no_grad():  # random init is tiny (std 0.02); larger weights make importance differences visible
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+            elif "norm" in name:
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0, 0.05)
+    return model.eval()
+
+
+SAMPLE_TEXT = (
+    "The quick brown fox jumps over the lazy dog. Python is a programming language that lets you work quickly "
+    "and integrate systems more effectively. A list is a mutable sequence; a tuple is an immutable one. "
+    "Functions are first-class objects. Modules group related code; packages group modules. "
+) * 40
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB - 8, special_tokens=["<pad>", "<s>", "</s>", "<unk>"])
+    tok.train_from_iterator([SAMPLE_TEXT], trainer)
+    from tokenizers import decoders
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+    assert len(fast) <= VOCAB
+    return fast
+
+
+@pytest.fixture
+def calib_ids():
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(4, VOCAB, (16, 32), generator=g)
+
+
+FAMILIES = list(CONFIGS)
