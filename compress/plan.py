@@ -1,7 +1,7 @@
 """Targets and the planner that turns a parameter budget into a concrete, hardware-friendly shape.
 
 A target is either a parameter budget — ``{"params": 0.5}`` (a fraction of the teacher) or
-``{"params": 70_000_000}`` (a count) — or an explicit shape (any of ``hidden_size``, ``intermediate_size``,
+``{"params": 70_000_000}`` (a count; a float up to 1.0 is a fraction, anything else a count) — or an explicit shape (any of ``hidden_size``, ``intermediate_size``,
 ``num_attention_heads``, ``num_key_value_heads``, ``num_hidden_layers``; unnamed fields keep the teacher's value).
 
 For a budget, the planner enumerates every shape on a grid of hardware-friendly sizes that the strategy allows,
@@ -51,7 +51,7 @@ class Target:
             value = target["params"]
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise TargetError(f"target params should be a positive fraction or count, got {value!r}")
-            count = int(value * teacher_params) if value < 1 else int(value)
+            count = int(value * teacher_params) if isinstance(value, float) and value <= 1 else int(value)
             if count >= teacher_params:
                 raise TargetError(
                     f"target of {count:,} parameters is not smaller than the teacher's {teacher_params:,}; "

@@ -1,0 +1,58 @@
+"""The one call, end to end on a tiny model saved as a real checkpoint folder."""
+
+import json
+import math
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import compress
+
+from conftest import SAMPLE_TEXT, tiny_model
+
+
+def test_compress_end_to_end(tmp_path, tokenizer):
+    teacher_dir = tmp_path / "teacher"
+    tiny_model("qwen3").save_pretrained(teacher_dir, safe_serialization=True)
+    tokenizer.save_pretrained(teacher_dir)
+    calib = tmp_path / "train.txt"
+    calib.write_text(SAMPLE_TEXT)
+    out = tmp_path / "student"
+    result = compress.compress(teacher_dir, {"params": 0.5}, calib, out, eval_data=[SAMPLE_TEXT[:3000]],
+                               eval_seq_len=32, calibration=compress.CalibrationConfig(seq_len=32, num_samples=16))
+    assert result.out_dir == out and result.prune.params_after <= 0.5 * result.prune.params_before
+    assert set(result.perplexity) == {"teacher", "pruned"} and all(math.isfinite(v) for v in result.perplexity.values())
+    files = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", compress.api.REPORT_FILE} <= files
+    assert not any(name.endswith((".bin", ".gguf")) for name in files)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".student")]  # no temp folders left
+    saved = json.loads((out / compress.api.REPORT_FILE).read_text())
+    assert saved["prune"]["params_after"] == result.prune.params_after and "save" in saved["seconds"]
+
+    student = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert compress.shape.count_params(student) == result.prune.params_after
+    ppl = compress.evaluate.perplexity(student, tok, [SAMPLE_TEXT[:3000]], seq_len=32)
+    assert abs(ppl - result.perplexity["pruned"]) / ppl < 1e-4
+    ids = tok("The quick brown", return_tensors="pt").input_ids
+    assert student.generate(ids, max_new_tokens=4, do_sample=False).shape[1] == ids.shape[1] + 4
+
+
+def test_overwrite_replaces_folder(tmp_path, tokenizer):
+    out = tmp_path / "student"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    compress.compress((tiny_model("llama"), tokenizer), {"intermediate_size": 48}, [SAMPLE_TEXT], out,
+                      eval_data=[SAMPLE_TEXT[:2000]], eval_seq_len=32, overwrite=True,
+                      calibration=compress.CalibrationConfig(seq_len=32, num_samples=8))
+    assert not (out / "old.txt").exists() and (out / "config.json").exists()
+
+
+def test_perplexity_matches_hf_loss(tokenizer):
+    model = tiny_model("llama")
+    ids = compress.data.pack_tokens(tokenizer, [SAMPLE_TEXT], 32, max_windows=4)
+    with torch.no_grad():
+        losses = [model(w[None], labels=w[None]).loss for w in ids]
+    expected = math.exp(float(torch.stack(losses).mean()))
+    got = compress.evaluate.perplexity(model, tokenizer, [SAMPLE_TEXT], seq_len=32, max_tokens=128)
+    assert abs(got - expected) / expected < 1e-5
