@@ -14,7 +14,7 @@ from .errors import (CheckpointError, CompressError, ConfigError, DataError, Out
 from .models import DecoderAdapter, register_adapter, supported_families
 from .plan import PlanConfig, Target
 from .plugin_api import AxisPlugin, ImportancePlugin, PruneContext
-from .prune import prune
+from .prune import prune, score_importance
 from .registry import get_plugin, list_plugins, register_plugin
 from .report import PruneReport, Result
 from .shape import ModelShape
@@ -24,5 +24,5 @@ __all__ = [
     "DecoderAdapter", "ImportancePlugin", "Importance", "ModelShape", "OutputExistsError", "PlanConfig",
     "PluginError", "PruneContext", "PruneReport", "Result", "Target", "TargetError", "UnsupportedModelError",
     "__version__", "compress", "evaluate", "get_plugin", "list_plugins", "load_report", "load_teacher", "prune",
-    "register_adapter", "register_plugin", "save_student", "smollm2_gguf_path", "supported_families",
+    "register_adapter", "register_plugin", "save_student", "score_importance", "smollm2_gguf_path", "supported_families",
 ]

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from . import registry
-from .calibrate import Calibration, CalibrationConfig, prepare_calibration
+from .calibrate import Calibration, CalibrationConfig, Importance, prepare_calibration
 from .data import TextSource
 from .errors import ConfigError, PluginError
 from .models import adapter_for
@@ -63,6 +63,17 @@ def resolve_plugins(plugins: PluginsArg, needed_axes: Sequence[str]) -> tuple[Im
     return importance, {a: axes[a] for a in AXES if a in needed_axes}
 
 
+def _check_importance_fits(importance: Importance, shape: ModelShape) -> None:
+    expected = {"mlp": (shape.num_hidden_layers, shape.intermediate_size),
+                "heads": (shape.num_hidden_layers, shape.num_attention_heads),
+                "hidden": (shape.hidden_size,), "layers": (shape.num_hidden_layers,)}
+    for name, dims in expected.items():
+        value = getattr(importance, name)
+        if value is not None and tuple(value.shape) != dims:
+            raise ConfigError(f"precomputed importance {name!r} has shape {tuple(value.shape)}, but this model "
+                              f"needs {dims}: scores must come from the same unpruned model")
+
+
 def prune(
     model: nn.Module,
     target: Any,
@@ -73,6 +84,7 @@ def prune(
     tokenizer=None,
     calibration_config: CalibrationConfig | None = None,
     plan_config: PlanConfig | None = None,
+    importance: Importance | None = None,
 ) -> PruneReport:
     """Prune ``model`` **in place** to ``target`` and return a :class:`PruneReport`.
 
@@ -80,6 +92,8 @@ def prune(
     ``calibration``: text (path, string or documents; needs ``tokenizer``), token ids ``[N, seq_len]`` or a
     :class:`Calibration`; may be None only with a data-free importance plugin. ``strategy``: ``"width"``,
     ``"depth"`` or ``"width+depth"``. ``plugins``: plugin names → configs (see :func:`resolve_plugins`).
+    ``importance``: scores computed earlier for this same (unpruned) model, e.g. by a previous call's plugin,
+    to sweep several targets with one calibration pass; the importance plugin is then not run.
 
     Every input is checked before the model is touched; on error the model is unchanged.
     """
@@ -99,16 +113,18 @@ def prune(
             if need not in ("mlp", "heads", "hidden", "layers"):
                 raise PluginError(f"axis plugin {axis.name!r} needs unknown importance field {need!r}")
 
-    wants_data = (any(axis.needs for axis in axes.values()) and importance_plugin.needs_calibration) or (
-        "depth" in axes and getattr(axes["depth"].config, "method", None) == "contiguous_block")
+    scoring = importance is None and any(axis.needs for axis in axes.values())
+    block_search = "depth" in axes and getattr(axes["depth"].config, "method", None) == "contiguous_block"
+    wants_data = (scoring and importance_plugin.needs_calibration) or block_search
     calib = None
     if calibration is not None or wants_data:
         if calibration is None:
             raise ConfigError(f"importance plugin {importance_plugin.name!r} needs calibration data; got None")
         calib = prepare_calibration(model, tokenizer, calibration, calibration_config or CalibrationConfig())
 
-    importance = None
-    if any(axis.needs for axis in axes.values()):
+    if importance is not None:
+        _check_importance_fits(importance, before)
+    elif any(axis.needs for axis in axes.values()):
         importance = importance_plugin.score(model, adapter, calib)
     ctx = PruneContext(model, adapter, importance, calib, before, after)
     selections = {name: axis.select(ctx) for name, axis in axes.items()}
@@ -122,7 +138,7 @@ def prune(
 
     return PruneReport(
         strategy=strategy,
-        importance=importance_plugin.name,
+        importance=importance.method if importance is not None else importance_plugin.name,
         target=parsed.requested,
         plan_reason=plan.reason,
         shape_before=before.to_dict(),
@@ -135,3 +151,23 @@ def prune(
                      "seq_len": calib.input_ids.shape[1]} if calib is not None else {},
         seconds=round(time.perf_counter() - start, 3),
     )
+
+
+def score_importance(
+    model: nn.Module,
+    calibration: TextSource | torch.Tensor | Calibration | None,
+    *,
+    tokenizer=None,
+    plugin: str = DEFAULT_IMPORTANCE,
+    config: Any = None,
+    calibration_config: CalibrationConfig | None = None,
+) -> Importance:
+    """Run one importance plugin over ``model`` without pruning; pass the result to :func:`prune`'s
+    ``importance=`` to try several targets from one calibration pass."""
+    scorer = registry.build_plugin(plugin, "importance", config)
+    calib = None
+    if calibration is not None or scorer.needs_calibration:
+        if calibration is None:
+            raise ConfigError(f"importance plugin {plugin!r} needs calibration data; got None")
+        calib = prepare_calibration(model, tokenizer, calibration, calibration_config or CalibrationConfig())
+    return scorer.score(model, adapter_for(model), calib)

@@ -161,3 +161,20 @@ def test_teacher_left_untouched_when_copied(calib_ids):
     compress.prune(student, {"hidden_size": 32}, calib_ids, calibration_config=compress.CalibrationConfig(min_samples=4))
     assert teacher.config.hidden_size == 64 and student.config.hidden_size == 32
     assert student.config.head_dim == 16
+
+
+def test_precomputed_importance_sweeps_targets(calib_ids):
+    teacher = tiny_model("llama")
+    scores = compress.score_importance(teacher, calib_ids, calibration_config=compress.CalibrationConfig(min_samples=4))
+    direct = copy.deepcopy(teacher)
+    compress.prune(direct, {"params": 0.5}, calib_ids, calibration_config=compress.CalibrationConfig(min_samples=4))
+    for target in ({"params": 0.5}, {"params": 0.7}):
+        student = copy.deepcopy(teacher)
+        report = compress.prune(student, target, None, importance=scores)
+        assert report.importance == "activation" and report.calibration == {}
+    reused = copy.deepcopy(teacher)
+    compress.prune(reused, {"params": 0.5}, None, importance=scores)
+    for a, b in zip(direct.parameters(), reused.parameters()):
+        assert torch.equal(a, b)
+    with pytest.raises(compress.ConfigError, match="same unpruned model"):
+        compress.prune(tiny_model("llama", hidden_size=48), {"params": 0.5}, None, importance=scores)

@@ -1,0 +1,115 @@
+"""Pruning quality on the real teacher: perplexity right after pruning (no training) for each importance method.
+
+SmolLM2-135M-Instruct pruned to 50% and 70% of its parameters, width and depth strategies, with activation
+importance (ours, Minitron), weight magnitude, random, and Torch-Pruning's own GroupMagnitudeImportance pruning
+the same hidden/MLP shape. Also times importance estimation and measures its peak memory.
+
+    python benchmarks/prune_quality.py --samples 128 --out benchmarks/results/prune_quality.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import compress  # noqa: E402
+from compress.calibrate import prepare_calibration  # noqa: E402
+from compress.data import PYDOCS_TRAIN, PYDOCS_VALID  # noqa: E402
+from compress.models import adapter_for  # noqa: E402
+from compress.plan import Target, plan_shape  # noqa: E402
+from compress.shape import ModelShape, ParamFormula, count_params  # noqa: E402
+
+from _common import machine, peak_memory  # noqa: E402
+from tp_baseline import tp_prune  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--samples", type=int, default=128)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--eval-tokens", type=int, default=4096)
+    p.add_argument("--block-eval-samples", type=int, default=8)
+    p.add_argument("--fractions", default="0.5,0.7")
+    p.add_argument("--out", default="benchmarks/results/prune_quality.json")
+    args = p.parse_args()
+    torch.manual_seed(0)
+
+    teacher, tok = compress.load_teacher("smollm2")
+    ppl = lambda m: compress.evaluate.perplexity(m, tok, PYDOCS_VALID, seq_len=512, max_tokens=args.eval_tokens)
+    results: dict = {"machine": machine(), "date": str(date.today()), "args": vars(args),
+                     "teacher": {"params": count_params(teacher), "ppl": ppl(teacher)}, "importance": {}, "arms": []}
+    print(f"teacher: {results['teacher']}", flush=True)
+
+    cfg = compress.CalibrationConfig(num_samples=args.samples, seq_len=args.seq_len)
+    calib = prepare_calibration(teacher, tok, PYDOCS_TRAIN, cfg)
+    scores = {}
+    for method in ("activation", "magnitude", "random"):
+        with peak_memory() as mem:
+            t = time.perf_counter()
+            scores[method] = compress.score_importance(teacher, calib if method == "activation" else None, plugin=method)
+            seconds = time.perf_counter() - t
+        results["importance"][method] = {"seconds": round(seconds, 2), **mem}
+        print(f"importance {method}: {results['importance'][method]}", flush=True)
+
+    teacher_shape = ModelShape.from_config(teacher.config)
+    formula = ParamFormula.from_model(teacher, adapter_for(teacher))
+    for frac in [float(f) for f in args.fractions.split(",")]:
+        for strategy in ("width", "depth"):
+            plan = plan_shape(teacher_shape, formula, Target.parse({"params": frac}, count_params(teacher)), strategy)
+            shape = {k: v for k, v in plan.shape.to_dict().items() if k != "head_dim"}
+            arms = [("activation", {}), ("magnitude", {}), ("random", {})]
+            if strategy == "depth":
+                arms.insert(1, ("activation", {"depth": {"method": "contiguous_block",
+                                                         "eval_samples": args.block_eval_samples}}))
+            for method, plugins in arms:
+                student = copy.deepcopy(teacher)
+                t = time.perf_counter()
+                report = compress.prune(student, shape, calib, strategy=strategy, plugins=plugins or None,
+                                        importance=None if plugins else scores[method])
+                label = method + ("+contiguous_block" if plugins else ("+block_influence" if strategy == "depth" else ""))
+                arm = {"fraction": frac, "strategy": strategy, "method": label, "shape": shape,
+                       "params": report.params_after, "prune_seconds": round(time.perf_counter() - t, 2),
+                       "ppl": ppl(student)}
+                if strategy == "depth":
+                    arm["removed_layers"] = report.removed["depth"]["removed_layers"]
+                results["arms"].append(arm)
+                print(arm, flush=True)
+                del student
+            if strategy == "width":
+                student = copy.deepcopy(teacher)
+                heads_kept = shape["num_attention_heads"] == teacher_shape.num_attention_heads
+                t = time.perf_counter()
+                tp_prune(student, shape["hidden_size"], shape["intermediate_size"])
+                arm = {"fraction": frac, "strategy": strategy, "method": "torch-pruning GroupMagnitude",
+                       "shape": {**shape, "num_attention_heads": teacher_shape.num_attention_heads,
+                                 "num_key_value_heads": teacher_shape.num_key_value_heads},
+                       "same_shape": heads_kept, "params": count_params(student),
+                       "prune_seconds": round(time.perf_counter() - t, 2), "ppl": ppl(student)}
+                results["arms"].append(arm)
+                print(arm, flush=True)
+                del student
+
+    for arm in results["arms"]:
+        best = min(a["ppl"] for a in results["arms"] if a["fraction"] == arm["fraction"]
+                   and a["strategy"] == arm["strategy"] and a["method"].startswith("activation"))
+        arm["ppl_vs_best_activation"] = round(arm["ppl"] / best, 2)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"\n{'frac':>5} {'strategy':<7} {'method':<30} {'params':>12} {'ppl':>14} {'x best act.':>11}")
+    for a in results["arms"]:
+        print(f"{a['fraction']:>5} {a['strategy']:<7} {a['method']:<30} {a['params']:>12,} {a['ppl']:>14,.1f} "
+              f"{a['ppl_vs_best_activation']:>11}")
+
+
+if __name__ == "__main__":
+    main()
