@@ -9,7 +9,8 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
-import pkgutil
+import sys
+import warnings
 from pathlib import Path
 from typing import Iterable, Iterator, Union
 
@@ -25,6 +26,8 @@ PYDOCS_VALID = SHARED_DATA / "pydocs" / "valid.txt"
 SHAKESPEARE = SHARED_DATA / "shakespeare" / "input.txt"
 
 _CHUNK_CHARS = 1 << 20
+# Standard-library modules whose import does something (opens a browser, prints, starts a GUI).
+_SIDE_EFFECT_MODULES = {"antigravity", "this", "idlelib", "turtle", "turtledemo", "tkinter", "pydoc_data"}
 
 
 def _looks_like_path(source: str | os.PathLike) -> bool:
@@ -99,18 +102,19 @@ def stdlib_docstrings(max_chars: int = 4_000_000, held_out: bool = False) -> lis
     """
     docs: list[str] = []
     total = 0
-    names = sorted(m.name for m in pkgutil.iter_modules() if not m.name.startswith("_"))
+    names = sorted(n for n in sys.stdlib_module_names if not n.startswith("_") and n not in _SIDE_EFFECT_MODULES)
     for name in names:
         if (sum(map(ord, name)) % 5 == 0) != held_out:
             continue
         try:
-            module = importlib.import_module(name)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # deprecated modules announce themselves on import
+                module = importlib.import_module(name)
         except Exception:  # noqa: BLE001 - some stdlib modules need optional system libraries
             continue
-        if not getattr(module, "__file__", None) or "site-packages" in (module.__file__ or ""):
-            continue
         for _, obj in inspect.getmembers(module):
-            doc = inspect.getdoc(obj) if (inspect.isclass(obj) or inspect.isfunction(obj)) else None
+            own = (inspect.isclass(obj) or inspect.isfunction(obj)) and getattr(obj, "__module__", None) == name
+            doc = inspect.getdoc(obj) if own else None  # only what the module defines, so splits stay disjoint
             if doc and len(doc) > 200:
                 docs.append(doc)
                 total += len(doc)
