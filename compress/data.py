@@ -11,6 +11,7 @@ import inspect
 import os
 import sys
 import warnings
+import zlib
 from pathlib import Path
 from typing import Iterable, Iterator, Union
 
@@ -97,15 +98,14 @@ def pack_tokens(
 def stdlib_docstrings(max_chars: int = 4_000_000, held_out: bool = False) -> list[str]:
     """Docstrings of Python's standard library: an English technical corpus on any machine, offline.
 
-    Modules are split deterministically by name into a calibration part and a held-out part (``held_out``),
-    so calibration and evaluation never share text.
+    Docstrings are split deterministically by a checksum of their text into a calibration part and a held-out
+    part (``held_out``), so calibration and evaluation never share text (even text two modules share).
     """
     docs: list[str] = []
+    seen: set[str] = set()
     total = 0
     names = sorted(n for n in sys.stdlib_module_names if not n.startswith("_") and n not in _SIDE_EFFECT_MODULES)
     for name in names:
-        if (sum(map(ord, name)) % 5 == 0) != held_out:
-            continue
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # deprecated modules announce themselves on import
@@ -114,10 +114,13 @@ def stdlib_docstrings(max_chars: int = 4_000_000, held_out: bool = False) -> lis
             continue
         for _, obj in inspect.getmembers(module):
             own = (inspect.isclass(obj) or inspect.isfunction(obj)) and getattr(obj, "__module__", None) == name
-            doc = inspect.getdoc(obj) if own else None  # only what the module defines, so splits stay disjoint
-            if doc and len(doc) > 200:
-                docs.append(doc)
-                total += len(doc)
+            # Only what the module itself defines and documents (getdoc would inherit docstrings).
+            doc = inspect.cleandoc(obj.__doc__) if own and isinstance(obj.__doc__, str) else None
+            if not doc or len(doc) <= 200 or doc in seen or (zlib.crc32(doc.encode()) % 5 == 0) != held_out:
+                continue
+            seen.add(doc)
+            docs.append(doc)
+            total += len(doc)
         if total >= max_chars:
             break
     return docs
