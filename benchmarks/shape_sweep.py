@@ -26,14 +26,9 @@ from compress.shape import ModelShape, ParamFormula, count_params  # noqa: E402
 
 from _common import machine  # noqa: E402
 
-WEIGHTINGS = [
-    {"mlp": 1, "hidden": 1, "heads": 1, "depth": 2},
-    {"mlp": 1, "hidden": 2, "heads": 4, "depth": 2},
-    {"mlp": 1, "hidden": 4, "heads": 4, "depth": 2},
-    {"mlp": 1, "hidden": 8, "heads": 8, "depth": 2},
-    {"mlp": 1, "hidden": 8, "heads": 2, "depth": 2},
-    {"mlp": 1, "hidden": 16, "heads": 16, "depth": 2},
-    {"mlp": 1, "hidden": 16, "heads": 4, "depth": 2},
+WEIGHTINGS = [  # mlp, hidden, heads (depth is not used by the width strategy)
+    {"mlp": 1, "hidden": h, "heads": a, "depth": 2}
+    for h, a in [(1, 1), (2, 4), (4, 4), (8, 8), (16, 4), (16, 16), (64, 1), (64, 4), (64, 64)]
 ]
 
 
