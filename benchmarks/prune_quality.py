@@ -25,7 +25,7 @@ import compress  # noqa: E402
 from compress.calibrate import prepare_calibration  # noqa: E402
 from compress.data import PYDOCS_TRAIN, PYDOCS_VALID  # noqa: E402
 from compress.models import adapter_for  # noqa: E402
-from compress.plan import Target, plan_shape  # noqa: E402
+from compress.plan import PlanConfig, Target, plan_shape  # noqa: E402
 from compress.shape import ModelShape, ParamFormula, count_params  # noqa: E402
 
 from _common import machine, peak_memory  # noqa: E402
@@ -62,53 +62,56 @@ def main() -> None:
 
     teacher_shape = ModelShape.from_config(teacher.config)
     formula = ParamFormula.from_model(teacher, adapter_for(teacher))
+    budget = lambda frac: Target.parse({"params": frac}, count_params(teacher))
+    heads_kept = PlanConfig(weights={**PlanConfig().weights, "heads": 1e9})  # shapes Torch-Pruning can reach
     for frac in [float(f) for f in args.fractions.split(",")]:
-        for strategy in ("width", "depth"):
-            plan = plan_shape(teacher_shape, formula, Target.parse({"params": frac}, count_params(teacher)), strategy)
-            shape = {k: v for k, v in plan.shape.to_dict().items() if k != "head_dim"}
-            arms = [("activation", {}), ("magnitude", {}), ("random", {})]
+        cases = [("width", plan_shape(teacher_shape, formula, budget(frac), "width").shape),
+                 ("width", plan_shape(teacher_shape, formula, budget(frac), "width", heads_kept).shape),
+                 ("depth", plan_shape(teacher_shape, formula, budget(frac), "depth").shape)]
+        if cases[0][1] == cases[1][1]:
+            del cases[1]
+        for strategy, planned in cases:
+            shape = {k: v for k, v in planned.to_dict().items() if k != "head_dim"}
+            arms = [("activation", None), ("magnitude", None), ("random", None)]
             if strategy == "depth":
                 arms.insert(1, ("activation", {"depth": {"method": "contiguous_block",
                                                          "eval_samples": args.block_eval_samples}}))
+            elif planned.num_attention_heads == teacher_shape.num_attention_heads:
+                arms.append(("torch-pruning GroupMagnitude", None))
             for method, plugins in arms:
                 student = copy.deepcopy(teacher)
                 t = time.perf_counter()
-                report = compress.prune(student, shape, calib, strategy=strategy, plugins=plugins or None,
-                                        importance=None if plugins else scores[method])
-                label = method + ("+contiguous_block" if plugins else ("+block_influence" if strategy == "depth" else ""))
+                if method.startswith("torch-pruning"):
+                    tp_prune(student, shape["hidden_size"], shape["intermediate_size"])
+                    label, extra = method, {}
+                else:
+                    report = compress.prune(student, shape, calib, strategy=strategy, plugins=plugins,
+                                            importance=None if plugins else scores[method])
+                    depth_method = "+contiguous_block" if plugins else "+block_influence"
+                    label = method + (depth_method if strategy == "depth" else "")
+                    extra = {"removed_layers": report.removed["depth"]["removed_layers"]} if strategy == "depth" else {}
                 arm = {"fraction": frac, "strategy": strategy, "method": label, "shape": shape,
-                       "params": report.params_after, "prune_seconds": round(time.perf_counter() - t, 2),
-                       "ppl": ppl(student)}
-                if strategy == "depth":
-                    arm["removed_layers"] = report.removed["depth"]["removed_layers"]
-                results["arms"].append(arm)
-                print(arm, flush=True)
-                del student
-            if strategy == "width":
-                student = copy.deepcopy(teacher)
-                heads_kept = shape["num_attention_heads"] == teacher_shape.num_attention_heads
-                t = time.perf_counter()
-                tp_prune(student, shape["hidden_size"], shape["intermediate_size"])
-                arm = {"fraction": frac, "strategy": strategy, "method": "torch-pruning GroupMagnitude",
-                       "shape": {**shape, "num_attention_heads": teacher_shape.num_attention_heads,
-                                 "num_key_value_heads": teacher_shape.num_key_value_heads},
-                       "same_shape": heads_kept, "params": count_params(student),
-                       "prune_seconds": round(time.perf_counter() - t, 2), "ppl": ppl(student)}
+                       "params": count_params(student), "prune_seconds": round(time.perf_counter() - t, 2),
+                       "ppl": ppl(student), **extra}
                 results["arms"].append(arm)
                 print(arm, flush=True)
                 del student
 
     for arm in results["arms"]:
-        best = min(a["ppl"] for a in results["arms"] if a["fraction"] == arm["fraction"]
-                   and a["strategy"] == arm["strategy"] and a["method"].startswith("activation"))
+        best = min(a["ppl"] for a in results["arms"] if a["shape"] == arm["shape"]
+                   and a["method"].startswith("activation"))
         arm["ppl_vs_best_activation"] = round(arm["ppl"] / best, 2)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
-    print(f"\n{'frac':>5} {'strategy':<7} {'method':<30} {'params':>12} {'ppl':>14} {'x best act.':>11}")
+    print(f"\n| target | strategy | shape (hidden/MLP/heads/KV/layers) | method | params | PPL | x best activation |")
+    print("|---|---|---|---|---|---|---|")
     for a in results["arms"]:
-        print(f"{a['fraction']:>5} {a['strategy']:<7} {a['method']:<30} {a['params']:>12,} {a['ppl']:>14,.1f} "
-              f"{a['ppl_vs_best_activation']:>11}")
+        s = a["shape"]
+        dims = "/".join(str(s[k]) for k in ("hidden_size", "intermediate_size", "num_attention_heads",
+                                              "num_key_value_heads", "num_hidden_layers"))
+        print(f"| {a['fraction']:.0%} | {a['strategy']} | {dims} | {a['method']} | {a['params']:,} | "
+              f"{a['ppl']:,.1f} | {a['ppl_vs_best_activation']} |")
 
 
 if __name__ == "__main__":

@@ -16,8 +16,9 @@ def tp_prune(model: nn.Module, hidden_size: int, intermediate_size: int) -> nn.M
     cfg = model.config
     layers = model.model.layers
     ignored = [model.lm_head] + [getattr(l.self_attn, n) for l in layers for n in ("q_proj", "k_proj", "v_proj")]
-    r_mlp = 1 - intermediate_size / cfg.intermediate_size
-    r_hidden = 1 - hidden_size / cfg.hidden_size
+    # Torch-Pruning rounds the pruned count up; a hair below the exact ratio lands on the exact shape.
+    r_mlp = (cfg.intermediate_size - intermediate_size) / cfg.intermediate_size - 1e-6
+    r_hidden = (cfg.hidden_size - hidden_size) / cfg.hidden_size - 1e-6
     ratios: dict = {}
     for layer in layers:
         ratios[layer.mlp.gate_proj] = r_mlp
@@ -37,15 +38,7 @@ def tp_prune(model: nn.Module, hidden_size: int, intermediate_size: int) -> nn.M
     cfg.hidden_size = model.model.embed_tokens.weight.shape[1]
     cfg.intermediate_size = layers[0].mlp.gate_proj.out_features
     cfg.head_dim = head_dim
+    if (cfg.hidden_size, cfg.intermediate_size) != (hidden_size, intermediate_size):
+        raise RuntimeError(f"Torch-Pruning reached {cfg.hidden_size}/{cfg.intermediate_size}, "
+                           f"not {hidden_size}/{intermediate_size}")
     return model
-
-
-if __name__ == "__main__":
-    import sys
-    sys.path.insert(0, "tests")
-    from conftest import tiny_model
-    import compress
-    m = tiny_model("llama")
-    tp_prune(m, 48, 64)
-    print(m.config.hidden_size, m.config.intermediate_size, compress.shape.count_params(m), m.model.embed_tokens.weight.shape, m.lm_head.weight.shape, m.model.norm.weight.shape)
-    print(m(torch.randint(0, 300, (1, 8))).logits.shape)
