@@ -87,8 +87,9 @@ def main() -> None:
                 else:
                     report = compress.prune(student, shape, calib, strategy=strategy, plugins=plugins,
                                             importance=None if plugins else scores[method])
-                    depth_method = "+contiguous_block" if plugins else "+block_influence"
-                    label = method + (depth_method if strategy == "depth" else "")
+                    label = method
+                    if strategy == "depth" and method == "activation":  # layer scores: BI, or the block search
+                        label += "+contiguous_block" if plugins else "+block_influence"
                     extra = {"removed_layers": report.removed["depth"]["removed_layers"]} if strategy == "depth" else {}
                 arm = {"fraction": frac, "strategy": strategy, "method": label, "shape": shape,
                        "params": count_params(student), "prune_seconds": round(time.perf_counter() - t, 2),
