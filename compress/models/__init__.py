@@ -20,6 +20,7 @@ class DecoderAdapter:
     """Attribute paths of one family's modules, relative to the model (globals) or to a decoder layer."""
 
     families: tuple[str, ...]
+    base: str = "model"  # the decoder stack without the LM head (returns last_hidden_state, final norm applied)
     layers: str = "model.layers"
     embed: str = "model.embed_tokens"
     final_norm: str = "model.norm"
@@ -38,10 +39,6 @@ class DecoderAdapter:
     head_norms: tuple[str, ...] = field(default_factory=tuple)
 
     # -- module access -------------------------------------------------------------------------------------
-    @staticmethod
-    def get(root: nn.Module, path: str) -> nn.Module:
-        return root.get_submodule(path)
-
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.layers)
 

@@ -1,0 +1,8 @@
+"""Distillation: recover a pruned student's quality from its teacher (logit + hidden-state KD)."""
+
+from .config import DistillConfig
+from .losses import chunked_logit_loss, divergence, hidden_state_loss
+from .trainer import DistillError, DistillReport, distill, default_layer_map
+
+__all__ = ["DistillConfig", "DistillError", "DistillReport", "chunked_logit_loss", "default_layer_map", "distill",
+           "divergence", "hidden_state_loss"]
