@@ -6,9 +6,12 @@ then save a standard student that ``AutoModelForCausalLM.from_pretrained`` loads
 
 __version__ = "0.1.0"
 
+from . import distill as distillation
 from . import evaluate
 from .api import compress, load_report, load_teacher, save_student, smollm2_gguf_path
 from .calibrate import Calibration, CalibrationConfig, Importance
+from .distill import DistillConfig, DistillError, DistillReport
+from .distill import distill
 from .errors import (CheckpointError, CompressError, ConfigError, DataError, OutputExistsError, PluginError,
                      TargetError, UnsupportedModelError)
 from .models import DecoderAdapter, register_adapter, supported_families
@@ -20,7 +23,7 @@ from .report import PruneReport, Result
 from .shape import ModelShape
 
 __all__ = [
-    "AxisPlugin", "Calibration", "CalibrationConfig", "CheckpointError", "CompressError", "ConfigError", "DataError",
+    "AxisPlugin", "Calibration", "DistillConfig", "DistillError", "DistillReport", "distill", "distillation", "CalibrationConfig", "CheckpointError", "CompressError", "ConfigError", "DataError",
     "DecoderAdapter", "ImportancePlugin", "Importance", "ModelShape", "OutputExistsError", "PlanConfig",
     "PluginError", "PruneContext", "PruneReport", "Result", "Target", "TargetError", "UnsupportedModelError",
     "__version__", "compress", "evaluate", "get_plugin", "list_plugins", "load_report", "load_teacher", "prune",

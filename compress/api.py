@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import os
@@ -18,6 +19,8 @@ import torch
 from torch import nn
 
 from .calibrate import CalibrationConfig
+from .distill import DistillConfig
+from .distill import distill as run_distill
 from .data import TextSource, default_calibration_source, default_eval_source, describe_source
 from .errors import CheckpointError, DataError
 from .evaluate import perplexity
@@ -125,6 +128,8 @@ def compress(
     eval_tokens: int | None = 4096,
     device: str | torch.device | None = None,
     overwrite: bool = False,
+    distill: DistillConfig | None = None,
+    distill_data: TextSource | None = None,
 ) -> Result:
     """Compress ``teacher`` to ``target`` and save the student to ``out_dir``: load, calibrate, score, plan,
     prune, evaluate, save.
@@ -133,11 +138,15 @@ def compress(
     ``(model, tokenizer)`` pair; a passed-in model is pruned in place. ``data``: calibration text (default: the
     pydocs train split when present, else stdlib docstrings). ``eval_data``: held-out text for perplexity
     (default: pydocs valid, else held-out docstrings); it must not be the calibration file.
+    ``distill``: a :class:`~compress.distill.DistillConfig` to recover quality from the teacher after pruning, on
+    ``distill_data`` (default: ``data`` after the tokens calibration used, so the two never overlap).
     The student folder appears only when every stage has succeeded.
     """
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     check_output_dir(out_dir, overwrite)
+    if distill is not None and not isinstance(distill, DistillConfig):
+        raise DataError(f"distill should be a compress.DistillConfig, got {type(distill).__name__}")
     data = default_calibration_source() if data is None else data
     eval_data = default_eval_source() if eval_data is None else eval_data
     if _same_file(data, eval_data):
@@ -161,6 +170,7 @@ def compress(
     ppl = {"teacher": perplexity(model, tokenizer, eval_data, seq_len=eval_seq_len, max_tokens=eval_tokens)}
     times["evaluate_teacher"] = time.perf_counter() - t
 
+    teacher_copy = copy.deepcopy(model) if distill is not None else None
     t = time.perf_counter()
     report = prune(model, target, data, strategy=strategy, plugins=plugins, tokenizer=tokenizer,
                    calibration_config=calibration, plan_config=plan)
@@ -168,14 +178,30 @@ def compress(
 
     t = time.perf_counter()
     ppl["pruned"] = perplexity(model, tokenizer, eval_data, seq_len=eval_seq_len, max_tokens=eval_tokens)
-    times["evaluate_student"] = time.perf_counter() - t
+    times["evaluate_pruned"] = time.perf_counter() - t
+    stages = {"prune": report.to_dict()}
+    split = {"calibration": report.calibration}
+    if distill is not None:
+        t = time.perf_counter()
+        same_text = distill_data is None or _same_file(distill_data, data)
+        skip = report.calibration.get("tokens", 0) if same_text else 0
+        distilled = run_distill(model, teacher_copy, data if distill_data is None else distill_data, distill,
+                                tokenizer=tokenizer, skip_tokens=skip, kept_layers=report.kept.get("layers"),
+                                kept_hidden=report.kept.get("hidden"), device=device)
+        del teacher_copy
+        times["distill"] = time.perf_counter() - t
+        stages["distill"] = distilled.to_dict()
+        split["distillation"] = {**distilled.data, "tokens_trained": distilled.tokens}
+        t = time.perf_counter()
+        ppl["distilled"] = perplexity(model, tokenizer, eval_data, seq_len=eval_seq_len, max_tokens=eval_tokens)
+        times["evaluate_distilled"] = time.perf_counter() - t
 
     result = Result(
         out_dir=Path(out_dir),
         prune=report,
         perplexity=ppl,
-        stages={"prune": report.to_dict()},
-        data={"teacher": source, "calibration": report.calibration, "evaluation": describe_source(eval_data),
+        stages=stages,
+        data={"teacher": source, **split, "evaluation": describe_source(eval_data),
               "eval_seq_len": eval_seq_len, "eval_tokens": eval_tokens},
     )
     t = time.perf_counter()

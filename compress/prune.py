@@ -150,6 +150,8 @@ def prune(
         calibration={"source": calib.source, "samples": calib.num_samples, "tokens": calib.num_tokens,
                      "seq_len": calib.input_ids.shape[1]} if calib is not None else {},
         seconds=round(time.perf_counter() - start, 3),
+        kept={name: selections[axis]["keep"] for name, axis in (("hidden", "hidden"), ("layers", "depth"))
+              if axis in selections and "keep" in selections[axis]},
     )
 
 

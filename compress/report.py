@@ -24,6 +24,9 @@ class PruneReport:
     importance_summary: dict = field(default_factory=dict)
     calibration: dict = field(default_factory=dict)
     seconds: float = 0.0
+    #: Teacher indices the student kept where a later stage needs them: "hidden" channels (to initialize the
+    #: hidden-state projection of distillation) and "layers" (to map student layers to teacher layers).
+    kept: dict = field(default_factory=dict)
 
     @property
     def fraction_kept(self) -> float:

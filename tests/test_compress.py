@@ -56,3 +56,22 @@ def test_perplexity_matches_hf_loss(tokenizer):
     expected = math.exp(float(torch.stack(losses).mean()))
     got = compress.evaluate.perplexity(model, tokenizer, [SAMPLE_TEXT], seq_len=32, max_tokens=128)
     assert abs(got - expected) / expected < 1e-5
+
+
+def test_compress_with_distillation_stage(tmp_path, tokenizer):
+    from conftest import SAMPLE_TEXT
+    text = tmp_path / "train.txt"
+    text.write_text(SAMPLE_TEXT * 3)
+    cfg = compress.DistillConfig(max_steps=3, batch_size=2, seq_len=32, hidden_loss="cosine", progress=False)
+    result = compress.compress((tiny_model("llama"), tokenizer), {"hidden_size": 48, "num_hidden_layers": 3}, text,
+                               tmp_path / "out", strategy="width+depth", eval_data=[SAMPLE_TEXT[:3000]],
+                               eval_seq_len=32, calibration=compress.CalibrationConfig(seq_len=32, num_samples=8),
+                               distill=cfg)
+    assert set(result.perplexity) == {"teacher", "pruned", "distilled"}
+    d = result.stages["distill"]
+    assert d["steps"] == 3 and d["projection"] == "learned linear 48 -> 64"
+    assert list(d["layer_map"].values()) == result.prune.kept["layers"]
+    assert result.data["distillation"]["skipped_tokens"] == result.data["calibration"]["tokens"] == 8 * 32
+    assert result.data["distillation"]["tokens_trained"] == 3 * 2 * 32
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert compress.shape.count_params(student) == result.prune.params_after

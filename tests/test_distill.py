@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import compress
-from compress.distill import DistillConfig, DistillError, distill
+from compress.distill import DistillConfig, DistillError, default_layer_map, distill, divergence
 from compress.errors import CheckpointError, ConfigError, DataError
 
 from conftest import tiny_model
@@ -24,7 +24,7 @@ JOB = Path(__file__).with_name("distill_job.py")
 def _mean_kl(student, teacher, ids):
     with torch.no_grad():
         s, t = student(ids).logits, teacher(ids).logits
-    return float(compress.distill.divergence(s.flatten(0, 1), t.flatten(0, 1))) / s.shape[0] / s.shape[1]
+    return float(divergence(s.flatten(0, 1), t.flatten(0, 1))) / s.shape[0] / s.shape[1]
 
 
 @pytest.mark.parametrize("hidden_loss, hidden_weight", [(None, 1.0), ("cosine", 1.0), ("mse", 0.01)])
@@ -60,7 +60,7 @@ def test_kept_layers_and_channels_shape_the_hidden_loss():
     cfg = DistillConfig(max_steps=2, batch_size=4, seq_len=32, hidden_loss="cosine", progress=False)
     report = distill(student, teacher, ids, cfg, kept_layers=kept_layers, kept_hidden=list(range(0, 64, 2)))
     assert report.layer_map == {"0": 0, "1": 3}
-    assert compress.distill.default_layer_map(2, 4) == {0: 1, 1: 3}
+    assert default_layer_map(2, 4) == {0: 1, 1: 3}
 
 
 def test_vocabulary_mismatch_is_refused():

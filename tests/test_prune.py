@@ -45,6 +45,10 @@ def test_prune_roundtrip(family, case, calib_ids, tmp_path):
         for key, value in target.items():
             assert report.shape_after[key] == value
     assert ModelShape.from_config(model.config).to_dict() == report.shape_after
+    if "hidden" in report.removed:
+        assert len(report.kept["hidden"]) == report.shape_after["hidden_size"]
+    if "depth" in report.removed:
+        assert len(report.kept["layers"]) == report.shape_after["num_hidden_layers"]
 
     reloaded = _reload(model, tmp_path)
     assert type(reloaded) is type(model)
