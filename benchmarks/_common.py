@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import os
 import platform
 from contextlib import contextmanager
@@ -32,6 +34,11 @@ def _status_kib(key: str) -> int:
 def peak_memory():
     """Measure the extra peak memory of a block: resident set (CPU, Linux) and CUDA allocator, in MiB."""
     out: dict = {}
+    gc.collect()
+    try:  # hand freed heap pages back to the OS so the resident set is live memory only
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
     try:  # writing 5 to clear_refs resets VmHWM (the peak RSS) to the current RSS
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")

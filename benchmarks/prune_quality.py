@@ -64,7 +64,7 @@ def main() -> None:
     formula = ParamFormula.from_model(teacher, adapter_for(teacher))
     budget = lambda frac: Target.parse({"params": frac}, count_params(teacher))
     heads_kept = PlanConfig(weights={**PlanConfig().weights, "heads": 1e9})  # shapes Torch-Pruning can reach
-    for frac in [float(f) for f in args.fractions.split(",")]:
+    for frac in [float(f) for f in args.fractions.split(",") if f]:
         cases = [("width", plan_shape(teacher_shape, formula, budget(frac), "width").shape),
                  ("width", plan_shape(teacher_shape, formula, budget(frac), "width", heads_kept).shape),
                  ("depth", plan_shape(teacher_shape, formula, budget(frac), "depth").shape)]
@@ -73,9 +73,11 @@ def main() -> None:
         for strategy, planned in cases:
             shape = {k: v for k, v in planned.to_dict().items() if k != "head_dim"}
             arms = [("activation", None), ("magnitude", None), ("random", None)]
-            if strategy == "depth":
-                arms.insert(1, ("activation", {"depth": {"method": "contiguous_block",
-                                                         "eval_samples": args.block_eval_samples}}))
+            if strategy == "depth":  # score-based arms rank single layers; the block search is its own arm
+                bi = {"depth": {"method": "block_influence"}}
+                arms = [("activation", bi), ("activation", {"depth": {"method": "contiguous_block",
+                                                                      "eval_samples": args.block_eval_samples}}),
+                        ("magnitude", bi), ("random", bi)]
             elif planned.num_attention_heads == teacher_shape.num_attention_heads:
                 arms.append(("torch-pruning GroupMagnitude", None))
             for method, plugins in arms:
@@ -85,11 +87,12 @@ def main() -> None:
                     tp_prune(student, shape["hidden_size"], shape["intermediate_size"])
                     label, extra = method, {}
                 else:
+                    block = bool(plugins) and plugins["depth"]["method"] == "contiguous_block"
                     report = compress.prune(student, shape, calib, strategy=strategy, plugins=plugins,
-                                            importance=None if plugins else scores[method])
+                                            importance=None if block else scores[method])
                     label = method
                     if strategy == "depth" and method == "activation":  # layer scores: BI, or the block search
-                        label += "+contiguous_block" if plugins else "+block_influence"
+                        label += "+contiguous_block" if block else "+block_influence"
                     extra = {"removed_layers": report.removed["depth"]["removed_layers"]} if strategy == "depth" else {}
                 arm = {"fraction": frac, "strategy": strategy, "method": label, "shape": shape,
                        "params": count_params(student), "prune_seconds": round(time.perf_counter() - t, 2),

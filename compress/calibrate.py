@@ -150,17 +150,22 @@ def hooks(registrations: list[Callable[[], torch.utils.hooks.RemovableHandle]]):
             handle.remove()
 
 
-def streamed_pass(model: nn.Module, calibration: Calibration, desc: str = "calibrating") -> dict:
-    """Run every calibration batch through ``model`` (hooks attached by the caller). Returns timing stats."""
+def streamed_pass(model: nn.Module, calibration: Calibration, desc: str = "calibrating", base: str | None = None) -> dict:
+    """Run every calibration batch through ``model`` (hooks attached by the caller). Returns timing stats.
+
+    With ``base`` (the adapter's decoder-stack path), only the decoder runs: importance never needs the LM head,
+    whose ``[batch, seq, vocab]`` logits would dominate both the time and the memory of the pass.
+    """
     device = next(model.parameters()).device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     was_training = model.training
     model.eval()
+    runner = model.get_submodule(base) if base else model
     with torch.inference_mode():
         for batch in tqdm(list(calibration.batches()), desc=desc, leave=False):
-            model(input_ids=batch.to(device, non_blocking=True), use_cache=False)
+            runner(input_ids=batch.to(device, non_blocking=True), use_cache=False)
     model.train(was_training)
     stats = {
         "samples": calibration.num_samples,

@@ -43,3 +43,36 @@ def perplexity(
             count += batch[:, 1:].numel()
     model.train(was_training)
     return math.exp(nll / count)
+
+
+def kl_to_teacher(
+    student: nn.Module,
+    teacher: nn.Module,
+    tokenizer,
+    text_or_path: TextSource,
+    seq_len: int = 512,
+    max_tokens: int | None = 4096,
+    batch_size: int = 4,
+) -> float:
+    """Mean per-token KL(teacher || student) over non-overlapping windows of held-out text: how faithfully the
+    student reproduces the teacher's next-token distributions (0 = identical)."""
+    from .distill.losses import divergence
+
+    check_tokenizer_matches(student, tokenizer)
+    windows = None if max_tokens is None else max(1, max_tokens // seq_len)
+    ids = pack_tokens(tokenizer, text_or_path, seq_len, max_windows=windows)
+    device = next(student.parameters()).device
+    total, count = 0.0, 0
+    modes = student.training, teacher.training
+    student.eval()
+    teacher.eval()
+    with torch.inference_mode():
+        for batch in ids.split(batch_size):
+            batch = batch.to(device)
+            s = student(input_ids=batch, use_cache=False).logits.float().flatten(0, 1)
+            t = teacher(input_ids=batch.to(next(teacher.parameters()).device), use_cache=False).logits.float()
+            total += float(divergence(s, t.flatten(0, 1).to(device)))
+            count += s.shape[0]
+    student.train(modes[0])
+    teacher.train(modes[1])
+    return total / count

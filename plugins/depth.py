@@ -2,10 +2,12 @@
 
 Two ways to choose them (``method``):
 
+* ``"contiguous_block"`` (default) — try every contiguous block of the needed length and remove the one whose
+  removal raises the calibration loss least (forward passes only, over ``eval_samples`` calibration windows);
 * ``"block_influence"`` — remove the layers that change the residual stream least, by Block Influence
-  (``1 - cos(layer input, layer output)``, from the importance plugin's ``layers`` scores);
-* ``"contiguous_block"`` — try every contiguous block of the needed length and remove the one whose removal
-  raises the calibration loss least (forward passes only, over ``eval_samples`` calibration windows).
+  (``1 - cos(layer input, layer output)``, from the importance plugin's ``layers`` scores). One pass, no
+  search, but on SmolLM2 it left a 30-40x worse perplexity than the block search (BENCHMARKS.md): layers
+  that each change the stream little are not safe to remove together.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ class DepthAxis(AxisPlugin):
 
     @dataclass
     class Config:
-        method: str = "block_influence"
+        method: str = "contiguous_block"
         eval_samples: int = 32
 
         def __post_init__(self) -> None:

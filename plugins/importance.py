@@ -111,7 +111,7 @@ class ActivationImportance(ImportancePlugin):
         for j, norm in enumerate(norms):
             registrations.append(lambda j=j, n=norm: n.register_forward_hook(norm_hook(j)))
         with hooks(registrations):
-            stats = streamed_pass(model, calibration, desc="activation importance")
+            stats = streamed_pass(model, calibration, desc="activation importance", base=adapter.base)
 
         def finish(acc: torch.Tensor) -> torch.Tensor:
             return (acc.sqrt() if cfg.batch_agg == "l2" else acc / max(counts["samples"], 1)).float()

@@ -17,7 +17,7 @@ CASES = {
     "heads-in-groups": ({"num_attention_heads": 4}, "width", None),  # 3 per group -> 2 per group, 2 KV kept
     "heads-whole-groups": ({"num_attention_heads": 3, "num_key_value_heads": 1}, "width", None),
     "hidden": ({"hidden_size": 40}, "width", None),
-    "depth-bi": ({"num_hidden_layers": 2}, "depth", None),
+    "depth-bi": ({"num_hidden_layers": 2}, "depth", {"depth": {"method": "block_influence"}}),
     "depth-block": ({"num_hidden_layers": 2}, "depth", {"depth": {"method": "contiguous_block", "eval_samples": 4}}),
     "width-budget": ({"params": 0.5}, "width", None),
     "depth-budget": ({"params": 0.7}, "depth", None),

@@ -52,4 +52,5 @@ def test_installed_plugin_prunes_end_to_end(installed_example, calib_ids, tmp_pa
         compress.prune(tiny_model("llama"), {"params": 0.5}, calib_ids, plugins={"wanda": {"power": 0}})
     with pytest.raises(ConfigError, match="gives no 'layers' scores"):
         compress.prune(tiny_model("llama"), {"num_hidden_layers": 2}, calib_ids, strategy="depth",
-                       plugins=["wanda"], calibration_config=compress.CalibrationConfig(min_samples=4))
+                       plugins={"wanda": None, "depth": {"method": "block_influence"}},
+                       calibration_config=compress.CalibrationConfig(min_samples=4))

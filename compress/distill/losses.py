@@ -56,9 +56,12 @@ def divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind:
 
 def _chunk_terms(h_s, w_s, h_t, w_t, labels, kind, temperature, beta, top_k, want_ce):
     s_logits = h_s @ w_s.t()
-    with torch.no_grad():
-        t_logits = h_t @ w_t.t()
-    kd = divergence(s_logits, t_logits, kind, temperature, beta, top_k)
+    if h_t is None:  # language-modelling loss only
+        kd = s_logits.new_zeros((), dtype=torch.float32)
+    else:
+        with torch.no_grad():
+            t_logits = h_t @ w_t.t()
+        kd = divergence(s_logits, t_logits, kind, temperature, beta, top_k)
     ce = F.cross_entropy(s_logits.float(), labels, reduction="sum") if want_ce else kd.new_zeros(())
     return kd, ce
 
@@ -66,8 +69,8 @@ def _chunk_terms(h_s, w_s, h_t, w_t, labels, kind, temperature, beta, top_k, wan
 def chunked_logit_loss(
     student_hidden: torch.Tensor,
     student_head: torch.Tensor,
-    teacher_hidden: torch.Tensor,
-    teacher_head: torch.Tensor,
+    teacher_hidden: torch.Tensor | None,
+    teacher_head: torch.Tensor | None,
     labels: torch.Tensor | None = None,
     *,
     kind: str = "forward_kl",
@@ -79,7 +82,8 @@ def chunked_logit_loss(
     """Mean per-token divergence (and cross-entropy against ``labels``, if given) from final hidden states.
 
     ``student_hidden`` ``[N, Ds]`` and ``teacher_hidden`` ``[N, Dt]`` are flattened token positions;
-    ``*_head`` are the LM-head weights ``[V, D]``. Returns ``(kd, ce)`` — ``ce`` is 0 without labels.
+    ``*_head`` are the LM-head weights ``[V, D]``. Returns ``(kd, ce)`` — ``ce`` is 0 without labels, ``kd`` is
+    0 without a teacher (``teacher_hidden=None``: plain language-model fine-tuning).
     """
     n = student_hidden.shape[0]
     kd_total = student_hidden.new_zeros((), dtype=torch.float32)
@@ -88,7 +92,8 @@ def chunked_logit_loss(
     dummy = labels if want_ce else torch.zeros(n, dtype=torch.long, device=student_hidden.device)
     for start in range(0, n, chunk_tokens):
         sl = slice(start, start + chunk_tokens)
-        args = (student_hidden[sl], student_head, teacher_hidden[sl], teacher_head, dummy[sl], kind, temperature,
+        t_chunk = None if teacher_hidden is None else teacher_hidden[sl]
+        args = (student_hidden[sl], student_head, t_chunk, teacher_head, dummy[sl], kind, temperature,
                 beta, top_k, want_ce)
         if torch.is_grad_enabled() and (student_hidden.requires_grad or student_head.requires_grad):
             kd, ce = checkpoint(_chunk_terms, *args, use_reentrant=False)

@@ -109,16 +109,17 @@ class DistillModule(nn.Module):
         self._captured = _LayerOutputs(adapter.decoder_layers(student), sorted(layer_map)) \
             if config.hidden_loss else None
 
-    def forward(self, input_ids: torch.Tensor, teacher_final: torch.Tensor, teacher_layers: dict[int, torch.Tensor],
-                teacher_head: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, input_ids: torch.Tensor, teacher_final: torch.Tensor | None,
+                teacher_layers: dict[int, torch.Tensor], teacher_head: torch.Tensor | None) -> dict[str, torch.Tensor]:
         cfg = self.config
         base = self.student.get_submodule(self.adapter.base)
         hidden = base(input_ids=input_ids, use_cache=False).last_hidden_state
         head = self.student.get_submodule(self.adapter.lm_head).weight
         labels = input_ids[:, 1:].reshape(-1) if cfg.alpha_ce > 0 else None
-        d_s, d_t = hidden.shape[-1], teacher_final.shape[-1]
+        d_s = hidden.shape[-1]
+        t_flat = None if teacher_final is None else teacher_final[:, :-1].reshape(-1, teacher_final.shape[-1])
         kd, ce = chunked_logit_loss(
-            hidden[:, :-1].reshape(-1, d_s), head, teacher_final[:, :-1].reshape(-1, d_t), teacher_head, labels,
+            hidden[:, :-1].reshape(-1, d_s), head, t_flat, teacher_head, labels,
             kind=cfg.logit_loss, temperature=cfg.temperature, beta=cfg.jsd_beta, top_k=cfg.top_k,
             chunk_tokens=cfg.chunk_tokens)
         loss = cfg.logit_weight * kd + cfg.alpha_ce * ce
@@ -242,6 +243,8 @@ def distill(student: nn.Module, teacher: nn.Module, data, config: DistillConfig,
     t_base = teacher.get_submodule(t_adapter.base)
     t_head = teacher.get_submodule(t_adapter.lm_head).weight
 
+    # Plain LM fine-tuning (logit_weight 0, no hidden loss) never runs the teacher.
+    needs_teacher = config.logit_weight > 0 or config.hidden_loss is not None
     start_step, history, resumed = 0, [], None
     out_dir = Path(config.output_dir) if config.output_dir else None
     if out_dir is not None and rank == 0:
@@ -264,8 +267,10 @@ def distill(student: nn.Module, teacher: nn.Module, data, config: DistillConfig,
             sums = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "hidden": 0.0}
             for micro in range(config.grad_accum):
                 batch = loader.next_batch().to(device, non_blocking=True)
-                with torch.no_grad(), autocast():
-                    t_final = t_base(input_ids=batch, use_cache=False).last_hidden_state
+                t_final = None
+                if needs_teacher:
+                    with torch.no_grad(), autocast():
+                        t_final = t_base(input_ids=batch, use_cache=False).last_hidden_state
                 t_layers_out = captured_teacher.pop() if captured_teacher else {}
                 sync = nullcontext() if world == 1 or micro == config.grad_accum - 1 else wrapped.no_sync()
                 with sync, autocast():

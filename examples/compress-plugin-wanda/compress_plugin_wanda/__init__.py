@@ -50,7 +50,7 @@ class WandaImportance(ImportancePlugin):
         for n, acc in zip(norms, sq_norm):
             regs.append(lambda n=n, a=acc: n.register_forward_hook(post(a)))
         with hooks(regs):
-            stats = streamed_pass(model, calibration, desc="wanda importance")
+            stats = streamed_pass(model, calibration, desc="wanda importance", base=adapter.base)
 
         p = self.config.power
         heads = model.config.num_attention_heads

@@ -1,0 +1,112 @@
+"""How much of the teacher survives pruning + recovery? Six arms, one token budget, three numbers each.
+
+Student at ~50% of SmolLM2-135M's parameters. Arms: (1) pruned, no training; (2) pruned + LM-loss-only
+fine-tuning; (3) pruned + logit KD; (4) pruned + logit + hidden-state KD; (5) same shape from random init +
+logit KD; (6) depth-pruned student + logit + hidden-state KD. Each arm reports perplexity on pydocs valid
+(in-domain), perplexity on tiny Shakespeare (out-of-domain, never trained on) and the mean per-token
+KL(teacher || student) on pydocs valid (fidelity). Training data: pydocs train after the calibration tokens.
+Results are written after every arm, so a partial run is still a record.
+
+    python benchmarks/recovery.py --tokens 150000 --out benchmarks/results/recovery_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import compress  # noqa: E402
+from compress.data import PYDOCS_TRAIN, PYDOCS_VALID, SHAKESPEARE  # noqa: E402
+from compress.distill import DistillConfig  # noqa: E402
+from compress.evaluate import kl_to_teacher, perplexity  # noqa: E402
+
+from _common import machine  # noqa: E402
+
+ARMS = ["pruned", "pruned+lm", "pruned+kd", "pruned+kd+hidden", "random+kd", "depth+kd+hidden"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=150_000, help="training tokens per arm")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--calib-samples", type=int, default=64)
+    p.add_argument("--eval-tokens", type=int, default=4096)
+    p.add_argument("--arms", default=",".join(ARMS))
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--out", default="benchmarks/results/recovery_cpu.json")
+    args = p.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    teacher, tok = compress.load_teacher("smollm2", device=device)
+    def measure(model) -> dict:
+        return {"ppl_pydocs": perplexity(model, tok, PYDOCS_VALID, seq_len=512, max_tokens=args.eval_tokens),
+                "ppl_shakespeare": perplexity(model, tok, SHAKESPEARE, seq_len=512, max_tokens=args.eval_tokens),
+                "kl_to_teacher": kl_to_teacher(model, teacher, tok, PYDOCS_VALID, seq_len=512,
+                                               max_tokens=args.eval_tokens)}
+
+    results = {"machine": machine(), "date": str(date.today()), "args": vars(args), "arms": {}}
+    results["teacher"] = {**measure(teacher), "params": compress.shape.count_params(teacher)}
+    results["teacher"].pop("kl_to_teacher")
+    print("teacher", results["teacher"], flush=True)
+
+    calib_cfg = compress.CalibrationConfig(num_samples=args.calib_samples, seq_len=512)
+    scores = compress.score_importance(teacher, PYDOCS_TRAIN, tokenizer=tok, calibration_config=calib_cfg)
+    calib_tokens = args.calib_samples * 512
+
+    def pruned(strategy: str):
+        student = copy.deepcopy(teacher)
+        report = compress.prune(student, {"params": 0.5}, None, strategy=strategy, importance=scores)
+        return student, report
+
+    for arm in args.arms.split(","):
+        t0 = time.perf_counter()
+        strategy = "depth" if arm.startswith("depth") else "width"
+        student, report = pruned(strategy)
+        if arm.startswith("random"):
+            with torch.no_grad():
+                student.apply(student._init_weights)
+        entry = {"shape": report.shape_after, "params": report.params_after}
+        if arm not in ("pruned",):
+            cfg = DistillConfig(
+                max_tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch, lr=args.lr, warmup_steps=5,
+                logit_weight=0.0 if arm == "pruned+lm" else 1.0, alpha_ce=1.0 if arm == "pruned+lm" else 0.0,
+                hidden_loss="cosine" if arm.endswith("hidden") else None, compile=args.compile,
+                progress=False, seed=0)
+            d = compress.distill(student, teacher, PYDOCS_TRAIN, cfg, tokenizer=tok,
+                                 skip_tokens=calib_tokens, kept_layers=report.kept.get("layers"),
+                                 kept_hidden=report.kept.get("hidden"))
+            entry["distill"] = {"tokens": d.tokens, "steps": d.steps, "seconds": d.seconds,
+                                "tokens_per_s": d.tokens_per_second, "final_loss": d.final_loss,
+                                "first_loss": d.losses[0]["loss"], "layer_map": d.layer_map,
+                                "projection": d.projection, "data": d.data, "peak_memory_mib": d.peak_memory_mib}
+        entry.update(measure(student))
+        entry["seconds"] = round(time.perf_counter() - t0, 1)
+        results["arms"][arm] = entry
+        print(arm, {k: v for k, v in entry.items() if k != "distill"}, flush=True)
+        out.write_text(json.dumps(results, indent=2))
+        del student
+
+    print(f"\n| arm | params | PPL pydocs | PPL shakespeare | KL to teacher | train tokens |")
+    print("|---|---|---|---|---|---|")
+    t = results["teacher"]
+    print(f"| teacher | {t['params']:,} | {t['ppl_pydocs']:.2f} | {t['ppl_shakespeare']:.2f} | 0 | - |")
+    for arm, e in results["arms"].items():
+        print(f"| {arm} | {e['params']:,} | {e['ppl_pydocs']:.2f} | {e['ppl_shakespeare']:.2f} | "
+              f"{e['kl_to_teacher']:.3f} | {e.get('distill', {}).get('tokens', 0):,} |")
+
+
+if __name__ == "__main__":
+    main()
