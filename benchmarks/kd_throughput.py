@@ -6,7 +6,7 @@
 * loss: peak memory of forward+backward of our chunked KL vs a naive full-logit KL for the same hidden states
   at vocab 49,152 (SmolLM2's) and a synthetic 256,000.
 
-    python benchmarks/kd_throughput.py --batch 4 --seq-len 256 --steps 4 --out benchmarks/results/kd_throughput.json
+    python benchmarks/kd_throughput.py --batch 4 --seq-len 256 --steps 3 --out benchmarks/results/kd_throughput_cpu.json
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import argparse
 import copy
 import gc
 import json
+import subprocess
 import sys
 import time
 from datetime import date
@@ -90,9 +91,9 @@ def time_steps(step, batch, steps, device):
     return seconds / steps, mem
 
 
-def loss_memory(vocab: int, tokens: int, width: int, device) -> dict:
+def loss_memory(vocab: int, tokens: int, width: int, device, only: str | None = None) -> dict:
     out = {}
-    for name in ("naive", "ours"):
+    for name in [only] if only else ("naive", "ours"):
         gc.collect()
         g = torch.Generator(device="cpu").manual_seed(0)
         h_s = torch.randn(tokens, width, generator=g).to(device).requires_grad_()
@@ -103,10 +104,43 @@ def loss_memory(vocab: int, tokens: int, width: int, device) -> dict:
                 s, t = (h_s @ w_s.t()).float(), (h_t @ w_t.t()).float()
                 loss = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="batchmean")
             else:
-                loss, _ = chunked_logit_loss(h_s, w_s, h_t, w_t, chunk_tokens=256)
+                loss, _, _ = chunked_logit_loss(h_s, w_s, h_t, w_t, chunk_tokens=256)
             loss.backward()
-        out[name] = {"loss": float(loss), **mem}
+        out[name] = {"loss": float(loss.detach()), **mem}
         del h_s, w_s, h_t, w_t, loss
+    return out
+
+
+def run_arm(arm: str, args) -> dict:
+    """One measurement in this (fresh) process, so no allocator state carries over between arms."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    kind, _, rest = arm.partition(":")
+    if kind == "loss":
+        vocab, name = rest.split(":")
+        return loss_memory(int(vocab), args.loss_tokens, 576, device, only=name)
+    teacher, _ = compress.load_teacher("smollm2")
+    student = copy.deepcopy(teacher)
+    compress.prune(student, {"params": 0.5}, None, plugins=["magnitude"])
+    params = compress.shape.count_params(student)
+    teacher.to(device)
+    student.to(device).train()
+    batch = torch.randint(0, 49152, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(0)).to(device)
+    if rest == "naive":
+        step = naive_step_fn(student, teacher, device)
+    else:
+        if device.type == "cuda":
+            teacher.to(torch.bfloat16)
+        step = ours_step_fn(student, teacher, device, DistillConfig(max_steps=1, compile=args.compile,
+                                                                    chunk_tokens=args.chunk_tokens))
+    seconds, mem = time_steps(step, batch, args.steps, device)
+    tokens = args.batch * args.seq_len
+    out = {"seconds_per_step": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1),
+           "student_params": params, **mem}
+    if device.type == "cuda":
+        flops = 6 * params * tokens + 2 * compress.shape.count_params(teacher) * tokens
+        out["mfu"] = round(flops / seconds / H100_BF16_FLOPS, 3)
     return out
 
 
@@ -117,43 +151,40 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--compile", action="store_true")
     p.add_argument("--loss-tokens", type=int, default=2048)
-    p.add_argument("--out", default="benchmarks/results/kd_throughput.json")
+    p.add_argument("--chunk-tokens", type=int, default=256, help="token chunk of our fused loss in the step arm")
+    p.add_argument("--arm", default=None, help=argparse.SUPPRESS)  # internal: run one arm, print its JSON
+    p.add_argument("--out", default="benchmarks/results/kd_throughput_cpu.json")
     args = p.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-    results = {"machine": machine(), "date": str(date.today()), "args": vars(args)}
-
-    results["loss_memory"] = {str(v): loss_memory(v, args.loss_tokens, 576, device) for v in (49_152, 256_000)}
-    print(json.dumps(results["loss_memory"], indent=1), flush=True)
-
-    teacher, tok = compress.load_teacher("smollm2")
-    student = copy.deepcopy(teacher)
-    compress.prune(student, {"params": 0.5}, None, plugins=["magnitude"])
-    params = compress.shape.count_params(student)
-    teacher.to(device)
-    batch = torch.randint(0, 49152, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(0)).to(device)
-    tokens = args.batch * args.seq_len
-    arms = {}
-    for name in ("naive", "ours"):
-        s = copy.deepcopy(student).to(device).train()
-        t = teacher if name == "naive" or device.type == "cpu" else copy.deepcopy(teacher).to(torch.bfloat16)
-        step = naive_step_fn(s, t, device) if name == "naive" else ours_step_fn(
-            s, t, device, DistillConfig(max_steps=1, compile=args.compile, chunk_tokens=1024))
-        seconds, mem = time_steps(step, batch, args.steps, device)
-        flops = 6 * params * tokens + 2 * compress.shape.count_params(teacher) * tokens
-        arms[name] = {"seconds_per_step": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1), **mem}
-        if device.type == "cuda":
-            arms[name]["mfu"] = round(flops / seconds / H100_BF16_FLOPS, 3)
-        print(name, arms[name], flush=True)
-        del s, step
-        gc.collect()
-    arms["ratio"] = {"throughput_ours_over_naive": round(arms["ours"]["tokens_per_s"] / arms["naive"]["tokens_per_s"], 2)}
+    if args.arm:
+        print("RESULT " + json.dumps(run_arm(args.arm, args)), flush=True)
+        return
+    results = {"machine": machine(), "date": str(date.today()), "args": vars(args), "loss_memory": {}, "step": {}}
+    forwarded = [a for a in sys.argv[1:] if not a.startswith("--out")]
+    for arm in ["loss:49152:naive", "loss:49152:ours", "loss:256000:naive", "loss:256000:ours",
+                "step:naive", "step:ours"]:
+        proc = subprocess.run([sys.executable, __file__, *forwarded, "--arm", arm], capture_output=True, text=True)
+        lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+        if proc.returncode or not lines:
+            raise SystemExit(f"arm {arm} failed:\n{proc.stderr[-3000:]}")
+        value = json.loads(lines[-1][7:])
+        kind, _, rest = arm.partition(":")
+        if kind == "loss":
+            vocab, name = rest.split(":")
+            results["loss_memory"].setdefault(vocab, {})[name] = value[name]
+        else:
+            results["step"][rest] = value
+        print(arm, value, flush=True)
+    step = results["step"]
+    ratio = {"throughput_ours_over_naive": round(step["ours"]["tokens_per_s"] / step["naive"]["tokens_per_s"], 2)}
     for key in ("peak_rss_extra_mib", "peak_cuda_extra_mib"):
-        if key in arms["ours"]:
-            arms["ratio"][f"{key}_ours_over_naive"] = round(arms["ours"][key] / max(arms["naive"][key], 1e-9), 3)
-    results["step"] = {"student_params": params, "batch": args.batch, "seq_len": args.seq_len, **arms}
-    print(arms["ratio"], flush=True)
+        if key in step["ours"]:
+            ratio[f"{key}_ours_over_naive"] = round(step["ours"][key] / max(step["naive"][key], 1e-9), 3)
+    for vocab, arms in results["loss_memory"].items():
+        for key in ("peak_rss_extra_mib", "peak_cuda_extra_mib"):
+            if key in arms["ours"]:
+                ratio[f"loss_{vocab}_{key}_ours_over_naive"] = round(arms["ours"][key] / max(arms["naive"][key], 1e-9), 3)
+    results["ratio"] = ratio
+    print(ratio, flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))

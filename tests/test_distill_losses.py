@@ -27,15 +27,31 @@ def test_chunked_equals_naive(kind, beta, temperature, top_k, with_ce):
     w_s = torch.randn(v, ds, generator=g, dtype=torch.float64, requires_grad=True)
     h_t, w_t = torch.randn(n, dt, generator=g, dtype=torch.float64), torch.randn(v, dt, generator=g, dtype=torch.float64)
     labels = torch.randint(0, v, (n,), generator=g) if with_ce else None
-    kd, ce = chunked_logit_loss(h_s, w_s, h_t, w_t, labels, kind=kind, temperature=temperature, beta=beta,
-                                top_k=top_k, chunk_tokens=8)
-    grads = torch.autograd.grad(kd + ce, (h_s, w_s))
+    loss, kd, ce = chunked_logit_loss(h_s, w_s, h_t, w_t, labels, kind=kind, temperature=temperature, beta=beta,
+                                      top_k=top_k, chunk_tokens=8, kd_weight=0.7, ce_weight=0.3)
+    grads = torch.autograd.grad(3 * loss, (h_s, w_s))
     kd_ref, ce_ref = _naive(h_s, w_s, h_t, w_t, labels, kind, temperature, beta, top_k)
-    grads_ref = torch.autograd.grad(kd_ref + ce_ref, (h_s, w_s))
+    loss_ref = 0.7 * kd_ref + 0.3 * ce_ref
+    grads_ref = torch.autograd.grad(3 * loss_ref, (h_s, w_s))
+    torch.testing.assert_close(loss, loss_ref.float(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(kd, kd_ref.float(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ce, ce_ref.float(), rtol=1e-5, atol=1e-6)
     for a, b in zip(grads, grads_ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_lm_only_needs_no_teacher():
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(10, 4, generator=g, requires_grad=True)
+    w = torch.randn(20, 4, generator=g, requires_grad=True)
+    labels = torch.randint(0, 20, (10,), generator=g)
+    loss, kd, ce = chunked_logit_loss(h, w, None, None, labels, chunk_tokens=3)
+    ref = F.cross_entropy(h @ w.t(), labels)
+    torch.testing.assert_close(loss, ref)
+    assert float(kd) == 0.0
+    torch.testing.assert_close(torch.autograd.grad(loss, h)[0], torch.autograd.grad(ref, h)[0])
+    with pytest.raises(ValueError, match="nothing to compute"):
+        chunked_logit_loss(h, w, None, None, None)
 
 
 def test_divergence_properties():

@@ -12,7 +12,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 LOGIT_LOSSES = ("forward_kl", "reverse_kl", "jsd")
 HIDDEN_LOSSES = ("cosine", "mse")
@@ -54,16 +53,60 @@ def divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind:
     return per_token.sum() * temperature**2
 
 
-def _chunk_terms(h_s, w_s, h_t, w_t, labels, kind, temperature, beta, top_k, want_ce):
-    s_logits = h_s @ w_s.t()
-    if h_t is None:  # language-modelling loss only
-        kd = s_logits.new_zeros((), dtype=torch.float32)
-    else:
-        with torch.no_grad():
-            t_logits = h_t @ w_t.t()
-        kd = divergence(s_logits, t_logits, kind, temperature, beta, top_k)
+def _chunk_terms(s_logits, t_logits, labels, kind, temperature, beta, top_k, want_ce):
+    kd = s_logits.new_zeros((), dtype=torch.float32) if t_logits is None else divergence(
+        s_logits, t_logits, kind, temperature, beta, top_k)
     ce = F.cross_entropy(s_logits.float(), labels, reduction="sum") if want_ce else kd.new_zeros(())
     return kd, ce
+
+
+class _FusedHeadLoss(torch.autograd.Function):
+    """Loss and its gradient computed together, chunk by chunk, in the forward pass.
+
+    For each chunk of tokens: student logits (one matmul), teacher logits (one matmul, no grad), the loss, and
+    — by a local autograd call on that chunk's logits only — d(loss)/d(logits), which two more matmuls turn into
+    the gradients of the hidden states and of the LM head. Backward only scales them. So every logit tensor lives
+    for one chunk, and nothing is recomputed (activation checkpointing would run both LM heads twice).
+    Returns the weighted loss sum (differentiable) and the kd and ce sums (for logging).
+    """
+
+    @staticmethod
+    def forward(ctx, h_s, w_s, h_t, w_t, labels, kind, temperature, beta, top_k, kd_weight, ce_weight, chunk_tokens):
+        n = h_s.shape[0]
+        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        grad_h = torch.zeros_like(h_s) if needs_grad else None
+        grad_w = torch.zeros_like(w_s, dtype=torch.float32) if needs_grad else None
+        kd_total = torch.zeros((), dtype=torch.float32, device=h_s.device)
+        ce_total = torch.zeros((), dtype=torch.float32, device=h_s.device)
+        want_ce = labels is not None and ce_weight > 0
+        for start in range(0, n, chunk_tokens):
+            sl = slice(start, start + chunk_tokens)
+            h_chunk = h_s[sl]
+            t_logits = None if h_t is None or kd_weight == 0 else h_t[sl] @ w_t.t()
+            with torch.enable_grad():
+                s_logits = (h_chunk @ w_s.t()).detach().requires_grad_(needs_grad)
+                kd, ce = _chunk_terms(s_logits, t_logits, labels[sl] if want_ce else None, kind, temperature, beta,
+                                      top_k, want_ce)
+                if needs_grad:
+                    (g,) = torch.autograd.grad(kd_weight * kd + ce_weight * ce, s_logits)
+            if needs_grad:
+                g = g.to(h_chunk.dtype)
+                grad_h[sl] = g @ w_s
+                grad_w += (g.t() @ h_chunk).float()
+            kd_total += kd.detach()
+            ce_total += ce.detach()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.w_dtype = w_s.dtype
+        ctx.mark_non_differentiable(kd_total, ce_total)
+        return kd_weight * kd_total + ce_weight * ce_total, kd_total, ce_total
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_kd, _grad_ce):
+        grad_h, grad_w = ctx.saved_tensors
+        # In place: these buffers belong to this call alone, and a second [vocab, width] copy is what we avoid.
+        out_h = None if grad_h is None else grad_h.mul_(grad_loss.to(grad_h.dtype))
+        out_w = None if grad_w is None else grad_w.mul_(grad_loss).to(ctx.w_dtype)
+        return out_h, out_w, None, None, None, None, None, None, None, None, None, None
 
 
 def chunked_logit_loss(
@@ -78,30 +121,27 @@ def chunked_logit_loss(
     beta: float = 0.5,
     top_k: int | None = None,
     chunk_tokens: int = 1024,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean per-token divergence (and cross-entropy against ``labels``, if given) from final hidden states.
+    kd_weight: float = 1.0,
+    ce_weight: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``kd_weight × mean divergence + ce_weight × mean cross-entropy`` from final hidden states, fused with the
+    LM heads and computed ``chunk_tokens`` at a time (see :class:`_FusedHeadLoss`).
 
     ``student_hidden`` ``[N, Ds]`` and ``teacher_hidden`` ``[N, Dt]`` are flattened token positions;
-    ``*_head`` are the LM-head weights ``[V, D]``. Returns ``(kd, ce)`` — ``ce`` is 0 without labels, ``kd`` is
-    0 without a teacher (``teacher_hidden=None``: plain language-model fine-tuning).
+    ``*_head`` are the LM-head weights ``[V, D]``. ``teacher_hidden=None`` gives plain language-model
+    fine-tuning (cross-entropy against ``labels`` only); ``labels=None`` turns cross-entropy off.
+    Returns ``(loss, kd, ce)``: the differentiable loss, and the two detached means for logging.
     """
+    if teacher_hidden is None:
+        kd_weight = 0.0
+    if labels is None:
+        ce_weight = 0.0
+    if kd_weight == 0 and ce_weight == 0:
+        raise ValueError("chunked_logit_loss has nothing to compute: no teacher and no labels")
     n = student_hidden.shape[0]
-    kd_total = student_hidden.new_zeros((), dtype=torch.float32)
-    ce_total = student_hidden.new_zeros((), dtype=torch.float32)
-    want_ce = labels is not None
-    dummy = labels if want_ce else torch.zeros(n, dtype=torch.long, device=student_hidden.device)
-    for start in range(0, n, chunk_tokens):
-        sl = slice(start, start + chunk_tokens)
-        t_chunk = None if teacher_hidden is None else teacher_hidden[sl]
-        args = (student_hidden[sl], student_head, t_chunk, teacher_head, dummy[sl], kind, temperature,
-                beta, top_k, want_ce)
-        if torch.is_grad_enabled() and (student_hidden.requires_grad or student_head.requires_grad):
-            kd, ce = checkpoint(_chunk_terms, *args, use_reentrant=False)
-        else:
-            kd, ce = _chunk_terms(*args)
-        kd_total = kd_total + kd
-        ce_total = ce_total + ce
-    return kd_total / n, ce_total / n
+    loss, kd, ce = _FusedHeadLoss.apply(student_hidden, student_head, teacher_hidden, teacher_head, labels, kind,
+                                        temperature, beta, top_k, kd_weight, ce_weight, chunk_tokens)
+    return loss / n, kd / n, ce / n
 
 
 def hidden_state_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "cosine") -> torch.Tensor:

@@ -118,11 +118,10 @@ class DistillModule(nn.Module):
         labels = input_ids[:, 1:].reshape(-1) if cfg.alpha_ce > 0 else None
         d_s = hidden.shape[-1]
         t_flat = None if teacher_final is None else teacher_final[:, :-1].reshape(-1, teacher_final.shape[-1])
-        kd, ce = chunked_logit_loss(
+        loss, kd, ce = chunked_logit_loss(
             hidden[:, :-1].reshape(-1, d_s), head, t_flat, teacher_head, labels,
             kind=cfg.logit_loss, temperature=cfg.temperature, beta=cfg.jsd_beta, top_k=cfg.top_k,
-            chunk_tokens=cfg.chunk_tokens)
-        loss = cfg.logit_weight * kd + cfg.alpha_ce * ce
+            chunk_tokens=cfg.chunk_tokens, kd_weight=cfg.logit_weight, ce_weight=cfg.alpha_ce)
         hid = kd.new_zeros(())
         if self._captured is not None:
             student_layers = self._captured.pop()
@@ -131,7 +130,7 @@ class DistillModule(nn.Module):
                 hid = hid + hidden_state_loss(proj(student_layers[s_idx]), teacher_layers[t_idx], cfg.hidden_loss)
             hid = hid / len(self.layer_map)
             loss = loss + cfg.hidden_weight * hid
-        return {"loss": loss, "kd": kd.detach(), "ce": ce.detach(), "hidden": hid.detach()}
+        return {"loss": loss, "kd": kd, "ce": ce, "hidden": hid.detach()}
 
 
 def _lr_lambda(config: DistillConfig, total: int):
