@@ -159,7 +159,9 @@ def main() -> None:
         print("RESULT " + json.dumps(run_arm(args.arm, args)), flush=True)
         return
     results = {"machine": machine(), "date": str(date.today()), "args": vars(args), "loss_memory": {}, "step": {}}
-    forwarded = [a for a in sys.argv[1:] if not a.startswith("--out")]
+    forwarded = [f"--batch={args.batch}", f"--seq-len={args.seq_len}", f"--steps={args.steps}",
+                 f"--loss-tokens={args.loss_tokens}", f"--chunk-tokens={args.chunk_tokens}"]
+    forwarded += ["--compile"] if args.compile else []
     for arm in ["loss:49152:naive", "loss:49152:ours", "loss:256000:naive", "loss:256000:ours",
                 "step:naive", "step:ours"]:
         proc = subprocess.run([sys.executable, __file__, *forwarded, "--arm", arm], capture_output=True, text=True)
