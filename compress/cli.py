@@ -8,6 +8,7 @@ import sys
 
 from . import api, registry
 from .calibrate import CalibrationConfig
+from .distill import DistillConfig
 from .errors import CompressError
 
 
@@ -38,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=128, help="calibration windows (Minitron uses 1024)")
     p.add_argument("--seq-len", type=int, default=512, help="calibration window length in tokens")
     p.add_argument("--eval-tokens", type=int, default=4096, help="tokens of held-out text to evaluate")
+    p.add_argument("--distill-tokens", type=int, default=0,
+                   help="after pruning, distill from the teacher on this many tokens (0: no distillation)")
+    p.add_argument("--hidden-loss", choices=["cosine", "mse"], default=None,
+                   help="add hidden-state distillation (with --distill-tokens)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
     p.add_argument("--list-plugins", action="store_true", help="list registered plugins and exit")
@@ -55,11 +60,15 @@ def main(argv: list[str] | None = None) -> int:
         plugins: dict = {args.importance: None}
         if args.depth_method:
             plugins["depth"] = {"method": args.depth_method}
+        distill = None
+        if args.distill_tokens:
+            distill = DistillConfig(max_tokens=args.distill_tokens, hidden_loss=args.hidden_loss,
+                                    seq_len=min(args.seq_len, 512), lr=5e-4, warmup_steps=5)
         result = api.compress(
             args.teacher, target, args.data, args.out, strategy=args.strategy, plugins=plugins,
             calibration=CalibrationConfig(num_samples=args.samples, seq_len=args.seq_len,
                                           min_samples=min(8, args.samples)),
-            eval_data=args.eval_data, eval_tokens=args.eval_tokens, overwrite=args.overwrite,
+            eval_data=args.eval_data, eval_tokens=args.eval_tokens, overwrite=args.overwrite, distill=distill,
         )
     except CompressError as exc:
         print(f"compress: error: {exc}", file=sys.stderr)
@@ -72,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"student  {r.params_after:>12,} params   perplexity {result.perplexity['pruned']:.2f}   "
           f"({r.fraction_kept:.1%} of the teacher, no training yet)")
     changed = {k: f"{v} -> {r.shape_after[k]}" for k, v in r.shape_before.items() if r.shape_after[k] != v}
+    if "distilled" in result.perplexity:
+        d = result.stages["distill"]
+        print(f"distill  {d['tokens']:>12,} tokens   perplexity {result.perplexity['distilled']:.2f}   "
+              f"({d['tokens_per_second']:,.0f} tokens/s)")
     print(f"shape    {json.dumps(changed)}")
     print(f"why      {r.plan_reason}")
     print(f"saved    {result.out_dir} (loads with AutoModelForCausalLM.from_pretrained)   "

@@ -20,6 +20,9 @@ def test_cli_compresses_and_reports_errors(tmp_path, tokenizer, capsys):
     assert result["prune"]["params_after"] <= result["prune"]["params_before"] / 2
     AutoModelForCausalLM.from_pretrained(tmp_path / "s")
 
+    assert main(args + ["--out", str(tmp_path / "d"), "--distill-tokens", "128", "--seq-len", "32",
+                        "--hidden-loss", "cosine"]) == 0
+    assert "distill" in capsys.readouterr().out
     assert main(args) == 2  # folder now exists and is not empty
     assert "overwrite" in capsys.readouterr().err
     assert main(["--list-plugins"]) == 0
