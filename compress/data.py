@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import os
 import sys
 import warnings
@@ -34,16 +35,39 @@ _SIDE_EFFECT_MODULES = {"antigravity", "this", "idlelib", "turtle", "turtledemo"
 def _looks_like_path(source: str | os.PathLike) -> bool:
     if isinstance(source, os.PathLike):
         return True
-    return "\n" not in source and len(source) < 4096 and (os.sep in source or source.endswith((".txt", ".md")))
+    return "\n" not in source and len(source) < 4096 and (
+        os.sep in source or source.endswith((".txt", ".md", ".jsonl", ".json")))
+
+
+TEXT_FIELD = "text"
+
+
+def _iter_jsonl(path: Path) -> Iterator[str]:
+    with path.open(encoding="utf-8") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{number} is not valid JSON: {exc.msg}") from exc
+            if not isinstance(row, dict) or not isinstance(row.get(TEXT_FIELD), str):
+                raise DataError(f"{path}:{number} has no string field {TEXT_FIELD!r}; each line must be "
+                                f'{{"{TEXT_FIELD}": "..."}}')
+            yield row[TEXT_FIELD]
 
 
 def iter_text(source: TextSource) -> Iterator[str]:
-    """Yield text pieces from a path, a literal string, or an iterable of strings (documents)."""
+    """Yield text pieces from a path (plain text, or ``.jsonl`` with a ``text`` field), a literal string, an
+    iterable of strings or of ``{"text": ...}`` rows — which covers a ``datasets.Dataset`` — read lazily."""
     if isinstance(source, (str, os.PathLike)):
         if _looks_like_path(source):
             path = Path(source)
             if not path.is_file():
                 raise DataError(f"text file {str(path)!r} does not exist")
+            if path.suffix in (".jsonl", ".json"):
+                yield from _iter_jsonl(path)
+                return
             with path.open(encoding="utf-8", errors="replace") as fh:
                 while piece := fh.read(_CHUNK_CHARS):
                     yield piece
@@ -51,8 +75,10 @@ def iter_text(source: TextSource) -> Iterator[str]:
             yield source
         return
     for doc in source:
+        if isinstance(doc, dict):
+            doc = doc.get(TEXT_FIELD)
         if not isinstance(doc, str):
-            raise DataError(f"text sources must yield str, got {type(doc).__name__}")
+            raise DataError(f"text sources must yield str or rows with a {TEXT_FIELD!r} string, got {type(doc).__name__}")
         yield doc
 
 

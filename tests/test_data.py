@@ -20,3 +20,24 @@ def test_pack_tokens_streams_only_what_it_needs(tokenizer, tmp_path):
     skipped = data.pack_tokens(tokenizer, path, 16, max_windows=2, skip_tokens=16)
     assert torch.equal(skipped[0], ids[1])
     assert data.pack_tokens(tokenizer, [SAMPLE_TEXT], 16).shape[0] > 3
+
+
+def test_jsonl_documents_and_datasets(tokenizer, tmp_path):
+    import json
+
+    import pytest
+    from datasets import Dataset
+
+    from compress.errors import DataError
+
+    docs = [SAMPLE_TEXT[i:i + 400] for i in range(0, 4000, 400)]
+    path = tmp_path / "docs.jsonl"
+    path.write_text("\n".join(json.dumps({"text": d, "id": i}) for i, d in enumerate(docs)))
+    from_jsonl = data.pack_tokens(tokenizer, path, 16)
+    from_list = data.pack_tokens(tokenizer, docs, 16)
+    from_dataset = data.pack_tokens(tokenizer, Dataset.from_dict({"text": docs}), 16)
+    assert torch.equal(from_jsonl, from_list) and torch.equal(from_dataset, from_list)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"body": "no text field"}\n')
+    with pytest.raises(DataError, match="bad.jsonl:1 has no string field 'text'"):
+        data.pack_tokens(tokenizer, bad, 16)
