@@ -146,3 +146,23 @@ def test_ddp_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
     ddp_state = torch.load(out, weights_only=True)
     for name, value in single.state_dict().items():
         torch.testing.assert_close(ddp_state[name], value, rtol=1e-4, atol=1e-5)
+
+
+def test_teacher_correction_fine_tunes_the_teacher_first():
+    teacher, student, data = make_pair()
+    before = [p.detach().clone() for p in teacher.parameters()]
+    cfg = DistillConfig(max_steps=2, batch_size=4, seq_len=32, teacher_correction_steps=3, progress=False)
+    report = distill(student, teacher, data, cfg)
+    assert report.teacher_correction["steps"] == 3
+    assert report.teacher_correction["last_loss"] > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, teacher.parameters()))
+    assert not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_lm_only_fine_tuning_runs_without_teacher_forward():
+    teacher, student, data = make_pair()
+    calls = {"n": 0}
+    teacher.model.register_forward_pre_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
+    cfg = DistillConfig(max_steps=3, batch_size=4, seq_len=32, logit_weight=0.0, alpha_ce=1.0, progress=False)
+    report = distill(student, teacher, data, cfg)
+    assert calls["n"] == 0 and report.losses[-1]["kd"] == 0.0 and report.losses[-1]["ce"] > 0
