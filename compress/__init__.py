@@ -12,6 +12,7 @@ from .api import compress, load_report, load_teacher, save_student, smollm2_gguf
 from .calibrate import Calibration, CalibrationConfig, Importance
 from .distill import DistillConfig, DistillError, DistillReport
 from .distill import distill
+from .export import ExportError, ExportReport, export
 from .errors import (CheckpointError, CompressError, ConfigError, DataError, OutputExistsError, PluginError,
                      TargetError, UnsupportedModelError)
 from .models import DecoderAdapter, register_adapter, supported_families
@@ -23,7 +24,7 @@ from .report import PruneReport, Result
 from .shape import ModelShape
 
 __all__ = [
-    "AxisPlugin", "Calibration", "DistillConfig", "DistillError", "DistillReport", "distill", "distillation", "CalibrationConfig", "CheckpointError", "CompressError", "ConfigError", "DataError",
+    "AxisPlugin", "Calibration", "DistillConfig", "DistillError", "DistillReport", "distill", "distillation", "export", "ExportError", "ExportReport", "CalibrationConfig", "CheckpointError", "CompressError", "ConfigError", "DataError",
     "DecoderAdapter", "ImportancePlugin", "Importance", "ModelShape", "OutputExistsError", "PlanConfig",
     "PluginError", "PruneContext", "PruneReport", "Result", "Target", "TargetError", "UnsupportedModelError",
     "__version__", "compress", "evaluate", "get_plugin", "list_plugins", "load_report", "load_teacher", "prune",

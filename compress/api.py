@@ -13,7 +13,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -24,6 +24,7 @@ from .distill import distill as run_distill
 from .data import TextSource, default_calibration_source, default_eval_source, describe_source
 from .errors import CheckpointError, DataError
 from .evaluate import perplexity
+from .export import export as run_export
 from .io import atomic_output_dir, check_output_dir
 from .plan import PlanConfig
 from .prune import PluginsArg, prune
@@ -130,6 +131,8 @@ def compress(
     overwrite: bool = False,
     distill: DistillConfig | None = None,
     distill_data: TextSource | None = None,
+    formats: Sequence[str] = ("safetensors",),
+    quantize: str | None = None,
 ) -> Result:
     """Compress ``teacher`` to ``target`` and save the student to ``out_dir``: load, calibrate, score, plan,
     prune, evaluate, save.
@@ -140,6 +143,8 @@ def compress(
     (default: pydocs valid, else held-out docstrings); it must not be the calibration file.
     ``distill``: a :class:`~compress.distill.DistillConfig` to recover quality from the teacher after pruning, on
     ``distill_data`` (default: ``data`` after the tokens calibration used, so the two never overlap).
+    ``formats``/``quantize``: what :func:`compress.export.export` writes (add ``"onnx"`` for an onnxruntime model
+    checked against PyTorch, ``quantize="int8"`` for its int8 version).
     The student folder appears only when every stage has succeeded.
     """
     times: dict[str, float] = {}
@@ -206,12 +211,21 @@ def compress(
               "eval_seq_len": eval_seq_len, "eval_tokens": eval_tokens},
     )
     t = time.perf_counter()
-    save_student(model, tokenizer, out_dir, overwrite=overwrite, extra_files={REPORT_FILE: result.to_json()})
-    times["save"] = time.perf_counter() - t
+    exported = run_export(model, tokenizer, out_dir, formats, quantize, overwrite=overwrite, eval_data=eval_data,
+                          eval_tokens=eval_tokens or 4096, history=_card_history(result), name=f"{source} (compressed)",
+                          extra_files={REPORT_FILE: result.to_json()})
+    result.stages["export"] = exported.to_dict()
+    times["export"] = time.perf_counter() - t
     result.seconds = {k: round(v, 2) for k, v in times.items()}
     result.seconds["total"] = round(time.perf_counter() - t0, 2)
     (Path(out_dir) / REPORT_FILE).write_text(result.to_json(), encoding="utf-8")
     return result
+
+
+def _card_history(result: Result) -> dict:
+    return {"teacher": result.data.get("teacher"), "prune": result.stages.get("prune", {}),
+            "perplexity": result.perplexity, "evaluation": result.data.get("evaluation"),
+            "eval_seq_len": result.data.get("eval_seq_len"), "distill": result.stages.get("distill")}
 
 
 def load_report(out_dir: str | Path) -> dict:

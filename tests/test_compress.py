@@ -23,11 +23,11 @@ def test_compress_end_to_end(tmp_path, tokenizer):
     assert result.out_dir == out and result.prune.params_after <= 0.5 * result.prune.params_before
     assert set(result.perplexity) == {"teacher", "pruned"} and all(math.isfinite(v) for v in result.perplexity.values())
     files = {p.name for p in out.iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer.json", compress.api.REPORT_FILE} <= files
+    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md", compress.api.REPORT_FILE} <= files
     assert not any(name.endswith((".bin", ".gguf")) for name in files)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".student")]  # no temp folders left
     saved = json.loads((out / compress.api.REPORT_FILE).read_text())
-    assert saved["prune"]["params_after"] == result.prune.params_after and "save" in saved["seconds"]
+    assert saved["prune"]["params_after"] == result.prune.params_after and "export" in saved["seconds"]
 
     student = AutoModelForCausalLM.from_pretrained(out)
     tok = AutoTokenizer.from_pretrained(out)

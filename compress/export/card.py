@@ -1,0 +1,52 @@
+"""The model card (README.md) written next to an exported student."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:,}" if isinstance(value, int) else (f"{value:.2f}" if isinstance(value, float) else str(value))
+
+
+def model_card(name: str, params: int, shape: dict, onnx: bool, int8: bool, history: dict | None = None) -> str:
+    """Markdown describing where the student came from, what it is, how it scores, and how to load it."""
+    history = history or {}
+    prune = history.get("prune", {})
+    lines = [f"# {name}", "", "A student model produced by [compress](https://pypi.org/project/compress-llm/): "
+             "Minitron-style activation-based pruning, then distillation from the teacher.", ""]
+    if history.get("teacher"):
+        lines += [f"- Teacher: `{history['teacher']}`"]
+    lines += [f"- Parameters: {params:,}" + (f" (teacher: {prune['params_before']:,})" if prune else "")]
+    if prune:
+        lines += [f"- Pruning: {prune.get('strategy')} with {prune.get('importance')} importance; "
+                  f"{prune.get('plan_reason', '')}"]
+    lines += ["", "| shape | " + ("teacher | " if prune else "") + "student |",
+              "|---|" + ("---|" if prune else "") + "---|"]
+    for key, value in shape.items():
+        before = f"{_fmt(prune['shape_before'][key])} | " if prune and key in prune.get("shape_before", {}) else ""
+        lines.append(f"| {key} | {before}{_fmt(value)} |")
+    ppl = history.get("perplexity", {})
+    if ppl:
+        lines += ["", f"Perplexity on {history.get('evaluation', 'held-out text')} "
+                      f"(non-overlapping {history.get('eval_seq_len', 512)}-token windows):", "",
+                  "| stage | perplexity |", "|---|---|"] + [f"| {k} | {v:.2f} |" for k, v in ppl.items()]
+    distill = history.get("distill")
+    if distill:
+        cfg = distill.get("config", {})
+        lines += ["", f"Distillation: {distill.get('tokens', 0):,} tokens, {cfg.get('logit_loss')} on logits "
+                      f"(T={cfg.get('temperature')}), hidden-state loss: {cfg.get('hidden_loss') or 'none'}, "
+                      f"lr {cfg.get('lr')}, {distill.get('steps')} steps."]
+    lines += ["", "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+              'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")',
+              'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")', "```"]
+    if onnx:
+        lines += ["", "ONNX (with KV cache) in `onnx/`" + (", int8 in `onnx-int8/`" if int8 else "") + ":", "",
+                  "```python", "from compress.export.onnx import load_ort  # ORTModelForCausalLM + head_dim fix",
+                  'model = load_ort("path/to/this/folder/onnx")', "```", "",
+                  "With optimum alone: `ORTModelForCausalLM.from_pretrained(...)`, then set "
+                  "`model.embed_size_per_head = model.config.head_dim` (optimum-onnx 0.1.0 assumes "
+                  "hidden_size / num_attention_heads, which pruning changes).", "",
+                  "or plain onnxruntime: `onnxruntime.InferenceSession(\"onnx/model.onnx\")` with inputs "
+                  "`input_ids`, `attention_mask`, `position_ids` and `past_key_values.*`."]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,101 @@
+"""Export: safetensors + ONNX with KV cache, parity with PyTorch, int8, model card, and refusals."""
+
+import json
+
+import numpy as np
+import onnxruntime
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaModel
+
+import compress
+from compress.errors import ConfigError, OutputExistsError
+from compress.export import ExportError
+
+from conftest import FAMILIES, SAMPLE_TEXT, tiny_model
+
+
+def _pruned(family, calib_ids):
+    model = tiny_model(family)
+    compress.prune(model, {"num_attention_heads": 4, "hidden_size": 48, "intermediate_size": 64}, calib_ids,
+                   calibration_config=compress.CalibrationConfig(min_samples=4))
+    return model
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_export_onnx_matches_pytorch(family, calib_ids, tokenizer, tmp_path):
+    model = _pruned(family, calib_ids)
+    out = tmp_path / "export"
+    report = compress.export(model, tokenizer, out)
+    assert report.parity["passed"] and report.parity["max_abs_diff"] <= 1e-4
+    files = set(report.files)
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "README.md",
+            "onnx/model.onnx", "onnx/config.json"} <= files
+    assert not any(f.endswith((".gguf", ".bin", ".pt")) for f in files)
+    config = json.loads((out / "config.json").read_text())
+    assert config["head_dim"] == 16 and config["hidden_size"] == 48 and config["intermediate_size"] == 64
+
+    from compress.export.onnx import load_ort
+    ort = load_ort(out / "onnx")
+    hf = AutoModelForCausalLM.from_pretrained(out)
+    prompt = calib_ids[:1, :5]
+    ort_out = ort.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False)
+    assert torch.equal(ort_out, hf.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0))
+
+
+def test_plain_onnxruntime_runs_the_graph(calib_ids, tokenizer, tmp_path):
+    model = _pruned("llama", calib_ids)
+    compress.export(model, tokenizer, tmp_path / "e", formats=["onnx"])
+    assert not (tmp_path / "e" / "model.safetensors").exists()
+    session = onnxruntime.InferenceSession(str(tmp_path / "e" / "onnx" / "model.onnx"))
+    ids = calib_ids[:1, :8].numpy()
+    feeds = {}
+    for inp in session.get_inputs():
+        if inp.name == "input_ids":
+            feeds[inp.name] = ids
+        elif inp.name == "attention_mask":
+            feeds[inp.name] = np.ones_like(ids)
+        elif inp.name == "position_ids":
+            feeds[inp.name] = np.arange(ids.shape[1])[None]
+        else:  # empty past key values: [batch, kv_heads, 0, head_dim]
+            feeds[inp.name] = np.zeros((1, 2, 0, 16), dtype=np.float32)
+    logits = session.run(["logits"], feeds)[0]
+    with torch.no_grad():
+        ref = model(torch.from_numpy(ids)).logits.numpy()
+    assert np.abs(logits - ref).max() < 1e-4
+
+
+def test_int8_reports_perplexity_cost_and_card(calib_ids, tokenizer, tmp_path):
+    model = _pruned("qwen2", calib_ids)
+    report = compress.export(model, tokenizer, tmp_path / "q", quantize="int8", eval_data=[SAMPLE_TEXT],
+                             eval_tokens=256, name="tiny-student")
+    assert "onnx-int8/model.onnx" in report.files
+    assert report.files["onnx-int8/model.onnx"] < report.files["onnx/model.onnx"]
+    assert report.int8["ppl_int8"] > 0 and abs(report.int8["ppl_change"]) < 0.5
+    card = (tmp_path / "q" / "README.md").read_text()
+    assert "# tiny-student" in card and "load_ort" in card and "onnx-int8" in card
+
+
+def test_failed_parity_leaves_nothing(calib_ids, tokenizer, tmp_path):
+    with pytest.raises(ExportError, match="differ from PyTorch"):
+        compress.export(_pruned("llama", calib_ids), tokenizer, tmp_path / "bad", parity_tolerance=1e-12)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_refusals(calib_ids, tokenizer, tmp_path):
+    with pytest.raises(ExportError, match="not a Hugging Face causal language model"):
+        compress.export(LlamaModel(LlamaConfig(vocab_size=320, hidden_size=32, intermediate_size=64,
+                                               num_attention_heads=2, num_hidden_layers=1)), tokenizer, tmp_path / "a")
+    uneven = tiny_model("llama")
+    compress.surgery.slice_linear(uneven.model.layers[1].mlp.up_proj, out_idx=torch.arange(48))
+    with pytest.raises(ExportError, match="per-layer shapes cannot be exported"):
+        compress.export(uneven, tokenizer, tmp_path / "b")
+    with pytest.raises(ConfigError, match="unknown export format"):
+        compress.export(tiny_model("llama"), tokenizer, tmp_path / "c", formats=["tflite"])
+    with pytest.raises(ConfigError, match="unknown quantization"):
+        compress.export(tiny_model("llama"), tokenizer, tmp_path / "c", quantize="int4")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    with pytest.raises(OutputExistsError):
+        compress.export(tiny_model("llama"), tokenizer, tmp_path / "full")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full"]
