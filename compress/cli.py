@@ -43,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after pruning, distill from the teacher on this many tokens (0: no distillation)")
     p.add_argument("--hidden-loss", choices=["cosine", "mse"], default=None,
                    help="add hidden-state distillation (with --distill-tokens)")
+    p.add_argument("--formats", default="safetensors,onnx",
+                   help="what to write: safetensors, onnx, or both (default: %(default)s)")
+    p.add_argument("--int8", action="store_true", help="also write a dynamically int8-quantized ONNX model")
+    p.add_argument("--prompt", default="A Python list is", help="prompt for the sample generation from ONNX")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
     p.add_argument("--list-plugins", action="store_true", help="list registered plugins and exit")
@@ -69,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             calibration=CalibrationConfig(num_samples=args.samples, seq_len=args.seq_len,
                                           min_samples=min(8, args.samples)),
             eval_data=args.eval_data, eval_tokens=args.eval_tokens, overwrite=args.overwrite, distill=distill,
+            formats=[f.strip() for f in args.formats.split(",") if f.strip()], quantize="int8" if args.int8 else None,
         )
     except CompressError as exc:
         print(f"compress: error: {exc}", file=sys.stderr)
@@ -87,8 +92,23 @@ def main(argv: list[str] | None = None) -> int:
               f"({d['tokens_per_second']:,.0f} tokens/s)")
     print(f"shape    {json.dumps(changed)}")
     print(f"why      {r.plan_reason}")
+    export = result.stages["export"]
     print(f"saved    {result.out_dir} (loads with AutoModelForCausalLM.from_pretrained)   "
           f"[{result.seconds['total']:.0f} s]")
+    if export.get("parity"):
+        p = export["parity"]
+        print(f"onnx     {result.out_dir / 'onnx'}   parity with PyTorch: max |logit diff| {p['max_abs_diff']:.2e} "
+              f"<= {p['tolerance']:g} {'PASSED' if p['passed'] else 'FAILED'}")
+        from .export.onnx import load_ort, ort_generate
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(result.out_dir)
+        text = ort_generate(load_ort(result.out_dir / "onnx"), tok, args.prompt)
+        print(f"sample   (onnxruntime, greedy) {args.prompt!r} -> {text!r}")
+    if export.get("int8"):
+        q = export["int8"]
+        print(f"int8     {result.out_dir / 'onnx-int8'}   perplexity {q['ppl_fp32']:.2f} -> {q['ppl_int8']:.2f} "
+              f"({q['ppl_change']:+.1%})")
     return 0
 
 

@@ -15,14 +15,16 @@ def test_cli_compresses_and_reports_errors(tmp_path, tokenizer, capsys):
     (tmp_path / "valid.txt").write_text(SAMPLE_TEXT[:3000])
     args = [str(teacher), "--out", str(tmp_path / "s"), "--data", str(tmp_path / "train.txt"), "--eval-data",
             str(tmp_path / "valid.txt"), "--samples", "8", "--seq-len", "32", "--eval-tokens", "256"]
-    assert main(args + ["--json"]) == 0
+    assert main(args + ["--json", "--formats", "safetensors"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["prune"]["params_after"] <= result["prune"]["params_before"] / 2
     AutoModelForCausalLM.from_pretrained(tmp_path / "s")
 
     assert main(args + ["--out", str(tmp_path / "d"), "--distill-tokens", "128", "--seq-len", "32",
-                        "--hidden-loss", "cosine"]) == 0
-    assert "distill" in capsys.readouterr().out
+                        "--hidden-loss", "cosine", "--int8", "--prompt", "The quick"]) == 0
+    printed = capsys.readouterr().out
+    assert "distill" in printed and "PASSED" in printed and "sample" in printed and "int8" in printed
+    assert (tmp_path / "d" / "onnx-int8" / "model.onnx").exists()
     assert main(args) == 2  # folder now exists and is not empty
     assert "overwrite" in capsys.readouterr().err
     assert main(["--list-plugins"]) == 0

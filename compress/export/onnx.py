@@ -106,6 +106,7 @@ def ort_perplexity(ort_model, tokenizer, text: TextSource, seq_len: int = 512, m
 
 def ort_generate(ort_model, tokenizer, prompt: str, max_new_tokens: int = 24) -> str:
     ids = tokenizer(prompt, return_tensors="pt")
-    out = ort_model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+    out = ort_model.generate(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"],
+                             max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
     return tokenizer.decode(out[0][ids["input_ids"].shape[1]:], skip_special_tokens=True)
