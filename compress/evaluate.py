@@ -11,6 +11,12 @@ from .calibrate import check_tokenizer_matches
 from .data import TextSource, pack_tokens
 
 
+def eval_windows(tokenizer, text_or_path: TextSource, seq_len: int, max_tokens: int | None) -> torch.Tensor:
+    """The first ``max_tokens`` tokens (all with None) of held-out text as non-overlapping windows."""
+    windows = None if max_tokens is None else max(1, max_tokens // seq_len)
+    return pack_tokens(tokenizer, text_or_path, seq_len, max_windows=windows)
+
+
 def perplexity(
     model: nn.Module,
     tokenizer,
@@ -26,8 +32,7 @@ def perplexity(
     so numbers are comparable across runs); ``None`` evaluates everything.
     """
     check_tokenizer_matches(model, tokenizer)
-    windows = None if max_tokens is None else max(1, max_tokens // seq_len)
-    ids = pack_tokens(tokenizer, text_or_path, seq_len, max_windows=windows)
+    ids = eval_windows(tokenizer, text_or_path, seq_len, max_tokens)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -59,8 +64,7 @@ def kl_to_teacher(
     from .distill.losses import divergence
 
     check_tokenizer_matches(student, tokenizer)
-    windows = None if max_tokens is None else max(1, max_tokens // seq_len)
-    ids = pack_tokens(tokenizer, text_or_path, seq_len, max_windows=windows)
+    ids = eval_windows(tokenizer, text_or_path, seq_len, max_tokens)
     device = next(student.parameters()).device
     total, count = 0.0, 0
     modes = student.training, teacher.training

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..data import TextSource, pack_tokens
+from ..data import TextSource
+from ..evaluate import eval_windows
 from ..errors import CompressError
 
 ONNX_DIR = "onnx"
@@ -93,8 +94,7 @@ def quantize_int8(onnx_dir: Path, out_dir: Path) -> Path:
 
 def ort_perplexity(ort_model, tokenizer, text: TextSource, seq_len: int = 512, max_tokens: int | None = 4096) -> float:
     """Perplexity with onnxruntime, windows exactly as :func:`compress.evaluate.perplexity`."""
-    windows = None if max_tokens is None else max(1, max_tokens // seq_len)
-    ids = pack_tokens(tokenizer, text, seq_len, max_windows=windows)
+    ids = eval_windows(tokenizer, text, seq_len, max_tokens)
     nll, count = 0.0, 0
     for row in ids:
         batch = row[None]
