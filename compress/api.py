@@ -24,6 +24,7 @@ from .distill import distill as run_distill
 from .data import TextSource, default_calibration_source, default_eval_source, describe_source
 from .errors import CheckpointError, DataError
 from .evaluate import perplexity
+from .export import check_export_args
 from .export import export as run_export
 from .io import atomic_output_dir, check_output_dir
 from .plan import PlanConfig
@@ -150,6 +151,7 @@ def compress(
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     check_output_dir(out_dir, overwrite)
+    formats = check_export_args(formats, quantize)
     if distill is not None and not isinstance(distill, DistillConfig):
         raise DataError(f"distill should be a compress.DistillConfig, got {type(distill).__name__}")
     data = default_calibration_source() if data is None else data
@@ -212,7 +214,7 @@ def compress(
     )
     t = time.perf_counter()
     exported = run_export(model, tokenizer, out_dir, formats, quantize, overwrite=overwrite, eval_data=eval_data,
-                          eval_tokens=eval_tokens or 4096, history=_card_history(result), name=f"{source} (compressed)",
+                          eval_tokens=eval_tokens or 4096, history=_card_history(result), name=f"{Path(source).name} (compressed)",
                           extra_files={REPORT_FILE: result.to_json()})
     result.stages["export"] = exported.to_dict()
     times["export"] = time.perf_counter() - t

@@ -120,6 +120,16 @@ def test_failure_mid_pipeline_leaves_no_output(tmp_path, tokenizer):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_unknown_export_format_is_refused_before_any_work(tmp_path, tokenizer):
+    model = tiny_model("llama")
+    before = _state(model)
+    with pytest.raises(ConfigError, match="unknown export format"):
+        compress.compress((model, tokenizer), {"params": 0.5}, ["x " * 2000], tmp_path / "o", formats=["gguf"])
+    with pytest.raises(ConfigError, match="unknown quantization"):
+        compress.compress((model, tokenizer), {"params": 0.5}, ["x " * 2000], tmp_path / "o", quantize="fp8")
+    assert _unchanged(model, before) and not (tmp_path / "o").exists()
+
+
 def test_same_file_for_calibration_and_evaluation(tmp_path, tokenizer):
     text = tmp_path / "a.txt"
     text.write_text("words " * 1000)

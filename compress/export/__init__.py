@@ -47,6 +47,19 @@ class ExportReport:
         return asdict(self)
 
 
+def check_export_args(formats: Sequence[str], quantize: str | None) -> list[str]:
+    """Validate format and quantization names (cheap: callers check them before any expensive stage)."""
+    formats = list(formats)
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown or not formats:
+        raise ConfigError(f"unknown export format(s) {unknown or formats}; choose from {FORMATS}")
+    if quantize not in QUANTIZATIONS:
+        raise ConfigError(f"unknown quantization {quantize!r}; choose from {QUANTIZATIONS}")
+    if quantize and "onnx" not in formats:
+        raise ConfigError("quantize='int8' quantizes the ONNX model: add 'onnx' to formats")
+    return formats
+
+
 def check_exportable(model: nn.Module) -> ModelShape:
     """A causal LM whose every layer has the shape its config states (what a standard config can describe)."""
     from transformers import PreTrainedModel
@@ -107,14 +120,7 @@ def export(
     ``parity_tolerance``. The model is moved to the CPU in fp32 for the check.
     """
     start = time.perf_counter()
-    formats = list(formats)
-    unknown = sorted(set(formats) - set(FORMATS))
-    if unknown or not formats:
-        raise ConfigError(f"unknown export format(s) {unknown or formats}; choose from {FORMATS}")
-    if quantize not in QUANTIZATIONS:
-        raise ConfigError(f"unknown quantization {quantize!r}; choose from {QUANTIZATIONS}")
-    if quantize and "onnx" not in formats:
-        raise ConfigError("quantize='int8' quantizes the ONNX model: add 'onnx' to formats")
+    formats = check_export_args(formats, quantize)
     check_output_dir(out_dir, overwrite)
     shape = check_exportable(model)
     model = model.to("cpu").float().eval()
@@ -151,4 +157,4 @@ def export(
     return report
 
 
-__all__ = ["ExportError", "ExportReport", "check_exportable", "export"]
+__all__ = ["ExportError", "ExportReport", "check_export_args", "check_exportable", "export"]
