@@ -58,6 +58,13 @@ def main() -> None:
                                                max_tokens=args.eval_tokens)}
 
     results = {"machine": machine(), "date": str(date.today()), "args": vars(args), "arms": {}}
+    if out.exists():  # keep arms an earlier run of the same budget finished (a run can be split over sessions)
+        earlier = json.loads(out.read_text())
+        same = {k: v for k, v in earlier.get("args", {}).items() if k != "arms"} == {
+            k: v for k, v in vars(args).items() if k != "arms"}
+        if same:
+            results["arms"] = earlier.get("arms", {})
+            results["earlier_runs"] = earlier.get("earlier_runs", []) + [earlier.get("date")]
     results["teacher"] = {**measure(teacher), "params": compress.shape.count_params(teacher)}
     results["teacher"].pop("kl_to_teacher")
     print("teacher", results["teacher"], flush=True)

@@ -156,7 +156,20 @@ def test_teacher_correction_fine_tunes_the_teacher_first():
     assert report.teacher_correction["steps"] == 3
     assert report.teacher_correction["last_loss"] > 0
     assert any(not torch.equal(a, b) for a, b in zip(before, teacher.parameters()))
-    assert not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_teacher_is_not_left_frozen_and_a_later_copy_trains():
+    """A student copied from the teacher after one distillation run must still be trainable."""
+    teacher, student, data = make_pair()
+    cfg = DistillConfig(max_steps=1, batch_size=4, seq_len=32, progress=False)
+    distill(student, teacher, data, cfg)
+    assert all(p.requires_grad for p in teacher.parameters())
+    second = copy.deepcopy(teacher)
+    compress.prune(second, {"intermediate_size": 64}, None, plugins=["magnitude"])
+    for p in second.parameters():
+        p.requires_grad_(False)  # even a frozen student is trained: distillation trains the student
+    report = distill(second, teacher, data, cfg)
+    assert report.steps == 1
 
 
 def test_lm_only_fine_tuning_runs_without_teacher_forward():

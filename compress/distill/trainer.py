@@ -210,8 +210,13 @@ def distill(student: nn.Module, teacher: nn.Module, data, config: DistillConfig,
     if config.teacher_correction_steps:
         correction = _teacher_correction(teacher, loader, config, device, autocast)
         loader.reset()
+    # Freeze the teacher for this run only (flags restored at the end: a model copied from the teacher later
+    # must not inherit frozen parameters), and train every parameter of the student.
+    teacher_flags = [p.requires_grad for p in teacher.parameters()]
     for p in teacher.parameters():
         p.requires_grad_(False)
+    for p in student.parameters():
+        p.requires_grad_(True)
 
     n_s = len(s_adapter.decoder_layers(student))
     n_t = len(t_adapter.decoder_layers(teacher))
@@ -311,6 +316,8 @@ def distill(student: nn.Module, teacher: nn.Module, data, config: DistillConfig,
         captured_teacher and captured_teacher.remove()
         if config.gradient_checkpointing:
             student.gradient_checkpointing_disable()
+        for p, flag in zip(teacher.parameters(), teacher_flags):
+            p.requires_grad_(flag)
         student.eval()
     elapsed = time.perf_counter() - t0
     steps_run = total - start_step
