@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     if export.get("parity"):
         p = export["parity"]
         print(f"onnx     {result.out_dir / 'onnx'}   parity with PyTorch: max |logit diff| {p['max_abs_diff']:.2e} "
-              f"<= {p['tolerance']:g} {'PASSED' if p['passed'] else 'FAILED'}")
+              f"({p['relative_diff']:.1e} of max |logit| {p['max_abs_logit']:.1f}, tolerance {p['tolerance']:g}) "
+              f"{'PASSED' if p['passed'] else 'FAILED'}")
         from .export.onnx import load_ort, ort_generate
         from transformers import AutoTokenizer
 

@@ -117,7 +117,7 @@ def export(
     ``eval_data`` (default: held-out pydocs or stdlib docstrings). ``history`` (a :class:`compress.Result` as a
     dict) feeds the model card. Raises :class:`ExportError` — and leaves no folder behind — when the model
     cannot be described by a standard config or the onnxruntime logits differ from PyTorch by more than
-    ``parity_tolerance``. The model is moved to the CPU in fp32 for the check.
+    ``parity_tolerance`` relative to the largest logit magnitude (at least 1). The model is moved to the CPU in fp32 for the check.
     """
     start = time.perf_counter()
     formats = check_export_args(formats, quantize)
@@ -139,7 +139,8 @@ def export(
             if not report.parity["passed"]:
                 raise ExportError(
                     f"onnxruntime logits differ from PyTorch by {report.parity['max_abs_diff']:.3g} "
-                    f"(tolerance {parity_tolerance:g}); the export was discarded")
+                    f"({report.parity['relative_diff']:.3g} of the largest logit; tolerance {parity_tolerance:g}); "
+                    "the export was discarded")
             if quantize == "int8":
                 ox.quantize_int8(tmp / ONNX_DIR, tmp / INT8_DIR)
                 text = default_eval_source() if eval_data is None else eval_data
