@@ -187,8 +187,6 @@ def distill(student: nn.Module, teacher: nn.Module, data, config: DistillConfig,
     if tokenizer is not None:
         check_tokenizer_matches(student, tokenizer)
     rank, world = _distributed()
-    if config.batch_size % 1:
-        raise DataError("batch_size must be an integer")
     device = torch.device(device or (f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
     if cuda:
@@ -312,8 +310,9 @@ def distill(student: nn.Module, teacher: nn.Module, data, config: DistillConfig,
         bar.close()
         if metrics:
             metrics.close()
-        module._captured and module._captured.remove()
-        captured_teacher and captured_teacher.remove()
+        for hooks_in_use in (module._captured, captured_teacher):
+            if hooks_in_use is not None:
+                hooks_in_use.remove()
         if config.gradient_checkpointing:
             student.gradient_checkpointing_disable()
         for p, flag in zip(teacher.parameters(), teacher_flags):
