@@ -70,12 +70,16 @@ def main() -> None:
     print("teacher", results["teacher"], flush=True)
 
     calib_cfg = compress.CalibrationConfig(num_samples=args.calib_samples, seq_len=512)
-    scores = compress.score_importance(teacher, PYDOCS_TRAIN, tokenizer=tok, calibration_config=calib_cfg)
-    calib_tokens = args.calib_samples * 512
+    calib = compress.calibrate.prepare_calibration(teacher, tok, PYDOCS_TRAIN, calib_cfg)
+    scores = compress.score_importance(teacher, calib)
+    calib_tokens = calib.num_tokens
 
     def pruned(strategy: str):
         student = copy.deepcopy(teacher)
-        report = compress.prune(student, {"params": 0.5}, None, strategy=strategy, importance=scores)
+        # Depth: the contiguous-block search (the default) evaluates on the same calibration windows.
+        plugins = {"depth": {"method": "contiguous_block", "eval_samples": 8}} if strategy == "depth" else None
+        report = compress.prune(student, {"params": 0.5}, calib, strategy=strategy, importance=scores,
+                                plugins=plugins)
         return student, report
 
     for arm in args.arms.split(","):

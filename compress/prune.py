@@ -119,7 +119,10 @@ def prune(
     calib = None
     if calibration is not None or wants_data:
         if calibration is None:
-            raise ConfigError(f"importance plugin {importance_plugin.name!r} needs calibration data; got None")
+            who = (f"importance plugin {importance_plugin.name!r}" if scoring and importance_plugin.needs_calibration
+                   else "the depth axis's contiguous-block search")
+            raise ConfigError(f"{who} needs calibration data; got None (pass text or token windows, or use "
+                              "plugins={'depth': {'method': 'block_influence'}} with precomputed importance)")
         calib = prepare_calibration(model, tokenizer, calibration, calibration_config or CalibrationConfig())
 
     if importance is not None:

@@ -70,6 +70,12 @@ def test_too_few_calibration_windows(tokenizer):
                        calibration_config=compress.CalibrationConfig(seq_len=64))
 
 
+def test_block_search_without_calibration_says_so():
+    scores = compress.score_importance(tiny_model("llama"), torch.randint(4, 300, (8, 16)), calibration_config=CAL)
+    with pytest.raises(ConfigError, match="contiguous-block search needs calibration data"):
+        compress.prune(tiny_model("llama"), {"num_hidden_layers": 2}, None, strategy="depth", importance=scores)
+
+
 def test_missing_calibration_file(tokenizer):
     with pytest.raises(DataError, match="does not exist"):
         compress.prune(tiny_model("llama"), {"params": 0.5}, "/no/such/file.txt", tokenizer=tokenizer)
