@@ -1,7 +1,8 @@
 """compress: Minitron-style compression of Hugging Face causal LMs.
 
 Prune width (MLP neurons, attention heads, hidden channels) and depth (layers) by activation importance,
-then save a standard student that ``AutoModelForCausalLM.from_pretrained`` loads with no custom code.
+recover quality by distilling from the teacher, and export a standard student (safetensors that
+``AutoModelForCausalLM.from_pretrained`` loads with no custom code, and ONNX that onnxruntime runs).
 """
 
 __version__ = "0.1.0"
@@ -24,9 +25,11 @@ from .report import PruneReport, Result
 from .shape import ModelShape
 
 __all__ = [
-    "AxisPlugin", "Calibration", "DistillConfig", "DistillError", "DistillReport", "distill", "distillation", "export", "ExportError", "ExportReport", "CalibrationConfig", "CheckpointError", "CompressError", "ConfigError", "DataError",
-    "DecoderAdapter", "ImportancePlugin", "Importance", "ModelShape", "OutputExistsError", "PlanConfig",
-    "PluginError", "PruneContext", "PruneReport", "Result", "Target", "TargetError", "UnsupportedModelError",
-    "__version__", "compress", "evaluate", "get_plugin", "list_plugins", "load_report", "load_teacher", "prune",
-    "register_adapter", "register_plugin", "save_student", "score_importance", "smollm2_gguf_path", "supported_families",
+    "AxisPlugin", "Calibration", "CalibrationConfig", "CheckpointError", "CompressError", "ConfigError", "DataError",
+    "DecoderAdapter", "DistillConfig", "DistillError", "DistillReport", "ExportError", "ExportReport",
+    "ImportancePlugin", "Importance", "ModelShape", "OutputExistsError", "PlanConfig", "PluginError", "PruneContext",
+    "PruneReport", "Result", "Target", "TargetError", "UnsupportedModelError", "__version__", "compress", "distill",
+    "distillation", "evaluate", "export", "get_plugin", "list_plugins", "load_report", "load_teacher", "prune",
+    "register_adapter", "register_plugin", "save_student", "score_importance", "smollm2_gguf_path",
+    "supported_families",
 ]
