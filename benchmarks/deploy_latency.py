@@ -3,6 +3,9 @@
 For each model: prefill of 512 tokens and greedy decode of 128 tokens (median of --runs runs), the ONNX file
 size, and perplexity on pydocs valid (first 4,096 tokens, 512-token windows) computed by onnxruntime.
 The student is pruned here from the real teacher (or given with --student, e.g. a distilled one).
+"int8" is the library's recipe (blockwise int8 MatMulNBits, LM head included); "int8-dynamic" is the
+textbook baseline it replaced, ``onnxruntime.quantization.quantize_dynamic`` with default settings
+(per-tensor activation scales), run on the student for comparison.
 
     python benchmarks/deploy_latency.py --runs 3 --out benchmarks/results/deploy_latency_cpu.json
 """
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -48,6 +52,18 @@ def latency(ort_model, prompt: torch.Tensor, new_tokens: int, runs: int) -> dict
             "decode_tokens_per_s": round(new_tokens / decode, 2)}
 
 
+def dynamic_int8(onnx_dir: Path, out_dir: Path) -> Path:
+    """Baseline: onnxruntime's default dynamic quantization (int8 weights, per-tensor uint8 activations)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    out_dir.mkdir()
+    for f in onnx_dir.iterdir():
+        if f.suffix != ".onnx":
+            shutil.copy2(f, out_dir / f.name)
+    quantize_dynamic(str(onnx_dir / "model.onnx"), str(out_dir / "model.onnx"), weight_type=QuantType.QInt8)
+    return out_dir
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=3)
@@ -76,11 +92,17 @@ def main() -> None:
             out = Path(tmp) / name
             report = compress.export(model, tok, out, formats=["onnx"], quantize="int8", eval_tokens=args.eval_tokens,
                                      eval_data=PYDOCS_VALID)
-            for variant, folder in (("fp32", ONNX_DIR), ("int8", INT8_DIR)):
+            variants = [("fp32", ONNX_DIR), ("int8", INT8_DIR)]
+            if name == "student":
+                dynamic_int8(out / ONNX_DIR, out / "onnx-int8-dynamic")
+                variants.append(("int8-dynamic", "onnx-int8-dynamic"))
+            for variant, folder in variants:
                 ort = load_ort(out / folder)
                 size = sum(f.stat().st_size for f in (out / folder).glob("model.onnx*"))
-                entry = {"params": report.params, "onnx_mib": round(size / 2**20, 1),
-                         "ppl_pydocs": report.int8["ppl_fp32" if variant == "fp32" else "ppl_int8"],
+                ppl = {"fp32": report.int8["ppl_fp32"], "int8": report.int8["ppl_int8"]}.get(variant)
+                if ppl is None:
+                    ppl = ort_perplexity(ort, tok, PYDOCS_VALID, max_tokens=args.eval_tokens)
+                entry = {"params": report.params, "onnx_mib": round(size / 2**20, 1), "ppl_pydocs": ppl,
                          "parity_max_abs_diff": report.parity["max_abs_diff"],
                          **latency(ort, prompt, args.decode, args.runs)}
                 results["models"][f"{name}-{variant}"] = entry
@@ -91,6 +113,8 @@ def main() -> None:
         "student_fp32_prefill_speedup_vs_teacher_fp32": m["teacher-fp32"]["prefill_s"] / m["student-fp32"]["prefill_s"],
         "student_int8_decode_speedup_vs_student_fp32": m["student-int8"]["decode_tokens_per_s"] / m["student-fp32"]["decode_tokens_per_s"],
         "student_int8_ppl_change": m["student-int8"]["ppl_pydocs"] / m["student-fp32"]["ppl_pydocs"] - 1,
+        "student_int8_dynamic_decode_speedup_vs_student_fp32": m["student-int8-dynamic"]["decode_tokens_per_s"] / m["student-fp32"]["decode_tokens_per_s"],
+        "student_int8_dynamic_ppl_change": m["student-int8-dynamic"]["ppl_pydocs"] / m["student-fp32"]["ppl_pydocs"] - 1,
         "teacher_int8_decode_speedup": m["teacher-int8"]["decode_tokens_per_s"] / m["teacher-fp32"]["decode_tokens_per_s"],
         "teacher_int8_ppl_change": m["teacher-int8"]["ppl_pydocs"] / m["teacher-fp32"]["ppl_pydocs"] - 1,
     }

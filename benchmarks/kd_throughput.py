@@ -7,6 +7,9 @@
   at vocab 49,152 (SmolLM2's) and a synthetic 256,000.
 
     python benchmarks/kd_throughput.py --batch 4 --seq-len 256 --steps 3 --out benchmarks/results/kd_throughput_cpu.json
+
+``--gradient-checkpointing`` adds a third step arm, ours with the student's decoder layers checkpointed
+(``DistillConfig(gradient_checkpointing=True)``): less memory for some recomputation.
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ def ours_step_fn(student, teacher, device, cfg: DistillConfig):
     module = DistillModule(student, adapter, cfg, {}, teacher.config.hidden_size)
     cuda = device.type == "cuda"
     opt = torch.optim.AdamW(student.parameters(), lr=1e-5, fused=cuda)
+    if cfg.gradient_checkpointing:  # as compress.distill does it
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     t_base, t_head = teacher.get_submodule(adapter.base), teacher.lm_head.weight
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
     if cfg.compile:
@@ -132,8 +137,9 @@ def run_arm(arm: str, args) -> dict:
     else:
         if device.type == "cuda":
             teacher.to(torch.bfloat16)
-        step = ours_step_fn(student, teacher, device, DistillConfig(max_steps=1, compile=args.compile,
-                                                                    chunk_tokens=args.chunk_tokens))
+        step = ours_step_fn(student, teacher, device, DistillConfig(
+            max_steps=1, compile=args.compile, chunk_tokens=args.chunk_tokens,
+            gradient_checkpointing=rest == "ours-checkpointed"))
     seconds, mem = time_steps(step, batch, args.steps, device)
     tokens = args.batch * args.seq_len
     out = {"seconds_per_step": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1),
@@ -152,6 +158,7 @@ def main() -> None:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--loss-tokens", type=int, default=2048)
     p.add_argument("--chunk-tokens", type=int, default=256, help="token chunk of our fused loss in the step arm")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="also time ours with checkpointing")
     p.add_argument("--arm", default=None, help=argparse.SUPPRESS)  # internal: run one arm, print its JSON
     p.add_argument("--out", default="benchmarks/results/kd_throughput_cpu.json")
     args = p.parse_args()
@@ -162,8 +169,9 @@ def main() -> None:
     forwarded = [f"--batch={args.batch}", f"--seq-len={args.seq_len}", f"--steps={args.steps}",
                  f"--loss-tokens={args.loss_tokens}", f"--chunk-tokens={args.chunk_tokens}"]
     forwarded += ["--compile"] if args.compile else []
-    for arm in ["loss:49152:naive", "loss:49152:ours", "loss:256000:naive", "loss:256000:ours",
-                "step:naive", "step:ours"]:
+    arms = ["loss:49152:naive", "loss:49152:ours", "loss:256000:naive", "loss:256000:ours", "step:naive", "step:ours"]
+    arms += ["step:ours-checkpointed"] if args.gradient_checkpointing else []
+    for arm in arms:
         proc = subprocess.run([sys.executable, __file__, *forwarded, "--arm", arm], capture_output=True, text=True)
         lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
         if proc.returncode or not lines:
@@ -177,10 +185,12 @@ def main() -> None:
             results["step"][rest] = value
         print(arm, value, flush=True)
     step = results["step"]
-    ratio = {"throughput_ours_over_naive": round(step["ours"]["tokens_per_s"] / step["naive"]["tokens_per_s"], 2)}
-    for key in ("peak_rss_extra_mib", "peak_cuda_extra_mib"):
-        if key in step["ours"]:
-            ratio[f"{key}_ours_over_naive"] = round(step["ours"][key] / max(step["naive"][key], 1e-9), 3)
+    ratio = {}
+    for ours in [k for k in step if k != "naive"]:
+        ratio[f"throughput_{ours}_over_naive"] = round(step[ours]["tokens_per_s"] / step["naive"]["tokens_per_s"], 2)
+        for key in ("peak_rss_extra_mib", "peak_cuda_extra_mib"):
+            if key in step[ours]:
+                ratio[f"{key}_{ours}_over_naive"] = round(step[ours][key] / max(step["naive"][key], 1e-9), 3)
     for vocab, arms in results["loss_memory"].items():
         for key in ("peak_rss_extra_mib", "peak_cuda_extra_mib"):
             if key in arms["ours"]:

@@ -113,7 +113,8 @@ def export(
 ) -> ExportReport:
     """Write ``model`` + ``tokenizer`` to ``out_dir`` in ``formats`` and check the ONNX graph against PyTorch.
 
-    ``quantize="int8"`` adds a dynamically quantized ONNX model and measures the perplexity it costs on
+    ``quantize="int8"`` adds a blockwise int8 ONNX model (int8 weights and int8 compute on CPU; see
+    :func:`compress.export.onnx.quantize_int8`) and measures the perplexity it costs on
     ``eval_data`` (default: held-out pydocs or stdlib docstrings). ``history`` (a :class:`compress.Result` as a
     dict) feeds the model card. Raises :class:`ExportError` — and leaves no folder behind — when the model
     cannot be described by a standard config or the onnxruntime logits differ from PyTorch by more than
