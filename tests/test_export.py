@@ -84,6 +84,7 @@ def test_int8_reports_perplexity_cost_and_card(calib_ids, tokenizer, tmp_path):
     assert all("rotary" in name for name in fp32_weighted), fp32_weighted
     card = (tmp_path / "q" / "README.md").read_text()
     assert "# tiny-student" in card and "load_ort" in card and "onnx-int8" in card
+    assert f"{report.int8['ppl_fp32']:.2f} (fp32 ONNX) -> {report.int8['ppl_int8']:.2f}" in card
 
 
 def test_failed_parity_leaves_nothing(calib_ids, tokenizer, tmp_path):

@@ -150,7 +150,7 @@ def export(
                 report.int8 = {"ppl_fp32": fp32, "ppl_int8": int8, "ppl_change": int8 / fp32 - 1,
                                "evaluation": describe_source(text), "eval_tokens": eval_tokens}
         (tmp / "README.md").write_text(
-            model_card(name, report.params, report.shape, "onnx" in formats, bool(report.int8), history))
+            model_card(name, report.params, report.shape, "onnx" in formats, report.int8, history))
         for file_name, text in (extra_files or {}).items():
             (tmp / file_name).write_text(text, encoding="utf-8")
         report.files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}

@@ -9,8 +9,12 @@ def _fmt(value: Any) -> str:
     return f"{value:,}" if isinstance(value, int) else (f"{value:.2f}" if isinstance(value, float) else str(value))
 
 
-def model_card(name: str, params: int, shape: dict, onnx: bool, int8: bool, history: dict | None = None) -> str:
-    """Markdown describing where the student came from, what it is, how it scores, and how to load it."""
+def model_card(name: str, params: int, shape: dict, onnx: bool, int8: dict | None = None,
+               history: dict | None = None) -> str:
+    """Markdown describing where the student came from, what it is, how it scores, and how to load it.
+
+    ``int8`` is the export report's int8 entry (perplexities with onnxruntime), empty when not quantized.
+    """
     history = history or {}
     prune = history.get("prune", {})
     lines = [f"# {name}", "", "A student model produced by [compress](https://pypi.org/project/compress-llm/): "
@@ -31,6 +35,10 @@ def model_card(name: str, params: int, shape: dict, onnx: bool, int8: bool, hist
         lines += ["", f"Perplexity on {history.get('evaluation', 'held-out text')} "
                       f"(non-overlapping {history.get('eval_seq_len', 512)}-token windows):", "",
                   "| stage | perplexity |", "|---|---|"] + [f"| {k} | {v:.2f} |" for k, v in ppl.items()]
+    if int8:
+        lines += ["", f"int8 ONNX (`onnx-int8/`: blockwise int8 weights, int8 compute on CPU): perplexity "
+                      f"{int8['ppl_fp32']:.2f} (fp32 ONNX) -> {int8['ppl_int8']:.2f} ({int8['ppl_change']:+.1%}) on "
+                      f"{int8.get('eval_tokens', 0):,} tokens of {int8.get('evaluation', 'held-out text')}."]
     distill = history.get("distill")
     if distill:
         cfg = distill.get("config", {})
