@@ -66,25 +66,54 @@ def test_plain_onnxruntime_runs_the_graph(calib_ids, tokenizer, tmp_path):
     assert np.abs(logits - ref).max() < 1e-4
 
 
-def test_int8_reports_perplexity_cost_and_card(calib_ids, tokenizer, tmp_path):
-    model = _pruned("qwen2", calib_ids)
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # tied and untied embeddings
+def test_int8_reports_perplexity_cost_and_card(family, calib_ids, tokenizer, tmp_path):
+    import onnx
+
+    model = _pruned(family, calib_ids)
     report = compress.export(model, tokenizer, tmp_path / "q", quantize="int8", eval_data=[SAMPLE_TEXT],
                              eval_tokens=256, name="tiny-student")
     assert "onnx-int8/model.onnx" in report.files
     assert report.files["onnx-int8/model.onnx"] < report.files["onnx/model.onnx"]
     assert report.int8["ppl_int8"] > 0 and abs(report.int8["ppl_change"]) < 0.05
-    # Every linear layer and the tied LM head run as int8 MatMulNBits; only the rotary MatMul stays fp32.
-    import onnx
+    assert report.int8["eval_tokens"] == 512  # what was scored: one whole 512-token window
+    # Every linear layer and the LM head run as int8 MatMulNBits; no MatMul with a constant weight is left,
+    # and a tied head no longer reads the embedding through a Transpose.
     graph = onnx.load(str(tmp_path / "q" / "onnx-int8" / "model.onnx")).graph
     quantized = [n.name for n in graph.node if n.op_type == "MatMulNBits"]
     assert len(quantized) == 7 * model.config.num_hidden_layers + 1
     assert any("lm_head" in name for name in quantized)
     weights = {i.name for i in graph.initializer}
-    fp32_weighted = [n.name for n in graph.node if n.op_type == "MatMul" and weights & set(n.input)]
-    assert all("rotary" in name for name in fp32_weighted), fp32_weighted
+    transposed_weights = {o for n in graph.node if n.op_type == "Transpose" and n.input[0] in weights
+                          for o in n.output}
+    assert [n.name for n in graph.node if n.op_type == "MatMul" and (weights | transposed_weights) & set(n.input)] == []
     card = (tmp_path / "q" / "README.md").read_text()
     assert "# tiny-student" in card and "load_ort" in card and "onnx-int8" in card
     assert f"{report.int8['ppl_fp32']:.2f} (fp32 ONNX) -> {report.int8['ppl_int8']:.2f}" in card
+
+
+def test_untie_transposed_weights_keeps_other_consumers():
+    """A Transpose of a weight that also feeds a graph output stays; the MatMul gets its own transposed copy."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from compress.export.onnx import _untie_transposed_weights
+
+    w = np.arange(12, dtype=np.float32).reshape(3, 4)
+    graph = helper.make_graph(
+        [helper.make_node("Transpose", ["w"], ["wt"], name="t"), helper.make_node("MatMul", ["x", "wt"], ["y"], name="m")],
+        "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 3]),
+         helper.make_tensor_value_info("wt", onnx.TensorProto.FLOAT, [4, 3])],
+        [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph)
+    assert _untie_transposed_weights(model) == 1
+    matmul = next(n for n in model.graph.node if n.op_type == "MatMul")
+    copy = next(i for i in model.graph.initializer if i.name == matmul.input[1])
+    np.testing.assert_array_equal(numpy_helper.to_array(copy), w.T)
+    assert any(n.op_type == "Transpose" for n in model.graph.node)  # still feeds the graph output "wt"
+    onnx.checker.check_model(model)
 
 
 def test_failed_parity_leaves_nothing(calib_ids, tokenizer, tmp_path):

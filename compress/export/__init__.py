@@ -19,6 +19,7 @@ from torch import nn
 
 from ..data import TextSource, default_eval_source, describe_source
 from ..errors import ConfigError
+from ..evaluate import eval_windows
 from ..io import atomic_output_dir, check_output_dir
 from ..models import adapter_for
 from ..shape import ModelShape, count_params
@@ -28,6 +29,7 @@ from .onnx import INT8_DIR, ONNX_DIR, ExportError
 FORMATS = ("safetensors", "onnx")
 QUANTIZATIONS = (None, "int8")
 REPORT_FILE = "export_report.json"
+EVAL_SEQ_LEN = 512  # window length of the int8 perplexity check, as in compress.evaluate.perplexity
 
 
 @dataclass
@@ -145,10 +147,12 @@ def export(
             if quantize == "int8":
                 ox.quantize_int8(tmp / ONNX_DIR, tmp / INT8_DIR)
                 text = default_eval_source() if eval_data is None else eval_data
-                fp32 = ox.ort_perplexity(ort, tokenizer, text, max_tokens=eval_tokens)
-                int8 = ox.ort_perplexity(ox.load_ort(tmp / INT8_DIR), tokenizer, text, max_tokens=eval_tokens)
+                windows = eval_windows(tokenizer, text, EVAL_SEQ_LEN, eval_tokens)
+                fp32 = ox.ort_perplexity(ort, windows)
+                int8 = ox.ort_perplexity(ox.load_ort(tmp / INT8_DIR), windows)
                 report.int8 = {"ppl_fp32": fp32, "ppl_int8": int8, "ppl_change": int8 / fp32 - 1,
-                               "evaluation": describe_source(text), "eval_tokens": eval_tokens}
+                               "evaluation": describe_source(text), "eval_tokens": windows.numel(),
+                               "eval_seq_len": EVAL_SEQ_LEN}
         (tmp / "README.md").write_text(
             model_card(name, report.params, report.shape, "onnx" in formats, report.int8, history))
         for file_name, text in (extra_files or {}).items():

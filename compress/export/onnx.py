@@ -14,8 +14,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..data import TextSource
-from ..evaluate import eval_windows
 from ..errors import CompressError
 
 ONNX_DIR = "onnx"
@@ -124,9 +122,8 @@ def _untie_transposed_weights(model) -> int:
     inits = {i.name: i for i in graph.initializer}
     producer = {out: node for node in graph.node for out in node.output}
     consumers: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers[name] = consumers.get(name, 0) + 1
+    for name in [i for node in graph.node for i in node.input] + [o.name for o in graph.output]:
+        consumers[name] = consumers.get(name, 0) + 1
     rewired, dead = 0, []
     for node in graph.node:
         if node.op_type != "MatMul" or len(node.input) != 2:
@@ -137,8 +134,11 @@ def _untie_transposed_weights(model) -> int:
         perm = [list(a.ints) for a in src.attribute if a.name == "perm"]
         weight = numpy_helper.to_array(inits[src.input[0]], base_dir="")
         transposed = weight.transpose(perm[0] if perm else None).copy()
-        name = f"{src.input[0]}.transposed_for_{node.name.strip('/').replace('/', '.')}"
-        graph.initializer.append(numpy_helper.from_array(transposed, name))
+        name = f"{src.input[0]}.transposed.{rewired}"
+        while name in inits:
+            name += "_"
+        inits[name] = numpy_helper.from_array(transposed, name)
+        graph.initializer.append(inits[name])
         consumers[node.input[1]] -= 1
         if consumers[node.input[1]] == 0:
             dead.append(src)
@@ -153,42 +153,41 @@ def quantize_int8(onnx_dir: Path, out_dir: Path) -> Path:
     """Blockwise int8 quantization of every linear layer and the LM head (onnxruntime.quantization).
 
     Weights go to int8 in blocks of :data:`INT8_BLOCK_SIZE` (``MatMulNBits``); activations are quantized at
-    run time, block by block, by the CPU kernel (:data:`INT8_ACCURACY_LEVEL`). Left in fp32: the
-    rotary-embedding MatMul (positions × inverse frequencies; quantizing positions would move every token) and
-    the embedding table (a lookup costs no multiply-adds; onnxruntime quantizes ``Gather`` only to 4 bits).
+    run time, block by block, by the CPU kernel (:data:`INT8_ACCURACY_LEVEL`). Only MatMuls with a constant
+    weight are quantized (the attention products and the rotary-embedding MatMul have none). The embedding
+    table stays fp32: a lookup costs no multiply-adds, and onnxruntime quantizes ``Gather`` only to 4 bits.
     The config and tokenizer files are copied so the folder loads like the fp32 one.
     """
-    import onnx
-
-    nbits = _nbits_quantizer()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for f in onnx_dir.iterdir():
-        if f.suffix != ".onnx" and not f.name.endswith(".onnx_data"):
-            shutil.copy2(f, out_dir / f.name)
     try:
+        import onnx
+
+        nbits = _nbits_quantizer()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for f in onnx_dir.iterdir():
+            if f.suffix != ".onnx" and not f.name.endswith(".onnx_data"):
+                shutil.copy2(f, out_dir / f.name)
         model = onnx.load(str(onnx_dir / "model.onnx"))
         _untie_transposed_weights(model)
-        keep_fp32 = [n.name for n in model.graph.node if n.op_type == "MatMul" and "rotary" in n.name]
         config = nbits.DefaultWeightOnlyQuantConfig(
             block_size=INT8_BLOCK_SIZE, is_symmetric=True, accuracy_level=INT8_ACCURACY_LEVEL, bits=8,
             op_types_to_quantize=("MatMul",))
         quantizer = nbits.MatMulNBitsQuantizer(model, bits=8, block_size=INT8_BLOCK_SIZE, is_symmetric=True,
-                                               accuracy_level=INT8_ACCURACY_LEVEL, nodes_to_exclude=keep_fp32,
-                                               algo_config=config)
+                                               accuracy_level=INT8_ACCURACY_LEVEL, algo_config=config)
         quantizer.process()
-        # One file unless the protobuf would pass its 2 GiB limit (then weights go to model.onnx.data).
-        big = quantizer.model.model.ByteSize() > 1_800_000_000
+        # One file unless the protobuf would pass its 2 GiB limit (then weights go to model.onnx.data). Summed
+        # per initializer: serializing the whole model to measure it fails past that same limit.
+        big = sum(t.ByteSize() for t in quantizer.model.model.graph.initializer) > 1_800_000_000
         quantizer.model.save_model_to_file(str(out_dir / "model.onnx"), use_external_data_format=big)
     except Exception as exc:  # noqa: BLE001
         raise ExportError(f"int8 quantization failed: {type(exc).__name__}: {exc}") from exc
     return out_dir
 
 
-def ort_perplexity(ort_model, tokenizer, text: TextSource, seq_len: int = 512, max_tokens: int | None = 4096) -> float:
-    """Perplexity with onnxruntime, windows exactly as :func:`compress.evaluate.perplexity`."""
-    ids = eval_windows(tokenizer, text, seq_len, max_tokens)
+def ort_perplexity(ort_model, windows: torch.Tensor) -> float:
+    """Perplexity with onnxruntime over ``windows`` (``[n, seq_len]`` token ids, e.g. from
+    :func:`compress.evaluate.eval_windows`), scored exactly as :func:`compress.evaluate.perplexity` does."""
     nll, count = 0.0, 0
-    for row in ids:
+    for row in windows:
         batch = row[None]
         logits = _ort_logits(ort_model, batch)
         nll += float(nn.functional.cross_entropy(logits[0, :-1], batch[0, 1:], reduction="sum"))
