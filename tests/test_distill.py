@@ -50,6 +50,34 @@ def test_distillation_brings_student_closer_to_teacher(hidden_loss, hidden_weigh
         assert not any("proj" in k and "layers" not in k for k in fh.keys())
 
 
+def test_tensorboard_events_match_metrics_jsonl(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    teacher, student, data = make_pair()
+    cfg = DistillConfig(max_steps=4, batch_size=2, seq_len=32, output_dir=str(tmp_path), tensorboard=True,
+                        progress=False)
+    distill(student, teacher, data, cfg)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    losses = events.Scalars("distill/loss")
+    assert [e.step for e in losses] == [r["step"] for r in records] == [1, 2, 3, 4]
+    assert [e.value for e in losses] == pytest.approx([r["loss"] for r in records], rel=1e-5)
+    assert {"distill/kd", "distill/lr", "distill/tokens_per_s"} <= set(events.Tags()["scalars"])
+    with pytest.raises(ConfigError, match="output_dir"):
+        DistillConfig(max_steps=1, tensorboard=True)
+
+
+def test_tensorboard_missing_is_a_clear_error_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
+    teacher, student, data = make_pair()
+    cfg = DistillConfig(max_steps=1, batch_size=2, seq_len=32, output_dir=str(tmp_path / "run"), tensorboard=True,
+                        progress=False)
+    with pytest.raises(ConfigError, match="pip install"):
+        distill(student, teacher, data, cfg)
+    assert not (tmp_path / "run").exists()
+
+
 def test_kept_layers_and_channels_shape_the_hidden_loss():
     teacher = tiny_model("qwen2")
     student = copy.deepcopy(teacher)

@@ -24,7 +24,8 @@ class DistillConfig:
     Budget: ``max_steps`` optimizer steps of ``batch_size × grad_accum`` windows of ``seq_len`` tokens (or
     ``max_tokens``, whichever is given). Speed: ``dtype`` (``auto`` = bf16 autocast on CUDA, fp32 on CPU),
     ``compile``, ``gradient_checkpointing``, ``chunk_tokens`` (token chunk of the fused logit loss).
-    Robustness: ``output_dir`` receives ``metrics.jsonl`` and, every ``checkpoint_every`` steps, a checkpoint;
+    Robustness: ``output_dir`` receives ``metrics.jsonl`` (and TensorBoard event files in
+    ``output_dir/tensorboard`` with ``tensorboard=True``) and, every ``checkpoint_every`` steps, a checkpoint;
     ``resume=True`` continues from the last one. ``teacher_correction_steps`` first fine-tunes the teacher on
     the distillation data (Minitron does this when the original pretraining data is unavailable).
     """
@@ -61,6 +62,7 @@ class DistillConfig:
     checkpoint_every: int = 0
     resume: bool = False
     log_every: int = 1
+    tensorboard: bool = False
     seed: int = 0
     teacher_correction_steps: int = 0
     progress: bool = True
@@ -103,6 +105,8 @@ class DistillConfig:
             bad("min_lr_ratio", "in [0, 1]")
         if (self.checkpoint_every or self.resume) and not self.output_dir:
             raise ConfigError("DistillConfig.checkpoint_every / resume need output_dir")
+        if self.tensorboard and not self.output_dir:
+            raise ConfigError("DistillConfig.tensorboard writes to output_dir/tensorboard: set output_dir")
 
     @property
     def tokens_per_step(self) -> int:

@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..calibrate import check_tokenizer_matches
-from ..errors import CompressError, DataError
+from ..errors import CompressError, ConfigError, DataError
 from ..models import DecoderAdapter, adapter_for
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import DistillConfig
@@ -168,6 +168,16 @@ def _teacher_correction(teacher: nn.Module, loader: WindowLoader, config: Distil
     return {"steps": config.teacher_correction_steps, "first_loss": losses[0], "last_loss": losses[-1]}
 
 
+def _summary_writer_class():
+    """``torch.utils.tensorboard.SummaryWriter``, or a clear error when the optional tensorboard package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        raise ConfigError("DistillConfig.tensorboard needs the tensorboard package: "
+                          "pip install 'compress-llm[tensorboard]' (or pip install tensorboard)") from exc
+    return SummaryWriter
+
+
 def distill(student: nn.Module, teacher: nn.Module, data, config: DistillConfig, *, tokenizer=None,
             skip_tokens: int = 0, kept_layers: list[int] | None = None, kept_hidden: list[int] | None = None,
             device: str | torch.device | None = None) -> DistillReport:
@@ -178,6 +188,7 @@ def distill(student: nn.Module, teacher: nn.Module, data, config: DistillConfig,
     for calibration). ``kept_layers``/``kept_hidden`` (from pruning) set the default layer map and initialize the
     hidden-state projection. The teacher is never trained unless ``teacher_correction_steps`` > 0.
     """
+    writer_class = _summary_writer_class() if config.tensorboard else None  # fail before any work
     s_adapter, t_adapter = adapter_for(student), adapter_for(teacher)
     s_vocab = student.get_submodule(s_adapter.lm_head).weight.shape[0]
     t_vocab = teacher.get_submodule(t_adapter.lm_head).weight.shape[0]
@@ -257,6 +268,7 @@ def distill(student: nn.Module, teacher: nn.Module, data, config: DistillConfig,
             start_step, history, resumed = state["step"], state["history"], state["step"]
             loader.load_state(state["data"])
     metrics = open(out_dir / "metrics.jsonl", "a", encoding="utf-8") if out_dir is not None and rank == 0 else None
+    board = writer_class(log_dir=str(out_dir / "tensorboard")) if config.tensorboard and rank == 0 else None
 
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
@@ -301,6 +313,10 @@ def distill(student: nn.Module, teacher: nn.Module, data, config: DistillConfig,
                 if metrics:
                     metrics.write(json.dumps(record) + "\n")
                     metrics.flush()
+                if board:
+                    for key, value in record.items():
+                        if key != "step":
+                            board.add_scalar(f"distill/{key}", value, done)
                 bar.set_postfix(loss=f"{last:.4f}", tok_s=f"{tps:,.0f}")
             if out_dir is not None and config.checkpoint_every and done % config.checkpoint_every == 0 and rank == 0:
                 save_checkpoint(out_dir, student, module.projections, optimizer, scheduler,
@@ -310,6 +326,8 @@ def distill(student: nn.Module, teacher: nn.Module, data, config: DistillConfig,
         bar.close()
         if metrics:
             metrics.close()
+        if board:
+            board.close()
         for hooks_in_use in (module._captured, captured_teacher):
             if hooks_in_use is not None:
                 hooks_in_use.remove()
