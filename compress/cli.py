@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add hidden-state distillation (with --distill-tokens)")
     p.add_argument("--formats", default="safetensors,onnx",
                    help="what to write: safetensors, onnx, or both (default: %(default)s)")
-    p.add_argument("--int8", action="store_true", help="also write an int8 ONNX model (blockwise int8 weights and int8 compute on CPU)")
+    p.add_argument("--int8", action="store_true",
+                   help="also write an int8 ONNX model (blockwise int8 weights, int8 compute on CPU)")
     p.add_argument("--prompt", default="A Python list is", help="prompt for the sample generation from ONNX")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
