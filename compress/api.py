@@ -156,9 +156,9 @@ def compress(
         raise DataError(f"distill should be a compress.DistillConfig, got {type(distill).__name__}")
     data = default_calibration_source() if data is None else data
     eval_data = default_eval_source() if eval_data is None else eval_data
-    for name, source in (("calibration", data), ("distillation", distill_data)):
-        if source is not None and _same_file(source, eval_data):
-            raise DataError(f"{name} and evaluation data are the same file ({source}); evaluate on held-out text")
+    for name, text in (("calibration", data), ("distillation", distill_data)):
+        if text is not None and _same_file(text, eval_data):
+            raise DataError(f"{name} and evaluation data are the same file ({text}); evaluate on held-out text")
 
     if isinstance(teacher, tuple):
         model, tokenizer = teacher
