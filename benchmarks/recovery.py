@@ -1,8 +1,10 @@
-"""How much of the teacher survives pruning + recovery? Six arms, one token budget, three numbers each.
+"""How much of the teacher survives pruning + recovery? Seven arms, one token budget, three numbers each.
 
 Student at ~50% of SmolLM2-135M's parameters. Arms: (1) pruned, no training; (2) pruned + LM-loss-only
 fine-tuning; (3) pruned + logit KD; (4) pruned + logit + hidden-state KD; (5) same shape from random init +
-logit KD; (6) depth-pruned student + logit + hidden-state KD. Each arm reports perplexity on pydocs valid
+logit KD; (6) depth-pruned student + logit + hidden-state KD; (7) arm 3 with teacher correction first (a copy
+of the teacher fine-tuned on the distillation data for --correction-steps steps, then distilled from; the
+KL is still measured against the original teacher). Each arm reports perplexity on pydocs valid
 (in-domain), perplexity on tiny Shakespeare (out-of-domain, never trained on) and the mean per-token
 KL(teacher || student) on pydocs valid (fidelity). Training data: pydocs train after the calibration tokens.
 Results are written after every arm, so a partial run is still a record.
@@ -31,7 +33,8 @@ from compress.evaluate import kl_to_teacher, perplexity  # noqa: E402
 
 from _common import machine  # noqa: E402
 
-ARMS = ["pruned", "pruned+lm", "pruned+kd", "pruned+kd+hidden", "random+kd", "depth+kd+hidden"]
+ARMS = ["pruned", "pruned+lm", "pruned+kd", "pruned+kd+hidden", "random+kd", "depth+kd+hidden", "pruned+kd+correction"]
+NOT_BUDGET = ("arms", "log_dir", "correction_steps")  # arguments that do not change what arms 1-6 measure
 
 
 def main() -> None:
@@ -44,6 +47,8 @@ def main() -> None:
     p.add_argument("--eval-tokens", type=int, default=4096)
     p.add_argument("--arms", default=",".join(ARMS))
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--correction-steps", type=int, default=10, help="teacher-correction steps of arm 7")
+    p.add_argument("--log-dir", default=None, help="per-arm metrics.jsonl and TensorBoard events in DIR/ARM")
     p.add_argument("--out", default="benchmarks/results/recovery_cpu.json")
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -60,8 +65,8 @@ def main() -> None:
     results = {"machine": machine(), "date": str(date.today()), "args": vars(args), "arms": {}}
     if out.exists():  # keep arms an earlier run of the same budget finished (a run can be split over sessions)
         earlier = json.loads(out.read_text())
-        same = {k: v for k, v in earlier.get("args", {}).items() if k != "arms"} == {
-            k: v for k, v in vars(args).items() if k != "arms"}
+        budget = lambda a: {k: v for k, v in a.items() if k not in NOT_BUDGET}
+        same = budget(earlier.get("args", {})) == budget(vars(args))
         if same:
             results["arms"] = earlier.get("arms", {})
             results["earlier_runs"] = earlier.get("earlier_runs", []) + [earlier.get("date")]
@@ -95,14 +100,24 @@ def main() -> None:
                 max_tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch, lr=args.lr, warmup_steps=5,
                 logit_weight=0.0 if arm == "pruned+lm" else 1.0, alpha_ce=1.0 if arm == "pruned+lm" else 0.0,
                 hidden_loss="cosine" if arm.endswith("hidden") else None, compile=args.compile,
-                progress=False, seed=0)
-            d = compress.distill(student, teacher, PYDOCS_TRAIN, cfg, tokenizer=tok,
+                teacher_correction_steps=args.correction_steps if arm.endswith("correction") else 0,
+                output_dir=str(Path(args.log_dir) / arm) if args.log_dir else None,
+                tensorboard=bool(args.log_dir), progress=False, seed=0)
+            # Teacher correction trains the teacher it is given: give it a copy, keep the original for the KL.
+            arm_teacher = copy.deepcopy(teacher) if cfg.teacher_correction_steps else teacher
+            d = compress.distill(student, arm_teacher, PYDOCS_TRAIN, cfg, tokenizer=tok,
                                  skip_tokens=calib_tokens, kept_layers=report.kept.get("layers"),
                                  kept_hidden=report.kept.get("hidden"))
             entry["distill"] = {"tokens": d.tokens, "steps": d.steps, "seconds": d.seconds,
                                 "tokens_per_s": d.tokens_per_second, "final_loss": d.final_loss,
                                 "first_loss": d.losses[0]["loss"], "layer_map": d.layer_map,
-                                "projection": d.projection, "data": d.data, "peak_memory_mib": d.peak_memory_mib}
+                                "projection": d.projection, "data": d.data, "peak_memory_mib": d.peak_memory_mib,
+                                "teacher_correction": d.teacher_correction}
+            if arm_teacher is not teacher:
+                entry["corrected_teacher"] = {
+                    "ppl_pydocs": perplexity(arm_teacher, tok, PYDOCS_VALID, seq_len=512, max_tokens=args.eval_tokens),
+                    "ppl_shakespeare": perplexity(arm_teacher, tok, SHAKESPEARE, seq_len=512, max_tokens=args.eval_tokens)}
+                del arm_teacher
         entry.update(measure(student))
         entry["seconds"] = round(time.perf_counter() - t0, 1)
         results["arms"][arm] = entry

@@ -163,7 +163,7 @@ def _teacher_correction(teacher: nn.Module, loader: WindowLoader, config: Distil
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     teacher.eval()
     return {"steps": config.teacher_correction_steps, "first_loss": losses[0], "last_loss": losses[-1]}
 
