@@ -3,7 +3,8 @@
 Two ways to choose them (``method``):
 
 * ``"contiguous_block"`` (default) — try every contiguous block of the needed length and remove the one whose
-  removal raises the calibration loss least (forward passes only, over ``eval_samples`` calibration windows);
+  removal raises the calibration loss least (forward passes only, over ``eval_samples`` calibration windows;
+  under ``torchrun`` the ranks split the windows and all reach the same choice);
 * ``"block_influence"`` — remove the layers that change the residual stream least, by Block Influence
   (``1 - cos(layer input, layer output)``, from the importance plugin's ``layers`` scores). One pass, no
   search, but on SmolLM2 it left a 30-40x worse perplexity than the block search (BENCHMARKS.md): layers
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from compress.calibrate import calibration_loss
+from compress.distributed import broadcast_object
 from compress.errors import ConfigError
 from compress.models import DecoderAdapter
 from compress.plugin_api import AxisPlugin, PruneContext
@@ -69,6 +71,10 @@ class DepthAxis(AxisPlugin):
                 losses[start] = calibration_loss(ctx.model, ctx.calibration, limit=self.config.eval_samples)
         finally:
             setattr(parent, attr, layers)
+        # calibration_loss already gives every rank the same global mean (each rank evaluates its share of the
+        # windows, then sums are all-reduced); rank 0's losses are still made authoritative, so that no float
+        # difference between ranks can ever make two ranks remove different layers.
+        losses = broadcast_object(losses)
         best = min(losses, key=losses.get)
         keep = [i for i in range(n) if not best <= i < best + n_remove]
         return keep, {"block_start": best, "block_losses": {str(k): round(v, 5) for k, v in losses.items()}}

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress.calibrate import Calibration, Importance, hooks, streamed_pass
+from compress.calibrate import Calibration, Importance, accumulator_dtype, hooks, streamed_pass
 from compress.errors import ConfigError
 from compress.models import DecoderAdapter
 from compress.plugin_api import ImportancePlugin
@@ -30,6 +30,10 @@ class ActivationImportance(ImportancePlugin):
 
     Each statistic is aggregated over the sequence first (``seq_agg``), then over samples (``batch_agg``);
     Minitron's best setting is mean over sequence, L2 over batch.
+
+    The sums stay on the model's device during the pass. Under ``torchrun`` each rank scores its share of the
+    calibration batches and the sums are added across ranks (``streamed_pass(..., reduce=...)``), so every rank
+    returns the same scores, those of a one-process run over all the windows.
     """
 
     name = "activation"
@@ -55,16 +59,23 @@ class ActivationImportance(ImportancePlugin):
         norms = adapter.hidden_norms(model)
         inter = layers[0].get_submodule(adapter.down).in_features
         hidden = norms[-1].weight.shape[0]
-        acc_mlp = torch.zeros(n_layers, inter, dtype=torch.float64)
-        acc_heads = torch.zeros(n_layers, heads, dtype=torch.float64)
-        acc_norms = torch.zeros(len(norms), hidden, dtype=torch.float64)
-        acc_bi = torch.zeros(n_layers, dtype=torch.float64)
-        counts = {"samples": 0, "tokens": 0}
+        device = next(model.parameters()).device
+        dtype = accumulator_dtype(device)
+        # Sums over samples (mlp/heads/norms) and tokens (Block Influence), kept on the device: a hook that moved
+        # them to the host would stall the GPU once per module per batch. Counts: [samples, tokens].
+        acc = {
+            "mlp": torch.zeros(n_layers, inter, dtype=dtype, device=device),
+            "heads": torch.zeros(n_layers, heads, dtype=dtype, device=device),
+            "norms": torch.zeros(len(norms), hidden, dtype=dtype, device=device),
+            "bi": torch.zeros(n_layers, dtype=dtype, device=device),
+            "counts": torch.zeros(2, dtype=torch.long, device=device),
+        }
+        acc_mlp, acc_heads, acc_norms, acc_bi, counts = acc.values()
 
         def per_sample(x: torch.Tensor) -> torch.Tensor:
             """[B, T, C] -> [C] accumulator increment: sequence reduction, then the batch part of the L2/mean."""
             s = _reduce(x.float().abs() if cfg.seq_agg == "mean" else x.float(), cfg.seq_agg, 1)
-            return (s.pow(2) if cfg.batch_agg == "l2" else s).sum(0).double().cpu()
+            return (s.pow(2) if cfg.batch_agg == "l2" else s).sum(0).to(device=device, dtype=dtype)
 
         def mlp_hook(i):
             def hook(_mod, args):
@@ -94,10 +105,10 @@ class ActivationImportance(ImportancePlugin):
             def hook(_mod, _args, _kwargs, out):
                 out = out[0] if isinstance(out, (tuple, list)) else out
                 cos = F.cosine_similarity(inputs.pop(i).float(), out.float(), dim=-1)
-                acc_bi[i] += float((1 - cos).sum())
+                acc_bi[i] += (1 - cos).sum().to(device=device, dtype=dtype)
                 if i == 0:
-                    counts["samples"] += out.shape[0]
-                    counts["tokens"] += out.shape[0] * out.shape[1]
+                    counts[0] += out.shape[0]
+                    counts[1] += out.shape[0] * out.shape[1]
             return hook
 
         registrations = []
@@ -111,17 +122,21 @@ class ActivationImportance(ImportancePlugin):
         for j, norm in enumerate(norms):
             registrations.append(lambda j=j, n=norm: n.register_forward_hook(norm_hook(j)))
         with hooks(registrations):
-            stats = streamed_pass(model, calibration, desc="activation importance", base=adapter.base)
+            # Under torchrun: this rank's share of the batches, then every accumulator summed across ranks.
+            stats = streamed_pass(model, calibration, desc="activation importance", base=adapter.base, reduce=acc)
 
-        def finish(acc: torch.Tensor) -> torch.Tensor:
-            return (acc.sqrt() if cfg.batch_agg == "l2" else acc / max(counts["samples"], 1)).float()
+        host = {k: v.cpu() for k, v in acc.items()}  # the one device -> host copy
+        n_samples, n_tokens = host["counts"].tolist()
+
+        def finish(a: torch.Tensor) -> torch.Tensor:
+            return (a.sqrt() if cfg.batch_agg == "l2" else a / max(n_samples, 1)).float()
 
         return Importance(
             method=self.name,
-            mlp=finish(acc_mlp),
-            heads=finish(acc_heads),
-            hidden=finish(acc_norms).sum(0),
-            layers=(acc_bi / max(counts["tokens"], 1)).float(),
+            mlp=finish(host["mlp"]),
+            heads=finish(host["heads"]),
+            hidden=finish(host["norms"]).sum(0),
+            layers=(host["bi"] / max(n_tokens, 1)).float(),
             stats=stats,
         )
 

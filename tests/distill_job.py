@@ -1,4 +1,4 @@
-"""A small, deterministic distillation job, run in subprocesses by the tests (resume after SIGKILL, DDP)."""
+"""A small, deterministic distillation job, run in subprocesses by the tests (resume after SIGKILL)."""
 
 from __future__ import annotations
 
@@ -37,20 +37,9 @@ def run(output_dir: str | None, batch_size: int, steps: int, resume: bool = Fals
         student.model.embed_tokens.register_forward_pre_hook(lambda *_: time.sleep(step_delay))
     cfg = DistillConfig(max_steps=steps, batch_size=batch_size, seq_len=32, lr=2e-3, warmup_steps=2,
                         hidden_loss="cosine" if hidden else None, output_dir=output_dir,
-                        checkpoint_every=checkpoint_every, resume=resume, progress=False)
+                        checkpoint_every=checkpoint_every, resume=resume, progress=False, log_every=1)
     report = distill(student, teacher, data, cfg)
     return report.to_dict(), student
-
-
-def ddp_worker(rank: int, world: int, port: int, out: str, steps: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        report, student = run(None, batch_size=4 // world, steps=steps)
-        if rank == 0:
-            torch.save({k: v.detach().clone() for k, v in student.state_dict().items()}, out)
-    finally:
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

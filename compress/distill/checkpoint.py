@@ -1,15 +1,24 @@
-"""Training checkpoints as safetensors + JSON (never pickle), written atomically.
+"""Training checkpoints as safetensors + JSON (never pickle), each written whole or not at all.
 
-A checkpoint folder holds ``student.safetensors``, ``projections.safetensors``, ``optimizer.safetensors`` (every
-tensor of the optimizer state, flattened) and ``state.json`` (step, data position, scheduler, optimizer
-hyper-parameters, RNG states, metrics so far). It is written to a temporary sibling and renamed into place,
-so a crash mid-write leaves the previous checkpoint intact.
+Every checkpoint is its own folder, ``checkpoint-<step>``, written under a temporary name and renamed into
+place in one step; only then are older checkpoints deleted. A process killed at any moment therefore leaves at
+least one complete checkpoint (the newest complete one wins on resume), never none.
+
+A folder holds ``state.json`` (step, data position, scheduler, optimizer hyper-parameters, RNG states, metrics
+so far, the config and world size that made it) and the tensors:
+
+* one process or DDP (replicated student): ``student.safetensors``, ``projections.safetensors``,
+  ``optimizer.safetensors`` (every tensor of the optimizer state, flattened), ``rng.safetensors``;
+* FSDP (sharded student): ``sharded/``, written by every rank at once with ``torch.distributed.checkpoint``
+  in its Hugging Face safetensors format, each rank writing its own shards.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +26,14 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
+from .. import distributed
 from ..errors import CheckpointError
-from ..io import atomic_output_dir
 
-CHECKPOINT_DIR = "checkpoint"
+CHECKPOINT_PREFIX = "checkpoint-"
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+# Fields that change neither the result nor the trajectory of a run: they may differ on resume.
+RESUMABLE_CHANGES = frozenset({"output_dir", "resume", "checkpoint_every", "log_every", "tensorboard", "progress",
+                               "compile", "gradient_checkpointing", "chunk_tokens", "memory_budget_gib", "extra"})
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -36,12 +49,12 @@ def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state: dict[int, dict[str, Any]] = {}
+    state: dict[Any, dict[str, Any]] = {}
     for key, value in tensors.items():
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = value
+        idx, name = key.rsplit(".", 1)
+        state.setdefault(int(idx) if idx.isdigit() else idx, {})[name] = value
     for idx, values in meta["scalars"].items():
-        state.setdefault(int(idx), {}).update(values)
+        state.setdefault(int(idx) if idx.isdigit() else idx, {}).update(values)
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
@@ -57,41 +70,207 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
 def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
     torch.set_rng_state(tensors["torch"])
     cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda."))]
-    if cuda and torch.cuda.is_available():
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
     version, internal, gauss = meta["python"]
     random.setstate((version, tuple(internal), gauss))
 
 
-def save_checkpoint(output_dir: str | Path, student: nn.Module, projections: nn.Module,
-                    optimizer: torch.optim.Optimizer, scheduler, state: dict) -> Path:
-    path = Path(output_dir) / CHECKPOINT_DIR
-    with atomic_output_dir(path, overwrite=True) as tmp:
-        save_model(student, str(tmp / "student.safetensors"))
-        save_model(projections, str(tmp / "projections.safetensors"))
-        opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
-        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-        rng_tensors, rng_meta = rng_state()
-        save_file(rng_tensors, str(tmp / "rng.safetensors"))
-        payload = {**state, "optimizer": opt_meta, "scheduler": scheduler.state_dict(), "rng": rng_meta}
-        (tmp / "state.json").write_text(json.dumps(payload, indent=1), encoding="utf-8")
-    return path
+def checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints in ``output_dir`` (a ``state.json`` is written last), oldest first."""
+    out = Path(output_dir)
+    found = []
+    if out.is_dir():
+        for child in out.iterdir():
+            match = _NAME.match(child.name)
+            if match and (child / "state.json").is_file():
+                found.append((int(match.group(1)), child))
+    return sorted(found)
 
 
-def load_checkpoint(output_dir: str | Path, student: nn.Module, projections: nn.Module,
-                    optimizer: torch.optim.Optimizer, scheduler) -> dict | None:
-    """Restore everything saved by :func:`save_checkpoint`; returns its ``state`` or None if there is none."""
-    path = Path(output_dir) / CHECKPOINT_DIR
-    if not (path / "state.json").is_file():
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    found = checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
+def _tmp_path(output_dir: Path, step: int) -> Path:
+    return output_dir / f".{CHECKPOINT_PREFIX}{step:08d}.tmp"
+
+
+def save_checkpoint(output_dir: str | Path, engine, optimizer: torch.optim.Optimizer, scheduler,
+                    state: dict, keep: int = 1) -> Path:
+    """Write a checkpoint of step ``state["step"]`` (every rank calls this; the engine says who writes what)."""
+    out = Path(output_dir)
+    step = int(state["step"])
+    final = out / f"{CHECKPOINT_PREFIX}{step:08d}"
+    tmp = _tmp_path(out, step)
+    if distributed.is_main():
+        shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a run killed while writing this very step
+        tmp.mkdir(parents=True)
+    distributed.barrier()
+    try:
+        engine.save_tensors(tmp, optimizer)
+        distributed.barrier()
+        if distributed.is_main():
+            rng_tensors, rng_meta = rng_state()
+            save_file(rng_tensors, str(tmp / "rng.safetensors"))
+            payload = {**state, "scheduler": scheduler.state_dict(), "rng": rng_meta,
+                       "world_size": distributed.rank_world()[1], "engine": engine.mode}
+            if engine.mode != "fsdp":
+                payload["optimizer"] = engine.optimizer_meta
+            (tmp / "state.json").write_text(json.dumps(payload, indent=1), encoding="utf-8")
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)  # the one step that makes the checkpoint exist
+            for old_step, old in checkpoints(out)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if distributed.is_main() and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        distributed.barrier()
+    return final
+
+
+def check_compatible(saved: dict, config: dict, world: int, mode: str, path: Path) -> None:
+    """Refuse to resume a checkpoint made by a run that would not continue the same way."""
+    problems = []
+    if saved.get("world_size", 1) != world:
+        problems.append(f"world size {saved.get('world_size', 1)} -> {world}")
+    if saved.get("engine", "single" if world == 1 else "ddp") != mode:
+        problems.append(f"engine {saved.get('engine')} -> {mode}")
+    old = saved.get("config", {})
+    for key in sorted(set(old) | set(config)):
+        if key not in RESUMABLE_CHANGES and old.get(key) != config.get(key):
+            problems.append(f"{key} {old.get(key)!r} -> {config.get(key)!r}")
+    if problems:
+        raise CheckpointError(
+            f"cannot resume from {path}: it was made by a different run ({'; '.join(problems)}). Resuming would not "
+            "continue that run. Use the same settings and number of processes, or another output_dir to start "
+            "over (or delete the checkpoint).")
+
+
+def load_checkpoint(output_dir: str | Path, engine, optimizer: torch.optim.Optimizer, scheduler, *,
+                    config: dict, world: int) -> dict | None:
+    """Restore the newest checkpoint into the engine's student, projections, optimizer and scheduler.
+
+    Returns its ``state`` (step, history, data position), or None when ``output_dir`` holds no checkpoint.
+    Settings that would change the run (batch size, sequence length, world size, budget, ...) are compared
+    first and refused with :class:`~compress.errors.CheckpointError`; the model is not touched then.
+    """
+    out = Path(output_dir)
+    found = checkpoints(out)
+    stray = [p.name for p in out.iterdir() if p.name.startswith(".checkpoint-")] if out.is_dir() else []
+    if not found:
+        if (out / "checkpoint").exists() or stray:
+            raise CheckpointError(f"cannot resume from {out}: it holds no complete checkpoint-<step> folder "
+                                  f"(found {sorted(stray) or ['checkpoint']}). Remove them to start over.")
         return None
+    path = found[-1][1]
     try:
         state = json.loads((path / "state.json").read_text(encoding="utf-8"))
-        load_model(student, str(path / "student.safetensors"))
-        load_model(projections, str(path / "projections.safetensors"))
-        optimizer.load_state_dict(_unflatten_optimizer(load_file(str(path / "optimizer.safetensors")),
-                                                       state.pop("optimizer")))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot resume from {path}: state.json is unreadable ({exc}). Remove it to start over.") from exc
+    check_compatible(state, config, world, engine.mode, path)
+    try:
+        engine.load_tensors(path, optimizer, state.pop("optimizer", None))
         scheduler.load_state_dict(state.pop("scheduler"))
+        for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+            group["lr"] = lr  # the learning rate of the step being resumed, whatever the optimizer was built with
         set_rng_state(load_file(str(path / "rng.safetensors")), state.pop("rng"))
+    except CheckpointError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any damage means this checkpoint cannot be trusted
         raise CheckpointError(f"cannot resume from {path}: {type(exc).__name__}: {exc}. Remove it to start over.") from exc
     return state
+
+
+# --- replicated (one process, DDP) tensors -------------------------------------------------------------------
+
+def save_replicated(path: Path, student: nn.Module, projections: nn.Module, optimizer) -> dict:
+    """Rank 0 writes the whole student, projections and optimizer state; returns the optimizer's JSON part."""
+    meta: dict = {}
+    if distributed.is_main():
+        save_model(student, str(path / "student.safetensors"))
+        save_model(projections, str(path / "projections.safetensors"))
+        opt_tensors, meta = _flatten_optimizer(optimizer.state_dict())
+        save_file(opt_tensors, str(path / "optimizer.safetensors"))
+    return meta
+
+
+def load_replicated(path: Path, student: nn.Module, projections: nn.Module, optimizer, meta: dict) -> None:
+    """Validate every shape first, then load: a checkpoint of another student fails before any tensor is copied."""
+    from safetensors import safe_open
+
+    for module, name in ((student, "student.safetensors"), (projections, "projections.safetensors")):
+        expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+        with safe_open(str(path / name), "pt") as fh:
+            for key in fh.keys():
+                shape = tuple(fh.get_slice(key).get_shape())
+                if key in expected and expected[key] != shape:
+                    raise CheckpointError(f"cannot resume from {path}: {name} has {key} of shape {shape}, this "
+                                          f"model needs {expected[key]}: the checkpoint belongs to another model")
+    load_model(student, str(path / "student.safetensors"))
+    load_model(projections, str(path / "projections.safetensors"))
+    optimizer.load_state_dict(_unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), meta))
+
+
+# --- sharded (FSDP2) tensors ----------------------------------------------------------------------------------
+
+def _sharded_state(module: nn.Module, optimizer) -> dict[str, torch.Tensor]:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    unique = {name for name, _ in module.named_parameters()}
+    tied = {name for name, _ in module.named_parameters(remove_duplicate=False)} - unique
+    # A tied weight (embedding = LM head) is stored once, under the name named_parameters() gives it.
+    flat = {f"model.{k}": v for k, v in get_model_state_dict(module).items() if k not in tied}
+    optim = get_optimizer_state_dict(module, optimizer)
+    for fqn, per_param in optim["state"].items():
+        for name, value in per_param.items():
+            flat[f"optim.{fqn}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    return flat
+
+
+def save_sharded(path: Path, module: nn.Module, optimizer) -> None:
+    """Every rank writes its own shards (``torch.distributed.checkpoint``, safetensors files + JSON index)."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(_sharded_state(module, optimizer),
+             storage_writer=dcp.HuggingFaceStorageWriter(str(path / "sharded"), save_distributed=True))
+
+
+def load_sharded(path: Path, module: nn.Module, optimizer) -> None:
+    """Load the shards into the (already sharded) module and an optimizer that has stepped zero times."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+
+    _init_optimizer_state(optimizer)
+    flat = _sharded_state(module, optimizer)
+    dcp.load(flat, storage_reader=dcp.HuggingFaceStorageReader(str(path / "sharded")))
+    loaded = {k[len("model."):]: v for k, v in flat.items() if k.startswith("model.")}
+    set_model_state_dict(module, loaded, options=StateDictOptions(strict=False))  # tied copies follow
+    optim = get_optimizer_state_dict(module, optimizer)
+    for fqn, per_param in optim["state"].items():
+        for name in list(per_param):
+            value = flat[f"optim.{fqn}.{name}"]
+            per_param[name] = value if torch.is_tensor(per_param[name]) else type(per_param[name])(value.item())
+    set_optimizer_state_dict(module, optimizer, optim)
+
+
+def _init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Create the optimizer's state tensors (zeros) without changing any parameter, so they can be loaded into."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.requires_grad and not optimizer.state.get(p):
+                p.grad = torch.zeros_like(p)
+    saved = [g["lr"] for g in optimizer.param_groups]
+    for g in optimizer.param_groups:
+        g["lr"] = 0.0
+    with torch.no_grad():
+        backup = [p.detach().clone() for g in optimizer.param_groups for p in g["params"]]
+        optimizer.step()
+        for p, b in zip((p for g in optimizer.param_groups for p in g["params"]), backup):
+            p.copy_(b)
+    for g, lr in zip(optimizer.param_groups, saved):
+        g["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)

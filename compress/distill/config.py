@@ -9,6 +9,7 @@ from ..errors import ConfigError
 from .losses import HIDDEN_LOSSES, LOGIT_LOSSES
 
 DTYPES = ("auto", "bf16", "fp32")
+PARALLEL = ("auto", "ddp", "fsdp")
 
 
 @dataclass
@@ -21,11 +22,19 @@ class DistillConfig:
     ``hidden_layers`` (student layer indices; default: every layer), through a learned projection when widths
     differ; ``layer_map`` overrides which teacher layer each student layer learns from.
 
-    Budget: ``max_steps`` optimizer steps of ``batch_size × grad_accum`` windows of ``seq_len`` tokens (or
-    ``max_tokens``, whichever is given). Speed: ``dtype`` (``auto`` = bf16 autocast on CUDA, fp32 on CPU),
-    ``compile``, ``gradient_checkpointing``, ``chunk_tokens`` (token chunk of the fused logit loss).
+    Budget: ``max_steps`` optimizer steps, or ``max_tokens`` tokens in all (whichever is given). Each step
+    takes ``batch_size × grad_accum`` windows of ``seq_len`` tokens *on every process*, so under ``torchrun``
+    with N processes a step is N times larger and ``max_tokens`` gives N times fewer steps: the token budget
+    is global. Speed: ``dtype`` (``auto`` = bf16 compute with fp32 master weights on CUDA, fp32 on CPU),
+    ``compile`` (the student's decoder layers and the fused loss), ``gradient_checkpointing`` (per decoder
+    layer), ``chunk_tokens`` (token chunk of the fused logit loss). Scale: ``parallel`` picks the multi-process
+    engine — ``ddp`` replicates the student, ``fsdp`` shards its weights, gradients and optimizer state
+    (FSDP2), ``auto`` takes DDP unless the memory plan says a replica does not fit; ``shard_teacher`` (default:
+    only when it does not fit whole) shards the frozen teacher too under ``fsdp``. ``memory_budget_gib``
+    overrides the per-device memory the plan checks against (default: the GPU's memory; no check on CPU).
     Robustness: ``output_dir`` receives ``metrics.jsonl`` (and TensorBoard event files in
-    ``output_dir/tensorboard`` with ``tensorboard=True``) and, every ``checkpoint_every`` steps, a checkpoint;
+    ``output_dir/tensorboard`` with ``tensorboard=True``), written every ``log_every`` steps (the only steps
+    on which the loop waits for the device), and, every ``checkpoint_every`` steps, a checkpoint;
     ``resume=True`` continues from the last one. ``teacher_correction_steps`` first fine-tunes the teacher on
     the distillation data (Minitron does this when the original pretraining data is unavailable).
     """
@@ -54,6 +63,9 @@ class DistillConfig:
     max_grad_norm: float = 1.0
 
     dtype: str = "auto"
+    parallel: str = "auto"
+    shard_teacher: bool | None = None
+    memory_budget_gib: float | None = None
     compile: bool = False
     gradient_checkpointing: bool = False
     chunk_tokens: int = 1024
@@ -61,7 +73,7 @@ class DistillConfig:
     output_dir: str | None = None
     checkpoint_every: int = 0
     resume: bool = False
-    log_every: int = 1
+    log_every: int = 10
     tensorboard: bool = False
     seed: int = 0
     teacher_correction_steps: int = 0
@@ -78,6 +90,13 @@ class DistillConfig:
             bad("hidden_loss", f"None or one of {HIDDEN_LOSSES}")
         if self.dtype not in DTYPES:
             bad("dtype", f"one of {DTYPES}")
+        if self.parallel not in PARALLEL:
+            bad("parallel", f"one of {PARALLEL}")
+        if self.shard_teacher not in (None, True, False):
+            bad("shard_teacher", "None, True or False")
+        if self.memory_budget_gib is not None and (not isinstance(self.memory_budget_gib, (int, float))
+                                                   or not self.memory_budget_gib > 0):
+            bad("memory_budget_gib", "None or a positive number of GiB")
         if not self.temperature > 0:
             bad("temperature", "positive")
         if not 0 <= self.jsd_beta <= 1:
@@ -110,13 +129,19 @@ class DistillConfig:
 
     @property
     def tokens_per_step(self) -> int:
+        """Tokens one process trains on per optimizer step."""
         return self.batch_size * self.grad_accum * self.seq_len
+
+    def steps_for(self, world: int = 1) -> int:
+        """Optimizer steps of a run over ``world`` processes (``max_tokens`` is the budget of all of them)."""
+        if self.max_steps is not None:
+            return self.max_steps
+        return max(1, self.max_tokens // (self.tokens_per_step * world))
 
     @property
     def total_steps(self) -> int:
-        if self.max_steps is not None:
-            return self.max_steps
-        return max(1, self.max_tokens // self.tokens_per_step)
+        """Optimizer steps of a one-process run (see :meth:`steps_for`)."""
+        return self.steps_for(1)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,4 +1,8 @@
-"""Distillation data: packed token windows served in a seeded, resumable order, sharded across ranks."""
+"""Distillation data: packed token windows served in a seeded, resumable order, sharded across ranks.
+
+On CUDA a batch travels through pinned staging buffers on a side stream, one batch ahead of the one being
+trained on, so the host-to-device copy overlaps the previous step's compute and never makes the host wait.
+"""
 
 from __future__ import annotations
 
@@ -14,24 +18,39 @@ class WindowLoader:
 
     The order is a seeded permutation per epoch, so the position (epoch, batch) is the whole state: saving and
     restoring it makes a resumed run see exactly the batches an uninterrupted one would.
+
+    ``device``: where batches are delivered. For a CUDA device the windows stay in ordinary host memory and
+    each batch is gathered (``index_select(out=...)``) straight into one of two pinned staging buffers, then
+    copied with ``non_blocking=True`` on a copy stream; the next batch is already on its way while the current
+    one trains. (Indexing a pinned tensor would give a new, unpinned tensor: that copy would block.)
     """
 
     def __init__(self, windows: torch.Tensor, batch_size: int, seed: int = 0, rank: int = 0, world: int = 1,
-                 pin_memory: bool = False, source: str = "<tensor>", skip_tokens: int = 0):
+                 device: str | torch.device = "cpu", source: str = "<tensor>", skip_tokens: int = 0):
         global_batch = batch_size * world
         if windows.shape[0] < global_batch:
             raise DataError(f"{windows.shape[0]} training windows are fewer than one global batch of {global_batch}; "
                             "give more text or lower batch_size / seq_len")
-        self.windows = windows.pin_memory() if pin_memory else windows
+        self.windows = windows
         self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
         self.batches_per_epoch = windows.shape[0] // global_batch
         self.source, self.skip_tokens = source, skip_tokens
+        self.device = torch.device(device)
         self.epoch, self.index, self.served = 0, 0, 0
         self._order = self._permutation(0)
+        self._staging: list[torch.Tensor] = []
+        self._copy_done: list[torch.cuda.Event | None] = []
+        self._stream = None
+        self._ahead: tuple[torch.Tensor, dict] | None = None
+        if self.device.type == "cuda":
+            shape = (batch_size, windows.shape[1])
+            self._staging = [torch.empty(shape, dtype=windows.dtype, pin_memory=True) for _ in range(2)]
+            self._copy_done = [None, None]
+            self._stream = torch.cuda.Stream(self.device)
 
     @classmethod
     def from_source(cls, data, tokenizer, config: DistillConfig, *, skip_tokens: int = 0, rank: int = 0,
-                    world: int = 1, pin_memory: bool = False) -> "WindowLoader":
+                    world: int = 1, device: str | torch.device = "cpu") -> "WindowLoader":
         if isinstance(data, torch.Tensor):
             if data.dim() != 2:
                 raise DataError(f"token windows must be [N, seq_len], got {tuple(data.shape)}")
@@ -39,15 +58,15 @@ class WindowLoader:
         else:
             if tokenizer is None:
                 raise DataError("distillation data given as text needs a tokenizer")
-            needed = config.total_steps * config.batch_size * config.grad_accum * world
+            needed = config.steps_for(world) * config.batch_size * config.grad_accum * world
             windows = pack_tokens(tokenizer, data, config.seq_len, max_windows=needed, skip_tokens=skip_tokens)
             where = describe_source(data)
-        return cls(windows, config.batch_size, config.seed, rank, world, pin_memory, where, skip_tokens)
+        return cls(windows, config.batch_size, config.seed, rank, world, device, where, skip_tokens)
 
     def _permutation(self, epoch: int) -> torch.Tensor:
         return torch.randperm(self.windows.shape[0], generator=torch.Generator().manual_seed(self.seed + epoch))
 
-    def next_batch(self) -> torch.Tensor:
+    def _next_indices(self) -> torch.Tensor:
         if self.index >= self.batches_per_epoch:
             self.epoch, self.index = self.epoch + 1, 0
             self._order = self._permutation(self.epoch)
@@ -55,18 +74,54 @@ class WindowLoader:
         idx = self._order[start:start + self.batch_size]
         self.index += 1
         self.served += 1
-        return self.windows[idx]
+        return idx
+
+    def _fetch(self) -> torch.Tensor:
+        """Start delivering the next batch; on CUDA the returned tensor is filled asynchronously."""
+        idx = self._next_indices()
+        if self._stream is None:
+            return self.windows.index_select(0, idx).to(self.device)
+        slot = self.served % 2
+        if self._copy_done[slot] is not None:
+            self._copy_done[slot].synchronize()  # the copy out of this buffer, two batches ago, has finished
+        buf = self._staging[slot]
+        torch.index_select(self.windows, 0, idx, out=buf)
+        with torch.cuda.stream(self._stream):
+            batch = buf.to(self.device, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self._stream)
+        self._copy_done[slot] = event
+        return batch
+
+    def next_batch(self) -> torch.Tensor:
+        """This rank's next ``[batch_size, seq_len]`` batch, on the loader's device."""
+        if self._ahead is None:
+            batch = self._fetch()
+        else:
+            batch, self._ahead = self._ahead[0], None
+        if self._stream is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_stream(self._stream)
+            batch.record_stream(current)
+            state = self.state()
+            self._ahead = (self._fetch(), state)  # prefetch: overlaps with the step that trains on `batch`
+        return batch
 
     def reset(self) -> None:
         self.epoch, self.index, self.served = 0, 0, 0
         self._order = self._permutation(0)
+        self._ahead = None
 
     def state(self) -> dict:
+        """The position after the last batch handed out (a prefetched batch does not count)."""
+        if self._ahead is not None:
+            return dict(self._ahead[1])
         return {"epoch": self.epoch, "index": self.index, "served": self.served}
 
     def load_state(self, state: dict) -> None:
         self.epoch, self.index, self.served = state["epoch"], state["index"], state["served"]
         self._order = self._permutation(self.epoch)
+        self._ahead = None
 
     def describe(self) -> dict:
         n, seq = self.windows.shape

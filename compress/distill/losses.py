@@ -1,9 +1,8 @@
 """Distillation losses that never materialize full-vocabulary logits for a whole batch.
 
-The logit losses take *final hidden states* and the two LM-head weight matrices, and compute logits, softmaxes
-and the divergence one chunk of tokens at a time. Each chunk runs under activation checkpointing, so the
-backward pass recomputes that chunk's logits instead of keeping them: peak memory is one chunk of
-``[chunk_tokens, vocab]`` fp32 tensors, whatever the batch, sequence length or vocabulary.
+The logit losses take *final hidden states* and the two LM-head weight matrices, and compute logits, softmaxes,
+the divergence and its analytic gradient one chunk of tokens at a time, in the forward pass: peak memory is one
+chunk of ``[chunk_tokens, vocab]`` fp32 tensors, whatever the batch, sequence length or vocabulary.
 """
 
 from __future__ import annotations
@@ -53,48 +52,143 @@ def divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind:
     return per_token.sum() * temperature**2
 
 
-def _chunk_terms(s_logits, t_logits, labels, kind, temperature, beta, top_k, want_ce):
-    kd = s_logits.new_zeros((), dtype=torch.float32) if t_logits is None else divergence(
-        s_logits, t_logits, kind, temperature, beta, top_k)
-    ce = F.cross_entropy(s_logits.float(), labels, reduction="sum") if want_ce else kd.new_zeros(())
-    return kd, ce
+def _chunk_loss_and_grad(h_chunk: torch.Tensor, w_s: torch.Tensor, t_logits: torch.Tensor | None,
+                         labels: torch.Tensor | None, kind: str, temperature: float, beta: float, top_k: int | None,
+                         kd_weight: float, ce_weight: float, need_grad: bool = True
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One chunk of tokens: ``(kd_sum, ce_sum, d(kd_weight * kd_sum + ce_weight * ce_sum)/d(student logits))``.
+
+    Pure tensor code (no autograd call, no ``.item()``, branches only on the Python arguments), so that
+    ``torch.compile`` captures it as one graph. ``kind`` must already be resolved (``jsd`` with ``beta`` 0 or 1
+    mapped to the KLs, as :func:`divergence` does); ``t_logits=None`` turns the divergence off and
+    ``labels=None`` the cross-entropy. The values equal :func:`divergence` and ``F.cross_entropy(reduction="sum")``
+    (``ignore_index=-100`` included); the gradient is analytic. Per token, with ``s = logits / T`` and ``g`` the
+    gradient w.r.t. the (possibly top-k gathered) student log-probabilities, the log-softmax backward
+    ``g - softmax(s) * sum(g)`` gives d/ds, and d/dlogits is ``T`` times that (the divergence is scaled by ``T**2``):
+
+    - forward KL ``sum t_p (t_logp - s_logp)``: ``g = -t_p``
+    - reverse KL ``sum s_p (s_logp - t_logp)``: ``g = s_p (s_logp - t_logp + 1)``
+    - JSD, ``M = beta t_p + (1 - beta) s_p``: ``g = (1 - beta) s_p (s_logp - m_logp)``
+    - cross-entropy: ``softmax(logits) - onehot(label)``
+
+    Math runs in fp32 (fp64 for fp64 inputs); the gradient comes back in the hidden states' dtype.
+    """
+    compute = torch.promote_types(h_chunk.dtype, torch.float32)
+    logits = (h_chunk @ w_s.t()).to(compute)
+    kd = ce = logits.new_zeros(())
+    grad = None
+    s_logp = None
+    if t_logits is not None:
+        s_logp = F.log_softmax(logits / temperature, dim=-1)
+        t = t_logits.to(compute) / temperature
+        idx = None
+        if top_k is not None:
+            t, idx = t.topk(top_k, dim=-1)
+            s_sel = s_logp.gather(-1, idx)
+        else:
+            s_sel = s_logp
+        t_logp = F.log_softmax(t, dim=-1)
+        del t, t_logits
+        # ``del``s keep the eager path's peak at a few [chunk, vocab] tensors (the compiled one plans its own).
+        if kind == "forward_kl":
+            t_p = t_logp.exp()
+            kd = (t_p * (t_logp - s_sel)).sum()
+            g = -t_p
+            del t_p
+        elif kind == "reverse_kl":
+            s_p = s_sel.exp()
+            diff = s_sel - t_logp
+            kd = (s_p * diff).sum()
+            g = s_p * (diff + 1)
+            del s_p, diff
+        elif kind == "jsd":
+            m_logp = torch.logsumexp(torch.stack([t_logp + math.log(beta), s_sel + math.log(1 - beta)]), dim=0)
+            kl_t = (t_logp.exp() * (t_logp - m_logp)).sum()
+            s_p = s_sel.exp()
+            s_minus_m = s_sel - m_logp
+            del m_logp
+            kd = beta * kl_t + (1 - beta) * (s_p * s_minus_m).sum()
+            g = (1 - beta) * s_p * s_minus_m
+            del s_p, s_minus_m
+        else:
+            raise ValueError(f"unknown divergence {kind!r}; choose one of {LOGIT_LOSSES}")
+        del t_logp, s_sel
+        kd = kd * temperature**2
+        if need_grad:
+            g_sum = g.sum(-1, keepdim=True)
+            if idx is not None:  # g lives on the teacher's top-k support; the log-softmax spans the vocabulary
+                g = torch.zeros_like(s_logp).scatter(-1, idx, g)
+            grad = (kd_weight * temperature) * (g - s_logp.exp() * g_sum)
+            del g
+    if labels is not None:
+        logp = s_logp if s_logp is not None and temperature == 1.0 else F.log_softmax(logits, dim=-1)
+        del logits
+        valid = labels != -100  # F.cross_entropy's default ignore_index
+        safe = torch.where(valid, labels, torch.zeros_like(labels)).unsqueeze(-1)
+        ce = -(logp.gather(-1, safe).squeeze(-1) * valid).sum()
+        if need_grad:
+            w = (valid.to(compute) * ce_weight).unsqueeze(-1)
+            g_ce = (logp.exp() * w).scatter_add(-1, safe, -w)
+            grad = g_ce if grad is None else grad + g_ce
+    if grad is not None:
+        grad = grad.to(h_chunk.dtype)
+    return kd, ce, grad
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def _compiled_chunk_fn():
+    """``torch.compile`` of :func:`_chunk_loss_and_grad`, made once per process. Dynamo guards on the Python
+    arguments (loss kind, top_k, which of teacher/labels are present) and on shapes; shapes are left to automatic
+    dynamic, so a last partial chunk, and a different one next batch, cost one recompile in all, not one each."""
+    fn = _COMPILED.get("chunk")
+    if fn is None:
+        fn = _COMPILED["chunk"] = torch.compile(_chunk_loss_and_grad)
+    return fn
 
 
 class _FusedHeadLoss(torch.autograd.Function):
     """Loss and its gradient computed together, chunk by chunk, in the forward pass.
 
-    For each chunk of tokens: student logits (one matmul), teacher logits (one matmul, no grad), the loss, and
-    — by a local autograd call on that chunk's logits only — d(loss)/d(logits), which two more matmuls turn into
-    the gradients of the hidden states and of the LM head. Backward only scales them. So every logit tensor lives
-    for one chunk, and nothing is recomputed (activation checkpointing would run both LM heads twice).
-    Returns the weighted loss sum (differentiable) and the kd and ce sums (for logging).
+    For each chunk of tokens: student logits (one matmul), teacher logits (one matmul, no grad), the loss and its
+    analytic gradient w.r.t. that chunk's logits (:func:`_chunk_loss_and_grad`, optionally ``torch.compile``-d),
+    which two more matmuls turn into the gradients of the hidden states and of the LM head. Backward only scales
+    them. So every logit tensor lives for one chunk, and nothing is recomputed (activation checkpointing would run
+    both LM heads twice). Returns the weighted loss sum (differentiable) and the kd and ce sums (for logging).
     """
 
     @staticmethod
-    def forward(ctx, h_s, w_s, h_t, w_t, labels, kind, temperature, beta, top_k, kd_weight, ce_weight, chunk_tokens):
+    def forward(ctx, h_s, w_s, h_t, w_t, labels, kind, temperature, beta, top_k, kd_weight, ce_weight, chunk_tokens,
+                compiled=False):
         n = h_s.shape[0]
         needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        compute = torch.promote_types(h_s.dtype, torch.float32)
         grad_h = torch.zeros_like(h_s) if needs_grad else None
-        grad_w = torch.zeros_like(w_s, dtype=torch.float32) if needs_grad else None
-        kd_total = torch.zeros((), dtype=torch.float32, device=h_s.device)
-        ce_total = torch.zeros((), dtype=torch.float32, device=h_s.device)
+        grad_w = torch.zeros_like(w_s, dtype=torch.promote_types(w_s.dtype, torch.float32)) if needs_grad else None
+        kd_total = torch.zeros((), dtype=compute, device=h_s.device)
+        ce_total = torch.zeros((), dtype=compute, device=h_s.device)
+        want_kd = h_t is not None and kd_weight != 0
         want_ce = labels is not None and ce_weight > 0
+        if kind == "jsd" and beta in (0.0, 1.0):
+            kind = "forward_kl" if beta == 0.0 else "reverse_kl"
+        if want_kd and kind not in LOGIT_LOSSES:
+            raise ValueError(f"unknown divergence {kind!r}; choose one of {LOGIT_LOSSES}")
+        chunk_fn = _compiled_chunk_fn() if compiled else _chunk_loss_and_grad
         for start in range(0, n, chunk_tokens):
             sl = slice(start, start + chunk_tokens)
             h_chunk = h_s[sl]
-            t_logits = None if h_t is None or kd_weight == 0 else h_t[sl] @ w_t.t()
-            with torch.enable_grad():
-                s_logits = (h_chunk @ w_s.t()).detach().requires_grad_(needs_grad)
-                kd, ce = _chunk_terms(s_logits, t_logits, labels[sl] if want_ce else None, kind, temperature, beta,
-                                      top_k, want_ce)
-                if needs_grad:
-                    (g,) = torch.autograd.grad(kd_weight * kd + ce_weight * ce, s_logits)
+            t_logits = h_t[sl] @ w_t.t() if want_kd else None
+            kd, ce, g = chunk_fn(h_chunk, w_s, t_logits, labels[sl] if want_ce else None, kind, temperature, beta,
+                                 top_k, kd_weight, ce_weight, needs_grad)
+            del t_logits
             if needs_grad:
-                g = g.to(h_chunk.dtype)
                 grad_h[sl] = g @ w_s
-                grad_w += (g.t() @ h_chunk).float()
-            kd_total += kd.detach()
-            ce_total += ce.detach()
+                grad_w += (g.t() @ h_chunk).to(grad_w.dtype)
+                del g
+            kd_total += kd
+            ce_total += ce
+        kd_total, ce_total = kd_total.float(), ce_total.float()
         ctx.save_for_backward(grad_h, grad_w)
         ctx.w_dtype = w_s.dtype
         ctx.mark_non_differentiable(kd_total, ce_total)
@@ -105,8 +199,8 @@ class _FusedHeadLoss(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         # In place: these buffers belong to this call alone, and a second [vocab, width] copy is what we avoid.
         out_h = None if grad_h is None else grad_h.mul_(grad_loss.to(grad_h.dtype))
-        out_w = None if grad_w is None else grad_w.mul_(grad_loss).to(ctx.w_dtype)
-        return out_h, out_w, None, None, None, None, None, None, None, None, None, None
+        out_w = None if grad_w is None else grad_w.mul_(grad_loss.to(grad_w.dtype)).to(ctx.w_dtype)
+        return out_h, out_w, None, None, None, None, None, None, None, None, None, None, None
 
 
 def chunked_logit_loss(
@@ -123,6 +217,7 @@ def chunked_logit_loss(
     chunk_tokens: int = 1024,
     kd_weight: float = 1.0,
     ce_weight: float = 1.0,
+    compiled: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``kd_weight × mean divergence + ce_weight × mean cross-entropy`` from final hidden states, fused with the
     LM heads and computed ``chunk_tokens`` at a time (see :class:`_FusedHeadLoss`).
@@ -130,6 +225,8 @@ def chunked_logit_loss(
     ``student_hidden`` ``[N, Ds]`` and ``teacher_hidden`` ``[N, Dt]`` are flattened token positions;
     ``*_head`` are the LM-head weights ``[V, D]``. ``teacher_hidden=None`` gives plain language-model
     fine-tuning (cross-entropy against ``labels`` only); ``labels=None`` turns cross-entropy off.
+    ``compiled=True`` runs the per-chunk loss-and-gradient function through ``torch.compile`` (compiled once per
+    process and configuration; needs a working inductor backend, e.g. a C++ compiler on CPU).
     Returns ``(loss, kd, ce)``: the differentiable loss, and the two detached means for logging.
     """
     if teacher_hidden is None:
@@ -140,7 +237,7 @@ def chunked_logit_loss(
         raise ValueError("chunked_logit_loss has nothing to compute: no teacher and no labels")
     n = student_hidden.shape[0]
     loss, kd, ce = _FusedHeadLoss.apply(student_hidden, student_head, teacher_hidden, teacher_head, labels, kind,
-                                        temperature, beta, top_k, kd_weight, ce_weight, chunk_tokens)
+                                        temperature, beta, top_k, kd_weight, ce_weight, chunk_tokens, compiled)
     return loss / n, kd / n, ce / n
 
 

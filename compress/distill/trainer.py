@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import time
 from contextlib import nullcontext
@@ -18,17 +17,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..calibrate import check_tokenizer_matches
-from ..errors import CompressError, ConfigError, DataError
+from ..errors import CheckpointError, CompressError, ConfigError, DataError
 from ..models import DecoderAdapter, adapter_for
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import DistillConfig
 from .data import WindowLoader
 from .losses import chunked_logit_loss, hidden_state_loss
+from .memory import MemoryPlan, plan_memory
+from .parallel import Engine, gather_teacher
 
 
 class DistillError(CompressError, RuntimeError):
@@ -52,6 +53,8 @@ class DistillReport:
     data: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)
     teacher_correction: dict = field(default_factory=dict)
+    engine: dict = field(default_factory=dict)
+    memory_plan: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -89,28 +92,42 @@ def default_layer_map(n_student: int, n_teacher: int, kept: list[int] | None = N
 
 
 class DistillModule(nn.Module):
-    """Student + projections + the loss, as one module so DDP sees (and synchronizes) everything trained."""
+    """Student + projections + the loss, as one module so DDP/FSDP see (and synchronize) everything trained."""
 
     def __init__(self, student: nn.Module, adapter: DecoderAdapter, config: DistillConfig,
                  layer_map: dict[int, int], teacher_width: int, hidden_init: list[int] | None = None):
         super().__init__()
         self.student, self.adapter, self.config, self.layer_map = student, adapter, config, layer_map
+        self.hidden_init = hidden_init
         width = student.config.hidden_size
         self.projections = nn.ModuleDict()
         if config.hidden_loss is not None and width != teacher_width:
-            proj = nn.Linear(width, teacher_width, bias=False)
-            with torch.no_grad():  # start from the channel selection pruning made, when known: exact at step 0
-                proj.weight.zero_()
-                if hidden_init is not None and len(hidden_init) == width:
-                    proj.weight[torch.tensor(hidden_init), torch.arange(width)] = 1.0
-                else:
-                    nn.init.orthogonal_(proj.weight)
-            self.projections["hidden"] = proj.to(next(student.parameters()).device)
+            device = next(student.parameters()).device
+            self.projections["hidden"] = nn.Linear(width, teacher_width, bias=False, device=device)
+            if device.type != "meta":
+                with torch.no_grad():
+                    self.projections["hidden"].weight.copy_(self._projection_init())
         self._captured = _LayerOutputs(adapter.decoder_layers(student), sorted(layer_map)) \
             if config.hidden_loss else None
 
+    def _projection_init(self) -> torch.Tensor:
+        """Start from the channel selection pruning made, when known (exact at step 0), else orthogonal (seeded:
+        every engine and every rank starts from the same matrix)."""
+        out_f, in_f = self.projections["hidden"].weight.shape
+        weight = torch.zeros(out_f, in_f)
+        if self.hidden_init is not None and len(self.hidden_init) == in_f:
+            weight[torch.tensor(self.hidden_init), torch.arange(in_f)] = 1.0
+        else:
+            nn.init.orthogonal_(weight, generator=torch.Generator().manual_seed(self.config.seed))
+        return weight
+
+    def initial_state(self) -> dict[str, torch.Tensor]:
+        """Initial values of the trained parameters that are not the student's (for a meta-built module)."""
+        return {"projections.hidden.weight": self._projection_init()} if "hidden" in self.projections else {}
+
     def forward(self, input_ids: torch.Tensor, teacher_final: torch.Tensor | None,
-                teacher_layers: dict[int, torch.Tensor], teacher_head: torch.Tensor | None) -> dict[str, torch.Tensor]:
+                teacher_layers: dict[int, torch.Tensor], teacher_head: torch.Tensor | None) -> torch.Tensor:
+        """Returns ``[loss, kd, ce, hidden]`` (only the first carries gradients)."""
         cfg = self.config
         base = self.student.get_submodule(self.adapter.base)
         hidden = base(input_ids=input_ids, use_cache=False).last_hidden_state
@@ -118,19 +135,27 @@ class DistillModule(nn.Module):
         labels = input_ids[:, 1:].reshape(-1) if cfg.alpha_ce > 0 else None
         d_s = hidden.shape[-1]
         t_flat = None if teacher_final is None else teacher_final[:, :-1].reshape(-1, teacher_final.shape[-1])
+        if t_flat is not None and t_flat.dtype != hidden.dtype:
+            t_flat = t_flat.to(hidden.dtype)
+        t_head = teacher_head if teacher_head is None or teacher_head.dtype == head.dtype else teacher_head.to(head.dtype)
         loss, kd, ce = chunked_logit_loss(
-            hidden[:, :-1].reshape(-1, d_s), head, t_flat, teacher_head, labels,
+            hidden[:, :-1].reshape(-1, d_s), head, t_flat, t_head, labels,
             kind=cfg.logit_loss, temperature=cfg.temperature, beta=cfg.jsd_beta, top_k=cfg.top_k,
-            chunk_tokens=cfg.chunk_tokens, kd_weight=cfg.logit_weight, ce_weight=cfg.alpha_ce)
+            chunk_tokens=cfg.chunk_tokens, kd_weight=cfg.logit_weight, ce_weight=cfg.alpha_ce,
+            compiled=cfg.compile)
         hid = kd.new_zeros(())
         if self._captured is not None:
             student_layers = self._captured.pop()
-            proj = self.projections["hidden"] if "hidden" in self.projections else nn.Identity()
+            proj = self.projections["hidden"] if "hidden" in self.projections else None
             for s_idx, t_idx in self.layer_map.items():
-                hid = hid + hidden_state_loss(proj(student_layers[s_idx]), teacher_layers[t_idx], cfg.hidden_loss)
+                h_s = student_layers[s_idx]
+                if proj is not None:  # the projection's weight dtype decides (fp32 master, bf16 under FSDP)
+                    h_s = proj(h_s.to(proj.weight.dtype))
+                hid = hid + hidden_state_loss(h_s, teacher_layers[t_idx], cfg.hidden_loss)
             hid = hid / len(self.layer_map)
             loss = loss + cfg.hidden_weight * hid
-        return {"loss": loss, "kd": kd, "ce": ce, "hidden": hid.detach()}
+        return torch.stack([loss, kd.detach().to(loss.dtype), ce.detach().to(loss.dtype),
+                            hid.detach().to(loss.dtype)])
 
 
 def _lr_lambda(config: DistillConfig, total: int):
@@ -143,29 +168,24 @@ def _lr_lambda(config: DistillConfig, total: int):
     return fn
 
 
-def _distributed() -> tuple[int, int]:
-    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _teacher_correction(teacher: nn.Module, loader: WindowLoader, config: DistillConfig, device, autocast) -> dict:
-    """Briefly fine-tune the teacher with the LM loss on the distillation data (mutates the teacher)."""
-    teacher.train()
-    opt = torch.optim.AdamW(teacher.parameters(), lr=config.lr, fused=device.type == "cuda")
+def _teacher_correction(trainer: nn.Module, params: list[nn.Parameter], loader: WindowLoader,
+                        config: DistillConfig, engine: Engine) -> dict:
+    """Briefly fine-tune the teacher with the LM loss on the distillation data (data-parallel across ranks:
+    gradients are averaged, so every rank ends with the same corrected teacher)."""
+    trainer.train()
+    opt = torch.optim.AdamW(params, lr=config.lr, fused=engine.device.type == "cuda")
     losses = []
     for _ in range(config.teacher_correction_steps):
-        batch = loader.next_batch().to(device, non_blocking=True)
-        with autocast():
-            loss = teacher(input_ids=batch, labels=batch, use_cache=False).loss
+        batch = loader.next_batch()
+        with engine.autocast():
+            loss = trainer(input_ids=batch, labels=batch, use_cache=False).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
-    teacher.eval()
-    return {"steps": config.teacher_correction_steps, "first_loss": losses[0], "last_loss": losses[-1]}
+        losses.append(loss.detach().float())
+    trainer.eval()
+    pair = distributed.all_reduce_(torch.stack([losses[0], losses[-1]]).cpu()) / distributed.rank_world()[1]
+    return {"steps": config.teacher_correction_steps, "first_loss": float(pair[0]), "last_loss": float(pair[1])}
 
 
 def _summary_writer_class():
@@ -178,6 +198,51 @@ def _summary_writer_class():
     return SummaryWriter
 
 
+def _pick_engine(config: DistillConfig, world: int, plan: MemoryPlan) -> tuple[str, bool]:
+    """(engine, shard the teacher?) from the config and the memory plan."""
+    if world == 1:  # one process: nothing to replicate or shard across
+        return "single", False
+    mode = config.parallel
+    if mode == "auto":
+        mode = "ddp" if plan.fits("ddp") else "fsdp"
+    shard = config.shard_teacher
+    if shard is None:
+        shard = mode == "fsdp" and not plan.fits("fsdp", shard_teacher=False)
+    return mode, bool(shard) and mode == "fsdp"
+
+
+class _Guard:
+    """Device-side bookkeeping of the step metrics and of the first non-finite step: the loop never reads a
+    value back from the device except on logging, checkpoint and final steps, where all ranks agree at once."""
+
+    def __init__(self, device: torch.device):
+        self.sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, kd, ce, hidden since last log
+        self.steps = 0
+        self.first_bad = torch.zeros((), dtype=torch.float64, device=device)
+        self.step = torch.zeros((), dtype=torch.float64, device=device)
+
+    def update(self, metrics: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        self.step += 1
+        self.sums += metrics.double()
+        self.steps += 1
+        bad = ~(torch.isfinite(metrics).all() & torch.isfinite(grad_norm))
+        self.first_bad = torch.where(bad & (self.first_bad == 0), self.step, self.first_bad)
+
+    def check(self) -> int:
+        """The first step (1-based, across all ranks) whose loss or gradients were not finite; 0 if none."""
+        big = 2.0 ** 52
+        code = torch.where(self.first_bad > 0, big - self.first_bad, torch.zeros_like(self.first_bad)).reshape(1)
+        code = distributed.all_reduce_(code.cpu(), "max")
+        return 0 if float(code) == 0 else int(big - float(code))
+
+    def pop_means(self) -> list[float]:
+        sums = distributed.all_reduce_(self.sums.cpu()) / distributed.rank_world()[1]
+        means = (sums / max(self.steps, 1)).tolist()
+        self.sums.zero_()
+        self.steps = 0
+        return means
+
+
 def distill(student: nn.Module, teacher: nn.Module, data, config: DistillConfig, *, tokenizer=None,
             skip_tokens: int = 0, kept_layers: list[int] | None = None, kept_hidden: list[int] | None = None,
             device: str | torch.device | None = None) -> DistillReport:
@@ -187,6 +252,10 @@ def distill(student: nn.Module, teacher: nn.Module, data, config: DistillConfig,
     ``tokenizer``) or token windows ``[N, seq_len]``. ``skip_tokens`` skips the start of the text (the part used
     for calibration). ``kept_layers``/``kept_hidden`` (from pruning) set the default layer map and initialize the
     hidden-state projection. The teacher is never trained unless ``teacher_correction_steps`` > 0.
+
+    Under ``torchrun`` every rank calls this with the same arguments: the engine (DDP or FSDP, see
+    :class:`DistillConfig`) trains data-parallel on disjoint slices of every global batch; rank 0 writes the
+    metrics and the checkpoints, and every rank returns the same report and the same trained student.
     """
     writer_class = _summary_writer_class() if config.tensorboard else None  # fail before any work
     s_adapter, t_adapter = adapter_for(student), adapter_for(teacher)
@@ -197,36 +266,6 @@ def distill(student: nn.Module, teacher: nn.Module, data, config: DistillConfig,
                         "distillation needs the same tokenizer for both")
     if tokenizer is not None:
         check_tokenizer_matches(student, tokenizer)
-    rank, world = _distributed()
-    device = torch.device(device or (f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"))
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    use_bf16 = config.dtype == "bf16" or (config.dtype == "auto" and cuda)
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
-
-    torch.manual_seed(config.seed)
-    random.seed(config.seed)
-    loader = WindowLoader.from_source(data, tokenizer, config, skip_tokens=skip_tokens, rank=rank, world=world,
-                                      pin_memory=cuda)
-    student.to(device)
-    teacher.to(device)
-    if use_bf16 and cuda:
-        teacher.to(torch.bfloat16)
-    teacher.eval()
-    correction = {}
-    if config.teacher_correction_steps:
-        correction = _teacher_correction(teacher, loader, config, device, autocast)
-        loader.reset()
-    # Freeze the teacher for this run only (flags restored at the end: a model copied from the teacher later
-    # must not inherit frozen parameters), and train every parameter of the student.
-    teacher_flags = [p.requires_grad for p in teacher.parameters()]
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    for p in student.parameters():
-        p.requires_grad_(True)
-
     n_s = len(s_adapter.decoder_layers(student))
     n_t = len(t_adapter.decoder_layers(teacher))
     layer_map = {int(k): int(v) for k, v in (config.layer_map or default_layer_map(n_s, n_t, kept_layers)).items()}
@@ -234,117 +273,186 @@ def distill(student: nn.Module, teacher: nn.Module, data, config: DistillConfig,
         layer_map = {i: layer_map[i] for i in config.hidden_layers}
     if any(not 0 <= s < n_s or not 0 <= t < n_t for s, t in layer_map.items()):
         raise DataError(f"layer_map {layer_map} names layers outside student ({n_s}) / teacher ({n_t}) depth")
-    teacher_width = teacher.config.hidden_size
-    module = DistillModule(student, s_adapter, config, layer_map if config.hidden_loss else {}, teacher_width,
-                           kept_hidden)
-    if config.gradient_checkpointing:
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    student.train()
-    wrapped: nn.Module = module
-    if world > 1:
-        wrapped = nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if cuda else None)
-    if config.compile:
-        wrapped = torch.compile(wrapped)
-    params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95),
-                                  fused=cuda)
-    total = config.total_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, total))
 
-    t_layers = t_adapter.decoder_layers(teacher)
-    captured_teacher = _LayerOutputs(t_layers, sorted(set(layer_map.values()))) if config.hidden_loss else None
-    t_base = teacher.get_submodule(t_adapter.base)
-    t_head = teacher.get_submodule(t_adapter.lm_head).weight
-
-    # Plain LM fine-tuning (logit_weight 0, no hidden loss) never runs the teacher.
-    needs_teacher = config.logit_weight > 0 or config.hidden_loss is not None
-    start_step, history, resumed = 0, [], None
-    out_dir = Path(config.output_dir) if config.output_dir else None
-    if out_dir is not None and rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    if config.resume and out_dir is not None:
-        state = load_checkpoint(out_dir, student, module.projections, optimizer, scheduler)
-        if state is not None:
-            start_step, history, resumed = state["step"], state["history"], state["step"]
-            loader.load_state(state["data"])
-    metrics = open(out_dir / "metrics.jsonl", "a", encoding="utf-8") if out_dir is not None and rank == 0 else None
-    board = writer_class(log_dir=str(out_dir / "tensorboard")) if config.tensorboard and rank == 0 else None
-
+    rank, world = distributed.init()
+    device = distributed.resolve_device(device)
+    cuda = device.type == "cuda"
     if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-    tokens_per_step = config.tokens_per_step * world
-    bar = tqdm(range(start_step, total), initial=start_step, total=total, desc="distilling",
-               disable=not config.progress or rank != 0, leave=False)
-    t0, last = time.perf_counter(), float("nan")
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    use_bf16 = config.dtype == "bf16" or (config.dtype == "auto" and cuda)
+    plan = plan_memory(student, teacher, config, world=world, device=device, use_bf16=use_bf16)
+    mode, shard_teacher = _pick_engine(config, world, plan)
+    plan.check(mode, shard_teacher)  # refuses, with what would fit, before any work
+    total = config.steps_for(world)
+
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    loader = WindowLoader.from_source(data, tokenizer, config, skip_tokens=skip_tokens, rank=rank, world=world,
+                                      device=device)
+    out_dir = Path(config.output_dir) if config.output_dir else None
+    if out_dir is not None and not config.resume and checkpoints(out_dir):
+        raise CheckpointError(f"{out_dir} holds checkpoints of an earlier run; pass resume=True to continue it, "
+                              "or choose another output_dir (nothing is overwritten without being asked)")
+    engine = Engine(mode, device, world, use_bf16, s_adapter, config.gradient_checkpointing, config.compile)
+    teacher_state = _ModelState(teacher)
+    teacher_flags = [p.requires_grad for p in teacher.parameters()]
+    t_model = teacher
     try:
-        for step in bar:
-            sums = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "hidden": 0.0}
-            for micro in range(config.grad_accum):
-                batch = loader.next_batch().to(device, non_blocking=True)
-                t_final = None
-                if needs_teacher:
-                    with torch.no_grad(), autocast():
-                        t_final = t_base(input_ids=batch, use_cache=False).last_hidden_state
-                t_layers_out = captured_teacher.pop() if captured_teacher else {}
-                sync = nullcontext() if world == 1 or micro == config.grad_accum - 1 else wrapped.no_sync()
-                with sync, autocast():
-                    out = wrapped(batch, t_final, t_layers_out, t_head)
-                    loss = out["loss"] / config.grad_accum
-                loss.backward()
-                for k in sums:
-                    sums[k] += float(out[k].detach()) / config.grad_accum
-            if not all(math.isfinite(v) for v in sums.values()):
-                raise DistillError(
-                    f"the loss became {sums['loss']} at step {step + 1}; stopping. The last good checkpoint (if "
-                    f"any) is in {out_dir}. Try a lower lr (now {config.lr}), dtype='fp32', or check the data.")
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            last = sums["loss"]
-            done = step + 1
-            elapsed = time.perf_counter() - t0
-            tps = (done - start_step) * tokens_per_step / max(elapsed, 1e-9)
-            if rank == 0 and (done % config.log_every == 0 or done == total):
-                record = {"step": done, **{k: round(v, 6) for k, v in sums.items()},
-                          "lr": scheduler.get_last_lr()[0], "tokens": done * tokens_per_step,
-                          "tokens_per_s": round(tps, 1)}
-                history.append(record)
-                if metrics:
-                    metrics.write(json.dumps(record) + "\n")
-                    metrics.flush()
-                if board:
-                    for key, value in record.items():
-                        if key != "step":
-                            board.add_scalar(f"distill/{key}", value, done)
-                bar.set_postfix(loss=f"{last:.4f}", tok_s=f"{tps:,.0f}")
-            if out_dir is not None and config.checkpoint_every and done % config.checkpoint_every == 0 and rank == 0:
-                save_checkpoint(out_dir, student, module.projections, optimizer, scheduler,
-                                {"step": done, "history": history, "data": loader.state(),
-                                 "config": config.to_dict()})
+        t_model = engine.place_teacher(teacher, shard_teacher)
+        correction = {}
+        if config.teacher_correction_steps:
+            for p in t_model.parameters():
+                p.requires_grad_(True)
+            correction = _teacher_correction(engine.teacher_trainer(t_model), list(t_model.parameters()), loader,
+                                             config, engine)
+            if t_model is not teacher:
+                gather_teacher(t_model, teacher)
+            loader.reset()
+        # Freeze the teacher for this run only (flags restored at the end: a model copied from the teacher later
+        # must not inherit frozen parameters), and train every parameter of the student.
+        for p in t_model.parameters():
+            p.requires_grad_(False)
+        engine.freeze_teacher(t_model)
+        for p in student.parameters():
+            p.requires_grad_(True)
+        teacher_width = teacher.config.hidden_size
+        wrapped = engine.place_student(student, lambda s: DistillModule(
+            s, s_adapter, config, layer_map if config.hidden_loss else {}, teacher_width, kept_hidden))
+        module = engine.module
+        params = [p for p in module.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95),
+                                      fused=cuda)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, total))
+
+        captured_teacher = _LayerOutputs(t_adapter.decoder_layers(t_model), sorted(set(layer_map.values()))) \
+            if config.hidden_loss else None
+        t_base = t_model.get_submodule(t_adapter.base)
+        t_head = t_model.get_submodule(t_adapter.lm_head).weight
+        # Plain LM fine-tuning (logit_weight 0, no hidden loss) never runs the teacher.
+        needs_teacher = config.logit_weight > 0 or config.hidden_loss is not None
+        start_step, history, resumed = 0, [], None
+        if out_dir is not None and rank == 0:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        distributed.barrier()
+        if config.resume and out_dir is not None:
+            state = load_checkpoint(out_dir, engine, optimizer, scheduler, config=config.to_dict(), world=world)
+            if state is not None:
+                start_step, history, resumed = state["step"], state["history"], state["step"]
+                loader.load_state(state["data"])
+        metrics = open(out_dir / "metrics.jsonl", "a" if resumed else "w", encoding="utf-8") \
+            if out_dir is not None and rank == 0 else None
+        board = writer_class(log_dir=str(out_dir / "tensorboard")) if config.tensorboard and rank == 0 else None
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        tokens_per_step = config.tokens_per_step * world
+        bar = tqdm(range(start_step, total), initial=start_step, total=total, desc="distilling",
+                   disable=not config.progress or rank != 0, leave=False)
+        guard = _Guard(device)
+        t0, last = time.perf_counter(), history[-1]["loss"] if history else float("nan")
+        try:
+            for step in bar:
+                step_metrics = torch.zeros(4, device=device)
+                for micro in range(config.grad_accum):
+                    batch = loader.next_batch()
+                    t_final = None
+                    if needs_teacher:
+                        with torch.no_grad(), engine.autocast():
+                            t_final = t_base(input_ids=batch, use_cache=False).last_hidden_state
+                    t_layers_out = captured_teacher.pop() if captured_teacher else {}
+                    with engine.no_sync(micro == config.grad_accum - 1), engine.autocast():
+                        out = wrapped(batch, t_final, t_layers_out, t_head)
+                    (out[0] / config.grad_accum).backward()
+                    step_metrics += out.detach().float() / config.grad_accum
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                guard.update(step_metrics, _local(grad_norm))
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                done = step + 1
+                log_now = done % config.log_every == 0 or done == total
+                save_now = out_dir is not None and config.checkpoint_every and done % config.checkpoint_every == 0
+                if not (log_now or save_now):
+                    continue
+                bad = guard.check()  # the same answer on every rank: all stop together
+                if bad:
+                    where = latest_checkpoint(out_dir) if out_dir is not None else None
+                    raise DistillError(
+                        f"the loss or the gradients became nan/inf at step {bad}; stopping (every rank). The last "
+                        f"good checkpoint is {where or 'none (no checkpoint was written)'}. Try a lower lr (now "
+                        f"{config.lr}), dtype='fp32', or check the data.")
+                if log_now:
+                    loss, kd, ce, hid = guard.pop_means()
+                    last = loss
+                    elapsed = time.perf_counter() - t0
+                    tps = (done - start_step) * tokens_per_step / max(elapsed, 1e-9)
+                    record = {"step": done, "loss": round(loss, 6), "kd": round(kd, 6), "ce": round(ce, 6),
+                              "hidden": round(hid, 6), "lr": scheduler.get_last_lr()[0],
+                              "tokens": done * tokens_per_step, "tokens_per_s": round(tps, 1)}
+                    history.append(record)
+                    if metrics:
+                        metrics.write(json.dumps(record) + "\n")
+                        metrics.flush()
+                    if board:
+                        for key, value in record.items():
+                            if key != "step":
+                                board.add_scalar(f"distill/{key}", value, done)
+                    bar.set_postfix(loss=f"{last:.4f}", tok_s=f"{tps:,.0f}")
+                if save_now:
+                    save_checkpoint(out_dir, engine, optimizer, scheduler,
+                                    {"step": done, "history": history, "data": loader.state(),
+                                     "config": config.to_dict()})
+        finally:
+            bar.close()
+            if metrics:
+                metrics.close()
+            if board:
+                board.close()
+            for hooks_in_use in (module._captured, captured_teacher):
+                if hooks_in_use is not None:
+                    hooks_in_use.remove()
+        if cuda:
+            torch.cuda.synchronize(device)
+        elapsed = time.perf_counter() - t0
+        peak = round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if cuda else None
+        engine.finish_student()
+    except BaseException:
+        engine.restore_student_on_error()
+        raise
     finally:
-        bar.close()
-        if metrics:
-            metrics.close()
-        if board:
-            board.close()
-        for hooks_in_use in (module._captured, captured_teacher):
-            if hooks_in_use is not None:
-                hooks_in_use.remove()
-        if config.gradient_checkpointing:
-            student.gradient_checkpointing_disable()
         for p, flag in zip(teacher.parameters(), teacher_flags):
             p.requires_grad_(flag)
-        student.eval()
-    elapsed = time.perf_counter() - t0
+        teacher_state.restore()
     steps_run = total - start_step
+    projection = None
+    if "hidden" in module.projections:
+        projection = "learned linear %d -> %d" % (student.config.hidden_size, teacher_width)
     return DistillReport(
         steps=total, tokens=total * tokens_per_step, seconds=round(elapsed, 2),
         tokens_per_second=round(steps_run * tokens_per_step / max(elapsed, 1e-9), 1), final_loss=last,
         losses=history, layer_map={str(k): v for k, v in layer_map.items()} if config.hidden_loss else {},
-        projection="learned linear %d -> %d" % (student.config.hidden_size, teacher_width)
-        if "hidden" in module.projections else None,
-        resumed_from_step=resumed,
-        peak_memory_mib=round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if cuda else None,
+        projection=projection, resumed_from_step=resumed, peak_memory_mib=peak,
         data=loader.describe(), config=config.to_dict(), teacher_correction=correction,
+        engine={"mode": mode, "world_size": world, "shard_teacher": shard_teacher, "device": str(device),
+                "precision": "bf16 compute, fp32 master weights" if use_bf16 else "fp32"},
+        memory_plan=plan.to_dict(mode, shard_teacher),
     )
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A replicated DTensor (FSDP's gradient norm) as a plain tensor; plain tensors pass through."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+class _ModelState:
+    """A model's device and dtype, to put back when a run ends (the caller's teacher is only borrowed)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        first = next(model.parameters())
+        self.device, self.dtype = first.device, first.dtype
+        self.training = model.training
+
+    def restore(self) -> None:
+        self.model.to(device=self.device, dtype=self.dtype)
+        self.model.train(self.training)

@@ -1,0 +1,231 @@
+"""Where the student and the teacher live while training: one process, DDP replicas, or FSDP2 shards.
+
+An :class:`Engine` owns the choices that differ between the three and nothing else, so the training loop in
+``trainer.py`` is one piece of code:
+
+* ``single`` — the caller's student trains in place on this process's device;
+* ``ddp`` — the same, wrapped in ``DistributedDataParallel`` (gradients all-reduced, fp32);
+* ``fsdp`` — a replica of the student is built on the meta device, sharded per decoder layer with
+  ``torch.distributed.fsdp.fully_shard`` (bf16 compute, fp32 master weights and reductions on CUDA), filled
+  from the caller's weights, trained, and gathered back into the caller's student at the end. The frozen
+  teacher is sharded the same way when asked (or when it does not fit whole).
+
+In every mode a student whose weights are bf16/fp16 trains on fp32 master weights and is handed back in its
+own dtype.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .. import distributed
+from ..models import DecoderAdapter
+from . import checkpoint as ckpt
+
+MODES = ("single", "ddp", "fsdp")
+
+
+def _meta_replica(model: nn.Module) -> nn.Module:
+    """An empty model of the same class and config on the meta device (no memory), for sharding."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(model.config, attn_implementation=model.config._attn_implementation,
+                                                torch_dtype=torch.float32)
+
+
+def _copy_buffers(src: nn.Module, dst: nn.Module, device: torch.device) -> None:
+    """Non-persistent buffers (rotary ``inv_freq``) are not in state dicts: copy them after ``to_empty``."""
+    for name, buf in src.named_buffers():
+        target = dst.get_buffer(name)
+        target.copy_(buf.to(device=device, dtype=target.dtype))
+
+
+class Engine:
+    """One of :data:`MODES`, with the device, the process group size and the precision it trains in."""
+
+    def __init__(self, mode: str, device: torch.device, world: int, use_bf16: bool, adapter: DecoderAdapter,
+                 gradient_checkpointing: bool = False, compile_layers: bool = False):
+        if mode not in MODES:
+            raise ValueError(f"unknown engine {mode!r}")
+        self.mode, self.device, self.world, self.use_bf16 = mode, device, world, use_bf16
+        self.adapter = adapter
+        self.gradient_checkpointing, self.compile_layers = gradient_checkpointing, compile_layers
+        self.mesh = None
+        if mode == "fsdp":
+            from torch.distributed.device_mesh import init_device_mesh
+
+            self.mesh = init_device_mesh(device.type, (world,))
+        self.module: nn.Module | None = None
+        self.wrapped: nn.Module | None = None
+        self._caller_student: nn.Module | None = None
+        self._student_dtype: torch.dtype | None = None
+        self.optimizer_meta: dict = {}
+
+    # --- precision ------------------------------------------------------------------------------------------
+
+    def autocast(self):
+        """bf16 autocast for the single/DDP engines (FSDP casts through its mixed-precision policy instead)."""
+        if self.use_bf16 and self.mode != "fsdp":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def _mp_policy(self):
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        if self.use_bf16:
+            return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        return MixedPrecisionPolicy()
+
+    def _shard(self, model: nn.Module, root: nn.Module) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in self.adapter.decoder_layers(model):
+            fully_shard(layer, mesh=self.mesh, mp_policy=self._mp_policy())
+        fully_shard(root, mesh=self.mesh, mp_policy=self._mp_policy())
+
+    def _fill(self, root: nn.Module, full_state: dict[str, torch.Tensor], buffers_from: nn.Module,
+              buffers_to: nn.Module) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        root.to_empty(device=self.device)
+        full_state = {k: v.detach().to(torch.float32) for k, v in full_state.items()}
+        set_model_state_dict(root, full_state, options=StateDictOptions(full_state_dict=True))
+        _copy_buffers(buffers_from, buffers_to, self.device)
+
+    # --- student --------------------------------------------------------------------------------------------
+
+    def place_student(self, student: nn.Module, make_module: Callable[[nn.Module], nn.Module]) -> nn.Module:
+        """Return the module to train (student + projections + loss), wrapped for this engine.
+
+        ``make_module(student)`` builds the ``DistillModule`` around a student. Its parameters' initial values
+        come from ``module.initial_state()`` for everything that is not the student.
+        """
+        self._caller_student = student
+        self._student_dtype = next(student.parameters()).dtype
+        if self.mode == "fsdp":
+            replica = _meta_replica(student)
+            self._prepare_layers(replica)
+            module = make_module(replica)
+            self._shard(replica, module)
+            state = {f"student.{k}": v for k, v in student.state_dict().items()}
+            state.update(module.initial_state())
+            self._fill(module, state, student, replica)
+            replica.train()
+            self.module = self.wrapped = module
+            return module
+        if self._student_dtype != torch.float32:
+            student.float()  # fp32 master weights; autocast computes in bf16
+        student.to(self.device)
+        self._prepare_layers(student)
+        module = make_module(student)
+        self.module = module
+        self.wrapped = module
+        if self.mode == "ddp":
+            self.wrapped = nn.parallel.DistributedDataParallel(
+                module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                gradient_as_bucket_view=True)
+        student.train()
+        return self.wrapped
+
+    def _prepare_layers(self, student: nn.Module) -> None:
+        if self.gradient_checkpointing:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.compile_layers:
+            for layer in self.adapter.decoder_layers(student):
+                layer.compile()
+
+    def no_sync(self, last_micro_batch: bool):
+        """Skip the gradient all-reduce on all but the last micro-batch of a step (DDP)."""
+        if self.mode == "ddp" and not last_micro_batch:
+            return self.wrapped.no_sync()
+        if self.mode == "fsdp":
+            self.module.set_requires_gradient_sync(last_micro_batch)
+        return nullcontext()
+
+    def finish_student(self) -> None:
+        """Hand the trained weights back to the caller's student, in its own dtype (every rank calls this)."""
+        student = self._caller_student
+        if self.mode == "fsdp":
+            _gather_into(self.module.student, student)
+        else:
+            if self.gradient_checkpointing:
+                student.gradient_checkpointing_disable()
+            if self._student_dtype != torch.float32:
+                student.to(self._student_dtype)
+        student.eval()
+
+    def restore_student_on_error(self) -> None:
+        if self.mode != "fsdp" and self._caller_student is not None:
+            if self.gradient_checkpointing:
+                self._caller_student.gradient_checkpointing_disable()
+            if self._student_dtype is not None and self._student_dtype != torch.float32:
+                self._caller_student.to(self._student_dtype)
+            self._caller_student.eval()
+
+    # --- teacher --------------------------------------------------------------------------------------------
+
+    def place_teacher(self, teacher: nn.Module, shard: bool) -> nn.Module:
+        """The teacher to run: the caller's (moved to the device), or a sharded replica under FSDP."""
+        if shard:
+            replica = _meta_replica(teacher)
+            self._shard(replica, replica)
+            self._fill(replica, teacher.state_dict(), teacher, replica)
+            return replica
+        teacher.to(self.device)
+        return teacher
+
+    def teacher_trainer(self, teacher: nn.Module) -> nn.Module:
+        """What teacher correction calls: every rank must end with the same corrected teacher."""
+        if self.world > 1 and not _is_sharded(teacher):
+            return nn.parallel.DistributedDataParallel(
+                teacher, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return teacher
+
+    def freeze_teacher(self, teacher: nn.Module) -> None:
+        """Make the teacher ready for no-grad forward passes: bf16 weights on CUDA, whole root group gathered."""
+        teacher.eval()
+        if _is_sharded(teacher):
+            teacher.unshard()  # embedding, final norm and LM head stay gathered for the whole run
+        elif self.use_bf16 and self.device.type == "cuda":
+            teacher.to(torch.bfloat16)
+
+    # --- checkpoint tensors ---------------------------------------------------------------------------------
+
+    def save_tensors(self, path, optimizer) -> None:
+        if self.mode == "fsdp":
+            ckpt.save_sharded(path, self.module, optimizer)
+        else:
+            self.optimizer_meta = ckpt.save_replicated(path, self.module.student, self.module.projections, optimizer)
+
+    def load_tensors(self, path, optimizer, optimizer_meta: dict | None) -> None:
+        if self.mode == "fsdp":
+            ckpt.load_sharded(path, self.module, optimizer)
+        else:
+            ckpt.load_replicated(path, self.module.student, self.module.projections, optimizer, optimizer_meta)
+
+
+def _is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def _gather_into(sharded: nn.Module, target: nn.Module) -> None:
+    """Copy a sharded model's weights into a plain model of the same shape, one tensor at a time."""
+    from torch.distributed.tensor import DTensor
+
+    with torch.no_grad():
+        for name, param in sharded.named_parameters():
+            full = param.full_tensor() if isinstance(param, DTensor) else param
+            dst = target.get_parameter(name)
+            dst.copy_(full.to(device=dst.device, dtype=dst.dtype))
+
+
+def gather_teacher(sharded: nn.Module, teacher: nn.Module) -> None:
+    """After teacher correction on a sharded replica, the caller's teacher receives the corrected weights."""
+    _gather_into(sharded, teacher)
