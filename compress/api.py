@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from . import distributed
 from .calibrate import CalibrationConfig
 from .distill import DistillConfig
 from .distill import distill as run_distill
@@ -147,6 +148,12 @@ def compress(
     ``formats``/``quantize``: what :func:`compress.export.export` writes (add ``"onnx"`` for an onnxruntime model
     checked against PyTorch, ``quantize="int8"`` for its int8 version).
     The student folder appears only when every stage has succeeded.
+
+    Under ``torchrun`` every rank runs this call with the same arguments: each rank takes the GPU of its
+    ``LOCAL_RANK``, calibration windows are shared out across ranks (importance statistics all-reduced, so every
+    rank plans the same shape), distillation is data-parallel with a global token budget, and only rank 0
+    evaluates and writes ``out_dir``. Every rank returns the same result; on the other ranks it has no export
+    stage (``stages["export"]["written_by"]`` says which rank wrote).
     """
     times: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -170,13 +177,20 @@ def compress(
         source = str(teacher)
     if tokenizer is None:
         raise DataError("a tokenizer is needed: pass tokenizer= or a (model, tokenizer) pair")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    rank, _ = distributed.init()
+    device = distributed.resolve_device(device)
     model.to(device)
     times["load"] = time.perf_counter() - t0
 
-    t = time.perf_counter()
-    ppl = {"teacher": perplexity(model, tokenizer, eval_data, seq_len=eval_seq_len, max_tokens=eval_tokens)}
-    times["evaluate_teacher"] = time.perf_counter() - t
+    def evaluate(stage: str) -> None:  # rank 0 measures, every rank learns the figure
+        t = time.perf_counter()
+        value = perplexity(model, tokenizer, eval_data, seq_len=eval_seq_len, max_tokens=eval_tokens) \
+            if rank == 0 else None
+        ppl[stage] = distributed.broadcast_object(value)
+        times[f"evaluate_{stage}"] = time.perf_counter() - t
+
+    ppl: dict[str, float] = {}
+    evaluate("teacher")
 
     teacher_copy = copy.deepcopy(model) if distill is not None else None
     t = time.perf_counter()
@@ -184,9 +198,7 @@ def compress(
                    calibration_config=calibration, plan_config=plan)
     times["prune"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    ppl["pruned"] = perplexity(model, tokenizer, eval_data, seq_len=eval_seq_len, max_tokens=eval_tokens)
-    times["evaluate_pruned"] = time.perf_counter() - t
+    evaluate("pruned")
     stages = {"prune": report.to_dict()}
     split = {"calibration": report.calibration}
     if distill is not None:
@@ -200,9 +212,7 @@ def compress(
         times["distill"] = time.perf_counter() - t
         stages["distill"] = distilled.to_dict()
         split["distillation"] = {**distilled.data, "tokens_trained": distilled.tokens}
-        t = time.perf_counter()
-        ppl["distilled"] = perplexity(model, tokenizer, eval_data, seq_len=eval_seq_len, max_tokens=eval_tokens)
-        times["evaluate_distilled"] = time.perf_counter() - t
+        evaluate("distilled")
 
     result = Result(
         out_dir=Path(out_dir),
@@ -212,6 +222,10 @@ def compress(
         data={"teacher": source, **split, "evaluation": describe_source(eval_data),
               "eval_seq_len": eval_seq_len, "eval_tokens": eval_tokens},
     )
+    if rank != 0:  # no collective follows: the other ranks are done and leave the writing to rank 0
+        result.stages["export"] = {"written_by": 0}
+        result.seconds = {k: round(v, 2) for k, v in times.items()}
+        return result
     t = time.perf_counter()
     exported = run_export(model, tokenizer, out_dir, formats, quantize, overwrite=overwrite, eval_data=eval_data,
                           eval_tokens=eval_tokens or 4096, history=_card_history(result), name=f"{Path(source).name} (compressed)",

@@ -79,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     except CompressError as exc:
         print(f"compress: error: {exc}", file=sys.stderr)
         return 2
+    if "written_by" in result.stages.get("export", {}):
+        return 0  # under torchrun, rank 0 reports
     if args.json:
         print(result.to_json())
         return 0

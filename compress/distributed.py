@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Iterator
 
 import torch
@@ -24,14 +25,20 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+# Rank 0 evaluates and exports alone while the others wait in a collective: allow it time (the default of
+# 10 minutes would abort a long evaluation of a large model).
+COLLECTIVE_TIMEOUT = timedelta(minutes=int(os.environ.get("COMPRESS_COLLECTIVE_TIMEOUT_MIN", "60")))
+
+
 def init() -> tuple[int, int]:
     """Create the process group when launched by ``torchrun`` (idempotent); return ``(rank, world)``."""
     if not dist.is_initialized() and world_from_env() > 1:
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank())
-            dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank()))
+            dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank()),
+                                    timeout=COLLECTIVE_TIMEOUT)
         else:
-            dist.init_process_group("gloo")
+            dist.init_process_group("gloo", timeout=COLLECTIVE_TIMEOUT)
     return rank_world()
 
 

@@ -176,3 +176,32 @@ def test_bf16_student_trains_on_fp32_master_weights(tmp_path):
     assert record["report"]["engine"]["precision"] == "bf16 compute, fp32 master weights"
     saved = load_file(str(tmp_path / "run" / "checkpoint-00000002" / "student.safetensors"))
     assert {v.dtype for v in saved.values()} == {torch.float32}
+
+
+def test_torchrun_compress_command_writes_one_complete_folder(tmp_path, tokenizer):
+    """`torchrun --nproc_per_node 2 -m compress ...`: both ranks prune and distill, rank 0 alone writes."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import SAMPLE_TEXT, tiny_model
+
+    teacher = tmp_path / "teacher"
+    tiny_model("llama").save_pretrained(teacher)
+    tokenizer.save_pretrained(teacher)
+    (tmp_path / "train.txt").write_text(SAMPLE_TEXT)
+    (tmp_path / "valid.txt").write_text(SAMPLE_TEXT[:3000])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_port()), "-m", "compress", str(teacher), "--out", str(tmp_path / "student"),
+           "--data", str(tmp_path / "train.txt"), "--eval-data", str(tmp_path / "valid.txt"), "--samples", "8",
+           "--seq-len", "32", "--eval-tokens", "256", "--distill-tokens", "1024", "--formats", "safetensors",
+           "--json"]
+    proc = subprocess.run(cmd, env=_env(), timeout=TIMEOUT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)  # one JSON document: only rank 0 reports
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["student", "teacher", "train.txt", "valid.txt"]
+    distilled = result["stages"]["distill"]
+    assert distilled["engine"]["mode"] == "ddp" and distilled["engine"]["world_size"] == 2
+    assert distilled["tokens"] == 1024 and distilled["steps"] == 2  # the budget is global: 2 steps of 2 x 8 x 32
+    assert result["prune"]["importance_summary"]["ranks"] == 2
+    assert set(result["perplexity"]) == {"teacher", "pruned", "distilled"}
+    AutoModelForCausalLM.from_pretrained(tmp_path / "student")
+    assert json.loads((tmp_path / "student" / "compress_report.json").read_text())["perplexity"] == result["perplexity"]
