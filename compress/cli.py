@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after pruning, distill from the teacher on this many tokens (0: no distillation)")
     p.add_argument("--hidden-loss", choices=["cosine", "mse"], default=None,
                    help="add hidden-state distillation (with --distill-tokens)")
+    p.add_argument("--parallel", choices=["auto", "ddp", "fsdp"], default="auto",
+                   help="under torchrun: replicate the student (ddp) or shard it (fsdp); auto picks by memory")
     p.add_argument("--formats", default="safetensors,onnx",
                    help="what to write: safetensors, onnx, or both (default: %(default)s)")
     p.add_argument("--int8", action="store_true",
@@ -68,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         distill = None
         if args.distill_tokens:
             distill = DistillConfig(max_tokens=args.distill_tokens, hidden_loss=args.hidden_loss,
-                                    seq_len=min(args.seq_len, 512), lr=5e-4, warmup_steps=5)
+                                    seq_len=min(args.seq_len, 512), lr=5e-4, warmup_steps=5,
+                                    parallel=args.parallel)
         result = api.compress(
             args.teacher, target, args.data, args.out, strategy=args.strategy, plugins=plugins,
             calibration=CalibrationConfig(num_samples=args.samples, seq_len=args.seq_len,

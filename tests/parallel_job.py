@@ -44,6 +44,7 @@ def main() -> None:
     p.add_argument("--dtype", default="fp32")
     p.add_argument("--student-dtype", default="fp32")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing per decoder layer")
     a = p.parse_args()
 
     torch.set_num_threads(1)
@@ -65,7 +66,8 @@ def main() -> None:
                         lr=2e-3, warmup_steps=2, hidden_loss="cosine" if a.hidden else None, output_dir=a.out,
                         checkpoint_every=a.checkpoint_every, resume=a.resume, progress=False, log_every=1,
                         parallel=a.parallel, shard_teacher=True if a.shard_teacher else None, dtype=a.dtype,
-                        teacher_correction_steps=a.teacher_correction, compile=a.compile)
+                        teacher_correction_steps=a.teacher_correction, compile=a.compile,
+                        gradient_checkpointing=a.checkpointing)
     out = Path(a.report_dir)
     record: dict = {"rank": rank, "world": world}
     try:

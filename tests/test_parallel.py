@@ -91,14 +91,15 @@ def single_run(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("engine, extra", [("ddp", ()), ("fsdp", ("--shard-teacher",))])
+@pytest.mark.parametrize("engine, extra", [("ddp", ()), ("fsdp", ("--shard-teacher",)),
+                                           ("fsdp", ("--checkpointing",))])
 def test_two_processes_match_one_process_on_the_same_global_batch(engine, extra, single_run, tmp_path):
     proc = launch(tmp_path, "--steps", "6", "--batch-size", "2", "--hidden", "--parallel", engine, *extra)
     assert proc.returncode == 0, proc.stderr[-3000:]
     _assert_same_training(single_run, tmp_path, 2)
     report = ranks(tmp_path, 2)[0]["report"]
     assert report["engine"]["mode"] == engine and report["engine"]["world_size"] == 2
-    assert report["engine"]["shard_teacher"] == (engine == "fsdp")
+    assert report["engine"]["shard_teacher"] == ("--shard-teacher" in extra)
     assert report["tokens"] == 6 * 4 * 32
 
 
@@ -179,7 +180,8 @@ def test_bf16_student_trains_on_fp32_master_weights(tmp_path):
 
 
 def test_torchrun_compress_command_writes_one_complete_folder(tmp_path, tokenizer):
-    """`torchrun --nproc_per_node 2 -m compress ...`: both ranks prune and distill, rank 0 alone writes."""
+    """`torchrun --nproc_per_node 2 -m compress ...`: both ranks prune and distill (FSDP: the gathered student
+    is what gets saved), rank 0 alone writes."""
     from transformers import AutoModelForCausalLM
 
     from conftest import SAMPLE_TEXT, tiny_model
@@ -193,13 +195,13 @@ def test_torchrun_compress_command_writes_one_complete_folder(tmp_path, tokenize
            "--master_port", str(_port()), "-m", "compress", str(teacher), "--out", str(tmp_path / "student"),
            "--data", str(tmp_path / "train.txt"), "--eval-data", str(tmp_path / "valid.txt"), "--samples", "8",
            "--seq-len", "32", "--eval-tokens", "256", "--distill-tokens", "1024", "--formats", "safetensors",
-           "--json"]
+           "--parallel", "fsdp", "--json"]
     proc = subprocess.run(cmd, env=_env(), timeout=TIMEOUT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)  # one JSON document: only rank 0 reports
     assert sorted(p.name for p in tmp_path.iterdir()) == ["student", "teacher", "train.txt", "valid.txt"]
     distilled = result["stages"]["distill"]
-    assert distilled["engine"]["mode"] == "ddp" and distilled["engine"]["world_size"] == 2
+    assert distilled["engine"]["mode"] == "fsdp" and distilled["engine"]["world_size"] == 2
     assert distilled["tokens"] == 1024 and distilled["steps"] == 2  # the budget is global: 2 steps of 2 x 8 x 32
     assert result["prune"]["importance_summary"]["ranks"] == 2
     assert set(result["perplexity"]) == {"teacher", "pruned", "distilled"}

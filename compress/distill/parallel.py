@@ -29,13 +29,13 @@ from . import checkpoint as ckpt
 MODES = ("single", "ddp", "fsdp")
 
 
-def _meta_replica(model: nn.Module) -> nn.Module:
+def _meta_replica(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
     """An empty model of the same class and config on the meta device (no memory), for sharding."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(model.config, attn_implementation=model.config._attn_implementation,
-                                                torch_dtype=torch.float32)
+                                                dtype=dtype)
 
 
 def _copy_buffers(src: nn.Module, dst: nn.Module, device: torch.device) -> None:
@@ -93,7 +93,8 @@ class Engine:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         root.to_empty(device=self.device)
-        full_state = {k: v.detach().to(torch.float32) for k, v in full_state.items()}
+        dtype = next(root.parameters()).dtype
+        full_state = {k: v.detach().to(dtype) for k, v in full_state.items()}
         set_model_state_dict(root, full_state, options=StateDictOptions(full_state_dict=True))
         _copy_buffers(buffers_from, buffers_to, self.device)
 
@@ -169,10 +170,12 @@ class Engine:
 
     # --- teacher --------------------------------------------------------------------------------------------
 
-    def place_teacher(self, teacher: nn.Module, shard: bool) -> nn.Module:
-        """The teacher to run: the caller's (moved to the device), or a sharded replica under FSDP."""
+    def place_teacher(self, teacher: nn.Module, shard: bool, trained: bool = False) -> nn.Module:
+        """The teacher to run: the caller's (moved to the device), or a sharded replica under FSDP — in bf16 on
+        CUDA unless it is to be trained first (teacher correction: fp32 master weights, bf16 compute)."""
         if shard:
-            replica = _meta_replica(teacher)
+            frozen_bf16 = self.use_bf16 and self.device.type == "cuda" and not trained
+            replica = _meta_replica(teacher, torch.bfloat16 if frozen_bf16 else torch.float32)
             self._shard(replica, replica)
             self._fill(replica, teacher.state_dict(), teacher, replica)
             return replica

@@ -299,7 +299,7 @@ def distill(student: nn.Module, teacher: nn.Module, data, config: DistillConfig,
     teacher_flags = [p.requires_grad for p in teacher.parameters()]
     t_model = teacher
     try:
-        t_model = engine.place_teacher(teacher, shard_teacher)
+        t_model = engine.place_teacher(teacher, shard_teacher, trained=bool(config.teacher_correction_steps))
         correction = {}
         if config.teacher_correction_steps:
             for p in t_model.parameters():
@@ -388,7 +388,8 @@ def distill(student: nn.Module, teacher: nn.Module, data, config: DistillConfig,
                     tps = (done - start_step) * tokens_per_step / max(elapsed, 1e-9)
                     record = {"step": done, "loss": round(loss, 6), "kd": round(kd, 6), "ce": round(ce, 6),
                               "hidden": round(hid, 6), "lr": scheduler.get_last_lr()[0],
-                              "tokens": done * tokens_per_step, "tokens_per_s": round(tps, 1)}
+                              "tokens": done * tokens_per_step, "tokens_per_s": round(tps, 1),
+                              "elapsed_s": round(elapsed, 3)}
                     history.append(record)
                     if metrics:
                         metrics.write(json.dumps(record) + "\n")
