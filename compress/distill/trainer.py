@@ -1,9 +1,13 @@
 """The distillation loop: teacher forward (no grad), student forward, fused chunked losses, AdamW.
 
-One code path for CPU and CUDA. On CUDA it runs bf16 autocast with the teacher cast to bf16, TF32 matmuls,
-fused AdamW, optional ``torch.compile`` and gradient checkpointing, and pinned, non-blocking host-to-device
-copies; on CPU the same code runs in fp32 (which is what the tests cover). Under ``torchrun`` it trains with
-DistributedDataParallel (NCCL on GPUs, gloo on CPU); each rank takes its slice of every global batch.
+One code path for CPU and CUDA, one process or many. On CUDA: bf16 compute with fp32 master weights, a bf16
+teacher, TF32 matmuls, fused AdamW, optional ``torch.compile`` of the student's decoder layers and of the
+fused loss, gradient checkpointing per decoder layer, and batches staged through pinned buffers one step
+ahead; on CPU the same code in fp32 (or bf16 autocast with ``dtype="bf16"``). Under ``torchrun`` the engine
+(``parallel.py``) is DDP or FSDP2; the token budget is global and every rank takes its slice of each global
+batch. The loop reads nothing back from the device except on logging and checkpoint steps, where the ranks
+also agree on whether any of them saw a non-finite loss or gradient — so all stop together, before a bad
+checkpoint is written.
 """
 
 from __future__ import annotations
@@ -173,7 +177,7 @@ def _teacher_correction(trainer: nn.Module, params: list[nn.Parameter], loader: 
     """Briefly fine-tune the teacher with the LM loss on the distillation data (data-parallel across ranks:
     gradients are averaged, so every rank ends with the same corrected teacher)."""
     trainer.train()
-    opt = torch.optim.AdamW(params, lr=config.lr, fused=engine.device.type == "cuda")
+    opt = torch.optim.AdamW(params, lr=config.lr, fused=True)
     losses = []
     for _ in range(config.teacher_correction_steps):
         batch = loader.next_batch()
@@ -321,8 +325,10 @@ def distill(student: nn.Module, teacher: nn.Module, data, config: DistillConfig,
             s, s_adapter, config, layer_map if config.hidden_loss else {}, teacher_width, kept_hidden))
         module = engine.module
         params = [p for p in module.parameters() if p.requires_grad]
+        # Fused AdamW on CUDA and CPU alike: one kernel per step and no parameter-sized temporaries (the
+        # multi-tensor version allocated ~2x the weights again on every step on CPU).
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95),
-                                      fused=cuda)
+                                      fused=True)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, total))
 
         captured_teacher = _LayerOutputs(t_adapter.decoder_layers(t_model), sorted(set(layer_map.values()))) \
@@ -415,6 +421,7 @@ def distill(student: nn.Module, teacher: nn.Module, data, config: DistillConfig,
         if cuda:
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - t0
+        state_bytes = _training_state_bytes(params, optimizer)
         peak = round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if cuda else None
         engine.finish_student()
     except BaseException:
@@ -435,9 +442,23 @@ def distill(student: nn.Module, teacher: nn.Module, data, config: DistillConfig,
         projection=projection, resumed_from_step=resumed, peak_memory_mib=peak,
         data=loader.describe(), config=config.to_dict(), teacher_correction=correction,
         engine={"mode": mode, "world_size": world, "shard_teacher": shard_teacher, "device": str(device),
-                "precision": "bf16 compute, fp32 master weights" if use_bf16 else "fp32"},
+                "precision": "bf16 compute, fp32 master weights" if use_bf16 else "fp32",
+                "training_state_mib": round(state_bytes / 2**20, 1)},
         memory_plan=plan.to_dict(mode, shard_teacher),
     )
+
+
+def _training_state_bytes(params: list[nn.Parameter], optimizer: torch.optim.Optimizer) -> int:
+    """Bytes this process holds of the student's training state: its (shard of the) weights, as many bytes of
+    gradients, and the optimizer's state tensors — measured on the tensors themselves."""
+    def size(t: torch.Tensor) -> int:
+        t = _local(t)
+        return t.numel() * t.element_size()
+
+    total = sum(2 * size(p) for p in params)
+    for per_param in optimizer.state.values():
+        total += sum(size(v) for v in per_param.values() if torch.is_tensor(v) and v.dim() > 0)
+    return total
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
