@@ -12,7 +12,8 @@ The estimate adds up what a distillation step holds at its peak on one device:
   c_i·intermediate + c_q·(heads·head_dim)`` (+ a sequence term for attention masks on CPU); with gradient
   checkpointing, only each layer's input plus one layer being recomputed;
 * the teacher's forward (one layer of transients, its final hidden states, the hidden states the hidden-state
-  loss compares) and the fused loss's chunk (``chunk_tokens × vocab`` fp32 tensors) and gradient buffers.
+  loss compares) and the fused loss's chunk (``chunk_tokens × vocab`` fp32 tensors) and gradient buffers,
+  including the embedding's dense gradient.
 
 It is an estimate of what ``torch.cuda.max_memory_allocated`` reports, not of what ``nvidia-smi`` shows (the
 CUDA context and the allocator's cache come on top). BENCHMARKS.md compares it with measured peaks.
@@ -47,6 +48,7 @@ class _Shape:
     q_width: int
     vocab: int
     param_bytes: int
+    tied: bool
 
     @classmethod
     def of(cls, model: nn.Module) -> "_Shape":
@@ -59,10 +61,12 @@ class _Shape:
         cfg = model.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         first = next(iter(unique.values()))
+        tied = model.get_submodule(adapter.lm_head).weight is model.get_submodule(adapter.embed).weight
         return cls(params=params, layers=len(layers), layer_params=layer_params, root_params=params - in_layers,
                    hidden=cfg.hidden_size, intermediate=cfg.intermediate_size,
                    q_width=cfg.num_attention_heads * head_dim,
-                   vocab=model.get_submodule(adapter.lm_head).weight.shape[0], param_bytes=first.element_size())
+                   vocab=model.get_submodule(adapter.lm_head).weight.shape[0], param_bytes=first.element_size(),
+                   tied=tied)
 
 
 @dataclass
@@ -107,10 +111,14 @@ class MemoryPlan:
         return transient + kept
 
     def _loss(self) -> int:
-        s, t, cfg = self.student, self.teacher, self.config
+        """The fused loss's chunk tensors and its fp32 LM-head gradient buffer, plus the embedding's dense
+        gradient (and, with a tied LM head, the sum of the two gradients) made in backward."""
+        s, cfg = self.student, self.config
         n = cfg.batch_size * (cfg.seq_len - 1)
         chunk = min(cfg.chunk_tokens, n)
-        return _LOSS_CHUNK_TENSORS * chunk * s.vocab * 4 + s.vocab * s.hidden * 4 + 2 * n * s.hidden * 4
+        embedding_grads = (2 if s.tied else 1) * s.vocab * s.hidden * 4
+        return _LOSS_CHUNK_TENSORS * chunk * s.vocab * 4 + s.vocab * s.hidden * 4 + 2 * n * s.hidden * 4 \
+            + embedding_grads
 
     def _student_state(self, mode: str) -> int:
         s = self.student
