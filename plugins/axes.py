@@ -130,3 +130,5 @@ class HiddenAxis(AxisPlugin):
                 slice_linear(lin, in_idx=idx)
             for lin in adapter.hidden_out_linears(layer):
                 slice_linear(lin, out_idx=idx)
+        # e.g. Gemma's sqrt(hidden_size) embedding scale, which a reload recomputes from the new width
+        adapter.compensate_hidden(model, selection["kept"] + selection["removed"], len(idx))

@@ -90,9 +90,10 @@ class DepthAxis(AxisPlugin):
             for module in layer.modules():
                 if hasattr(module, "layer_idx"):
                     module.layer_idx = new_idx
-        layer_types = getattr(model.config, "layer_types", None)
-        if layer_types is not None:
-            model.config.layer_types = [layer_types[i] for i in keep]
+        for name in adapter.layer_lists:  # per-layer config lists (layer_types, no_rope_layers, ...)
+            values = getattr(model.config, name, None)
+            if values is not None and len(values) == len(layers):
+                setattr(model.config, name, [values[i] for i in keep])
         if getattr(model.config, "max_window_layers", None) is not None:
             model.config.max_window_layers = min(model.config.max_window_layers, len(keep))
 

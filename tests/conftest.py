@@ -10,8 +10,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, PreTrainedTokenizerFast, Qwen2Config,
-                          Qwen3Config)
+from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GraniteConfig, LlamaConfig,
+                          MistralConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config, SmolLM3Config)
 
 VOCAB = 320
 
@@ -20,14 +20,29 @@ CONFIGS = {
     "mistral": MistralConfig,
     "qwen2": Qwen2Config,
     "qwen3": Qwen3Config,
+    "gemma3_text": Gemma3TextConfig,
+    "gemma2": Gemma2Config,
+    "granite": GraniteConfig,
+    "smollm3": SmolLM3Config,
+}
+TIED = ("llama", "qwen3", "gemma3_text", "gemma2", "smollm3")
+# What each family needs beyond the common fields, with its traps switched on: Gemma's sliding/full layer
+# pattern and soft-capping, Granite's four multipliers, SmolLM3's no-RoPE layers.
+EXTRA = {
+    "gemma3_text": dict(query_pre_attn_scalar=16, sliding_window=8, final_logit_softcapping=20.0,
+                        layer_types=["sliding_attention", "full_attention"] * 2),
+    "gemma2": dict(query_pre_attn_scalar=16, sliding_window=8, final_logit_softcapping=20.0),
+    "granite": dict(embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.0625,
+                    logits_scaling=4.0),
+    "smollm3": dict(no_rope_layer_interval=2),
 }
 
 
 def tiny_config(family: str = "llama", **overrides):
     base = dict(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_attention_heads=6, num_key_value_heads=2,
-        num_hidden_layers=4, max_position_embeddings=256, tie_word_embeddings=family in ("llama", "qwen3"),
-        head_dim=16, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        num_hidden_layers=4, max_position_embeddings=256, tie_word_embeddings=family in TIED,
+        head_dim=16, bos_token_id=1, eos_token_id=2, pad_token_id=0, **EXTRA.get(family, {}),
     )
     base.update(overrides)
     return CONFIGS[family](**base)

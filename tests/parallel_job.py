@@ -21,6 +21,7 @@ from distill_job import make_pair  # noqa: E402
 
 from compress import distributed  # noqa: E402
 from compress.distill import DistillConfig, distill  # noqa: E402
+from compress.distill.parallel import Engine  # noqa: E402
 from compress.errors import CompressError  # noqa: E402
 
 
@@ -70,10 +71,22 @@ def main() -> None:
                         gradient_checkpointing=a.checkpointing)
     out = Path(a.report_dir)
     record: dict = {"rank": rank, "world": world}
+    trunks = []  # the teacher as the engine runs it, to check that a sharded teacher stays sharded
+    place_teacher = Engine.place_teacher
+
+    def spy(self, *args, **kwargs):
+        trunks.append(place_teacher(self, *args, **kwargs))
+        return trunks[-1]
+
+    Engine.place_teacher = spy
     try:
         report = distill(student, teacher, data, cfg)
         record["report"] = report.to_dict()
         record["student_dtype"] = str(next(student.parameters()).dtype)
+        from torch.distributed.tensor import DTensor
+
+        layers = trunks[0].model.model.layers
+        record["teacher_layers_sharded_after_run"] = all(isinstance(p, DTensor) for p in layers.parameters())
         if rank == 0:
             from safetensors.torch import save_model
 

@@ -100,6 +100,8 @@ def test_two_processes_match_one_process_on_the_same_global_batch(engine, extra,
     report = ranks(tmp_path, 2)[0]["report"]
     assert report["engine"]["mode"] == engine and report["engine"]["world_size"] == 2
     assert report["engine"]["shard_teacher"] == ("--shard-teacher" in extra)
+    # A sharded teacher is gathered one layer at a time and freed again: after the run its layers are shards.
+    assert ranks(tmp_path, 2)[0]["teacher_layers_sharded_after_run"] == ("--shard-teacher" in extra)
     assert report["tokens"] == 6 * 4 * 32
 
 

@@ -8,12 +8,78 @@ chunk of ``[chunk_tokens, vocab]`` fp32 tensors, whatever the batch, sequence le
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 LOGIT_LOSSES = ("forward_kl", "reverse_kl", "jsd")
 HIDDEN_LOSSES = ("cosine", "mse")
+
+
+@dataclass(frozen=True)
+class LogitTransform:
+    """What a model family does to its LM head's raw output before it is a logit: ``softcap(scale * raw)``.
+
+    First the raw logits are multiplied by ``scale`` (Granite divides by ``config.logits_scaling``, so
+    ``scale = 1 / logits_scaling``), then, when ``softcap`` is set, soft-capped: ``c * tanh(x / c)`` with
+    ``c = softcap`` (Gemma-2/3's ``config.final_logit_softcapping``). No family uses both today; the order is
+    fixed here so that a transform means one thing. The distillation losses must see the logits the model
+    actually produces, so pass each model's transform to :func:`chunked_logit_loss`.
+    """
+
+    scale: float = 1.0
+    softcap: float | None = None
+
+    def __post_init__(self):
+        scale = float(self.scale)
+        if not math.isfinite(scale) or scale == 0.0:
+            raise ValueError(f"LogitTransform.scale must be finite and non-zero, got {self.scale!r}")
+        object.__setattr__(self, "scale", scale)
+        if self.softcap is not None:
+            softcap = float(self.softcap)
+            if not math.isfinite(softcap) or softcap <= 0.0:
+                raise ValueError(f"LogitTransform.softcap must be finite and positive, or None; got {self.softcap!r}")
+            object.__setattr__(self, "softcap", softcap)
+
+    @property
+    def is_identity(self) -> bool:
+        """True when applying the transform changes nothing (``scale == 1`` and no soft-cap)."""
+        return self.scale == 1.0 and self.softcap is None
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """``softcap(scale * logits)``; the tensor itself (no op) for the identity."""
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    __call__ = apply
+
+    def to_dict(self) -> dict[str, float | None]:
+        return {"scale": self.scale, "softcap": self.softcap}
+
+    def from_config(cls, config) -> LogitTransform:
+        """The transform a Hugging Face config asks for: ``final_logit_softcapping`` (Gemma-2/3, also looked up
+        on ``config.text_config``) and ``logits_scaling`` (Granite). Missing or ``None`` fields mean no transform."""
+        text = getattr(config, "text_config", None)
+        softcap = getattr(config, "final_logit_softcapping", None)
+        if softcap is None and text is not None:
+            softcap = getattr(text, "final_logit_softcapping", None)
+        scaling = getattr(config, "logits_scaling", None)
+        if scaling is None and text is not None:
+            scaling = getattr(text, "logits_scaling", None)
+        return cls(scale=1.0 if scaling is None else 1.0 / float(scaling), softcap=softcap)
+
+
+def _active(transform: LogitTransform | None) -> LogitTransform | None:
+    """``None`` for no transform or the identity, so that the loss code can branch on ``is None`` alone."""
+    if transform is None:
+        return None
+    if not isinstance(transform, LogitTransform):
+        raise TypeError(f"expected a LogitTransform or None, got {type(transform).__name__}")
+    return None if transform.is_identity else transform
 
 
 def divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str = "forward_kl",
@@ -54,7 +120,8 @@ def divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind:
 
 def _chunk_loss_and_grad(h_chunk: torch.Tensor, w_s: torch.Tensor, t_logits: torch.Tensor | None,
                          labels: torch.Tensor | None, kind: str, temperature: float, beta: float, top_k: int | None,
-                         kd_weight: float, ce_weight: float, need_grad: bool = True
+                         kd_weight: float, ce_weight: float, need_grad: bool = True,
+                         s_transform: LogitTransform | None = None, t_transform: LogitTransform | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """One chunk of tokens: ``(kd_sum, ce_sum, d(kd_weight * kd_sum + ce_weight * ce_sum)/d(student logits))``.
 
@@ -71,16 +138,27 @@ def _chunk_loss_and_grad(h_chunk: torch.Tensor, w_s: torch.Tensor, t_logits: tor
     - JSD, ``M = beta t_p + (1 - beta) s_p``: ``g = (1 - beta) s_p (s_logp - m_logp)``
     - cross-entropy: ``softmax(logits) - onehot(label)``
 
+    ``s_transform`` / ``t_transform`` (:class:`LogitTransform`, ``None`` or identity for none) turn the raw
+    ``h_chunk @ w_s.T`` and ``t_logits`` into the logits the two models produce; the student's feeds both the
+    divergence and the cross-entropy. The gradient is taken w.r.t. the *raw* student logits, so it is multiplied by
+    the transform's derivative ``scale * (1 - tanh(scale * raw / c) ** 2) = scale * (1 - (logits / c) ** 2)``
+    (just ``scale`` without a soft-cap). No transform adds no op.
+
     Math runs in fp32 (fp64 for fp64 inputs); the gradient comes back in the hidden states' dtype.
     """
     compute = torch.promote_types(h_chunk.dtype, torch.float32)
     logits = (h_chunk @ w_s.t()).to(compute)
+    if s_transform is not None:
+        logits = s_transform.apply(logits)
     kd = ce = logits.new_zeros(())
     grad = None
     s_logp = None
     if t_logits is not None:
         s_logp = F.log_softmax(logits / temperature, dim=-1)
-        t = t_logits.to(compute) / temperature
+        t = t_logits.to(compute)
+        if t_transform is not None:
+            t = t_transform.apply(t)
+        t = t / temperature
         idx = None
         if top_k is not None:
             t, idx = t.topk(top_k, dim=-1)
@@ -122,7 +200,8 @@ def _chunk_loss_and_grad(h_chunk: torch.Tensor, w_s: torch.Tensor, t_logits: tor
             del g
     if labels is not None:
         logp = s_logp if s_logp is not None and temperature == 1.0 else F.log_softmax(logits, dim=-1)
-        del logits
+        if s_transform is None or s_transform.softcap is None:
+            logits = None  # only the soft-cap's derivative needs the logits again
         valid = labels != -100  # F.cross_entropy's default ignore_index
         safe = torch.where(valid, labels, torch.zeros_like(labels)).unsqueeze(-1)
         ce = -(logp.gather(-1, safe).squeeze(-1) * valid).sum()
@@ -130,6 +209,13 @@ def _chunk_loss_and_grad(h_chunk: torch.Tensor, w_s: torch.Tensor, t_logits: tor
             w = (valid.to(compute) * ce_weight).unsqueeze(-1)
             g_ce = (logp.exp() * w).scatter_add(-1, safe, -w)
             grad = g_ce if grad is None else grad + g_ce
+    if grad is not None and s_transform is not None:  # chain rule through the transform, back to the raw logits
+        if s_transform.softcap is not None:
+            # d(c tanh(u / c))/du = 1 - tanh(u / c)**2 = 1 - (logits / c)**2, in place: logits is not needed again
+            grad = grad.mul_(logits.div_(s_transform.softcap).square_().neg_().add_(1))
+        if s_transform.scale != 1.0:
+            grad = grad.mul_(s_transform.scale)
+    del logits
     if grad is not None:
         grad = grad.to(h_chunk.dtype)
     return kd, ce, grad
@@ -160,7 +246,7 @@ class _FusedHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h_s, w_s, h_t, w_t, labels, kind, temperature, beta, top_k, kd_weight, ce_weight, chunk_tokens,
-                compiled=False):
+                compiled=False, s_transform=None, t_transform=None):
         n = h_s.shape[0]
         needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         compute = torch.promote_types(h_s.dtype, torch.float32)
@@ -174,13 +260,15 @@ class _FusedHeadLoss(torch.autograd.Function):
             kind = "forward_kl" if beta == 0.0 else "reverse_kl"
         if want_kd and kind not in LOGIT_LOSSES:
             raise ValueError(f"unknown divergence {kind!r}; choose one of {LOGIT_LOSSES}")
+        s_transform = _active(s_transform)
+        t_transform = _active(t_transform) if want_kd else None
         chunk_fn = _compiled_chunk_fn() if compiled else _chunk_loss_and_grad
         for start in range(0, n, chunk_tokens):
             sl = slice(start, start + chunk_tokens)
             h_chunk = h_s[sl]
             t_logits = h_t[sl] @ w_t.t() if want_kd else None
             kd, ce, g = chunk_fn(h_chunk, w_s, t_logits, labels[sl] if want_ce else None, kind, temperature, beta,
-                                 top_k, kd_weight, ce_weight, needs_grad)
+                                 top_k, kd_weight, ce_weight, needs_grad, s_transform, t_transform)
             del t_logits
             if needs_grad:
                 grad_h[sl] = g @ w_s
@@ -200,7 +288,7 @@ class _FusedHeadLoss(torch.autograd.Function):
         # In place: these buffers belong to this call alone, and a second [vocab, width] copy is what we avoid.
         out_h = None if grad_h is None else grad_h.mul_(grad_loss.to(grad_h.dtype))
         out_w = None if grad_w is None else grad_w.mul_(grad_loss.to(grad_w.dtype)).to(ctx.w_dtype)
-        return out_h, out_w, None, None, None, None, None, None, None, None, None, None, None
+        return out_h, out_w, None, None, None, None, None, None, None, None, None, None, None, None, None
 
 
 def chunked_logit_loss(
@@ -218,6 +306,8 @@ def chunked_logit_loss(
     kd_weight: float = 1.0,
     ce_weight: float = 1.0,
     compiled: bool = False,
+    student_transform: LogitTransform | None = None,
+    teacher_transform: LogitTransform | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``kd_weight × mean divergence + ce_weight × mean cross-entropy`` from final hidden states, fused with the
     LM heads and computed ``chunk_tokens`` at a time (see :class:`_FusedHeadLoss`).
@@ -227,6 +317,9 @@ def chunked_logit_loss(
     fine-tuning (cross-entropy against ``labels`` only); ``labels=None`` turns cross-entropy off.
     ``compiled=True`` runs the per-chunk loss-and-gradient function through ``torch.compile`` (compiled once per
     process and configuration; needs a working inductor backend, e.g. a C++ compiler on CPU).
+    ``student_transform`` / ``teacher_transform`` (:class:`LogitTransform`) are what each model does to its raw
+    LM-head output (Gemma-2/3 soft-capping, Granite's logit scaling); the student's applies to the divergence and
+    to the cross-entropy, and the gradient goes through it. ``None`` or the identity costs nothing.
     Returns ``(loss, kd, ce)``: the differentiable loss, and the two detached means for logging.
     """
     if teacher_hidden is None:
@@ -237,7 +330,8 @@ def chunked_logit_loss(
         raise ValueError("chunked_logit_loss has nothing to compute: no teacher and no labels")
     n = student_hidden.shape[0]
     loss, kd, ce = _FusedHeadLoss.apply(student_hidden, student_head, teacher_hidden, teacher_head, labels, kind,
-                                        temperature, beta, top_k, kd_weight, ce_weight, chunk_tokens, compiled)
+                                        temperature, beta, top_k, kd_weight, ce_weight, chunk_tokens, compiled,
+                                        _active(student_transform), _active(teacher_transform))
     return loss / n, kd / n, ce / n
 
 

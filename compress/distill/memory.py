@@ -6,7 +6,7 @@ The estimate adds up what a distillation step holds at its peak on one device:
   replicated (one process, DDP) or divided by the world size (FSDP, plus the gathered bf16 copies of the
   layers in flight and of the root group: embedding, final norm, LM head);
 * the autocast cache of bf16 weight copies (bf16 without FSDP);
-* the teacher — whole (bf16 on CUDA) or sharded;
+* the teacher — whole (bf16 on CUDA) or sharded; with teacher correction, its fp32 training state;
 * activations saved for backward — per decoder layer and token, with coefficients measured on Llama-style
   layers by counting the tensors autograd saves (``saved_tensors_hooks``): bytes = ``c_d·hidden +
   c_i·intermediate + c_q·(heads·head_dim)`` (+ a sequence term for attention masks on CPU); with gradient
@@ -16,7 +16,8 @@ The estimate adds up what a distillation step holds at its peak on one device:
   including the embedding's dense gradient.
 
 It is an estimate of what ``torch.cuda.max_memory_allocated`` reports, not of what ``nvidia-smi`` shows (the
-CUDA context and the allocator's cache come on top). BENCHMARKS.md compares it with measured peaks.
+CUDA context and the allocator's cache come on top: on CUDA the plan may fill 90% of the GPU).
+BENCHMARKS.md compares it with measured peaks.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from ..models import adapter_for
 from .config import DistillConfig
 
 GIB = 2**30
+HEADROOM = 0.9  # of a GPU's memory that the plan may fill
 # Bytes saved for backward per token and decoder layer, per unit of width (see the module docstring).
 _ACT = {"fp32": {"d": 24, "i": 16, "q": 16, "t": 4}, "autocast": {"d": 26, "i": 8, "q": 8, "t": 2},
         "bf16": {"d": 18, "i": 8, "q": 8, "t": 2}}
@@ -133,6 +135,9 @@ class MemoryPlan:
     def _teacher_state(self, shard: bool) -> int:
         t = self.teacher
         a = 2 if self.use_bf16 and self.device != "cpu" else t.param_bytes
+        if self.config.teacher_correction_steps:  # trained first: fp32 weights, gradients, AdamW moments
+            full = 16 * t.params
+            return full // self.world + t.root_params * 8 + 2 * t.layer_params * 8 if shard else full
         if not shard:
             return t.params * a
         return t.params * a // self.world + t.root_params * a + 2 * t.layer_params * a
@@ -195,6 +200,6 @@ def plan_memory(student: nn.Module, teacher: nn.Module, config: DistillConfig, *
     budget = None
     if config.memory_budget_gib is not None:
         budget = int(config.memory_budget_gib * GIB)
-    elif device.type == "cuda":
-        budget = torch.cuda.get_device_properties(device).total_memory
+    elif device.type == "cuda":  # 10% stays free for the CUDA context, NCCL buffers and fragmentation
+        budget = int(HEADROOM * torch.cuda.get_device_properties(device).total_memory)
     return MemoryPlan(_Shape.of(student), _Shape.of(teacher), config, world, device.type, use_bf16, budget)

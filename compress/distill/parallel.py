@@ -22,7 +22,6 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .. import distributed
 from ..models import DecoderAdapter
 from . import checkpoint as ckpt
 
@@ -43,6 +42,29 @@ def _copy_buffers(src: nn.Module, dst: nn.Module, device: torch.device) -> None:
     for name, buf in src.named_buffers():
         target = dst.get_buffer(name)
         target.copy_(buf.to(device=device, dtype=target.dtype))
+
+
+class TeacherTrunk(nn.Module):
+    """The teacher as one module: ``forward(ids)`` gives its final hidden states (the fused loss needs those and
+    the LM-head weight, never the logits), ``forward(ids, labels)`` its LM loss (teacher correction).
+
+    Under FSDP it is the teacher's root module: calling it gathers the embedding, final norm and LM head (they
+    stay gathered: a frozen root is never re-sharded) while each decoder layer is gathered and freed in turn.
+    """
+
+    def __init__(self, model: nn.Module, adapter: DecoderAdapter):
+        super().__init__()
+        self.model = model
+        self._base, self._head = adapter.base, adapter.lm_head
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if labels is not None:
+            return self.model(input_ids=input_ids, labels=labels, use_cache=False).loss
+        return self.model.get_submodule(self._base)(input_ids=input_ids, use_cache=False).last_hidden_state
+
+    def head_weight(self) -> torch.Tensor:
+        """The LM head's weight; for a sharded teacher, valid after a forward call (the gathered tensor)."""
+        return self.model.get_submodule(self._head).weight
 
 
 class Engine:
@@ -108,7 +130,9 @@ class Engine:
         """
         self._caller_student = student
         self._student_dtype = next(student.parameters()).dtype
+        self._student_device = next(student.parameters()).device
         if self.mode == "fsdp":
+            student.to("cpu")  # the caller's copy waits in host memory: the device holds only the shards
             replica = _meta_replica(student)
             self._prepare_layers(replica)
             module = make_module(replica)
@@ -153,7 +177,11 @@ class Engine:
         student = self._caller_student
         if self.mode == "fsdp":
             _gather_into(self.module.student, student)
+            student.to(self._student_device)
         else:
+            if self.compile_layers:  # hand back plain layers: a later eager use must not recompile
+                for layer in self.adapter.decoder_layers(student):
+                    layer._compiled_call_impl = None
             if self.gradient_checkpointing:
                 student.gradient_checkpointing_disable()
             if self._student_dtype != torch.float32:
@@ -161,6 +189,8 @@ class Engine:
         student.eval()
 
     def restore_student_on_error(self) -> None:
+        if self.mode == "fsdp" and self._caller_student is not None:
+            self._caller_student.to(self._student_device)
         if self.mode != "fsdp" and self._caller_student is not None:
             if self.gradient_checkpointing:
                 self._caller_student.gradient_checkpointing_disable()
@@ -170,32 +200,43 @@ class Engine:
 
     # --- teacher --------------------------------------------------------------------------------------------
 
-    def place_teacher(self, teacher: nn.Module, shard: bool, trained: bool = False) -> nn.Module:
-        """The teacher to run: the caller's (moved to the device), or a sharded replica under FSDP — in bf16 on
-        CUDA unless it is to be trained first (teacher correction: fp32 master weights, bf16 compute)."""
+    def place_teacher(self, teacher: nn.Module, shard: bool, trained: bool = False) -> TeacherTrunk:
+        """The teacher to run, as a :class:`TeacherTrunk`: around the caller's model (moved to the device), or
+        around a sharded replica under FSDP — bf16 on CUDA unless it is to be trained first (teacher
+        correction: fp32 master weights, bf16 compute). The caller's teacher then waits in host memory."""
         if shard:
             frozen_bf16 = self.use_bf16 and self.device.type == "cuda" and not trained
+            teacher.to("cpu")
             replica = _meta_replica(teacher, torch.bfloat16 if frozen_bf16 else torch.float32)
-            self._shard(replica, replica)
-            self._fill(replica, teacher.state_dict(), teacher, replica)
-            return replica
+            trunk = TeacherTrunk(replica, self.adapter_for_teacher(teacher))
+            self._shard(replica, trunk)
+            self._fill(trunk, {f"model.{k}": v for k, v in teacher.state_dict().items()}, teacher, replica)
+            return trunk
+        if trained and next(teacher.parameters()).dtype != torch.float32:
+            teacher.float()  # teacher correction trains fp32 master weights (the run's end restores the dtype)
         teacher.to(self.device)
-        return teacher
+        return TeacherTrunk(teacher, self.adapter_for_teacher(teacher))
 
-    def teacher_trainer(self, teacher: nn.Module) -> nn.Module:
+    @staticmethod
+    def adapter_for_teacher(teacher: nn.Module) -> DecoderAdapter:
+        from ..models import adapter_for
+
+        return adapter_for(teacher)
+
+    def teacher_trainer(self, trunk: TeacherTrunk) -> nn.Module:
         """What teacher correction calls: every rank must end with the same corrected teacher."""
-        if self.world > 1 and not _is_sharded(teacher):
+        if self.world > 1 and not _is_sharded(trunk):
             return nn.parallel.DistributedDataParallel(
-                teacher, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        return teacher
+                trunk, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return trunk
 
-    def freeze_teacher(self, teacher: nn.Module) -> None:
-        """Make the teacher ready for no-grad forward passes: bf16 weights on CUDA, whole root group gathered."""
-        teacher.eval()
-        if _is_sharded(teacher):
-            teacher.unshard()  # embedding, final norm and LM head stay gathered for the whole run
-        elif self.use_bf16 and self.device.type == "cuda":
-            teacher.to(torch.bfloat16)
+    def freeze_teacher(self, trunk: TeacherTrunk, backup: "TeacherBackup") -> None:
+        """Make the teacher ready for no-grad forward passes: bf16 weights on CUDA (the caller's fp32 weights are
+        kept in host memory first, and put back at the end of the run)."""
+        trunk.eval()
+        if not _is_sharded(trunk) and self.use_bf16 and self.device.type == "cuda":
+            backup.save()
+            trunk.model.to(torch.bfloat16)
 
     # --- checkpoint tensors ---------------------------------------------------------------------------------
 
@@ -210,6 +251,28 @@ class Engine:
             ckpt.load_sharded(path, self.module, optimizer)
         else:
             ckpt.load_replicated(path, self.module.student, self.module.projections, optimizer, optimizer_meta)
+
+
+class TeacherBackup:
+    """The caller's teacher as it came in — device, dtype, train/eval mode and, when the run casts its weights to
+    bf16, an exact host copy of them — so that the end of the run (success or error) gives it back unchanged."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        first = next(model.parameters())
+        self.device, self.dtype, self.training = first.device, first.dtype, model.training
+        self.weights: dict[str, torch.Tensor] | None = None
+
+    def save(self) -> None:
+        if self.dtype != torch.bfloat16:
+            self.weights = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+
+    def restore(self) -> None:
+        self.model.to(device=self.device, dtype=self.dtype)
+        if self.weights is not None:
+            self.model.load_state_dict(self.weights)
+            self.weights = None
+        self.model.train(self.training)
 
 
 def _is_sharded(model: nn.Module) -> bool:
@@ -229,6 +292,6 @@ def _gather_into(sharded: nn.Module, target: nn.Module) -> None:
             dst.copy_(full.to(device=dst.device, dtype=dst.dtype))
 
 
-def gather_teacher(sharded: nn.Module, teacher: nn.Module) -> None:
+def gather_teacher(trunk: TeacherTrunk, teacher: nn.Module) -> None:
     """After teacher correction on a sharded replica, the caller's teacher receives the corrected weights."""
-    _gather_into(sharded, teacher)
+    _gather_into(trunk.model, teacher)

@@ -31,9 +31,9 @@ from ..models import DecoderAdapter, adapter_for
 from .checkpoint import checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import DistillConfig
 from .data import WindowLoader
-from .losses import chunked_logit_loss, hidden_state_loss
+from .losses import LogitTransform, chunked_logit_loss, hidden_state_loss
 from .memory import MemoryPlan, plan_memory
-from .parallel import Engine, gather_teacher
+from .parallel import Engine, TeacherBackup, gather_teacher
 
 
 class DistillError(CompressError, RuntimeError):
@@ -99,10 +99,15 @@ class DistillModule(nn.Module):
     """Student + projections + the loss, as one module so DDP/FSDP see (and synchronize) everything trained."""
 
     def __init__(self, student: nn.Module, adapter: DecoderAdapter, config: DistillConfig,
-                 layer_map: dict[int, int], teacher_width: int, hidden_init: list[int] | None = None):
+                 layer_map: dict[int, int], teacher_width: int, hidden_init: list[int] | None = None,
+                 teacher_transform: LogitTransform | None = None):
         super().__init__()
         self.student, self.adapter, self.config, self.layer_map = student, adapter, config, layer_map
         self.hidden_init = hidden_init
+        # What each model does to its logits after the LM head (Gemma's soft-capping, Granite's scaling): the
+        # fused loss works from hidden states and head weights, so it applies the same transforms itself.
+        self.student_transform = adapter.logit_transform(student.config)
+        self.teacher_transform = teacher_transform
         width = student.config.hidden_size
         self.projections = nn.ModuleDict()
         if config.hidden_loss is not None and width != teacher_width:
@@ -141,12 +146,18 @@ class DistillModule(nn.Module):
         t_flat = None if teacher_final is None else teacher_final[:, :-1].reshape(-1, teacher_final.shape[-1])
         if t_flat is not None and t_flat.dtype != hidden.dtype:
             t_flat = t_flat.to(hidden.dtype)
-        t_head = teacher_head if teacher_head is None or teacher_head.dtype == head.dtype else teacher_head.to(head.dtype)
+        if not torch.is_autocast_enabled(hidden.device.type):  # under autocast the matmuls cast (no copies)
+            if t_flat is not None and t_flat.dtype != hidden.dtype:
+                t_flat = t_flat.to(hidden.dtype)
+            if teacher_head is not None and teacher_head.dtype != head.dtype:
+                teacher_head = teacher_head.to(head.dtype)
+        t_head = teacher_head
         loss, kd, ce = chunked_logit_loss(
             hidden[:, :-1].reshape(-1, d_s), head, t_flat, t_head, labels,
             kind=cfg.logit_loss, temperature=cfg.temperature, beta=cfg.jsd_beta, top_k=cfg.top_k,
             chunk_tokens=cfg.chunk_tokens, kd_weight=cfg.logit_weight, ce_weight=cfg.alpha_ce,
-            compiled=cfg.compile)
+            compiled=cfg.compile, student_transform=self.student_transform,
+            teacher_transform=self.teacher_transform)
         hid = kd.new_zeros(())
         if self._captured is not None:
             student_layers = self._captured.pop()
@@ -182,7 +193,7 @@ def _teacher_correction(trainer: nn.Module, params: list[nn.Parameter], loader: 
     for _ in range(config.teacher_correction_steps):
         batch = loader.next_batch()
         with engine.autocast():
-            loss = trainer(input_ids=batch, labels=batch, use_cache=False).loss
+            loss = trainer(batch, batch)  # a TeacherTrunk (maybe inside DDP): the LM loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -219,11 +230,11 @@ class _Guard:
     """Device-side bookkeeping of the step metrics and of the first non-finite step: the loop never reads a
     value back from the device except on logging, checkpoint and final steps, where all ranks agree at once."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, start_step: int = 0):
         self.sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, kd, ce, hidden since last log
         self.steps = 0
         self.first_bad = torch.zeros((), dtype=torch.float64, device=device)
-        self.step = torch.zeros((), dtype=torch.float64, device=device)
+        self.step = torch.full((), float(start_step), dtype=torch.float64, device=device)
 
     def update(self, metrics: torch.Tensor, grad_norm: torch.Tensor) -> None:
         self.step += 1
@@ -299,30 +310,31 @@ def distill(student: nn.Module, teacher: nn.Module, data, config: DistillConfig,
         raise CheckpointError(f"{out_dir} holds checkpoints of an earlier run; pass resume=True to continue it, "
                               "or choose another output_dir (nothing is overwritten without being asked)")
     engine = Engine(mode, device, world, use_bf16, s_adapter, config.gradient_checkpointing, config.compile)
-    teacher_state = _ModelState(teacher)
+    teacher_state = TeacherBackup(teacher)
     teacher_flags = [p.requires_grad for p in teacher.parameters()]
-    t_model = teacher
     try:
-        t_model = engine.place_teacher(teacher, shard_teacher, trained=bool(config.teacher_correction_steps))
+        t_trunk = engine.place_teacher(teacher, shard_teacher, trained=bool(config.teacher_correction_steps))
+        t_model = t_trunk.model
         correction = {}
         if config.teacher_correction_steps:
             for p in t_model.parameters():
                 p.requires_grad_(True)
-            correction = _teacher_correction(engine.teacher_trainer(t_model), list(t_model.parameters()), loader,
+            correction = _teacher_correction(engine.teacher_trainer(t_trunk), list(t_model.parameters()), loader,
                                              config, engine)
             if t_model is not teacher:
-                gather_teacher(t_model, teacher)
+                gather_teacher(t_trunk, teacher)
             loader.reset()
         # Freeze the teacher for this run only (flags restored at the end: a model copied from the teacher later
         # must not inherit frozen parameters), and train every parameter of the student.
         for p in t_model.parameters():
             p.requires_grad_(False)
-        engine.freeze_teacher(t_model)
+        engine.freeze_teacher(t_trunk, teacher_state)
         for p in student.parameters():
             p.requires_grad_(True)
         teacher_width = teacher.config.hidden_size
         wrapped = engine.place_student(student, lambda s: DistillModule(
-            s, s_adapter, config, layer_map if config.hidden_loss else {}, teacher_width, kept_hidden))
+            s, s_adapter, config, layer_map if config.hidden_loss else {}, teacher_width, kept_hidden,
+            t_adapter.logit_transform(teacher.config)))
         module = engine.module
         params = [p for p in module.parameters() if p.requires_grad]
         # Fused AdamW on CUDA and CPU alike: one kernel per step and no parameter-sized temporaries (the
@@ -333,8 +345,6 @@ def distill(student: nn.Module, teacher: nn.Module, data, config: DistillConfig,
 
         captured_teacher = _LayerOutputs(t_adapter.decoder_layers(t_model), sorted(set(layer_map.values()))) \
             if config.hidden_loss else None
-        t_base = t_model.get_submodule(t_adapter.base)
-        t_head = t_model.get_submodule(t_adapter.lm_head).weight
         # Plain LM fine-tuning (logit_weight 0, no hidden loss) never runs the teacher.
         needs_teacher = config.logit_weight > 0 or config.hidden_loss is not None
         start_step, history, resumed = 0, [], None
@@ -346,25 +356,27 @@ def distill(student: nn.Module, teacher: nn.Module, data, config: DistillConfig,
             if state is not None:
                 start_step, history, resumed = state["step"], state["history"], state["step"]
                 loader.load_state(state["data"])
-        metrics = open(out_dir / "metrics.jsonl", "a" if resumed else "w", encoding="utf-8") \
-            if out_dir is not None and rank == 0 else None
+        metrics = None
+        if out_dir is not None and rank == 0:
+            metrics = _open_metrics(out_dir / "metrics.jsonl", resumed)
         board = writer_class(log_dir=str(out_dir / "tensorboard")) if config.tensorboard and rank == 0 else None
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
         tokens_per_step = config.tokens_per_step * world
         bar = tqdm(range(start_step, total), initial=start_step, total=total, desc="distilling",
                    disable=not config.progress or rank != 0, leave=False)
-        guard = _Guard(device)
+        guard = _Guard(device, start_step)
         t0, last = time.perf_counter(), history[-1]["loss"] if history else float("nan")
         try:
             for step in bar:
                 step_metrics = torch.zeros(4, device=device)
                 for micro in range(config.grad_accum):
                     batch = loader.next_batch()
-                    t_final = None
+                    t_final = t_head = None
                     if needs_teacher:
                         with torch.no_grad(), engine.autocast():
-                            t_final = t_base(input_ids=batch, use_cache=False).last_hidden_state
+                            t_final = t_trunk(batch)
+                        t_head = t_trunk.head_weight()
                     t_layers_out = captured_teacher.pop() if captured_teacher else {}
                     with engine.no_sync(micro == config.grad_accum - 1), engine.autocast():
                         out = wrapped(batch, t_final, t_layers_out, t_head)
@@ -466,15 +478,20 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-class _ModelState:
-    """A model's device and dtype, to put back when a run ends (the caller's teacher is only borrowed)."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-        first = next(model.parameters())
-        self.device, self.dtype = first.device, first.dtype
-        self.training = model.training
-
-    def restore(self) -> None:
-        self.model.to(device=self.device, dtype=self.dtype)
-        self.model.train(self.training)
+def _open_metrics(path: Path, resumed_from: int | None):
+    """``metrics.jsonl`` for this run: a new file, or on resume the old one without the records logged after
+    the checkpoint (those steps are trained again and logged again)."""
+    if resumed_from is None:
+        return open(path, "w", encoding="utf-8")
+    kept = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= resumed_from:
+                    kept.append(line)
+            except ValueError:
+                continue  # a line cut short by the kill
+    fh = open(path, "w", encoding="utf-8")
+    fh.writelines(line + "\n" for line in kept)
+    fh.flush()
+    return fh

@@ -136,7 +136,7 @@ def export(
         if "onnx" in formats:
             from . import onnx as ox
 
-            ox.export_onnx(hf_dir, tmp / ONNX_DIR)
+            ox.export_onnx(hf_dir, tmp / ONNX_DIR, adapter_for(model).attention_implementation(model.config))
             ort = ox.load_ort(tmp / ONNX_DIR)
             report.parity = ox.parity_check(model, ort, _sample_ids(tokenizer), parity_tolerance)
             if not report.parity["passed"]:

@@ -25,20 +25,31 @@ class ExportError(CompressError, RuntimeError):
     """Export failed or produced a model that does not match PyTorch."""
 
 
-def export_onnx(hf_dir: Path, out: Path) -> Path:
-    """Export the Hugging Face folder ``hf_dir`` (weights, config, tokenizer) to ``out`` with KV-cache inputs."""
-    from optimum.exporters.onnx import main_export
+def export_onnx(hf_dir: Path, out: Path, attn_implementation: str | None = None) -> Path:
+    """Export the Hugging Face folder ``hf_dir`` (weights, config, tokenizer) to ``out`` with KV-cache inputs.
+
+    ``attn_implementation`` (from the family's adapter, e.g. ``"eager"`` for Gemma-2, whose attention
+    soft-capping SDPA silently drops): load the model with it and export that, instead of Optimum's default.
+    """
+    from optimum.exporters.onnx import main_export, onnx_export_from_model
 
     try:
         # Optimum's own validation only warns; parity_check below is the one that can fail the export.
-        main_export(str(hf_dir), output=str(out), task=TASK, do_validation=False, local_files_only=True)
+        if attn_implementation is None:
+            main_export(str(hf_dir), output=str(out), task=TASK, do_validation=False, local_files_only=True)
+        else:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            model = AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation=attn_implementation)
+            onnx_export_from_model(model, output=str(out), task=TASK, do_validation=False,
+                                   preprocessors=[AutoTokenizer.from_pretrained(hf_dir)])
     except Exception as exc:  # noqa: BLE001 - surface exporter failures as one error type
         raise ExportError(f"ONNX export of {hf_dir} failed: {type(exc).__name__}: {exc}") from exc
     return out
 
 
 def load_ort(onnx_dir: str | Path, provider: str = "CPUExecutionProvider"):
-    """``ORTModelForCausalLM`` for an exported folder, fixed up for an explicit ``head_dim``.
+    """``ORTModelForCausalLM`` for an exported folder, fixed up for an explicit ``head_dim`` and grouped KV heads.
 
     optimum-onnx 0.1.0 sizes the empty KV cache of Llama-family models as ``hidden_size // num_attention_heads``;
     after head or hidden pruning that is no longer the head size, and the first generate call fails. The graph
@@ -50,6 +61,10 @@ def load_ort(onnx_dir: str | Path, provider: str = "CPUExecutionProvider"):
     head_dim = getattr(model.config, "head_dim", None)
     if head_dim and hasattr(model, "embed_size_per_head"):
         model.embed_size_per_head = head_dim
+    # For model types outside its own list (Gemma-2 among ours) the wrapper assumes one KV head per query head.
+    kv_heads = getattr(model.config, "num_key_value_heads", None)
+    if kv_heads and hasattr(model, "num_key_value_heads"):
+        model.num_key_value_heads = kv_heads
     return model
 
 

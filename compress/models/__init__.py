@@ -1,15 +1,30 @@
-"""Per-family adapters: where a decoder-only model keeps its attention, MLP, norms and embeddings.
+"""Per-family adapters: where a decoder-only model keeps its attention, MLP, norms and embeddings, and what else
+pruning must know about the family.
 
 The pruning code never names a module itself; it asks the adapter. Llama, Mistral, Qwen2 and Qwen3 share one
 layout (they differ in biases and Qwen3's per-head q/k norms, which the adapter reports), so one
-:class:`DecoderAdapter` describes all of them. A new family with the same roles under other names is one
-``register_adapter(DecoderAdapter(families=("my_type",), q="attn.wq", ...))`` call.
+:class:`DecoderAdapter` describes all of them. Other families are described by the same object with more
+fields filled in, not by new pruning code:
+
+* ``layer_norms`` — every norm over the hidden size inside a layer (Gemma has four), ``head_norms`` — norms over
+  ``head_dim`` shared by all heads (Qwen3, Gemma-3), ``norm_offset`` — 1 when a norm computes ``x̂·(1 + w)``
+  (Gemma) rather than ``x̂·w``;
+* ``embed_scale="sqrt_hidden"`` — the embeddings are multiplied by √hidden_size, a factor transformers
+  recomputes from the config when the model is loaded; when hidden channels are pruned, the norms in
+  ``residual_norms`` (those whose output is added to the residual stream) absorb the change, so the saved
+  student computes what the pruned one did;
+* ``layer_lists`` — per-layer config lists (``layer_types``, ``no_rope_layers``) that follow depth pruning;
+* ``logit_softcap`` / ``logit_divisor`` — the config fields of a transform the model applies to its logits
+  (Gemma-2's soft-capping, Granite's scaling), which the distillation loss applies too.
+
+A new family with the same roles under other names is one ``register_adapter(DecoderAdapter(...))`` call.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
@@ -37,6 +52,23 @@ class DecoderAdapter:
     layer_norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")
     # Norms over head_dim (Qwen3's q_norm/k_norm): shared by all heads, untouched by any axis.
     head_norms: tuple[str, ...] = field(default_factory=tuple)
+    # Of the layer norms, those applied to a sublayer's output just before it is added to the residual stream.
+    residual_norms: tuple[str, ...] = field(default_factory=tuple)
+    norm_offset: float = 0.0  # a norm computes x_hat * (norm_offset + weight)
+    embed_scale: str | None = None  # None, or "sqrt_hidden": embeddings times sqrt(config.hidden_size)
+    layer_lists: tuple[str, ...] = ("layer_types",)  # config lists with one entry per layer
+    logit_softcap: str | None = None  # config field c: logits = c * tanh(logits / c)
+    logit_divisor: str | None = None  # config field s: logits = logits / s
+    eager_attention_if: str | None = None  # config field that only eager attention honours (SDPA drops it)
+
+    def __post_init__(self) -> None:
+        if self.embed_scale not in (None, "sqrt_hidden"):
+            raise ValueError(f"DecoderAdapter.embed_scale should be None or 'sqrt_hidden', got {self.embed_scale!r}")
+        unknown = set(self.residual_norms) - set(self.layer_norms)
+        if unknown:
+            raise ValueError(f"DecoderAdapter.residual_norms {sorted(unknown)} are not among layer_norms")
+        if self.embed_scale and not self.residual_norms:
+            raise ValueError("DecoderAdapter with embed_scale needs residual_norms to compensate hidden pruning")
 
     # -- module access -------------------------------------------------------------------------------------
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
@@ -56,8 +88,57 @@ class DecoderAdapter:
         return norms + [model.get_submodule(self.final_norm)]
 
 
+    # -- what pruning must do besides slicing ----------------------------------------------------------------
+    def compensate_hidden(self, model: nn.Module, old_hidden: int, new_hidden: int) -> None:
+        """After hidden channels were sliced: keep the model's function where a factor depends on hidden_size.
+
+        With ``embed_scale="sqrt_hidden"`` a reload multiplies the embeddings by √new instead of √old, a factor
+        ``k = √(new/old)`` on the whole residual stream. The norms that read the stream are scale-invariant; the
+        ``residual_norms`` that write into it are multiplied by ``k`` so every write keeps its proportion. The
+        in-memory model then computes exactly what the reloaded one will (an ``embed_scale`` buffer is set too).
+        """
+        if self.embed_scale != "sqrt_hidden" or new_hidden == old_hidden:
+            return
+        k = (new_hidden / old_hidden) ** 0.5
+        for layer in self.decoder_layers(model):
+            for name in self.residual_norms:
+                norm = layer.get_submodule(name)
+                with torch.no_grad():
+                    norm.weight.copy_((norm.weight.float() + self.norm_offset) * k - self.norm_offset)
+        embed = model.get_submodule(self.embed)
+        if isinstance(getattr(embed, "embed_scale", None), torch.Tensor):
+            embed.embed_scale.fill_(new_hidden ** 0.5)
+
+    def attention_implementation(self, config) -> str | None:
+        """``"eager"`` when the config uses a feature other attention kernels silently ignore, else None."""
+        if self.eager_attention_if and getattr(config, self.eager_attention_if, None):
+            return "eager"
+        return None
+
+    def logit_transform(self, config):
+        """The transform this family applies to its logits, read from ``config`` (see losses.LogitTransform)."""
+        from ..distill.losses import LogitTransform
+
+        softcap = getattr(config, self.logit_softcap, None) if self.logit_softcap else None
+        divisor = getattr(config, self.logit_divisor, None) if self.logit_divisor else None
+        return LogitTransform(scale=1.0 / divisor if divisor else 1.0, softcap=softcap or None)
+
+
 LLAMA_LIKE = DecoderAdapter(families=("llama", "mistral", "qwen2"))
 QWEN3 = DecoderAdapter(families=("qwen3",), head_norms=("self_attn.q_norm", "self_attn.k_norm"))
+_GEMMA_NORMS = dict(layer_norms=("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                                 "post_feedforward_layernorm"),
+                    residual_norms=("post_attention_layernorm", "post_feedforward_layernorm"), norm_offset=1.0,
+                    embed_scale="sqrt_hidden", logit_softcap="final_logit_softcapping")
+GEMMA3_TEXT = DecoderAdapter(families=("gemma3_text",), head_norms=("self_attn.q_norm", "self_attn.k_norm"),
+                             **_GEMMA_NORMS)
+# Gemma-2 also soft-caps attention logits, which only eager attention applies (SDPA ignores the softcap).
+GEMMA2 = DecoderAdapter(families=("gemma2",), eager_attention_if="attn_logit_softcapping", **_GEMMA_NORMS)
+# Granite's embedding, residual and attention multipliers are constants that pruning leaves valid; its logits
+# are divided by logits_scaling.
+GRANITE = DecoderAdapter(families=("granite",), logit_divisor="logits_scaling")
+# SmolLM3 turns RoPE off in every 4th layer: no_rope_layers has one entry per layer.
+SMOLLM3 = DecoderAdapter(families=("smollm3",), layer_lists=("layer_types", "no_rope_layers"))
 
 _ADAPTERS: dict[str, DecoderAdapter] = {}
 
@@ -69,7 +150,7 @@ def register_adapter(adapter: DecoderAdapter) -> DecoderAdapter:
     return adapter
 
 
-for _adapter in (LLAMA_LIKE, QWEN3):
+for _adapter in (LLAMA_LIKE, QWEN3, GEMMA3_TEXT, GEMMA2, GRANITE, SMOLLM3):
     register_adapter(_adapter)
 
 

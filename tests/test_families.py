@@ -1,0 +1,97 @@
+"""The conformance suite every supported family passes (with tests/test_prune.py, which prunes each axis and
+strategy and reloads the student with plain from_pretrained, and tests/test_export.py, which checks ONNX parity):
+keeping everything changes nothing, a pruned student generates the same tokens after reloading, distillation
+applies the family's logit transform, and Gemma's embedding scale survives hidden pruning."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+import compress
+from compress import registry
+from compress.models import adapter_for
+from compress.shape import ModelShape
+
+from conftest import FAMILIES, tiny_model
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def _keep_all(shape: ModelShape) -> dict[str, dict]:
+    layers = range(shape.num_hidden_layers)
+    return {
+        "mlp": {"keep": [list(range(shape.intermediate_size)) for _ in layers]},
+        "heads": {"query_heads": [list(range(shape.num_attention_heads)) for _ in layers],
+                  "kv_heads": [list(range(shape.num_key_value_heads)) for _ in layers], "head_dim": shape.head_dim},
+        "hidden": {"keep": list(range(shape.hidden_size)), "kept": shape.hidden_size, "removed": 0},
+        "depth": {"keep": list(layers)},
+    }
+
+
+def test_supported_families_are_the_conformance_suites():
+    assert compress.supported_families() == sorted(FAMILIES)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("axis", ["mlp", "heads", "hidden", "depth"])
+def test_keeping_everything_leaves_logits_identical(family, axis, calib_ids):
+    model = tiny_model(family)
+    before = _logits(model, calib_ids[:2])
+    plugin = registry.build_plugin(axis, "axis")
+    plugin.apply(model, adapter_for(model), _keep_all(ModelShape.from_config(model.config))[axis])
+    torch.testing.assert_close(_logits(model, calib_ids[:2]), before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pruned_student_generates_the_same_after_reload(family, calib_ids, tmp_path):
+    model = tiny_model(family)
+    compress.prune(model, {"params": 0.5}, calib_ids, strategy="width+depth",
+                   calibration_config=compress.CalibrationConfig(min_samples=4))
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    prompt = calib_ids[:1, :6]
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    torch.testing.assert_close(_logits(reloaded, calib_ids[:2]), _logits(model, calib_ids[:2]), rtol=1e-5, atol=1e-5)
+    assert torch.equal(reloaded.generate(prompt, **kwargs), model.generate(prompt, **kwargs))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_distillation_applies_the_family_logit_transform(family):
+    """The first step's KD term (before any update) equals KL(teacher || student) over the models' own logits,
+    which include Gemma's soft-capping and Granite's scaling."""
+    teacher = tiny_model(family)
+    student = tiny_model(family, seed=1)
+    ids = torch.randint(4, 320, (4, 16), generator=torch.Generator().manual_seed(3))
+    t, s = _logits(teacher, ids)[:, :-1], _logits(student, ids)[:, :-1]
+    expected = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="sum") / (4 * 15)
+    cfg = compress.DistillConfig(max_steps=1, batch_size=4, seq_len=16, log_every=1, progress=False)
+    report = compress.distill(student, teacher, ids, cfg)
+    assert report.losses[0]["kd"] == pytest.approx(float(expected), rel=1e-4)
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "gemma2"])
+def test_gemma_hidden_pruning_keeps_the_function_of_the_sliced_model(family, calib_ids):
+    """Slicing hidden channels of a Gemma model changes sqrt(hidden_size), the embedding scale a reload
+    computes; the compensation must give the logits of the sliced model with the teacher's scale."""
+    model = tiny_model(family)
+    keep = list(range(0, 64, 2))
+    plugin = registry.build_plugin("hidden", "axis")
+    reference = copy.deepcopy(model)
+    adapter = adapter_for(model)
+    plugin.apply(model, adapter, {"keep": keep, "kept": 32, "removed": 32})
+    model.config.hidden_size = 32  # what prune() writes, and what a reload reads
+    # The reference: the same slicing, with the embedding scale left at sqrt(64) and no compensation.
+    no_compensation = type(adapter)(**{**adapter.__dict__, "embed_scale": None, "residual_norms": ()})
+    plugin.apply(reference, no_compensation, {"keep": keep, "kept": 32, "removed": 32})
+    if family == "gemma2":  # computes sqrt(config.hidden_size) in forward: keep the old width for the reference
+        reference.config.hidden_size = 64
+    torch.testing.assert_close(_logits(model, calib_ids[:2]), _logits(reference, calib_ids[:2]), rtol=1e-4,
+                               atol=1e-4)
