@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from .errors import ConfigError, TargetError
 from .shape import SHAPE_FIELDS, ModelShape, ParamFormula
@@ -130,14 +130,23 @@ def _cost(teacher: ModelShape, s: ModelShape, weights: Mapping[str, float]) -> f
 
 
 def plan_shape(
-    teacher: ModelShape, formula: ParamFormula, target: Target, strategy: str, config: PlanConfig | None = None
+    teacher: ModelShape, formula: ParamFormula, target: Target, strategy: str, config: PlanConfig | None = None,
+    constraint: Callable[[ModelShape], str | None] | None = None,
 ) -> Plan:
-    """Resolve ``target`` to a concrete shape for ``strategy``; raises :class:`TargetError` when impossible."""
+    """Resolve ``target`` to a concrete shape for ``strategy``; raises :class:`TargetError` when impossible.
+
+    ``constraint`` (from the family's adapter) says why a shape cannot be saved as a loadable config, or None:
+    budget searches skip such shapes, and an explicit one is refused.
+    """
     config = config or PlanConfig()
     if strategy not in STRATEGIES:
         raise ConfigError(f"strategy should be one of {STRATEGIES}, got {strategy!r}")
     if target.shape is not None:
-        return _explicit(teacher, formula, target, strategy)
+        plan = _explicit(teacher, formula, target, strategy)
+        problem = constraint(plan.shape) if constraint else None
+        if problem:
+            raise TargetError(f"the shape {dict(target.shape)} cannot be saved for this model: {problem}")
+        return plan
 
     width = strategy in ("width", "width+depth")
     depth = strategy in ("depth", "width+depth")
@@ -161,7 +170,7 @@ def plan_shape(
     for d, i, (h, k), n in itertools.product(hiddens, inters, heads, depths):
         s = ModelShape(d, i, h, k, n, teacher.head_dim)
         p = formula.total(s)
-        if p > target.params or s == teacher:
+        if p > target.params or s == teacher or (constraint is not None and constraint(s)):
             continue
         if p < low:
             if fallback is None or p > fallback[0]:
@@ -171,6 +180,9 @@ def plan_shape(
         key = (_cost(teacher, s, config.weights), -p)
         if best is None or key < best[:2]:
             best = (*key, s)
+    if best is None and fallback is None:
+        raise TargetError(f"no {strategy} shape on the grid below {target.params:,} parameters can be saved for "
+                          f"this model ({constraint(smallest) if constraint else 'none fits'})")
     if best is None:
         p, s = fallback  # nothing on the grid lands within tolerance; take the closest below
         reason = (f"no {strategy} shape on the grid (multiples of {config.multiple_of}) lands within "

@@ -105,7 +105,7 @@ def prune(
     before = ModelShape.from_config(model.config)
     params_before = count_params(model)
     parsed = Target.parse(target, params_before)
-    plan = plan_shape(before, formula, parsed, strategy, plan_config)
+    plan = plan_shape(before, formula, parsed, strategy, plan_config, adapter.shape_constraint(model.config))
     after = plan.shape
     importance_plugin, axes = resolve_plugins(plugins, changed_axes(before, after))
     for axis in axes.values():

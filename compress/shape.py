@@ -92,6 +92,8 @@ class ParamFormula:
     norms_per_layer: int
     norm_params_per_channel: int  # 1 for RMSNorm, 2 for LayerNorm with bias
     per_layer_constant: int
+    q_proj_norm: bool = False  # a norm over the whole query projection (OLMo-2): heads * head_dim weights
+    k_proj_norm: bool = False
 
     @classmethod
     def from_model(cls, model: nn.Module, adapter: DecoderAdapter) -> "ParamFormula":
@@ -102,12 +104,14 @@ class ParamFormula:
         formula = cls(
             vocab_size=embed.weight.shape[0],
             tied=lm_head.weight is embed.weight,
-            qkv_bias=layer.get_submodule(adapter.q).bias is not None,
+            qkv_bias=adapter.attention_inputs(layer)[0].bias is not None,
             o_bias=layer.get_submodule(adapter.o).bias is not None,
             mlp_bias=layer.get_submodule(adapter.down).bias is not None,
             norms_per_layer=len(adapter.layer_norms),
             norm_params_per_channel=sum(p.numel() for p in final_norm.parameters()) // final_norm.weight.shape[0],
             per_layer_constant=0,
+            q_proj_norm=adapter.q_proj_norm is not None,
+            k_proj_norm=adapter.k_proj_norm is not None,
         )
         shape = ModelShape.from_config(model.config)
         measured = sum(p.numel() for p in layer.parameters())
@@ -121,6 +125,7 @@ class ParamFormula:
             attn += q_out + 2 * kv_out
         if self.o_bias:
             attn += d
+        attn += (q_out if self.q_proj_norm else 0) + (kv_out if self.k_proj_norm else 0)
         mlp = 3 * d * i + ((2 * i + d) if self.mlp_bias else 0)
         norms = self.norms_per_layer * self.norm_params_per_channel * d
         return attn + mlp + norms + self.per_layer_constant

@@ -32,10 +32,7 @@ class MLPAxis(AxisPlugin):
 
     def apply(self, model: nn.Module, adapter: DecoderAdapter, selection: dict) -> None:
         for layer, keep in zip(adapter.decoder_layers(model), selection["keep"]):
-            idx = torch.tensor(keep, dtype=torch.long)
-            slice_linear(layer.get_submodule(adapter.gate), out_idx=idx)
-            slice_linear(layer.get_submodule(adapter.up), out_idx=idx)
-            slice_linear(layer.get_submodule(adapter.down), in_idx=idx)
+            adapter.slice_mlp(layer, torch.tensor(keep, dtype=torch.long))
 
 
 class HeadsAxis(AxisPlugin):
@@ -81,11 +78,7 @@ class HeadsAxis(AxisPlugin):
     def apply(self, model: nn.Module, adapter: DecoderAdapter, selection: dict) -> None:
         hd = selection["head_dim"]
         for layer, q_keep, kv_keep in zip(adapter.decoder_layers(model), selection["query_heads"], selection["kv_heads"]):
-            q_rows, kv_rows = head_rows(q_keep, hd), head_rows(kv_keep, hd)
-            slice_linear(layer.get_submodule(adapter.q), out_idx=q_rows)
-            slice_linear(layer.get_submodule(adapter.k), out_idx=kv_rows)
-            slice_linear(layer.get_submodule(adapter.v), out_idx=kv_rows)
-            slice_linear(layer.get_submodule(adapter.o), in_idx=q_rows)
+            adapter.slice_heads(layer, head_rows(q_keep, hd), head_rows(kv_keep, hd))
             attn = layer.get_submodule(adapter.attention)
             # transformers' attention modules cache these counts; keep them in step with the weights.
             if hasattr(attn, "num_heads"):

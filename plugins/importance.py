@@ -166,9 +166,9 @@ class MagnitudeImportance(ImportancePlugin):
         hidden = self._norm(embed, 0)
         for layer in layers:
             get = layer.get_submodule
-            mlp.append(self._norm(get(adapter.gate).weight, 1) + self._norm(get(adapter.up).weight, 1)
+            mlp.append(sum(self._norm(w, 1) for w in adapter.mlp_input_weights(layer))
                        + self._norm(get(adapter.down).weight, 0))
-            q = self._norm(get(adapter.q).weight, 1).view(heads, -1).sum(1)
+            q = self._norm(adapter.query_weight(layer), 1).view(heads, -1).sum(1)
             o = self._norm(get(adapter.o).weight, 0).view(heads, -1).sum(1)
             head_scores.append(q + o)
             for lin in adapter.hidden_in_linears(layer):

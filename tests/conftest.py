@@ -11,7 +11,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GraniteConfig, LlamaConfig,
-                          MistralConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config, SmolLM3Config)
+                          MistralConfig, Olmo2Config, Phi3Config, PreTrainedTokenizerFast, Qwen2Config,
+                          Qwen3Config, SmolLM3Config)
 
 VOCAB = 320
 
@@ -23,17 +24,20 @@ CONFIGS = {
     "gemma3_text": Gemma3TextConfig,
     "gemma2": Gemma2Config,
     "granite": GraniteConfig,
+    "olmo2": Olmo2Config,
+    "phi3": Phi3Config,
     "smollm3": SmolLM3Config,
 }
 TIED = ("llama", "qwen3", "gemma3_text", "gemma2", "smollm3")
 # What each family needs beyond the common fields, with its traps switched on: Gemma's sliding/full layer
-# pattern and soft-capping, Granite's four multipliers, SmolLM3's no-RoPE layers.
+# pattern and soft-capping, Granite's four multipliers, Phi-3's partial rotary, SmolLM3's no-RoPE layers.
 EXTRA = {
     "gemma3_text": dict(query_pre_attn_scalar=16, sliding_window=8, final_logit_softcapping=20.0,
                         layer_types=["sliding_attention", "full_attention"] * 2),
     "gemma2": dict(query_pre_attn_scalar=16, sliding_window=8, final_logit_softcapping=20.0),
     "granite": dict(embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.0625,
                     logits_scaling=4.0),
+    "phi3": dict(original_max_position_embeddings=256, partial_rotary_factor=0.5),  # fused q|k|v, gate|up
     "smollm3": dict(no_rope_layer_interval=2),
 }
 

@@ -95,3 +95,49 @@ def test_gemma_hidden_pruning_keeps_the_function_of_the_sliced_model(family, cal
         reference.config.hidden_size = 64
     torch.testing.assert_close(_logits(model, calib_ids[:2]), _logits(reference, calib_ids[:2]), rtol=1e-4,
                                atol=1e-4)
+
+
+def _phi3_longrope():
+    # Phi-3-mini-128k style: longrope factors sized for hidden_size // heads * partial_rotary_factor // 2.
+    factors = [1.0] * (64 // 4 // 2 // 2)  # hidden 64, 4 heads, head_dim 16, partial rotary 0.5 -> 4 factors
+    rope = {"type": "longrope", "short_factor": factors, "long_factor": factors}
+    return tiny_model("phi3", num_attention_heads=4, rope_scaling=rope, max_position_embeddings=512,
+                      original_max_position_embeddings=256)
+
+
+def test_phi3_longrope_shapes_that_cannot_load_are_refused_or_avoided(calib_ids, tmp_path):
+    model = _phi3_longrope()
+    with pytest.raises(compress.TargetError, match="hidden_size // num_attention_heads"):
+        compress.prune(copy.deepcopy(model), {"hidden_size": 48}, calib_ids,
+                       calibration_config=compress.CalibrationConfig(min_samples=4))
+    report = compress.prune(model, {"params": 0.6}, calib_ids,
+                            calibration_config=compress.CalibrationConfig(min_samples=4))
+    after = report.shape_after
+    assert after["hidden_size"] // after["num_attention_heads"] == after["head_dim"]
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    torch.testing.assert_close(_logits(reloaded, calib_ids[:2]), _logits(model, calib_ids[:2]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_removing_a_silent_kv_group(family, calib_ids):
+    """A KV group whose values are zero contributes nothing; removing it is exact, except for OLMo-2, whose q/k
+    norms divide by the RMS over all heads together (documented in the README)."""
+    model = tiny_model(family)
+    adapter = adapter_for(model)
+    with torch.no_grad():  # KV group 1 outputs zeros: its 3 query heads are silent
+        for layer in adapter.decoder_layers(model):
+            if adapter.qkv:
+                weight, q_width = layer.get_submodule(adapter.qkv).weight, layer.get_submodule(adapter.o).in_features
+                v_start = q_width + (weight.shape[0] - q_width) // 2
+                weight[v_start + 16:v_start + 32] = 0
+            else:
+                v = layer.get_submodule(adapter.v)
+                v.weight[16:32] = 0
+                if v.bias is not None:  # Qwen2
+                    v.bias[16:32] = 0
+    ref = _logits(model, calib_ids[:2])
+    compress.prune(model, {"num_attention_heads": 3, "num_key_value_heads": 1}, calib_ids,
+                   calibration_config=compress.CalibrationConfig(min_samples=4))
+    difference = (_logits(model, calib_ids[:2]) - ref).abs().max().item()
+    assert (difference < 1e-5) == (family != "olmo2"), difference

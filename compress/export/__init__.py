@@ -76,11 +76,7 @@ def check_exportable(model: nn.Module) -> ModelShape:
     if len(layers) != shape.num_hidden_layers:
         raise ExportError(f"the model has {len(layers)} layers but its config says {shape.num_hidden_layers}")
     for i, layer in enumerate(layers):
-        expected = {adapter.q: (q_out, shape.hidden_size), adapter.k: (kv_out, shape.hidden_size),
-                    adapter.v: (kv_out, shape.hidden_size), adapter.o: (shape.hidden_size, q_out),
-                    adapter.gate: (shape.intermediate_size, shape.hidden_size),
-                    adapter.up: (shape.intermediate_size, shape.hidden_size),
-                    adapter.down: (shape.hidden_size, shape.intermediate_size)}
+        expected = adapter.expected_shapes(shape.hidden_size, shape.intermediate_size, q_out, kv_out)
         for path, dims in expected.items():
             got = tuple(layer.get_submodule(path).weight.shape)
             if got != dims:

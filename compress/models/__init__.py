@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
+from ..surgery import slice_linear, slice_norm
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,12 @@ class DecoderAdapter:
     layer_norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")
     # Norms over head_dim (Qwen3's q_norm/k_norm): shared by all heads, untouched by any axis.
     head_norms: tuple[str, ...] = field(default_factory=tuple)
+    # Fused projections (Phi-3): one Linear whose rows are [q | k | v], or [gate | up]; they replace q/k/v, gate/up.
+    qkv: str | None = None
+    gate_up: str | None = None
+    # Norms over a whole projection's output (OLMo-2's q_norm over heads*head_dim): sliced with its heads' rows.
+    q_proj_norm: str | None = None
+    k_proj_norm: str | None = None
     # Of the layer norms, those applied to a sublayer's output just before it is added to the residual stream.
     residual_norms: tuple[str, ...] = field(default_factory=tuple)
     norm_offset: float = 0.0  # a norm computes x_hat * (norm_offset + weight)
@@ -60,6 +67,9 @@ class DecoderAdapter:
     logit_softcap: str | None = None  # config field c: logits = c * tanh(logits / c)
     logit_divisor: str | None = None  # config field s: logits = logits / s
     eager_attention_if: str | None = None  # config field that only eager attention honours (SDPA drops it)
+    # rope_scaling types whose config check uses hidden_size // num_attention_heads as the head size (Phi-3's
+    # longrope): those two must keep that ratio, or the saved config refuses to load.
+    rope_checks_hidden_over_heads: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
         if self.embed_scale not in (None, "sqrt_hidden"):
@@ -74,9 +84,65 @@ class DecoderAdapter:
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.layers)
 
+    def attention_inputs(self, layer: nn.Module) -> list[nn.Linear]:
+        """The q, k, v projections (or the one fused q|k|v projection)."""
+        return [layer.get_submodule(p) for p in ((self.qkv,) if self.qkv else (self.q, self.k, self.v))]
+
+    def mlp_inputs(self, layer: nn.Module) -> list[nn.Linear]:
+        """The gate and up projections (or the one fused gate|up projection)."""
+        return [layer.get_submodule(p) for p in ((self.gate_up,) if self.gate_up else (self.gate, self.up))]
+
     def hidden_in_linears(self, layer: nn.Module) -> list[nn.Linear]:
         """Linears that read the residual stream (their input dim is the hidden size)."""
-        return [layer.get_submodule(p) for p in (self.q, self.k, self.v, self.gate, self.up)]
+        return self.attention_inputs(layer) + self.mlp_inputs(layer)
+
+    def query_weight(self, layer: nn.Module) -> torch.Tensor:
+        """The query projection's weight ``[heads * head_dim, hidden]`` (rows of the fused one, if fused)."""
+        if self.qkv:
+            return layer.get_submodule(self.qkv).weight[: layer.get_submodule(self.o).in_features]
+        return layer.get_submodule(self.q).weight
+
+    def mlp_input_weights(self, layer: nn.Module) -> list[torch.Tensor]:
+        """The gate and up weights, ``[intermediate, hidden]`` each (halves of the fused one, if fused)."""
+        if self.gate_up:
+            return list(layer.get_submodule(self.gate_up).weight.chunk(2, dim=0))
+        return [layer.get_submodule(self.gate).weight, layer.get_submodule(self.up).weight]
+
+    def expected_shapes(self, hidden: int, intermediate: int, q_out: int, kv_out: int) -> dict[str, tuple]:
+        """Weight shape of every projection of a layer with these sizes (what a standard config describes)."""
+        attn = {self.qkv: (q_out + 2 * kv_out, hidden)} if self.qkv else \
+            {self.q: (q_out, hidden), self.k: (kv_out, hidden), self.v: (kv_out, hidden)}
+        mlp = {self.gate_up: (2 * intermediate, hidden)} if self.gate_up else \
+            {self.gate: (intermediate, hidden), self.up: (intermediate, hidden)}
+        return {**attn, self.o: (hidden, q_out), **mlp, self.down: (hidden, intermediate)}
+
+    # -- slicing (the axes call these; fused projections are sliced by row ranges) ----------------------------
+    def slice_mlp(self, layer: nn.Module, keep: torch.Tensor) -> None:
+        """Keep MLP neurons ``keep``: rows of gate and up, columns of down."""
+        down = layer.get_submodule(self.down)
+        if self.gate_up:
+            slice_linear(layer.get_submodule(self.gate_up), out_idx=torch.cat([keep, keep + down.in_features]))
+        else:
+            for path in (self.gate, self.up):
+                slice_linear(layer.get_submodule(path), out_idx=keep)
+        slice_linear(down, in_idx=keep)
+
+    def slice_heads(self, layer: nn.Module, q_rows: torch.Tensor, kv_rows: torch.Tensor) -> None:
+        """Keep query-projection rows ``q_rows`` and key/value rows ``kv_rows`` (and the matching o columns)."""
+        o = layer.get_submodule(self.o)
+        if self.qkv:
+            qkv = layer.get_submodule(self.qkv)
+            q_width = o.in_features
+            kv_width = (qkv.out_features - q_width) // 2
+            slice_linear(qkv, out_idx=torch.cat([q_rows, q_width + kv_rows, q_width + kv_width + kv_rows]))
+        else:
+            slice_linear(layer.get_submodule(self.q), out_idx=q_rows)
+            slice_linear(layer.get_submodule(self.k), out_idx=kv_rows)
+            slice_linear(layer.get_submodule(self.v), out_idx=kv_rows)
+        slice_linear(o, in_idx=q_rows)
+        for path, rows in ((self.q_proj_norm, q_rows), (self.k_proj_norm, kv_rows)):
+            if path:
+                slice_norm(layer.get_submodule(path), rows)
 
     def hidden_out_linears(self, layer: nn.Module) -> list[nn.Linear]:
         """Linears that write the residual stream (their output dim is the hidden size)."""
@@ -109,6 +175,21 @@ class DecoderAdapter:
         if isinstance(getattr(embed, "embed_scale", None), torch.Tensor):
             embed.embed_scale.fill_(new_hidden ** 0.5)
 
+    def shape_constraint(self, config):
+        """A function ``shape -> reason or None`` for shapes this family's config cannot describe, or None."""
+        rope = getattr(config, "rope_scaling", None) or {}
+        kind = rope.get("type") or rope.get("rope_type")
+        if kind not in self.rope_checks_hidden_over_heads:
+            return None
+
+        def check(shape) -> str | None:
+            if shape.hidden_size // shape.num_attention_heads != shape.head_dim:
+                return (f"its {kind} rope_scaling is validated against hidden_size // num_attention_heads, which "
+                        f"must stay {shape.head_dim} (got {shape.hidden_size} // {shape.num_attention_heads}); "
+                        "prune hidden channels and heads together, or keep both")
+            return None
+        return check
+
     def attention_implementation(self, config) -> str | None:
         """``"eager"`` when the config uses a feature other attention kernels silently ignore, else None."""
         if self.eager_attention_if and getattr(config, self.eager_attention_if, None):
@@ -137,6 +218,13 @@ GEMMA2 = DecoderAdapter(families=("gemma2",), eager_attention_if="attn_logit_sof
 # Granite's embedding, residual and attention multipliers are constants that pruning leaves valid; its logits
 # are divided by logits_scaling.
 GRANITE = DecoderAdapter(families=("granite",), logit_divisor="logits_scaling")
+# OLMo-2: norms after the sublayers (no input norm), and q/k norms over the whole projection width. Removing
+# heads changes the RMS those norms divide by, so head pruning is not exact for OLMo-2 (the others are).
+OLMO2 = DecoderAdapter(families=("olmo2",), layer_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
+                       q_proj_norm="self_attn.q_norm", k_proj_norm="self_attn.k_norm")
+# Phi-3 / Phi-3.5 / Phi-4-mini: fused q|k|v and gate|up projections.
+PHI3 = DecoderAdapter(families=("phi3",), qkv="self_attn.qkv_proj", gate_up="mlp.gate_up_proj",
+                      rope_checks_hidden_over_heads=("longrope",))
 # SmolLM3 turns RoPE off in every 4th layer: no_rope_layers has one entry per layer.
 SMOLLM3 = DecoderAdapter(families=("smollm3",), layer_lists=("layer_types", "no_rope_layers"))
 
@@ -150,7 +238,7 @@ def register_adapter(adapter: DecoderAdapter) -> DecoderAdapter:
     return adapter
 
 
-for _adapter in (LLAMA_LIKE, QWEN3, GEMMA3_TEXT, GEMMA2, GRANITE, SMOLLM3):
+for _adapter in (LLAMA_LIKE, QWEN3, GEMMA3_TEXT, GEMMA2, GRANITE, OLMO2, PHI3, SMOLLM3):
     register_adapter(_adapter)
 
 
