@@ -96,3 +96,12 @@ def calib_ids():
 
 
 FAMILIES = list(CONFIGS)
+
+
+@pytest.fixture(scope="session")
+def inductor():
+    """Skip (saying why) where torch.compile cannot build kernels, e.g. a machine without a C++ compiler."""
+    try:
+        torch.compile(lambda x: x + 1)(torch.ones(2))
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"torch.compile (inductor) does not work here: {type(exc).__name__}: {exc}"[:400])

@@ -104,18 +104,7 @@ def test_a_new_run_does_not_overwrite_an_earlier_runs_checkpoints(tmp_path):
     assert (tmp_path / "checkpoint-00000002" / "student.safetensors").read_bytes() == before
 
 
-def _compiler_works() -> str | None:
-    try:
-        torch.compile(lambda x: x + 1)(torch.ones(2))
-    except Exception as exc:  # noqa: BLE001
-        return f"torch.compile cannot build kernels here: {type(exc).__name__}: {exc}"[:200]
-    return None
-
-
-def test_compiled_training_matches_eager():
-    reason = _compiler_works()
-    if reason:
-        pytest.skip(reason)
+def test_compiled_training_matches_eager(inductor):
     torch._dynamo.reset()
     runs = []
     for compiled in (False, True):

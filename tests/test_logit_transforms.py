@@ -211,14 +211,6 @@ def test_logit_transform_api():
         chunked_logit_loss(*_inputs()[:4], student_transform={"softcap": 5.0})
 
 
-@pytest.fixture(scope="module")
-def inductor():
-    try:
-        torch.compile(lambda x: x + 1)(torch.ones(2))
-    except Exception as exc:  # e.g. no C++ compiler for inductor's CPU backend
-        pytest.skip(f"torch.compile (inductor) does not work here: {type(exc).__name__}: {exc}"[:400])
-
-
 @pytest.mark.parametrize("kind, top_k, temperature, with_ce, s_tr, t_tr", [
     ("jsd", 5, 2.0, True, SOFTCAP, SOFTCAP),
     ("forward_kl", None, 1.0, True, SOFTCAP, LogitTransform(softcap=30.0)),

@@ -32,14 +32,6 @@ def test_chunk_function_has_no_graph_break(kind, temperature, beta, top_k, teach
     assert explanation.graph_count == 1
 
 
-@pytest.fixture(scope="module")
-def inductor():
-    try:
-        torch.compile(lambda x: x + 1)(torch.ones(2))
-    except Exception as exc:  # e.g. no C++ compiler for inductor's CPU backend
-        pytest.skip(f"torch.compile (inductor) does not work here: {type(exc).__name__}: {exc}"[:400])
-
-
 @pytest.mark.parametrize("kind, top_k, temperature, with_ce", [("jsd", 5, 2.0, True), ("reverse_kl", None, 1.0, False)])
 def test_compiled_equals_eager(inductor, kind, top_k, temperature, with_ce):
     h_s, w_s, h_t, w_t, y = _inputs()

@@ -13,9 +13,14 @@ fields filled in, not by new pruning code:
   recomputes from the config when the model is loaded; when hidden channels are pruned, the norms in
   ``residual_norms`` (those whose output is added to the residual stream) absorb the change, so the saved
   student computes what the pruned one did;
+* ``qkv`` / ``gate_up`` — fused projections (Phi-3), sliced by row ranges; ``q_proj_norm`` / ``k_proj_norm`` —
+  norms over a whole projection (OLMo-2), sliced with the heads;
 * ``layer_lists`` — per-layer config lists (``layer_types``, ``no_rope_layers``) that follow depth pruning;
+  ``rope_checks_hidden_over_heads`` — rope types whose config check ties hidden_size / heads to head_dim
+  (Phi-3's longrope), a constraint the planner respects;
 * ``logit_softcap`` / ``logit_divisor`` — the config fields of a transform the model applies to its logits
-  (Gemma-2's soft-capping, Granite's scaling), which the distillation loss applies too.
+  (Gemma-2's soft-capping, Granite's scaling), which the distillation loss applies too; ``eager_attention_if``
+  — a config feature only eager attention honours (Gemma-2's attention soft-capping; the ONNX export uses it).
 
 A new family with the same roles under other names is one ``register_adapter(DecoderAdapter(...))`` call.
 """
@@ -152,7 +157,6 @@ class DecoderAdapter:
         """Every norm whose weight has one entry per hidden channel, the final norm last."""
         norms = [layer.get_submodule(n) for layer in self.decoder_layers(model) for n in self.layer_norms]
         return norms + [model.get_submodule(self.final_norm)]
-
 
     # -- what pruning must do besides slicing ----------------------------------------------------------------
     def compensate_hidden(self, model: nn.Module, old_hidden: int, new_hidden: int) -> None:
