@@ -141,3 +141,31 @@ def test_removing_a_silent_kv_group(family, calib_ids):
                    calibration_config=compress.CalibrationConfig(min_samples=4))
     difference = (_logits(model, calib_ids[:2]) - ref).abs().max().item()
     assert (difference < 1e-5) == (family != "olmo2"), difference
+
+
+@pytest.mark.parametrize("config_class, experts", [("MixtralConfig", {"num_local_experts": 4}),
+                                                   ("Qwen3MoeConfig", {"num_experts": 4})])
+def test_mixture_of_experts_is_refused_clearly_before_any_work(config_class, experts, calib_ids):
+    import transformers
+
+    cfg = getattr(transformers, config_class)(vocab_size=320, hidden_size=64, intermediate_size=96,
+                                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                              **experts)
+    model = AutoModelForCausalLM.from_config(cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(compress.UnsupportedModelError, match="mixture-of-experts.*4 experts.*Nothing was changed"):
+        compress.prune(model, {"params": 0.5}, calib_ids)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_replacing_a_built_in_adapter_must_be_explicit():
+    from compress.models import LLAMA_LIKE, register_adapter
+
+    mine = type(LLAMA_LIKE)(**{**LLAMA_LIKE.__dict__, "families": ("llama",)})
+    with pytest.raises(compress.UnsupportedModelError, match="replace=True"):
+        register_adapter(mine)
+    try:
+        assert register_adapter(mine, replace=True) is adapter_for(tiny_model("llama"))
+    finally:
+        register_adapter(LLAMA_LIKE, replace=True)
+    assert adapter_for(tiny_model("llama")) is LLAMA_LIKE

@@ -235,8 +235,15 @@ SMOLLM3 = DecoderAdapter(families=("smollm3",), layer_lists=("layer_types", "no_
 _ADAPTERS: dict[str, DecoderAdapter] = {}
 
 
-def register_adapter(adapter: DecoderAdapter) -> DecoderAdapter:
-    """Make ``adapter`` the one used for each of its ``families`` (config ``model_type`` values)."""
+def register_adapter(adapter: DecoderAdapter, *, replace: bool = False) -> DecoderAdapter:
+    """Make ``adapter`` the one used for each of its ``families`` (config ``model_type`` values).
+
+    A family that already has an adapter (a built-in one included) is only taken over with ``replace=True``:
+    silently changing how a supported family is pruned would be a surprise.
+    """
+    taken = [f for f in adapter.families if f in _ADAPTERS and _ADAPTERS[f] is not adapter]
+    if taken and not replace:
+        raise UnsupportedModelError(f"families {taken} already have an adapter; pass replace=True to replace it")
     for family in adapter.families:
         _ADAPTERS[family] = adapter
     return adapter
@@ -244,6 +251,10 @@ def register_adapter(adapter: DecoderAdapter) -> DecoderAdapter:
 
 for _adapter in (LLAMA_LIKE, QWEN3, GEMMA3_TEXT, GEMMA2, GRANITE, OLMO2, PHI3, SMOLLM3):
     register_adapter(_adapter)
+
+
+# Config fields that count the experts of a mixture-of-experts layer (Mixtral, Qwen-MoE, DeepSeek, OLMoE, ...).
+_EXPERT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
 
 def supported_families() -> list[str]:
@@ -254,6 +265,18 @@ def adapter_for(model: nn.Module) -> DecoderAdapter:
     """The adapter for ``model``'s family, or an error that names the supported ones."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
+    experts = next((getattr(config, f) for f in _EXPERT_FIELDS if (getattr(config, f, None) or 0) > 1), None)
+    if experts:
+        raise UnsupportedModelError(
+            f"{model_type!r} ({type(model).__name__}) is a mixture-of-experts model ({experts} experts per layer): "
+            "compress prunes dense decoders only (uniform MLP neurons, heads, hidden channels and layers); expert "
+            "pruning does not exist yet. Nothing was changed.")
+    per_layer = [f for f in ("num_attention_heads", "num_key_value_heads", "intermediate_size")
+                 if isinstance(getattr(config, f, None), (list, tuple))]
+    if per_layer:
+        raise UnsupportedModelError(
+            f"{model_type!r} has per-layer {per_layer} in its config; compress prunes models with one size per axis "
+            "for all layers (what a standard config describes). Nothing was changed.")
     adapter = _ADAPTERS.get(model_type)
     if adapter is None:
         raise UnsupportedModelError(

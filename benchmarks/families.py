@@ -1,0 +1,89 @@
+"""Every supported family, every axis, on tiny random models: parameters before and after, wall time of the
+prune, and how far the saved-and-reloaded student's logits are from the in-memory student's.
+
+    python benchmarks/families.py --out benchmarks/results/families.json
+
+The models are the test suite's (tests/conftest.py: hidden 64, MLP 96, 6 query heads over 2 KV heads,
+head_dim 16, 4 layers, vocabulary 320, every family's particular features switched on), with random weights
+scaled up so that importance differences are visible. Only SmolLM2 has real weights offline; its quality
+figures are in benchmarks/prune_quality.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+CASES = {
+    "mlp": ({"intermediate_size": 48}, "width"),
+    "heads": ({"num_attention_heads": 3, "num_key_value_heads": 1}, "width"),
+    "hidden": ({"hidden_size": 32}, "width"),
+    "depth": ({"num_hidden_layers": 2}, "depth"),
+    "50% params": ({"params": 0.5}, "width+depth"),
+}
+
+
+def run_case(family: str, target: dict, strategy: str) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    import compress
+    from conftest import tiny_model
+
+    model = tiny_model(family)
+    ids = torch.randint(4, 320, (16, 32), generator=torch.Generator().manual_seed(0))
+    start = time.perf_counter()
+    try:
+        report = compress.prune(model, target, ids, strategy=strategy,
+                                calibration_config=compress.CalibrationConfig(min_samples=4))
+    except compress.CompressError as exc:
+        return {"refused": f"{type(exc).__name__}: {exc}"}
+    seconds = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp, attn_implementation="eager").eval()
+        with torch.no_grad():
+            diff = (reloaded(ids[:2]).logits - model(ids[:2]).logits).abs().max().item()
+        reloaded_params = compress.shape.count_params(reloaded)
+    return {"params_before": report.params_before, "params_after": report.params_after,
+            "reloaded_params": reloaded_params, "seconds": round(seconds, 3), "reload_max_logit_diff": diff,
+            "shape_after": report.shape_after}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    import compress
+    import transformers
+
+    torch.set_num_threads(1)
+    results = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+               "transformers": transformers.__version__, "families": {}}
+    print(f"{'family':<12} {'axis':<11} {'params':>17} {'seconds':>8} {'reload diff':>12}")
+    for family in compress.supported_families():
+        rows = {}
+        for name, (target, strategy) in CASES.items():
+            row = rows[name] = run_case(family, target, strategy)
+            if "refused" in row:
+                print(f"{family:<12} {name:<11} refused: {row['refused'][:80]}")
+                continue
+            assert row["reloaded_params"] == row["params_after"]
+            print(f"{family:<12} {name:<11} {row['params_before']:>8,}->{row['params_after']:>7,} "
+                  f"{row['seconds']:>8.3f} {row['reload_max_logit_diff']:>12.2e}")
+        results["families"][family] = rows
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
