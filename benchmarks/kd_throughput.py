@@ -48,7 +48,7 @@ def ours_step_fn(student, teacher, device, cfg: DistillConfig):
     adapter = adapter_for(student)
     module = DistillModule(student, adapter, cfg, {}, teacher.config.hidden_size)
     cuda = device.type == "cuda"
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-5, fused=cuda)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-5, fused=True)  # as compress.distill does
     if cfg.gradient_checkpointing:  # as compress.distill does it
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     t_base, t_head = teacher.get_submodule(adapter.base), teacher.lm_head.weight
@@ -60,7 +60,7 @@ def ours_step_fn(student, teacher, device, cfg: DistillConfig):
         with torch.no_grad(), autocast:
             t_final = t_base(input_ids=batch, use_cache=False).last_hidden_state
         with autocast:
-            loss = module(batch, t_final, {}, t_head)["loss"]
+            loss = module(batch, t_final, {}, t_head)[0]  # [loss, kd, ce, hidden]
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -102,7 +102,7 @@ def main() -> None:
                 hidden_loss="cosine" if arm.endswith("hidden") else None, compile=args.compile,
                 teacher_correction_steps=args.correction_steps if arm.endswith("correction") else 0,
                 output_dir=str(Path(args.log_dir) / arm) if args.log_dir else None,
-                tensorboard=bool(args.log_dir), progress=False, seed=0)
+                tensorboard=bool(args.log_dir), progress=False, seed=0, log_every=1)
             # Teacher correction trains the teacher it is given: give it a copy, keep the original for the KL.
             arm_teacher = copy.deepcopy(teacher) if cfg.teacher_correction_steps else teacher
             d = compress.distill(student, arm_teacher, PYDOCS_TRAIN, cfg, tokenizer=tok,
