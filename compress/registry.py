@@ -7,6 +7,9 @@ validates itself in ``__post_init__``. Plugins arrive two ways, and both end in 
   are declared there too, in this project's ``setup.cfg``), and
 * code in the running process uses the :func:`register_plugin` decorator.
 
+Model-family adapters (``compress.DecoderAdapter`` instances) travel the same entry-point group: an entry point
+named after one of the adapter's families registers it, unless that family already has one.
+
 Which third-party distributions are loaded can be restricted with the ``COMPRESS_PLUGINS`` environment variable
 (``all`` — the default —, ``none``, or a comma-separated list of distribution names) or the ``allow`` argument
 of :func:`load_entry_point_plugins`. Built-in plugins always load.
@@ -120,6 +123,8 @@ def load_entry_point_plugins(allow: Iterable[str] | str | None = None, *, force:
             cls = ep.load()
         except Exception as exc:  # a broken third-party package must say which one it is
             raise PluginError(f"could not load plugin {ep.name!r} from {dist} ({ep.value}): {exc}") from exc
+        if _register_adapter_entry_point(ep.name, cls, dist):
+            continue
         if getattr(cls, "name", None) != ep.name:
             raise PluginError(
                 f"entry point {ep.name!r} of {dist} points at a plugin named {getattr(cls, 'name', None)!r}; "
@@ -133,6 +138,24 @@ def load_entry_point_plugins(allow: Iterable[str] | str | None = None, *, force:
             "importing the source folder directly."
         )
     _ENTRY_POINTS_LOADED = True
+
+
+def _register_adapter_entry_point(name: str, obj: Any, dist: str) -> bool:
+    """A model family's adapter (a ``DecoderAdapter`` instance) declared in the entry-point group: the entry
+    point's name must be one of its families. Taking over a family that already has an adapter is refused."""
+    from .models import DecoderAdapter, register_adapter
+
+    if not isinstance(obj, DecoderAdapter):
+        return False
+    if name not in obj.families:
+        raise PluginError(f"entry point {name!r} of {dist} points at an adapter for {list(obj.families)}; the "
+                          "entry-point name must be one of the families it describes")
+    try:
+        register_adapter(obj, _from_entry_point=True)
+    except Exception as exc:  # noqa: BLE001 - say which package tried to take over which family
+        raise PluginError(f"{dist} declares an adapter for {list(obj.families)}: {exc}. To replace a built-in "
+                          "adapter, call compress.register_adapter(adapter, replace=True) explicitly") from exc
+    return True
 
 
 def get_plugin(name: str, kind: str | None = None) -> type:

@@ -6,6 +6,7 @@ applies the family's logit transform, and Gemma's embedding scale survives hidde
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -169,3 +170,66 @@ def test_replacing_a_built_in_adapter_must_be_explicit():
     finally:
         register_adapter(LLAMA_LIKE, replace=True)
     assert adapter_for(tiny_model("llama")) is LLAMA_LIKE
+
+
+def test_an_adapter_declared_by_an_installed_package_is_found(monkeypatch):
+    """A package can ship a family's adapter through the compress.plugins entry-point group; it cannot silently
+    take over a family that already has one."""
+    from importlib import metadata
+    from types import SimpleNamespace
+
+    from compress import registry
+    from compress.models import _ADAPTERS, LLAMA_LIKE
+
+    mine = type(LLAMA_LIKE)(**{**LLAMA_LIKE.__dict__, "families": ("my_llama",)})
+    hijack = type(LLAMA_LIKE)(**{**LLAMA_LIKE.__dict__, "families": ("llama",)})
+    real = metadata.entry_points
+
+    def with_extra(adapter, name):
+        extra = SimpleNamespace(name=name, value="my_adapters:ADAPTER", dist=SimpleNamespace(name="my-adapters"),
+                                load=lambda: adapter)
+        return lambda group=None, **kw: list(real(group=group, **kw)) + (
+            [extra] if group == registry.ENTRY_POINT_GROUP else [])
+
+    try:
+        monkeypatch.setattr(metadata, "entry_points", with_extra(mine, "my_llama"))
+        registry.load_entry_point_plugins(allow="my-adapters", force=True)  # tests load no third party by default
+        assert "my_llama" in compress.supported_families()
+        model = tiny_model("llama")
+        model.config.model_type = "my_llama"
+        assert adapter_for(model) is mine
+
+        monkeypatch.setattr(metadata, "entry_points", with_extra(hijack, "llama"))
+        with pytest.raises(compress.PluginError, match="my-adapters.*already have an adapter.*replace=True"):
+            registry.load_entry_point_plugins(allow="my-adapters", force=True)
+    finally:
+        _ADAPTERS.pop("my_llama", None)
+        monkeypatch.undo()
+        registry.load_entry_point_plugins(force=True)
+    assert adapter_for(tiny_model("llama")) is LLAMA_LIKE
+
+
+def test_replacing_a_built_in_adapter_first_thing_in_a_process(tmp_path):
+    """In a fresh process, before anything loaded the built-ins: the README's replace=True call works, a plain
+    call for a built-in family is refused, and pruning afterwards uses the replacement."""
+    import subprocess
+    import sys
+
+    code = """
+import compress, sys
+sys.path.insert(0, %r)
+from conftest import tiny_model
+mine = compress.DecoderAdapter(families=("phi3",), qkv="self_attn.qkv_proj", gate_up="mlp.gate_up_proj")
+try:
+    compress.register_adapter(mine)
+    raise SystemExit("a built-in family was taken over silently")
+except compress.UnsupportedModelError:
+    pass
+compress.register_adapter(mine, replace=True)
+model = tiny_model("phi3")
+compress.prune(model, {"intermediate_size": 48}, None, plugins=["magnitude"])
+assert compress.models.adapter_for(model) is mine
+print("ok")
+""" % str(Path(__file__).parent)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]

@@ -235,12 +235,15 @@ SMOLLM3 = DecoderAdapter(families=("smollm3",), layer_lists=("layer_types", "no_
 _ADAPTERS: dict[str, DecoderAdapter] = {}
 
 
-def register_adapter(adapter: DecoderAdapter, *, replace: bool = False) -> DecoderAdapter:
+def register_adapter(adapter: DecoderAdapter, *, replace: bool = False, _from_entry_point: bool = False
+                     ) -> DecoderAdapter:
     """Make ``adapter`` the one used for each of its ``families`` (config ``model_type`` values).
 
     A family that already has an adapter (a built-in one included) is only taken over with ``replace=True``:
     silently changing how a supported family is pruned would be a surprise.
     """
+    if not _from_entry_point:
+        _load_declared_adapters()  # so that a built-in one is there to be replaced (or to refuse the call)
     taken = [f for f in adapter.families if f in _ADAPTERS and _ADAPTERS[f] is not adapter]
     if taken and not replace:
         raise UnsupportedModelError(f"families {taken} already have an adapter; pass replace=True to replace it")
@@ -249,15 +252,23 @@ def register_adapter(adapter: DecoderAdapter, *, replace: bool = False) -> Decod
     return adapter
 
 
-for _adapter in (LLAMA_LIKE, QWEN3, GEMMA3_TEXT, GEMMA2, GRANITE, OLMO2, PHI3, SMOLLM3):
-    register_adapter(_adapter)
+# The built-in adapters are registered through the compress.plugins entry points in setup.cfg, the same way a
+# third-party package declares its own (see compress.registry).
 
 
 # Config fields that count the experts of a mixture-of-experts layer (Mixtral, Qwen-MoE, DeepSeek, OLMoE, ...).
 _EXPERT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
 
+def _load_declared_adapters() -> None:
+    """Adapters that installed packages declare in the ``compress.plugins`` entry-point group."""
+    from ..registry import load_entry_point_plugins
+
+    load_entry_point_plugins()
+
+
 def supported_families() -> list[str]:
+    _load_declared_adapters()
     return sorted(_ADAPTERS)
 
 
@@ -278,6 +289,9 @@ def adapter_for(model: nn.Module) -> DecoderAdapter:
             f"{model_type!r} has per-layer {per_layer} in its config; compress prunes models with one size per axis "
             "for all layers (what a standard config describes). Nothing was changed.")
     adapter = _ADAPTERS.get(model_type)
+    if adapter is None:
+        _load_declared_adapters()
+        adapter = _ADAPTERS.get(model_type)
     if adapter is None:
         raise UnsupportedModelError(
             f"no adapter for model_type {model_type!r} ({type(model).__name__}); supported families: "
