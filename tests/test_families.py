@@ -233,3 +233,12 @@ print("ok")
 """ % str(Path(__file__).parent)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
+
+
+def test_per_layer_sizes_are_refused_clearly_before_any_work(calib_ids):
+    model = tiny_model("llama")
+    model.config.num_attention_heads = [6, 6, 4, 4]  # what a non-uniform checkpoint's config would say
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(compress.UnsupportedModelError, match="per-layer.*num_attention_heads.*Nothing was changed"):
+        compress.prune(model, {"params": 0.5}, calib_ids)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -177,6 +177,7 @@ def test_bf16_student_trains_on_fp32_master_weights(tmp_path):
     assert "error" not in record, record.get("error")
     assert record["student_dtype"] == "torch.bfloat16"
     assert record["report"]["engine"]["precision"] == "bf16 compute, fp32 master weights"
+    assert record["report"]["memory_plan"]["total_mib"] > 0  # the estimate travels in the report
     saved = load_file(str(tmp_path / "run" / "checkpoint-00000002" / "student.safetensors"))
     assert {v.dtype for v in saved.values()} == {torch.float32}
 

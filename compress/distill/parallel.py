@@ -189,7 +189,7 @@ class Engine:
         student.eval()
 
     def restore_student_on_error(self) -> None:
-        if self.mode == "fsdp" and self._caller_student is not None:
+        if self._caller_student is not None:
             self._caller_student.to(self._student_device)
         if self.mode != "fsdp" and self._caller_student is not None:
             if self.gradient_checkpointing:

@@ -144,8 +144,6 @@ class DistillModule(nn.Module):
         labels = input_ids[:, 1:].reshape(-1) if cfg.alpha_ce > 0 else None
         d_s = hidden.shape[-1]
         t_flat = None if teacher_final is None else teacher_final[:, :-1].reshape(-1, teacher_final.shape[-1])
-        if t_flat is not None and t_flat.dtype != hidden.dtype:
-            t_flat = t_flat.to(hidden.dtype)
         if not torch.is_autocast_enabled(hidden.device.type):  # under autocast the matmuls cast (no copies)
             if t_flat is not None and t_flat.dtype != hidden.dtype:
                 t_flat = t_flat.to(hidden.dtype)
@@ -303,12 +301,12 @@ def distill(student: nn.Module, teacher: nn.Module, data, config: DistillConfig,
 
     torch.manual_seed(config.seed)
     random.seed(config.seed)
-    loader = WindowLoader.from_source(data, tokenizer, config, skip_tokens=skip_tokens, rank=rank, world=world,
-                                      device=device)
     out_dir = Path(config.output_dir) if config.output_dir else None
     if out_dir is not None and not config.resume and checkpoints(out_dir):
         raise CheckpointError(f"{out_dir} holds checkpoints of an earlier run; pass resume=True to continue it, "
                               "or choose another output_dir (nothing is overwritten without being asked)")
+    loader = WindowLoader.from_source(data, tokenizer, config, skip_tokens=skip_tokens, rank=rank, world=world,
+                                      device=device)
     engine = Engine(mode, device, world, use_bf16, s_adapter, config.gradient_checkpointing, config.compile)
     teacher_state = TeacherBackup(teacher)
     teacher_flags = [p.requires_grad for p in teacher.parameters()]
