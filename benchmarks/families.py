@@ -30,6 +30,18 @@ CASES = {
     "depth": ({"num_hidden_layers": 2}, "depth"),
     "50% params": ({"params": 0.5}, "width+depth"),
 }
+# GPT-NeoX (hidden 96, 6 heads of 16, no GQA) computes its head size as hidden_size // heads: heads are pruned
+# with hidden channels; hidden alone is refused (recorded as such).
+FAMILY_CASES = {"gpt_neox": {"heads": ({"num_attention_heads": 3, "hidden_size": 48}, "width")}}
+
+
+def _image_prompt(config) -> dict:
+    """Text around one image (begin-of-image, its soft tokens, end-of-image), with random pixels."""
+    ids = torch.tensor([[1, 17, config.boi_token_index] + [config.image_token_index] * config.mm_tokens_per_image
+                        + [config.eoi_token_index, 40, 41]])
+    size = config.vision_config.image_size
+    pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    return dict(input_ids=ids, pixel_values=pixels, token_type_ids=(ids == config.image_token_index).long())
 
 
 def run_case(family: str, target: dict, strategy: str) -> dict:
@@ -52,6 +64,9 @@ def run_case(family: str, target: dict, strategy: str) -> dict:
         reloaded = AutoModelForCausalLM.from_pretrained(tmp, attn_implementation="eager").eval()
         with torch.no_grad():
             diff = (reloaded(ids[:2]).logits - model(ids[:2]).logits).abs().max().item()
+            if hasattr(model.config, "vision_config"):  # multimodal Gemma-3: a prompt with an image as well
+                images = _image_prompt(model.config)
+                diff = max(diff, (reloaded(**images).logits - model(**images).logits).abs().max().item())
         reloaded_params = compress.shape.count_params(reloaded)
     return {"params_before": report.params_before, "params_after": report.params_after,
             "reloaded_params": reloaded_params, "seconds": round(seconds, 3), "reload_max_logit_diff": diff,
@@ -71,7 +86,8 @@ def main() -> int:
     print(f"{'family':<12} {'axis':<11} {'params':>17} {'seconds':>8} {'reload diff':>12}")
     for family in compress.supported_families():
         rows = {}
-        for name, (target, strategy) in CASES.items():
+        for name, case in CASES.items():
+            target, strategy = FAMILY_CASES.get(family, {}).get(name, case)
             row = rows[name] = run_case(family, target, strategy)
             if "refused" in row:
                 print(f"{family:<12} {name:<11} refused: {row['refused'][:80]}")

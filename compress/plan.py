@@ -23,6 +23,8 @@ from .errors import ConfigError, TargetError
 from .shape import SHAPE_FIELDS, ModelShape, ParamFormula
 
 STRATEGIES = ("width", "depth", "width+depth")
+#: Share of the teacher's parameters in the embedding (+ untied LM head) above which the plan says so.
+EMBEDDING_HEAVY = 0.3
 
 
 @dataclass(frozen=True)
@@ -145,7 +147,7 @@ def plan_shape(
         plan = _explicit(teacher, formula, target, strategy)
         problem = constraint(plan.shape) if constraint else None
         if problem:
-            raise TargetError(f"the shape {dict(target.shape)} cannot be saved for this model: {problem}")
+            raise TargetError(f"the shape {target.requested} cannot be saved for this model: {problem}")
         return plan
 
     width = strategy in ("width", "width+depth")
@@ -187,7 +189,7 @@ def plan_shape(
         p, s = fallback  # nothing on the grid lands within tolerance; take the closest below
         reason = (f"no {strategy} shape on the grid (multiples of {config.multiple_of}) lands within "
                   f"{config.tolerance:.0%} below {target.params:,}; took the largest below it")
-        return Plan(s, p, reason, 0)
+        return Plan(s, p, reason + _embedding_note(teacher, formula, s), 0)
     shape = best[2]
     reason = (
         f"{count} {strategy} shapes on the grid (multiples of {config.multiple_of}, valid GQA head counts) land within "
@@ -195,7 +197,19 @@ def plan_shape(
         f"cost sum(w*removed^2) with weights {dict(config.weights)} (measured on SmolLM2: "
         f"hidden channels hurt most, then MLP neurons, then heads)"
     )
-    return Plan(shape, formula.total(shape), reason, count)
+    return Plan(shape, formula.total(shape), reason + _embedding_note(teacher, formula, shape), count)
+
+
+def _embedding_note(teacher: ModelShape, formula: ParamFormula, chosen: ModelShape) -> str:
+    """What to know when the vocabulary holds much of the model (Gemma's 262k tokens): only hidden pruning
+    shrinks the embedding (and an untied LM head), so budgets are reached mainly through the hidden size."""
+    share = formula.embedding_params(teacher) / formula.total(teacher)
+    if share < EMBEDDING_HEAVY:
+        return ""
+    what = "embedding holds" if formula.tied else "embedding and LM head hold"
+    return (f". The {what} {share:.0%} of the parameters (vocabulary {formula.vocab_size:,}) and only hidden "
+            "channels shrink them, so parameter budgets are reached mainly through the hidden size "
+            f"({teacher.hidden_size} -> {chosen.hidden_size} here), whatever the damage weights prefer")
 
 
 def _explicit(teacher: ModelShape, formula: ParamFormula, target: Target, strategy: str) -> Plan:

@@ -13,7 +13,7 @@ from . import registry
 from .calibrate import Calibration, CalibrationConfig, Importance, prepare_calibration
 from .data import TextSource
 from .errors import ConfigError, PluginError
-from .models import adapter_for
+from .models import adapter_for, find_adapter
 from .plan import STRATEGIES, PlanConfig, Target, plan_shape
 from .plugin_api import AXES, AxisPlugin, ImportancePlugin, PruneContext
 from .report import PruneReport
@@ -100,12 +100,22 @@ def prune(
     start = time.perf_counter()
     if strategy not in STRATEGIES:
         raise ConfigError(f"strategy should be one of {STRATEGIES}, got {strategy!r}")
-    adapter = adapter_for(model)
+    adapter = find_adapter(model)
+    if adapter is None:  # no adapter for this family: MLP and hidden widths through Torch-Pruning's graph
+        from .generic import prune_generic
+
+        return prune_generic(model, target, calibration, strategy=strategy, plugins=plugins, tokenizer=tokenizer,
+                             calibration_config=calibration_config, plan_config=plan_config, importance=importance)
     formula = ParamFormula.from_model(model, adapter)
-    before = ModelShape.from_config(model.config)
+    config = adapter.shape_config(model.config)
+    before = ModelShape.from_config(config)
     params_before = count_params(model)
     parsed = Target.parse(target, params_before)
-    plan = plan_shape(before, formula, parsed, strategy, plan_config, adapter.shape_constraint(model.config))
+    if parsed.shape and "num_key_value_heads" not in parsed.shape and not hasattr(config, "num_key_value_heads"):
+        # multi-head attention without a KV-head count in its config (GPT-NeoX): KV heads follow query heads
+        parsed = Target(shape={**parsed.shape, "num_key_value_heads": parsed.shape.get(
+            "num_attention_heads", before.num_attention_heads)}, requested=parsed.requested)
+    plan = plan_shape(before, formula, parsed, strategy, plan_config, adapter.shape_constraint(config))
     after = plan.shape
     importance_plugin, axes = resolve_plugins(plugins, changed_axes(before, after))
     for axis in axes.values():
@@ -134,7 +144,7 @@ def prune(
 
     for name, axis in axes.items():
         axis.apply(model, adapter, selections[name])
-    after.apply_to_config(model.config)
+    after.apply_to_config(config)
     params_after = count_params(model)
     if params_after != plan.params:
         raise RuntimeError(f"internal error: planned {plan.params:,} params but the pruned model has {params_after:,}")

@@ -37,6 +37,10 @@ class ModelShape:
         """Write this shape into a transformers config (``head_dim`` always explicit, as Minitron's exports)."""
         layer_types = getattr(config, "layer_types", None)
         for name in SHAPE_FIELDS:
+            if name == "num_key_value_heads" and not hasattr(config, name):  # no grouped-query attention
+                if self.num_key_value_heads != self.num_attention_heads:
+                    raise TargetError("this config has no num_key_value_heads: query and KV heads must stay equal")
+                continue
             setattr(config, name, getattr(self, name))
         config.head_dim = self.head_dim
         if layer_types is not None and len(layer_types) != self.num_hidden_layers:
@@ -94,6 +98,9 @@ class ParamFormula:
     per_layer_constant: int
     q_proj_norm: bool = False  # a norm over the whole query projection (OLMo-2): heads * head_dim weights
     k_proj_norm: bool = False
+    gated_mlp: bool = True  # gate, up and down projections (False: up and down only, GPT-NeoX)
+    stream_rows: int = 0  # rows of the adapter's stream_inputs (weights outside the decoder, one column per channel)
+    constant: int = 0  # parameters no axis touches outside the decoder (e.g. a vision tower), measured
 
     @classmethod
     def from_model(cls, model: nn.Module, adapter: DecoderAdapter) -> "ParamFormula":
@@ -112,10 +119,14 @@ class ParamFormula:
             per_layer_constant=0,
             q_proj_norm=adapter.q_proj_norm is not None,
             k_proj_norm=adapter.k_proj_norm is not None,
+            gated_mlp=adapter.gate is not None,
+            stream_rows=sum(model.get_parameter(p).numel() // model.get_parameter(p).shape[-1]
+                            for p in adapter.stream_inputs),
         )
-        shape = ModelShape.from_config(model.config)
+        shape = ModelShape.from_config(adapter.shape_config(model.config))
         measured = sum(p.numel() for p in layer.parameters())
-        return replace(formula, per_layer_constant=measured - formula.layer_params(shape))
+        formula = replace(formula, per_layer_constant=measured - formula.layer_params(shape))
+        return replace(formula, constant=count_params(model) - formula.total(shape))
 
     def layer_params(self, s: ModelShape) -> int:
         d, i, hd = s.hidden_size, s.intermediate_size, s.head_dim
@@ -126,14 +137,18 @@ class ParamFormula:
         if self.o_bias:
             attn += d
         attn += (q_out if self.q_proj_norm else 0) + (kv_out if self.k_proj_norm else 0)
-        mlp = 3 * d * i + ((2 * i + d) if self.mlp_bias else 0)
+        inputs = 2 if self.gated_mlp else 1  # gate and up, or up alone
+        mlp = (inputs + 1) * d * i + ((inputs * i + d) if self.mlp_bias else 0)
         norms = self.norms_per_layer * self.norm_params_per_channel * d
         return attn + mlp + norms + self.per_layer_constant
 
+    def embedding_params(self, s: ModelShape) -> int:
+        """The input embedding plus an untied LM head: ``vocab × hidden`` each."""
+        return self.vocab_size * s.hidden_size * (1 if self.tied else 2)
+
     def total(self, s: ModelShape) -> int:
-        embed = self.vocab_size * s.hidden_size
-        head = 0 if self.tied else self.vocab_size * s.hidden_size
-        return embed + head + self.norm_params_per_channel * s.hidden_size + s.num_hidden_layers * self.layer_params(s)
+        return (self.embedding_params(s) + (self.norm_params_per_channel + self.stream_rows) * s.hidden_size
+                + s.num_hidden_layers * self.layer_params(s) + self.constant)
 
 
 def changed_axes(before: ModelShape, after: ModelShape) -> list[str]:

@@ -78,7 +78,7 @@ class HeadsAxis(AxisPlugin):
     def apply(self, model: nn.Module, adapter: DecoderAdapter, selection: dict) -> None:
         hd = selection["head_dim"]
         for layer, q_keep, kv_keep in zip(adapter.decoder_layers(model), selection["query_heads"], selection["kv_heads"]):
-            adapter.slice_heads(layer, head_rows(q_keep, hd), head_rows(kv_keep, hd))
+            adapter.slice_heads(layer, head_rows(q_keep, hd), head_rows(kv_keep, hd), hd)
             attn = layer.get_submodule(adapter.attention)
             # transformers' attention modules cache these counts; keep them in step with the weights.
             if hasattr(attn, "num_heads"):
@@ -118,6 +118,7 @@ class HiddenAxis(AxisPlugin):
             slice_linear(lm_head, in_idx=idx)
         for norm in adapter.hidden_norms(model):
             slice_norm(norm, idx)
+        adapter.slice_stream_inputs(model, idx)  # e.g. Gemma-3's image features projected into the stream
         for layer in adapter.decoder_layers(model):
             for lin in adapter.hidden_in_linears(layer):
                 slice_linear(lin, in_idx=idx)

@@ -90,12 +90,13 @@ class DepthAxis(AxisPlugin):
             for module in layer.modules():
                 if hasattr(module, "layer_idx"):
                     module.layer_idx = new_idx
+        config = adapter.shape_config(model.config)
         for name in adapter.layer_lists:  # per-layer config lists (layer_types, no_rope_layers, ...)
-            values = getattr(model.config, name, None)
+            values = getattr(config, name, None)
             if values is not None and len(values) == len(layers):
-                setattr(model.config, name, [values[i] for i in keep])
-        if getattr(model.config, "max_window_layers", None) is not None:
-            model.config.max_window_layers = min(model.config.max_window_layers, len(keep))
+                setattr(config, name, [values[i] for i in keep])
+        if getattr(config, "max_window_layers", None) is not None:
+            config.max_window_layers = min(config.max_window_layers, len(keep))
 
     def summarize(self, selection: dict) -> dict:
         out = {k: v for k, v in selection.items() if k != "keep"}

@@ -12,6 +12,7 @@ from compress.calibrate import Calibration, Importance, accumulator_dtype, hooks
 from compress.errors import ConfigError
 from compress.models import DecoderAdapter
 from compress.plugin_api import ImportancePlugin
+from compress.shape import ModelShape
 
 _AGGREGATIONS = ("mean", "l2")
 
@@ -55,7 +56,7 @@ class ActivationImportance(ImportancePlugin):
         cfg = self.config
         layers = adapter.decoder_layers(model)
         n_layers = len(layers)
-        heads = model.config.num_attention_heads
+        heads = adapter.shape_config(model.config).num_attention_heads
         norms = adapter.hidden_norms(model)
         inter = layers[0].get_submodule(adapter.down).in_features
         hidden = norms[-1].weight.shape[0]
@@ -160,7 +161,8 @@ class MagnitudeImportance(ImportancePlugin):
 
     def score(self, model: nn.Module, adapter: DecoderAdapter, calibration: Calibration | None) -> Importance:
         layers = adapter.decoder_layers(model)
-        heads = model.config.num_attention_heads
+        heads = adapter.shape_config(model.config).num_attention_heads
+        head_dim = ModelShape.from_config(adapter.shape_config(model.config)).head_dim
         mlp, head_scores, layer_scores = [], [], []
         embed = model.get_submodule(adapter.embed).weight
         hidden = self._norm(embed, 0)
@@ -168,7 +170,7 @@ class MagnitudeImportance(ImportancePlugin):
             get = layer.get_submodule
             mlp.append(sum(self._norm(w, 1) for w in adapter.mlp_input_weights(layer))
                        + self._norm(get(adapter.down).weight, 0))
-            q = self._norm(adapter.query_weight(layer), 1).view(heads, -1).sum(1)
+            q = self._norm(adapter.query_weight(layer, head_dim), 1).view(heads, -1).sum(1)
             o = self._norm(get(adapter.o).weight, 0).view(heads, -1).sum(1)
             head_scores.append(q + o)
             for lin in adapter.hidden_in_linears(layer):
@@ -205,7 +207,7 @@ class RandomImportance(ImportancePlugin):
 
     def score(self, model: nn.Module, adapter: DecoderAdapter, calibration: Calibration | None) -> Importance:
         g = torch.Generator().manual_seed(self.config.seed)
-        cfg = model.config
+        cfg = adapter.shape_config(model.config)
         n = cfg.num_hidden_layers
         return Importance(
             method=self.name,

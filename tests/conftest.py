@@ -10,11 +10,23 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GraniteConfig, LlamaConfig,
-                          MistralConfig, Olmo2Config, Phi3Config, PreTrainedTokenizerFast, Qwen2Config,
-                          Qwen3Config, SmolLM3Config)
+from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3Config, Gemma3TextConfig, GPTNeoXConfig,
+                          GraniteConfig, LlamaConfig, MistralConfig, Olmo2Config, Phi3Config,
+                          PreTrainedTokenizerFast, Qwen2Config, Qwen3Config, SmolLM3Config)
 
 VOCAB = 320
+
+
+def _gemma3_multimodal(**text):
+    """Gemma3ForConditionalGeneration: a tiny SigLIP tower (kept whole) before the Gemma-3 text decoder."""
+    tie = text.pop("tie_word_embeddings")
+    special = {k: text[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    return Gemma3Config(text_config=Gemma3TextConfig(**text, tie_word_embeddings=tie).to_dict(),
+                        vision_config=vision, mm_tokens_per_image=4, image_token_index=VOCAB - 1,
+                        boi_token_index=VOCAB - 2, eoi_token_index=VOCAB - 3, tie_word_embeddings=tie, **special)
+
 
 CONFIGS = {
     "llama": LlamaConfig,
@@ -27,8 +39,12 @@ CONFIGS = {
     "olmo2": Olmo2Config,
     "phi3": Phi3Config,
     "smollm3": SmolLM3Config,
+    "gpt_neox": GPTNeoXConfig,
+    "gemma3": _gemma3_multimodal,
 }
-TIED = ("llama", "qwen3", "gemma3_text", "gemma2", "smollm3")
+TIED = ("llama", "qwen3", "gemma3_text", "gemma2", "smollm3", "gemma3")
+# No grouped-query attention and a head size computed as hidden_size // heads: 6 heads of 16 need hidden 96.
+NO_GQA = ("gpt_neox",)
 # What each family needs beyond the common fields, with its traps switched on: Gemma's sliding/full layer
 # pattern and soft-capping, Granite's four multipliers, Phi-3's partial rotary, SmolLM3's no-RoPE layers.
 EXTRA = {
@@ -39,7 +55,9 @@ EXTRA = {
                     logits_scaling=4.0),
     "phi3": dict(original_max_position_embeddings=256, partial_rotary_factor=0.5),  # fused q|k|v, gate|up
     "smollm3": dict(no_rope_layer_interval=2),
+    "gpt_neox": dict(rotary_pct=0.5, use_parallel_residual=True, hidden_act="gelu"),
 }
+EXTRA["gemma3"] = EXTRA["gemma3_text"]
 
 
 def tiny_config(family: str = "llama", **overrides):
@@ -48,6 +66,9 @@ def tiny_config(family: str = "llama", **overrides):
         num_hidden_layers=4, max_position_embeddings=256, tie_word_embeddings=family in TIED,
         head_dim=16, bos_token_id=1, eos_token_id=2, pad_token_id=0, **EXTRA.get(family, {}),
     )
+    if family in NO_GQA:
+        del base["num_key_value_heads"], base["head_dim"]
+        base["hidden_size"] = 96
     base.update(overrides)
     return CONFIGS[family](**base)
 

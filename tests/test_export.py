@@ -15,10 +15,14 @@ from compress.export import ExportError
 from conftest import FAMILIES, SAMPLE_TEXT, tiny_model
 
 
+# GPT-NeoX's head size is hidden_size // heads (16 = 64 / 4 there; hidden 96 before).
+HIDDEN = {"gpt_neox": 64}
+
+
 def _pruned(family, calib_ids):
     model = tiny_model(family)
-    compress.prune(model, {"num_attention_heads": 4, "hidden_size": 48, "intermediate_size": 64}, calib_ids,
-                   calibration_config=compress.CalibrationConfig(min_samples=4))
+    compress.prune(model, {"num_attention_heads": 4, "hidden_size": HIDDEN.get(family, 48), "intermediate_size": 64},
+                   calib_ids, calibration_config=compress.CalibrationConfig(min_samples=4))
     return model
 
 
@@ -34,7 +38,9 @@ def test_export_onnx_matches_pytorch(family, calib_ids, tokenizer, tmp_path):
             "onnx/model.onnx", "onnx/config.json"} <= files
     assert not any(f.endswith((".gguf", ".bin", ".pt")) for f in files)
     config = json.loads((out / "config.json").read_text())
-    assert config["head_dim"] == 16 and config["hidden_size"] == 48 and config["intermediate_size"] == 64
+    config = config.get("text_config", config)  # multimodal Gemma-3: the decoder's sizes
+    assert config["head_dim"] == 16 and config["hidden_size"] == HIDDEN.get(family, 48)
+    assert config["intermediate_size"] == 64
 
     from compress.export.onnx import load_ort
     ort = load_ort(out / "onnx")

@@ -18,7 +18,7 @@ from compress import registry
 from compress.models import adapter_for
 from compress.shape import ModelShape
 
-from conftest import FAMILIES, tiny_model
+from conftest import FAMILIES, NO_GQA, tiny_model
 
 
 def _logits(model, ids):
@@ -47,7 +47,8 @@ def test_keeping_everything_leaves_logits_identical(family, axis, calib_ids):
     model = tiny_model(family)
     before = _logits(model, calib_ids[:2])
     plugin = registry.build_plugin(axis, "axis")
-    plugin.apply(model, adapter_for(model), _keep_all(ModelShape.from_config(model.config))[axis])
+    adapter = adapter_for(model)
+    plugin.apply(model, adapter, _keep_all(ModelShape.from_config(adapter.shape_config(model.config)))[axis])
     torch.testing.assert_close(_logits(model, calib_ids[:2]), before, rtol=0, atol=0)
 
 
@@ -78,17 +79,27 @@ def test_distillation_applies_the_family_logit_transform(family):
     assert report.losses[0]["kd"] == pytest.approx(float(expected), rel=1e-4)
 
 
-@pytest.mark.parametrize("family", ["gemma3_text", "gemma2"])
+def _image_inputs(model):
+    """A prompt with one image (begin-of-image token, the image's soft tokens, end-of-image) and its pixels."""
+    cfg = model.config
+    ids = torch.tensor([[1, 17, cfg.boi_token_index] + [cfg.image_token_index] * cfg.mm_tokens_per_image
+                        + [cfg.eoi_token_index, 40, 41, 42]])
+    pixels = torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+    return dict(input_ids=ids, pixel_values=pixels, token_type_ids=(ids == cfg.image_token_index).long())
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "gemma2", "gemma3"])
 def test_gemma_hidden_pruning_keeps_the_function_of_the_sliced_model(family, calib_ids):
     """Slicing hidden channels of a Gemma model changes sqrt(hidden_size), the embedding scale a reload
-    computes; the compensation must give the logits of the sliced model with the teacher's scale."""
+    computes; the compensation must give the logits of the sliced model with the teacher's scale. For multimodal
+    Gemma-3 this includes the image features projected into the residual stream."""
     model = tiny_model(family)
     keep = list(range(0, 64, 2))
     plugin = registry.build_plugin("hidden", "axis")
     reference = copy.deepcopy(model)
     adapter = adapter_for(model)
     plugin.apply(model, adapter, {"keep": keep, "kept": 32, "removed": 32})
-    model.config.hidden_size = 32  # what prune() writes, and what a reload reads
+    adapter.shape_config(model.config).hidden_size = 32  # what prune() writes, and what a reload reads
     # The reference: the same slicing, with the embedding scale left at sqrt(64) and no compensation.
     no_compensation = type(adapter)(**{**adapter.__dict__, "embed_scale": None, "residual_norms": ()})
     plugin.apply(reference, no_compensation, {"keep": keep, "kept": 32, "removed": 32})
@@ -96,6 +107,56 @@ def test_gemma_hidden_pruning_keeps_the_function_of_the_sliced_model(family, cal
         reference.config.hidden_size = 64
     torch.testing.assert_close(_logits(model, calib_ids[:2]), _logits(reference, calib_ids[:2]), rtol=1e-4,
                                atol=1e-4)
+    if family == "gemma3":
+        with torch.no_grad():
+            got, want = model(**_image_inputs(model)).logits, reference(**_image_inputs(reference)).logits
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_multimodal_gemma3_reloads_with_images_and_keeps_its_vision_tower(calib_ids, tmp_path):
+    model = tiny_model("gemma3")
+    vision = {k: v.clone() for k, v in model.model.vision_tower.state_dict().items()}
+    report = compress.prune(model, {"hidden_size": 48, "num_attention_heads": 4, "num_hidden_layers": 3}, calib_ids,
+                            strategy="width+depth", calibration_config=compress.CalibrationConfig(min_samples=4))
+    assert model.model.multi_modal_projector.mm_input_projection_weight.shape == (32, report.shape_after["hidden_size"])
+    assert all(torch.equal(v, vision[k]) for k, v in model.model.vision_tower.state_dict().items())
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert type(reloaded) is type(model) and compress.shape.count_params(reloaded) == report.params_after
+    assert len(reloaded.config.text_config.layer_types) == report.shape_after["num_hidden_layers"]
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**_image_inputs(reloaded)).logits, model(**_image_inputs(model)).logits,
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_gpt_neox_hidden_without_heads_is_refused_and_heads_keep_their_qkv_rows(calib_ids):
+    """GPT-NeoX's fused projection interleaves q, k, v head by head: removing heads must keep whole
+    [q_h | k_h | v_h] row blocks, which an independent per-head reshape of the weight shows."""
+    model = tiny_model("gpt_neox")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(compress.TargetError, match="hidden_size // num_attention_heads"):
+        compress.prune(model, {"hidden_size": 64}, calib_ids, calibration_config=compress.CalibrationConfig(min_samples=4))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    qkv = model.gpt_neox.layers[0].attention.query_key_value.weight.detach().clone()
+    kept = [0, 2, 3, 5]
+    registry.build_plugin("heads", "axis").apply(model, adapter_for(model), {
+        "query_heads": [kept] * 4, "kv_heads": [kept] * 4, "head_dim": 16})
+    expected = qkv.view(6, 3, 16, 96)[kept].reshape(4 * 3 * 16, 96)
+    assert torch.equal(model.gpt_neox.layers[0].attention.query_key_value.weight, expected)
+
+
+def test_the_planner_says_when_the_embedding_holds_most_parameters(calib_ids):
+    """Gemma-sized vocabularies: only hidden pruning shrinks the embedding, and the plan says so."""
+    model = tiny_model("gemma3_text", vocab_size=4096)
+    share = 4096 * 64 / compress.shape.count_params(model)  # tied: one vocab x hidden table
+    report = compress.prune(model, {"params": 0.5}, calib_ids,
+                            calibration_config=compress.CalibrationConfig(min_samples=4))
+    assert f"embedding holds {share:.0%} of the parameters" in report.plan_reason
+    assert "mainly through the hidden size" in report.plan_reason
+    assert report.shape_after["hidden_size"] < 64
+    small_vocab = compress.prune(tiny_model("gemma3_text"), {"params": 0.5}, calib_ids,
+                                 calibration_config=compress.CalibrationConfig(min_samples=4))
+    assert "embedding" not in small_vocab.plan_reason
 
 
 def _phi3_longrope():
@@ -120,7 +181,7 @@ def test_phi3_longrope_shapes_that_cannot_load_are_refused_or_avoided(calib_ids,
     torch.testing.assert_close(_logits(reloaded, calib_ids[:2]), _logits(model, calib_ids[:2]), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in NO_GQA])
 def test_removing_a_silent_kv_group(family, calib_ids):
     """A KV group whose values are zero contributes nothing; removing it is exact, except for OLMo-2, whose q/k
     norms divide by the RMS over all heads together (documented in the README)."""

@@ -60,7 +60,7 @@ class _Shape:
         params = sum(p.numel() for p in unique.values())
         layer_params = max(sum(p.numel() for p in layer.parameters()) for layer in layers)
         in_layers = sum(p.numel() for layer in layers for p in layer.parameters())
-        cfg = model.config
+        cfg = adapter.shape_config(model.config)
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         first = next(iter(unique.values()))
         tied = model.get_submodule(adapter.lm_head).weight is model.get_submodule(adapter.embed).weight

@@ -106,9 +106,9 @@ class DistillModule(nn.Module):
         self.hidden_init = hidden_init
         # What each model does to its logits after the LM head (Gemma's soft-capping, Granite's scaling): the
         # fused loss works from hidden states and head weights, so it applies the same transforms itself.
-        self.student_transform = adapter.logit_transform(student.config)
+        self.student_transform = adapter.logit_transform(adapter.shape_config(student.config))
         self.teacher_transform = teacher_transform
-        width = student.config.hidden_size
+        width = adapter.shape_config(student.config).hidden_size
         self.projections = nn.ModuleDict()
         if config.hidden_loss is not None and width != teacher_width:
             device = next(student.parameters()).device
@@ -329,10 +329,10 @@ def distill(student: nn.Module, teacher: nn.Module, data, config: DistillConfig,
         engine.freeze_teacher(t_trunk, teacher_state)
         for p in student.parameters():
             p.requires_grad_(True)
-        teacher_width = teacher.config.hidden_size
+        teacher_width = t_adapter.shape_config(teacher.config).hidden_size
         wrapped = engine.place_student(student, lambda s: DistillModule(
             s, s_adapter, config, layer_map if config.hidden_loss else {}, teacher_width, kept_hidden,
-            t_adapter.logit_transform(teacher.config)))
+            t_adapter.logit_transform(t_adapter.shape_config(teacher.config))))
         module = engine.module
         params = [p for p in module.parameters() if p.requires_grad]
         # Fused AdamW on CUDA and CPU alike: one kernel per parameter group per step. (On CPU the peak memory of
@@ -444,7 +444,7 @@ def distill(student: nn.Module, teacher: nn.Module, data, config: DistillConfig,
     steps_run = total - start_step
     projection = None
     if "hidden" in module.projections:
-        projection = "learned linear %d -> %d" % (student.config.hidden_size, teacher_width)
+        projection = "learned linear %d -> %d" % (s_adapter.shape_config(student.config).hidden_size, teacher_width)
     return DistillReport(
         steps=total, tokens=total * tokens_per_step, seconds=round(elapsed, 2),
         tokens_per_second=round(steps_run * tokens_per_step / max(elapsed, 1e-9), 1), final_loss=last,

@@ -70,7 +70,7 @@ def check_exportable(model: nn.Module) -> ModelShape:
         raise ExportError(f"{type(model).__name__} is not a Hugging Face causal language model "
                           "(AutoModelForCausalLM); only causal LMs can be exported")
     adapter = adapter_for(model)
-    shape = ModelShape.from_config(model.config)
+    shape = ModelShape.from_config(adapter.shape_config(model.config))
     q_out, kv_out = shape.num_attention_heads * shape.head_dim, shape.num_key_value_heads * shape.head_dim
     layers = adapter.decoder_layers(model)
     if len(layers) != shape.num_hidden_layers:
@@ -132,7 +132,8 @@ def export(
         if "onnx" in formats:
             from . import onnx as ox
 
-            ox.export_onnx(hf_dir, tmp / ONNX_DIR, adapter_for(model).attention_implementation(model.config))
+            ox.export_onnx(hf_dir, tmp / ONNX_DIR, adapter_for(model).attention_implementation(
+                adapter_for(model).shape_config(model.config)))
             ort = ox.load_ort(tmp / ONNX_DIR)
             report.parity = ox.parity_check(model, ort, _sample_ids(tokenizer), parity_tolerance)
             if not report.parity["passed"]:

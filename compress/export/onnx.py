@@ -58,11 +58,12 @@ def load_ort(onnx_dir: str | Path, provider: str = "CPUExecutionProvider"):
     from optimum.onnxruntime import ORTModelForCausalLM
 
     model = ORTModelForCausalLM.from_pretrained(str(onnx_dir), provider=provider)
-    head_dim = getattr(model.config, "head_dim", None)
+    config = getattr(model.config, "text_config", None) or model.config  # multimodal Gemma-3: the decoder's sizes
+    head_dim = getattr(config, "head_dim", None)
     if head_dim and hasattr(model, "embed_size_per_head"):
         model.embed_size_per_head = head_dim
     # For model types outside its own list (Gemma-2 among ours) the wrapper assumes one KV head per query head.
-    kv_heads = getattr(model.config, "num_key_value_heads", None)
+    kv_heads = getattr(config, "num_key_value_heads", None)
     if kv_heads and hasattr(model, "num_key_value_heads"):
         model.num_key_value_heads = kv_heads
     return model

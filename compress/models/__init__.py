@@ -13,8 +13,15 @@ fields filled in, not by new pruning code:
   recomputes from the config when the model is loaded; when hidden channels are pruned, the norms in
   ``residual_norms`` (those whose output is added to the residual stream) absorb the change, so the saved
   student computes what the pruned one did;
-* ``qkv`` / ``gate_up`` — fused projections (Phi-3), sliced by row ranges; ``q_proj_norm`` / ``k_proj_norm`` —
-  norms over a whole projection (OLMo-2), sliced with the heads;
+* ``qkv`` / ``gate_up`` — fused projections (Phi-3), sliced by row ranges; ``qkv_layout="per_head"`` when the
+  fused rows are interleaved head by head, ``[q_h | k_h | v_h]`` (GPT-NeoX); ``gate=None`` — an MLP without a
+  gate (``up → act → down``); ``q_proj_norm`` / ``k_proj_norm`` — norms over a whole projection (OLMo-2), sliced
+  with the heads;
+* ``head_dim_from_hidden`` — the family computes the head size as hidden_size // heads and reads no ``head_dim``
+  (GPT-NeoX): hidden channels and heads are pruned together, a constraint the planner respects;
+* ``sub_config`` — the config attribute that holds the decoder's sizes when the model wraps it (``text_config`` of
+  multimodal Gemma-3); ``stream_inputs`` — parameters outside the decoder layers that write into the residual
+  stream by their last dimension (Gemma-3's image projection), sliced and compensated with hidden channels;
 * ``layer_lists`` — per-layer config lists (``layer_types``, ``no_rope_layers``) that follow depth pruning;
   ``rope_checks_hidden_over_heads`` — rope types whose config check ties hidden_size / heads to head_dim
   (Phi-3's longrope), a constraint the planner respects;
@@ -33,7 +40,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from ..surgery import slice_linear, slice_norm
+from ..surgery import head_rows, slice_linear, slice_norm
 
 
 @dataclass(frozen=True)
@@ -50,7 +57,7 @@ class DecoderAdapter:
     k: str = "self_attn.k_proj"
     v: str = "self_attn.v_proj"
     o: str = "self_attn.o_proj"
-    gate: str = "mlp.gate_proj"
+    gate: str | None = "mlp.gate_proj"  # None: an MLP without a gate
     up: str = "mlp.up_proj"
     down: str = "mlp.down_proj"
     attention: str = "self_attn"
@@ -61,6 +68,8 @@ class DecoderAdapter:
     # Fused projections (Phi-3): one Linear whose rows are [q | k | v], or [gate | up]; they replace q/k/v, gate/up.
     qkv: str | None = None
     gate_up: str | None = None
+    # "stacked": qkv rows are [all q | all k | all v]; "per_head": [q_0 k_0 v_0 | q_1 k_1 v_1 | ...] (GPT-NeoX).
+    qkv_layout: str = "stacked"
     # Norms over a whole projection's output (OLMo-2's q_norm over heads*head_dim): sliced with its heads' rows.
     q_proj_norm: str | None = None
     k_proj_norm: str | None = None
@@ -75,6 +84,13 @@ class DecoderAdapter:
     # rope_scaling types whose config check uses hidden_size // num_attention_heads as the head size (Phi-3's
     # longrope): those two must keep that ratio, or the saved config refuses to load.
     rope_checks_hidden_over_heads: tuple[str, ...] = field(default_factory=tuple)
+    # The head size is always hidden_size // num_attention_heads (no head_dim in the config): GPT-NeoX.
+    head_dim_from_hidden: bool = False
+    # Config attribute holding the decoder's sizes when the model wraps the decoder (multimodal Gemma-3).
+    sub_config: str | None = None
+    # Parameters outside the decoder layers whose last dimension writes the residual stream (Gemma-3's
+    # image-token projection): sliced with hidden channels, scaled with the embeddings by compensate_hidden.
+    stream_inputs: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
         if self.embed_scale not in (None, "sqrt_hidden"):
@@ -84,6 +100,16 @@ class DecoderAdapter:
             raise ValueError(f"DecoderAdapter.residual_norms {sorted(unknown)} are not among layer_norms")
         if self.embed_scale and not self.residual_norms:
             raise ValueError("DecoderAdapter with embed_scale needs residual_norms to compensate hidden pruning")
+        if self.qkv_layout not in ("stacked", "per_head"):
+            raise ValueError(f"DecoderAdapter.qkv_layout should be 'stacked' or 'per_head', got {self.qkv_layout!r}")
+        if self.qkv_layout == "per_head" and not self.qkv:
+            raise ValueError("DecoderAdapter.qkv_layout='per_head' describes a fused qkv projection; set qkv too")
+        if self.gate is None and self.gate_up:
+            raise ValueError("DecoderAdapter: a fused gate_up projection needs a gated MLP (gate is None)")
+
+    def shape_config(self, config):
+        """The config that holds the decoder's sizes: ``config`` itself, or its ``sub_config`` attribute."""
+        return getattr(config, self.sub_config) if self.sub_config else config
 
     # -- module access -------------------------------------------------------------------------------------
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
@@ -94,15 +120,29 @@ class DecoderAdapter:
         return [layer.get_submodule(p) for p in ((self.qkv,) if self.qkv else (self.q, self.k, self.v))]
 
     def mlp_inputs(self, layer: nn.Module) -> list[nn.Linear]:
-        """The gate and up projections (or the one fused gate|up projection)."""
-        return [layer.get_submodule(p) for p in ((self.gate_up,) if self.gate_up else (self.gate, self.up))]
+        """The gate and up projections (or the one fused gate|up projection, or up alone without a gate)."""
+        return [layer.get_submodule(p) for p in self._mlp_input_paths()]
+
+    def _mlp_input_paths(self) -> tuple[str, ...]:
+        if self.gate_up:
+            return (self.gate_up,)
+        return (self.gate, self.up) if self.gate else (self.up,)
 
     def hidden_in_linears(self, layer: nn.Module) -> list[nn.Linear]:
         """Linears that read the residual stream (their input dim is the hidden size)."""
         return self.attention_inputs(layer) + self.mlp_inputs(layer)
 
-    def query_weight(self, layer: nn.Module) -> torch.Tensor:
+    @staticmethod
+    def _per_head_rows(rows: torch.Tensor, head_dim: int, part: int) -> torch.Tensor:
+        """Rows of a per-head fused qkv projection (``[q_h | k_h | v_h]`` for each head h) that hold part ``part``
+        (0 q, 1 k, 2 v) of the rows ``rows`` of an unfused projection (``h * head_dim + d``)."""
+        return rows // head_dim * 3 * head_dim + part * head_dim + rows % head_dim
+
+    def query_weight(self, layer: nn.Module, head_dim: int) -> torch.Tensor:
         """The query projection's weight ``[heads * head_dim, hidden]`` (rows of the fused one, if fused)."""
+        if self.qkv and self.qkv_layout == "per_head":
+            width = layer.get_submodule(self.o).in_features
+            return layer.get_submodule(self.qkv).weight[self._per_head_rows(torch.arange(width), head_dim, 0)]
         if self.qkv:
             return layer.get_submodule(self.qkv).weight[: layer.get_submodule(self.o).in_features]
         return layer.get_submodule(self.q).weight
@@ -111,14 +151,14 @@ class DecoderAdapter:
         """The gate and up weights, ``[intermediate, hidden]`` each (halves of the fused one, if fused)."""
         if self.gate_up:
             return list(layer.get_submodule(self.gate_up).weight.chunk(2, dim=0))
-        return [layer.get_submodule(self.gate).weight, layer.get_submodule(self.up).weight]
+        return [lin.weight for lin in self.mlp_inputs(layer)]
 
     def expected_shapes(self, hidden: int, intermediate: int, q_out: int, kv_out: int) -> dict[str, tuple]:
         """Weight shape of every projection of a layer with these sizes (what a standard config describes)."""
         attn = {self.qkv: (q_out + 2 * kv_out, hidden)} if self.qkv else \
             {self.q: (q_out, hidden), self.k: (kv_out, hidden), self.v: (kv_out, hidden)}
         mlp = {self.gate_up: (2 * intermediate, hidden)} if self.gate_up else \
-            {self.gate: (intermediate, hidden), self.up: (intermediate, hidden)}
+            {path: (intermediate, hidden) for path in self._mlp_input_paths()}
         return {**attn, self.o: (hidden, q_out), **mlp, self.down: (hidden, intermediate)}
 
     # -- slicing (the axes call these; fused projections are sliced by row ranges) ----------------------------
@@ -128,14 +168,19 @@ class DecoderAdapter:
         if self.gate_up:
             slice_linear(layer.get_submodule(self.gate_up), out_idx=torch.cat([keep, keep + down.in_features]))
         else:
-            for path in (self.gate, self.up):
+            for path in self._mlp_input_paths():
                 slice_linear(layer.get_submodule(path), out_idx=keep)
         slice_linear(down, in_idx=keep)
 
-    def slice_heads(self, layer: nn.Module, q_rows: torch.Tensor, kv_rows: torch.Tensor) -> None:
+    def slice_heads(self, layer: nn.Module, q_rows: torch.Tensor, kv_rows: torch.Tensor, head_dim: int) -> None:
         """Keep query-projection rows ``q_rows`` and key/value rows ``kv_rows`` (and the matching o columns)."""
         o = layer.get_submodule(self.o)
-        if self.qkv:
+        if self.qkv_layout == "per_head":  # no grouped-query attention: q, k and v keep the same heads
+            if not torch.equal(q_rows, kv_rows):
+                raise ValueError("a per-head fused qkv projection keeps the same heads for q, k and v")
+            heads = q_rows.view(-1, head_dim)[:, 0] // head_dim  # the kept heads, in order
+            slice_linear(layer.get_submodule(self.qkv), out_idx=head_rows(heads.tolist(), 3 * head_dim))
+        elif self.qkv:
             qkv = layer.get_submodule(self.qkv)
             q_width = o.in_features
             kv_width = (qkv.out_features - q_width) // 2
@@ -153,6 +198,15 @@ class DecoderAdapter:
         """Linears that write the residual stream (their output dim is the hidden size)."""
         return [layer.get_submodule(p) for p in (self.o, self.down)]
 
+    def slice_stream_inputs(self, model: nn.Module, keep: torch.Tensor) -> None:
+        """Keep hidden channels ``keep`` of the ``stream_inputs`` (their last dimension)."""
+        for path in self.stream_inputs:
+            owner_path, _, name = path.rpartition(".")
+            owner = model.get_submodule(owner_path)
+            old = getattr(owner, name)
+            setattr(owner, name, nn.Parameter(old.detach().index_select(-1, keep.to(old.device)).clone(),
+                                              requires_grad=old.requires_grad))
+
     def hidden_norms(self, model: nn.Module) -> list[nn.Module]:
         """Every norm whose weight has one entry per hidden channel, the final norm last."""
         norms = [layer.get_submodule(n) for layer in self.decoder_layers(model) for n in self.layer_norms]
@@ -164,7 +218,8 @@ class DecoderAdapter:
 
         With ``embed_scale="sqrt_hidden"`` a reload multiplies the embeddings by √new instead of √old, a factor
         ``k = √(new/old)`` on the whole residual stream. The norms that read the stream are scale-invariant; the
-        ``residual_norms`` that write into it are multiplied by ``k`` so every write keeps its proportion. The
+        ``residual_norms`` that write into it are multiplied by ``k`` so every write keeps its proportion, and so
+        are the ``stream_inputs`` (image features enter the stream beside the scaled token embeddings). The
         in-memory model then computes exactly what the reloaded one will (an ``embed_scale`` buffer is set too).
         """
         if self.embed_scale != "sqrt_hidden" or new_hidden == old_hidden:
@@ -175,22 +230,32 @@ class DecoderAdapter:
                 norm = layer.get_submodule(name)
                 with torch.no_grad():
                     norm.weight.copy_((norm.weight.float() + self.norm_offset) * k - self.norm_offset)
+        with torch.no_grad():
+            for path in self.stream_inputs:
+                model.get_parameter(path).mul_(k)
         embed = model.get_submodule(self.embed)
         if isinstance(getattr(embed, "embed_scale", None), torch.Tensor):
             embed.embed_scale.fill_(new_hidden ** 0.5)
 
     def shape_constraint(self, config):
-        """A function ``shape -> reason or None`` for shapes this family's config cannot describe, or None."""
+        """A function ``shape -> reason or None`` for shapes this family's config cannot describe, or None.
+
+        ``config`` is the decoder's config (:meth:`shape_config`).
+        """
         rope = getattr(config, "rope_scaling", None) or {}
         kind = rope.get("type") or rope.get("rope_type")
-        if kind not in self.rope_checks_hidden_over_heads:
+        if self.head_dim_from_hidden:
+            why = "this family computes the head size as hidden_size // num_attention_heads"
+        elif kind in self.rope_checks_hidden_over_heads:
+            why = f"its {kind} rope_scaling is validated against hidden_size // num_attention_heads"
+        else:
             return None
 
         def check(shape) -> str | None:
-            if shape.hidden_size // shape.num_attention_heads != shape.head_dim:
-                return (f"its {kind} rope_scaling is validated against hidden_size // num_attention_heads, which "
-                        f"must stay {shape.head_dim} (got {shape.hidden_size} // {shape.num_attention_heads}); "
-                        "prune hidden channels and heads together, or keep both")
+            if shape.hidden_size // shape.num_attention_heads != shape.head_dim \
+                    or (self.head_dim_from_hidden and shape.hidden_size % shape.num_attention_heads):
+                return (f"{why}, which must stay {shape.head_dim} (got {shape.hidden_size} / "
+                        f"{shape.num_attention_heads}); prune hidden channels and heads together, or keep both")
             return None
         return check
 
@@ -229,6 +294,21 @@ OLMO2 = DecoderAdapter(families=("olmo2",), layer_norms=("post_attention_layerno
 # Phi-3 / Phi-3.5 / Phi-4-mini: fused q|k|v and gate|up projections.
 PHI3 = DecoderAdapter(families=("phi3",), qkv="self_attn.qkv_proj", gate_up="mlp.gate_up_proj",
                       rope_checks_hidden_over_heads=("longrope",))
+# GPT-NeoX / Pythia: q, k, v fused and interleaved head by head, an MLP without a gate, LayerNorms with biases,
+# parallel residual (nothing to do for pruning), and a head size always computed as hidden_size // heads.
+GPT_NEOX = DecoderAdapter(families=("gpt_neox",), base="gpt_neox", layers="gpt_neox.layers",
+                          embed="gpt_neox.embed_in", final_norm="gpt_neox.final_layer_norm", lm_head="embed_out",
+                          attention="attention", qkv="attention.query_key_value", qkv_layout="per_head",
+                          o="attention.dense", gate=None, up="mlp.dense_h_to_4h", down="mlp.dense_4h_to_h",
+                          head_dim_from_hidden=True)
+# Multimodal Gemma-3 (Gemma3ForConditionalGeneration): the text decoder is pruned, its sizes live in text_config;
+# the vision tower is kept whole, and the projection of image features into the residual stream follows the
+# hidden channels. Unlike Gemma3ForCausalLM, it applies no final-logit soft-capping, whatever text_config says.
+GEMMA3 = DecoderAdapter(families=("gemma3",), base="model.language_model", layers="model.language_model.layers",
+                        embed="model.language_model.embed_tokens", final_norm="model.language_model.norm",
+                        head_norms=("self_attn.q_norm", "self_attn.k_norm"), sub_config="text_config",
+                        stream_inputs=("model.multi_modal_projector.mm_input_projection_weight",),
+                        **{**_GEMMA_NORMS, "logit_softcap": None})
 # SmolLM3 turns RoPE off in every 4th layer: no_rope_layers has one entry per layer.
 SMOLLM3 = DecoderAdapter(families=("smollm3",), layer_lists=("layer_types", "no_rope_layers"))
 
@@ -272,8 +352,12 @@ def supported_families() -> list[str]:
     return sorted(_ADAPTERS)
 
 
-def adapter_for(model: nn.Module) -> DecoderAdapter:
-    """The adapter for ``model``'s family, or an error that names the supported ones."""
+def find_adapter(model: nn.Module) -> DecoderAdapter | None:
+    """The adapter for ``model``'s family, or None when the family has none.
+
+    Models no uniform pruning can describe (mixture-of-experts layers, per-layer sizes) are refused here, with
+    an adapter or without one.
+    """
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     experts = next((getattr(config, f) for f in _EXPERT_FIELDS if (getattr(config, f, None) or 0) > 1), None)
@@ -292,7 +376,14 @@ def adapter_for(model: nn.Module) -> DecoderAdapter:
     if adapter is None:
         _load_declared_adapters()
         adapter = _ADAPTERS.get(model_type)
+    return adapter
+
+
+def adapter_for(model: nn.Module) -> DecoderAdapter:
+    """The adapter for ``model``'s family, or an error that names the supported ones."""
+    adapter = find_adapter(model)
     if adapter is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
         raise UnsupportedModelError(
             f"no adapter for model_type {model_type!r} ({type(model).__name__}); supported families: "
             f"{', '.join(supported_families())}. To add one, describe where its modules live: "
