@@ -1,4 +1,5 @@
-"""Every supported family, every axis, on tiny random models: parameters before and after, wall time of the
+"""Every supported family, every axis, on tiny random models (and families without an adapter through the generic
+Torch-Pruning backend): parameters before and after, wall time of the
 prune, and how far the saved-and-reloaded student's logits are from the in-memory student's.
 
     python benchmarks/families.py --out benchmarks/results/families.json
@@ -44,13 +45,13 @@ def _image_prompt(config) -> dict:
     return dict(input_ids=ids, pixel_values=pixels, token_type_ids=(ids == config.image_token_index).long())
 
 
-def run_case(family: str, target: dict, strategy: str) -> dict:
+def run_case(family: str, target: dict, strategy: str, generic: bool = False) -> dict:
     from transformers import AutoModelForCausalLM
 
     import compress
     from conftest import tiny_model
 
-    model = tiny_model(family)
+    model = generic_model(family) if generic else tiny_model(family)
     ids = torch.randint(4, 320, (16, 32), generator=torch.Generator().manual_seed(0))
     start = time.perf_counter()
     try:
@@ -71,6 +72,30 @@ def run_case(family: str, target: dict, strategy: str) -> dict:
     return {"params_before": report.params_before, "params_after": report.params_after,
             "reloaded_params": reloaded_params, "seconds": round(seconds, 3), "reload_max_logit_diff": diff,
             "shape_after": report.shape_after}
+
+
+# Families without an adapter, through the generic Torch-Pruning backend (MLP neurons and hidden channels,
+# attention kept): the same tiny sizes, every config class with its own defaults otherwise.
+GENERIC = ("starcoder2", "glm", "nemotron", "cohere", "arcee", "stablelm", "persimmon", "helium")
+GENERIC_CASES = {
+    "mlp": ({"intermediate_size": 48}, "width"),
+    "hidden": ({"hidden_size": 32}, "width"),
+    "60% params": ({"params": 0.6}, "width"),
+}
+
+
+def generic_model(model_type: str):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, num_hidden_layers=3, max_position_embeddings=256,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **fields), attn_implementation="eager")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0, 0.2) if p.dim() == 2 else p.uniform_(0.5, 1.5) if "norm" in name else p.normal_(0, 0.05)
+    return model.eval()
 
 
 def main() -> int:
@@ -96,6 +121,20 @@ def main() -> int:
             print(f"{family:<12} {name:<11} {row['params_before']:>8,}->{row['params_after']:>7,} "
                   f"{row['seconds']:>8.3f} {row['reload_max_logit_diff']:>12.2e}")
         results["families"][family] = rows
+    print("\nwithout an adapter (generic Torch-Pruning backend):")
+    results["generic"] = {}
+    for family in GENERIC:
+        assert family not in compress.supported_families()
+        rows = {}
+        for name, (target, strategy) in GENERIC_CASES.items():
+            row = rows[name] = run_case(family, target, strategy, generic=True)
+            if "refused" in row:
+                print(f"{family:<12} {name:<11} refused: {row['refused'][:110]}")
+                continue
+            assert row["reloaded_params"] == row["params_after"]
+            print(f"{family:<12} {name:<11} {row['params_before']:>8,}->{row['params_after']:>7,} "
+                  f"{row['seconds']:>8.3f} {row['reload_max_logit_diff']:>12.2e}")
+        results["generic"][family] = rows
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
     return 0

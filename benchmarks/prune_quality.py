@@ -5,6 +5,13 @@ importance (ours, Minitron), weight magnitude, random, and Torch-Pruning's own G
 the same hidden/MLP shape. Also times importance estimation and measures its peak memory.
 
     python benchmarks/prune_quality.py --samples 128 --out benchmarks/results/prune_quality.json
+
+The ``generic`` arm prunes the same hidden/MLP shape through compress's generic Torch-Pruning backend, the path a
+family without an adapter takes (SmolLM2 is made to look adapter-less for it): how much the adapter path's
+Minitron importance is worth over the generic one on real weights.
+
+    python benchmarks/prune_quality.py --samples 128 --methods activation,generic \
+        --out benchmarks/results/prune_quality_generic.json
 """
 
 from __future__ import annotations
@@ -39,6 +46,10 @@ def main() -> None:
     p.add_argument("--eval-tokens", type=int, default=4096)
     p.add_argument("--block-eval-samples", type=int, default=8)
     p.add_argument("--fractions", default="0.5,0.7")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated arms to run (default all): activation, magnitude, random, "
+                        "torch-pruning GroupMagnitude, generic (compress's Torch-Pruning backend, as for a family "
+                        "without an adapter)")
     p.add_argument("--out", default="benchmarks/results/prune_quality.json")
     args = p.parse_args()
     torch.manual_seed(0)
@@ -52,7 +63,8 @@ def main() -> None:
     cfg = compress.CalibrationConfig(num_samples=args.samples, seq_len=args.seq_len)
     calib = prepare_calibration(teacher, tok, PYDOCS_TRAIN, cfg)
     scores = {}
-    for method in ("activation", "magnitude", "random"):
+    wanted = args.methods.split(",") if args.methods else None
+    for method in [m for m in ("activation", "magnitude", "random") if wanted is None or m in wanted]:
         with peak_memory() as mem:
             t = time.perf_counter()
             scores[method] = compress.score_importance(teacher, calib if method == "activation" else None, plugin=method)
@@ -79,13 +91,19 @@ def main() -> None:
                                                                       "eval_samples": args.block_eval_samples}}),
                         ("magnitude", bi), ("random", bi)]
             elif planned.num_attention_heads == teacher_shape.num_attention_heads:
-                arms.append(("torch-pruning GroupMagnitude", None))
-            for method, plugins in arms:
+                arms += [("torch-pruning GroupMagnitude", None), ("generic", None)]
+            for method, plugins in [a for a in arms if wanted is None or a[0] in wanted]:
                 student = copy.deepcopy(teacher)
                 t = time.perf_counter()
                 if method.startswith("torch-pruning"):
                     tp_prune(student, shape["hidden_size"], shape["intermediate_size"])
                     label, extra = method, {}
+                elif method == "generic":  # as if Llama had no adapter: compress.generic through Torch-Pruning
+                    student.config.model_type = "llama-without-adapter"  # saved configs still say "llama"
+                    report = compress.prune(student, {k: shape[k] for k in ("hidden_size", "intermediate_size")},
+                                            calib)
+                    student.config.model_type = "llama"
+                    label, extra = "generic (torch-pruning graph, activation)", {"plan": report.plan_reason}
                 else:
                     block = bool(plugins) and plugins["depth"]["method"] == "contiguous_block"
                     report = compress.prune(student, shape, calib, strategy=strategy, plugins=plugins,

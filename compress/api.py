@@ -177,6 +177,10 @@ def compress(
         source = str(teacher)
     if tokenizer is None:
         raise DataError("a tokenizer is needed: pass tokenizer= or a (model, tokenizer) pair")
+    if "onnx" in formats:  # before any work: a family Optimum cannot export is known now
+        from .export.onnx import check_onnx_support
+
+        check_onnx_support(model)
     rank, _ = distributed.init()
     device = distributed.resolve_device(device)
     model.to(device)

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..models import adapter_for
+from ..models import layout_for
 from .config import DistillConfig
 
 GIB = 2**30
@@ -54,7 +54,7 @@ class _Shape:
 
     @classmethod
     def of(cls, model: nn.Module) -> "_Shape":
-        adapter = adapter_for(model)
+        adapter = layout_for(model)
         layers = adapter.decoder_layers(model)
         unique = {id(p): p for p in model.parameters()}
         params = sum(p.numel() for p in unique.values())

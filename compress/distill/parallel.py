@@ -219,9 +219,9 @@ class Engine:
 
     @staticmethod
     def adapter_for_teacher(teacher: nn.Module) -> DecoderAdapter:
-        from ..models import adapter_for
+        from ..models import layout_for
 
-        return adapter_for(teacher)
+        return layout_for(teacher)
 
     def teacher_trainer(self, trunk: TeacherTrunk) -> nn.Module:
         """What teacher correction calls: every rank must end with the same corrected teacher."""

@@ -21,7 +21,7 @@ from ..data import TextSource, default_eval_source, describe_source
 from ..errors import ConfigError
 from ..evaluate import eval_windows
 from ..io import atomic_output_dir, check_output_dir
-from ..models import adapter_for
+from ..models import layout_for
 from ..shape import ModelShape, count_params
 from .card import model_card
 from .onnx import INT8_DIR, ONNX_DIR, ExportError
@@ -69,13 +69,14 @@ def check_exportable(model: nn.Module) -> ModelShape:
     if not isinstance(model, PreTrainedModel) or not model.can_generate() or model.get_output_embeddings() is None:
         raise ExportError(f"{type(model).__name__} is not a Hugging Face causal language model "
                           "(AutoModelForCausalLM); only causal LMs can be exported")
-    adapter = adapter_for(model)
+    adapter = layout_for(model)
     shape = ModelShape.from_config(adapter.shape_config(model.config))
     q_out, kv_out = shape.num_attention_heads * shape.head_dim, shape.num_key_value_heads * shape.head_dim
     layers = adapter.decoder_layers(model)
     if len(layers) != shape.num_hidden_layers:
         raise ExportError(f"the model has {len(layers)} layers but its config says {shape.num_hidden_layers}")
-    for i, layer in enumerate(layers):
+    # Without an adapter the roles inside a layer are unknown: the generic backend proved its reload instead.
+    for i, layer in enumerate([] if adapter.paths_only else layers):
         expected = adapter.expected_shapes(shape.hidden_size, shape.intermediate_size, q_out, kv_out)
         for path, dims in expected.items():
             got = tuple(layer.get_submodule(path).weight.shape)
@@ -122,6 +123,10 @@ def export(
     formats = check_export_args(formats, quantize)
     check_output_dir(out_dir, overwrite)
     shape = check_exportable(model)
+    if "onnx" in formats:
+        from .onnx import check_onnx_support
+
+        check_onnx_support(model)
     model = model.to("cpu").float().eval()
     report = ExportReport(out_dir=str(out_dir), formats=formats, params=count_params(model), shape=shape.to_dict())
 
@@ -132,8 +137,8 @@ def export(
         if "onnx" in formats:
             from . import onnx as ox
 
-            ox.export_onnx(hf_dir, tmp / ONNX_DIR, adapter_for(model).attention_implementation(
-                adapter_for(model).shape_config(model.config)))
+            ox.export_onnx(hf_dir, tmp / ONNX_DIR, layout_for(model).attention_implementation(
+                layout_for(model).shape_config(model.config)))
             ort = ox.load_ort(tmp / ONNX_DIR)
             report.parity = ox.parity_check(model, ort, _sample_ids(tokenizer), parity_tolerance)
             if not report.parity["passed"]:

@@ -25,6 +25,25 @@ class ExportError(CompressError, RuntimeError):
     """Export failed or produced a model that does not match PyTorch."""
 
 
+def check_onnx_support(model: nn.Module) -> None:
+    """Refuse, before any work, a model type Optimum's ONNX exporter has no text-generation config for."""
+    import optimum.exporters.onnx.model_configs  # noqa: F401 - registers the exporter's model types
+    from optimum.exporters.tasks import TasksManager
+
+    model_type = getattr(model.config, "model_type", None) or ""
+    for name in dict.fromkeys((model_type, model_type.replace("_", "-"))):
+        try:
+            tasks = TasksManager.get_supported_tasks_for_model_type(name, exporter="onnx",
+                                                                    library_name="transformers")
+        except KeyError:
+            continue
+        if TASK in tasks:
+            return
+    raise ExportError(f"Optimum's ONNX exporter (optimum-onnx) has no {TASK!r} support for model type "
+                      f"{model_type!r}; export without 'onnx' in formats (the safetensors folder loads with "
+                      "from_pretrained). Nothing was written.")
+
+
 def export_onnx(hf_dir: Path, out: Path, attn_implementation: str | None = None) -> Path:
     """Export the Hugging Face folder ``hf_dir`` (weights, config, tokenizer) to ``out`` with KV-cache inputs.
 

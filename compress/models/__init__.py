@@ -91,6 +91,8 @@ class DecoderAdapter:
     # Parameters outside the decoder layers whose last dimension writes the residual stream (Gemma-3's
     # image-token projection): sliced with hidden channels, scaled with the embeddings by compensate_hidden.
     stream_inputs: tuple[str, ...] = field(default_factory=tuple)
+    # Set by discovered_layout(): only base, layers, embed and lm_head are known (a family without an adapter).
+    paths_only: bool = False
 
     def __post_init__(self) -> None:
         if self.embed_scale not in (None, "sqrt_hidden"):
@@ -377,6 +379,42 @@ def find_adapter(model: nn.Module) -> DecoderAdapter | None:
         _load_declared_adapters()
         adapter = _ADAPTERS.get(model_type)
     return adapter
+
+
+def _path_of(model: nn.Module, module: nn.Module | None) -> str | None:
+    return next((name for name, m in model.named_modules() if m is module), None) if module is not None else None
+
+
+def discovered_layout(model: nn.Module) -> DecoderAdapter | None:
+    """Where a decoder without an adapter keeps its layers, embeddings and LM head, found by transformers'
+    conventions: the ``nn.ModuleList`` of ``num_hidden_layers`` blocks, ``get_input_embeddings()``,
+    ``get_output_embeddings()`` and ``base_model_prefix``. None when any of them cannot be found.
+
+    That is what distillation and export need (they run the decoder stack and the head). The pruning axes need
+    every role inside a layer, which only an adapter gives; without one, ``compress.prune`` prunes MLP and
+    hidden widths through Torch-Pruning's dependency graph (:mod:`compress.generic`).
+    """
+    config = getattr(model, "config", None)
+    n_layers = getattr(config, "num_hidden_layers", None)
+    base = getattr(model, "base_model_prefix", "") or ""
+    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    embed = _path_of(model, get_in() if get_in else None)
+    lm_head = _path_of(model, get_out() if get_out else None)
+    layers = [name for name, m in model.named_modules()
+              if isinstance(m, nn.ModuleList) and n_layers and len(m) == n_layers]
+    if not (base and hasattr(model, base) and embed and lm_head and len(layers) == 1):
+        return None
+    return DecoderAdapter(families=(getattr(config, "model_type", None) or type(model).__name__,), base=base,
+                          layers=layers[0], embed=embed, lm_head=lm_head, final_norm="", paths_only=True)
+
+
+def layout_for(model: nn.Module) -> DecoderAdapter:
+    """The family's adapter, or else the :func:`discovered_layout` of a decoder without one (for the stages that
+    only run the model: distillation and export)."""
+    adapter = find_adapter(model)
+    if adapter is None:
+        adapter = discovered_layout(model)
+    return adapter if adapter is not None else adapter_for(model)  # the error names the supported families
 
 
 def adapter_for(model: nn.Module) -> DecoderAdapter:

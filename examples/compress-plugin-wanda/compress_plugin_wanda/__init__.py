@@ -53,7 +53,7 @@ class WandaImportance(ImportancePlugin):
             stats = streamed_pass(model, calibration, desc="wanda importance", base=adapter.base)
 
         p = self.config.power
-        heads = model.config.num_attention_heads
+        heads = adapter.shape_config(model.config).num_attention_heads  # text_config for multimodal models
         mlp, head_scores = [], []
         hidden = torch.zeros_like(sq_norm[0])
         for i, layer in enumerate(layers):
