@@ -177,7 +177,11 @@ def compress(
         source = str(teacher)
     if tokenizer is None:
         raise DataError("a tokenizer is needed: pass tokenizer= or a (model, tokenizer) pair")
-    if "onnx" in formats:  # before any work: a family Optimum cannot export is known now
+    if distill is not None:  # a family without an adapter whose logits the loss would get wrong: refuse now
+        from .models import check_plain_logits, layout_for
+
+        check_plain_logits(model, layout_for(model))
+    if "onnx" in formats:  # before pruning: a family Optimum cannot export is known now
         from .export.onnx import check_onnx_support
 
         check_onnx_support(model)

@@ -27,6 +27,7 @@ Parameter counts are exact: which dimension of which tensor each group prunes is
 from __future__ import annotations
 
 import copy
+import gc
 import itertools
 import tempfile
 import time
@@ -109,6 +110,12 @@ class _Structure:
         self.mlp_groups = [self.dg.get_pruning_group(r, _IN, list(range(r.in_features))) for r in self.mlp_roots]
         self.hidden_group = self.dg.get_pruning_group(self.embed, _EMBED_OUT, list(range(self.embed.embedding_dim)))
         self.poly = self._polynomial(cfg.hidden_size, cfg.intermediate_size)
+
+    def release(self) -> None:
+        """Drop the traced autograd nodes, which hold the unpruned weights as saved tensors."""
+        for node in self.dg.module2node.values():
+            node.grad_fn = None
+        self.dg = None
 
     def _polynomial(self, hidden: int, inter: int) -> dict[tuple[int, int], int]:
         """Parameters as ``{(a, b): c}`` with count = sum c * hidden^a * inter^b: every dimension each group
@@ -299,6 +306,7 @@ def _preflight(model: nn.Module, remove_mlp: float, remove_hidden: float) -> Non
                 else:
                     s.apply(None, sorted(torch.randperm(size, generator=g)[:k].tolist()), head_dim)
                     hidden = k
+                    _check_hidden_size_not_read_at_runtime(tiny, ids, size)
                 pruned = _logits(tiny, ids)
                 if count_params(tiny) != s.count(hidden, inter):
                     raise AssertionError(f"{count_params(tiny)} parameters, {s.count(hidden, inter)} planned")
@@ -308,6 +316,24 @@ def _preflight(model: nn.Module, remove_mlp: float, remove_hidden: float) -> Non
                 _check_close("logits of the reloaded and the in-memory pruned model", _logits(back, ids), pruned)
             except Exception as exc:  # noqa: BLE001
                 raise _PreflightFailed(axis, exc) from exc
+
+
+def _check_hidden_size_not_read_at_runtime(tiny: nn.Module, ids: torch.Tensor, old_hidden: int) -> None:
+    """A family that reads ``config.hidden_size`` while it runs (Gemma scales its embeddings by √hidden_size)
+    computes something else once hidden channels are gone, in memory and after a reload alike: the sliced
+    weights must give the same logits whatever ``hidden_size`` the config says."""
+    new_hidden = tiny.config.hidden_size
+    pruned = _logits(tiny, ids)
+    try:
+        tiny.config.hidden_size = old_hidden
+        as_before = _logits(tiny, ids)
+    finally:
+        tiny.config.hidden_size = new_hidden
+    err = (pruned - as_before).abs().max().item()
+    if not err <= 1e-4 * max(1.0, as_before.abs().max().item()):
+        raise AssertionError(f"the model reads config.hidden_size while it runs (logits change by {err:.3g} with "
+                             "it; e.g. an embedding scale of sqrt(hidden_size)), so pruning hidden channels would "
+                             "change what it computes")
 
 
 def _plan(teacher: ModelShape, count: Callable[[int, int], int], budget: int, config: PlanConfig,
@@ -424,6 +450,10 @@ def prune_generic(model: nn.Module, target: Any, calibration: Any, *, strategy: 
     docstring). Every check, the reload preflight and the selection happen before the model is modified."""
     start = time.perf_counter()
     family = f"{getattr(model.config, 'model_type', None)!r} ({type(model).__name__})"
+    if any(p.is_inference() for p in model.parameters()):
+        raise ConfigError(f"{family}'s weights were created under torch.inference_mode(); Torch-Pruning traces "
+                          "the model with autograd, which inference tensors cannot join. Load the model outside "
+                          f"inference_mode. {_UNCHANGED}")
     teacher, parsed = _check_request(model, family, target, calibration, strategy, plugins, importance)
     params_before = count_params(model)
     calib = prepare_calibration(model, tokenizer, calibration, calibration_config or CalibrationConfig())
@@ -444,7 +474,11 @@ def prune_generic(model: nn.Module, target: Any, calibration: Any, *, strategy: 
     keep_hidden = top_k_sorted(hidden_scores, d).tolist() if d < teacher.hidden_size else None
     planned = s.count(d, i)
     s.apply(keep_mlp, keep_hidden, teacher.head_dim)
-    del s  # the graph holds the traced autograd nodes
+    s.release()
+    del s, scorer, mean_abs
+    gc.collect()  # the graph's nodes reference each other: without a collection the old weights stay alive
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     after = teacher.replace(hidden_size=d, intermediate_size=i)
     params_after = count_params(model)
     if params_after != planned or ModelShape.from_config(model.config) != after:

@@ -144,11 +144,12 @@ def plan_shape(
     if strategy not in STRATEGIES:
         raise ConfigError(f"strategy should be one of {STRATEGIES}, got {strategy!r}")
     if target.shape is not None:
-        plan = _explicit(teacher, formula, target, strategy)
-        problem = constraint(plan.shape) if constraint else None
+        candidate = teacher.replace(**target.shape)
+        # The family's own constraint first: its reason is more telling than a generic bounds or GQA message.
+        problem = constraint(candidate) if constraint and candidate.num_attention_heads > 0 else None
         if problem:
             raise TargetError(f"the shape {target.requested} cannot be saved for this model: {problem}")
-        return plan
+        return _explicit(teacher, formula, target, strategy)
 
     width = strategy in ("width", "width+depth")
     depth = strategy in ("depth", "width+depth")
@@ -204,7 +205,7 @@ def _embedding_note(teacher: ModelShape, formula: ParamFormula, chosen: ModelSha
     """What to know when the vocabulary holds much of the model (Gemma's 262k tokens): only hidden pruning
     shrinks the embedding (and an untied LM head), so budgets are reached mainly through the hidden size."""
     share = formula.embedding_params(teacher) / formula.total(teacher)
-    if share < EMBEDDING_HEAVY:
+    if share < EMBEDDING_HEAVY or chosen.hidden_size == teacher.hidden_size:
         return ""
     what = "embedding holds" if formula.tied else "embedding and LM head hold"
     return (f". The {what} {share:.0%} of the parameters (vocabulary {formula.vocab_size:,}) and only hidden "

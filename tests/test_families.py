@@ -134,8 +134,12 @@ def test_gpt_neox_hidden_without_heads_is_refused_and_heads_keep_their_qkv_rows(
     [q_h | k_h | v_h] row blocks, which an independent per-head reshape of the weight shows."""
     model = tiny_model("gpt_neox")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(compress.TargetError, match="hidden_size // num_attention_heads"):
-        compress.prune(model, {"hidden_size": 64}, calib_ids, calibration_config=compress.CalibrationConfig(min_samples=4))
+    for target, match in (({"hidden_size": 64}, "hidden_size // num_attention_heads"),
+                          ({"num_attention_heads": 4}, "hidden_size // num_attention_heads"),
+                          ({"num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 64},
+                           "no grouped-query attention")):
+        with pytest.raises(compress.TargetError, match=match):
+            compress.prune(model, target, calib_ids, calibration_config=compress.CalibrationConfig(min_samples=4))
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     qkv = model.gpt_neox.layers[0].attention.query_key_value.weight.detach().clone()
     kept = [0, 2, 3, 5]
@@ -143,6 +147,17 @@ def test_gpt_neox_hidden_without_heads_is_refused_and_heads_keep_their_qkv_rows(
         "query_heads": [kept] * 4, "kv_heads": [kept] * 4, "head_dim": 16})
     expected = qkv.view(6, 3, 16, 96)[kept].reshape(4 * 3 * 16, 96)
     assert torch.equal(model.gpt_neox.layers[0].attention.query_key_value.weight, expected)
+
+
+def test_gpt_neox_magnitude_head_scores_read_the_query_rows_of_each_head():
+    """Per-head fused rows: the query part of head h is rows [3h*16, 3h*16+16) (an independent reshape)."""
+    model = tiny_model("gpt_neox")
+    scores = compress.score_importance(model, None, plugin="magnitude")
+    layer = model.gpt_neox.layers[0]
+    q = layer.attention.query_key_value.weight.detach().view(6, 3, 16, 96)[:, 0]
+    o = layer.attention.dense.weight.detach().view(96, 6, 16)
+    expected = (q.pow(2).sum((1, 2)) + o.pow(2).sum((0, 2))).sqrt()
+    torch.testing.assert_close(scores.heads[0], expected, rtol=1e-5, atol=1e-5)
 
 
 def test_the_planner_says_when_the_embedding_holds_most_parameters(calib_ids):
@@ -157,6 +172,9 @@ def test_the_planner_says_when_the_embedding_holds_most_parameters(calib_ids):
     small_vocab = compress.prune(tiny_model("gemma3_text"), {"params": 0.5}, calib_ids,
                                  calibration_config=compress.CalibrationConfig(min_samples=4))
     assert "embedding" not in small_vocab.plan_reason
+    depth = compress.prune(tiny_model("gemma3_text", vocab_size=4096), {"params": 0.8}, calib_ids,
+                           strategy="depth", calibration_config=compress.CalibrationConfig(min_samples=4))
+    assert "embedding" not in depth.plan_reason  # hidden does not change: nothing to say about it
 
 
 def _phi3_longrope():

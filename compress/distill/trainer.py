@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from .. import distributed
 from ..calibrate import check_tokenizer_matches
 from ..errors import CheckpointError, CompressError, ConfigError, DataError
-from ..models import DecoderAdapter, layout_for
+from ..models import DecoderAdapter, check_plain_logits, layout_for
 from .checkpoint import checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import DistillConfig
 from .data import WindowLoader
@@ -272,6 +272,8 @@ def distill(student: nn.Module, teacher: nn.Module, data, config: DistillConfig,
     """
     writer_class = _summary_writer_class() if config.tensorboard else None  # fail before any work
     s_adapter, t_adapter = layout_for(student), layout_for(teacher)
+    check_plain_logits(student, s_adapter)
+    check_plain_logits(teacher, t_adapter)
     s_vocab = student.get_submodule(s_adapter.lm_head).weight.shape[0]
     t_vocab = teacher.get_submodule(t_adapter.lm_head).weight.shape[0]
     if s_vocab != t_vocab:

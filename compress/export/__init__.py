@@ -137,8 +137,8 @@ def export(
         if "onnx" in formats:
             from . import onnx as ox
 
-            ox.export_onnx(hf_dir, tmp / ONNX_DIR, layout_for(model).attention_implementation(
-                layout_for(model).shape_config(model.config)))
+            layout = layout_for(model)
+            ox.export_onnx(hf_dir, tmp / ONNX_DIR, layout.attention_implementation(layout.shape_config(model.config)))
             ort = ox.load_ort(tmp / ONNX_DIR)
             report.parity = ox.parity_check(model, ort, _sample_ids(tokenizer), parity_tolerance)
             if not report.parity["passed"]:

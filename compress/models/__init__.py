@@ -106,8 +106,13 @@ class DecoderAdapter:
             raise ValueError(f"DecoderAdapter.qkv_layout should be 'stacked' or 'per_head', got {self.qkv_layout!r}")
         if self.qkv_layout == "per_head" and not self.qkv:
             raise ValueError("DecoderAdapter.qkv_layout='per_head' describes a fused qkv projection; set qkv too")
+        if "layer_types" not in self.layer_lists:
+            raise ValueError("DecoderAdapter.layer_lists must include 'layer_types': transformers checks its length "
+                             "against num_hidden_layers, so depth pruning has to slice it")
+        if isinstance(self.families, str) or not all(isinstance(f, str) and f for f in self.families):
+            raise ValueError(f"DecoderAdapter.families should be a tuple of model_type names, got {self.families!r}")
         if self.gate is None and self.gate_up:
-            raise ValueError("DecoderAdapter: a fused gate_up projection needs a gated MLP (gate is None)")
+            raise ValueError("DecoderAdapter: gate=None (an MLP without a gate) cannot be combined with a fused gate_up")
 
     def shape_config(self, config):
         """The config that holds the decoder's sizes: ``config`` itself, or its ``sub_config`` attribute."""
@@ -140,9 +145,20 @@ class DecoderAdapter:
         (0 q, 1 k, 2 v) of the rows ``rows`` of an unfused projection (``h * head_dim + d``)."""
         return rows // head_dim * 3 * head_dim + part * head_dim + rows % head_dim
 
-    def query_weight(self, layer: nn.Module, head_dim: int) -> torch.Tensor:
-        """The query projection's weight ``[heads * head_dim, hidden]`` (rows of the fused one, if fused)."""
+    def _head_dim(self, layer: nn.Module, head_dim: int | None) -> int:
+        if head_dim is not None:
+            return head_dim
+        attn = layer.get_submodule(self.attention)
+        found = getattr(attn, "head_dim", None) or getattr(attn, "head_size", None)
+        if not isinstance(found, int):
+            raise ValueError(f"{type(attn).__name__} has no head_dim attribute: pass head_dim explicitly")
+        return found
+
+    def query_weight(self, layer: nn.Module, head_dim: int | None = None) -> torch.Tensor:
+        """The query projection's weight ``[heads * head_dim, hidden]`` (rows of the fused one, if fused).
+        ``head_dim`` is needed for a per-head fused projection (read from the attention module if not given)."""
         if self.qkv and self.qkv_layout == "per_head":
+            head_dim = self._head_dim(layer, head_dim)
             width = layer.get_submodule(self.o).in_features
             return layer.get_submodule(self.qkv).weight[self._per_head_rows(torch.arange(width), head_dim, 0)]
         if self.qkv:
@@ -174,12 +190,15 @@ class DecoderAdapter:
                 slice_linear(layer.get_submodule(path), out_idx=keep)
         slice_linear(down, in_idx=keep)
 
-    def slice_heads(self, layer: nn.Module, q_rows: torch.Tensor, kv_rows: torch.Tensor, head_dim: int) -> None:
-        """Keep query-projection rows ``q_rows`` and key/value rows ``kv_rows`` (and the matching o columns)."""
+    def slice_heads(self, layer: nn.Module, q_rows: torch.Tensor, kv_rows: torch.Tensor,
+                    head_dim: int | None = None) -> None:
+        """Keep query-projection rows ``q_rows`` and key/value rows ``kv_rows`` (and the matching o columns).
+        ``head_dim`` is needed for a per-head fused projection (read from the attention module if not given)."""
         o = layer.get_submodule(self.o)
         if self.qkv_layout == "per_head":  # no grouped-query attention: q, k and v keep the same heads
             if not torch.equal(q_rows, kv_rows):
                 raise ValueError("a per-head fused qkv projection keeps the same heads for q, k and v")
+            head_dim = self._head_dim(layer, head_dim)
             heads = q_rows.view(-1, head_dim)[:, 0] // head_dim  # the kept heads, in order
             slice_linear(layer.get_submodule(self.qkv), out_idx=head_rows(heads.tolist(), 3 * head_dim))
         elif self.qkv:
@@ -244,6 +263,18 @@ class DecoderAdapter:
 
         ``config`` is the decoder's config (:meth:`shape_config`).
         """
+        hidden_check = self._hidden_over_heads_check(config)
+        if self.qkv_layout != "per_head":
+            return hidden_check
+
+        def check(shape) -> str | None:  # q, k and v share their heads: no grouped-query attention
+            if shape.num_key_value_heads != shape.num_attention_heads:
+                return ("this family has no grouped-query attention (q, k and v are fused head by head): "
+                        "num_key_value_heads must equal num_attention_heads")
+            return hidden_check(shape) if hidden_check else None
+        return check
+
+    def _hidden_over_heads_check(self, config):
         rope = getattr(config, "rope_scaling", None) or {}
         kind = rope.get("type") or rope.get("rope_type")
         if self.head_dim_from_hidden:
@@ -402,10 +433,39 @@ def discovered_layout(model: nn.Module) -> DecoderAdapter | None:
     lm_head = _path_of(model, get_out() if get_out else None)
     layers = [name for name, m in model.named_modules()
               if isinstance(m, nn.ModuleList) and n_layers and len(m) == n_layers]
+    sizes = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers")
+    if not all(isinstance(getattr(config, f, None), int) for f in sizes):
+        return None  # the stages that use a layout read these sizes
     if not (base and hasattr(model, base) and embed and lm_head and len(layers) == 1):
         return None
     return DecoderAdapter(families=(getattr(config, "model_type", None) or type(model).__name__,), base=base,
                           layers=layers[0], embed=embed, lm_head=lm_head, final_norm="", paths_only=True)
+
+
+def check_plain_logits(model: nn.Module, layout: DecoderAdapter) -> None:
+    """Distillation computes logits as ``lm_head(decoder output)`` (fused with the loss, plus the adapter's
+    logit transform). A family without an adapter may transform them further (Cohere multiplies them by
+    ``logit_scale``): compare on a few tokens, and refuse what the loss would get wrong."""
+    if not layout.paths_only:
+        return
+    param = next(model.parameters())
+    ids = (torch.arange(1, 9, device=param.device) % model.get_submodule(layout.embed).num_embeddings)[None]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            full = model(input_ids=ids, use_cache=False).logits.float()
+            hidden = model.get_submodule(layout.base)(input_ids=ids, use_cache=False)[0]
+            plain = model.get_submodule(layout.lm_head)(hidden).float()
+    finally:
+        model.train(was_training)
+    err = (full - plain).abs().max().item()
+    if not err <= 1e-3 * max(1.0, full.abs().max().item()):
+        raise UnsupportedModelError(
+            f"{getattr(model.config, 'model_type', type(model).__name__)!r} has no adapter, and its logits are not "
+            f"its LM head applied to its decoder's output (they differ by {err:.3g}: a logit transform such as "
+            "Cohere's logit_scale). Distillation would train against the wrong logits; register an adapter that "
+            "declares the transform (logit_divisor / logit_softcap). Nothing was changed.")
 
 
 def layout_for(model: nn.Module) -> DecoderAdapter:
