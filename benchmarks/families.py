@@ -85,17 +85,27 @@ GENERIC_CASES = {
 
 
 def generic_model(model_type: str):
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from conftest import randomized
 
     fields = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=16, num_hidden_layers=3, max_position_embeddings=256,
                   bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **fields), attn_implementation="eager")
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(0, 0.2) if p.dim() == 2 else p.uniform_(0.5, 1.5) if "norm" in name else p.normal_(0, 0.05)
-    return model.eval()
+    return randomized(AutoConfig.for_model(model_type, **fields))
+
+
+def run_family(family: str, cases: dict, generic: bool = False) -> dict:
+    rows = {}
+    for name, (target, strategy) in cases.items():
+        row = rows[name] = run_case(family, target, strategy, generic)
+        if "refused" in row:
+            print(f"{family:<12} {name:<11} refused: {row['refused'][:110]}")
+            continue
+        assert row["reloaded_params"] == row["params_after"]
+        print(f"{family:<12} {name:<11} {row['params_before']:>8,}->{row['params_after']:>7,} "
+              f"{row['seconds']:>8.3f} {row['reload_max_logit_diff']:>12.2e}")
+    return rows
 
 
 def main() -> int:
@@ -110,31 +120,13 @@ def main() -> int:
                "transformers": transformers.__version__, "families": {}}
     print(f"{'family':<12} {'axis':<11} {'params':>17} {'seconds':>8} {'reload diff':>12}")
     for family in compress.supported_families():
-        rows = {}
-        for name, case in CASES.items():
-            target, strategy = FAMILY_CASES.get(family, {}).get(name, case)
-            row = rows[name] = run_case(family, target, strategy)
-            if "refused" in row:
-                print(f"{family:<12} {name:<11} refused: {row['refused'][:80]}")
-                continue
-            assert row["reloaded_params"] == row["params_after"]
-            print(f"{family:<12} {name:<11} {row['params_before']:>8,}->{row['params_after']:>7,} "
-                  f"{row['seconds']:>8.3f} {row['reload_max_logit_diff']:>12.2e}")
-        results["families"][family] = rows
+        cases = {name: FAMILY_CASES.get(family, {}).get(name, case) for name, case in CASES.items()}
+        results["families"][family] = run_family(family, cases)
     print("\nwithout an adapter (generic Torch-Pruning backend):")
     results["generic"] = {}
     for family in GENERIC:
         assert family not in compress.supported_families()
-        rows = {}
-        for name, (target, strategy) in GENERIC_CASES.items():
-            row = rows[name] = run_case(family, target, strategy, generic=True)
-            if "refused" in row:
-                print(f"{family:<12} {name:<11} refused: {row['refused'][:110]}")
-                continue
-            assert row["reloaded_params"] == row["params_after"]
-            print(f"{family:<12} {name:<11} {row['params_before']:>8,}->{row['params_after']:>7,} "
-                  f"{row['seconds']:>8.3f} {row['reload_max_logit_diff']:>12.2e}")
-        results["generic"][family] = rows
+        results["generic"][family] = run_family(family, GENERIC_CASES, generic=True)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
     return 0

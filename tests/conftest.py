@@ -73,10 +73,12 @@ def tiny_config(family: str = "llama", **overrides):
     return CONFIGS[family](**base)
 
 
-def tiny_model(family: str = "llama", seed: int = 0, **overrides):
+def randomized(config, seed: int = 0):
+    """A model of ``config`` with weights large enough that importance differences are visible (the default
+    init, std 0.02, makes every channel look alike), in eval mode."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides), attn_implementation="eager")
-    with torch.no_grad():  # random init is tiny (std 0.02); larger weights make importance differences visible
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.2)
@@ -85,6 +87,10 @@ def tiny_model(family: str = "llama", seed: int = 0, **overrides):
             else:
                 p.normal_(0, 0.05)
     return model.eval()
+
+
+def tiny_model(family: str = "llama", seed: int = 0, **overrides):
+    return randomized(tiny_config(family, **overrides), seed)
 
 
 SAMPLE_TEXT = (

@@ -19,7 +19,7 @@ import compress
 from compress.errors import ConfigError, TargetError, UnsupportedModelError
 from compress.shape import count_params
 
-from conftest import VOCAB
+from conftest import VOCAB, randomized
 
 CONFIGS = {"starcoder2": Starcoder2Config, "stablelm": StableLmConfig, "glm": GlmConfig, "nemotron": NemotronConfig,
            "cohere": CohereConfig, "arcee": ArceeConfig, "persimmon": PersimmonConfig, "helium": HeliumConfig,
@@ -32,17 +32,7 @@ def tiny(family: str, seed: int = 0) -> torch.nn.Module:
     cfg = CONFIGS[family](vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_attention_heads=4,
                           num_key_value_heads=2, head_dim=16, num_hidden_layers=3, max_position_embeddings=256,
                           tie_word_embeddings=family == "starcoder2", bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.2)
-            elif "norm" in name:
-                p.uniform_(0.5, 1.5)
-            else:
-                p.normal_(0, 0.05)
-    return model.eval()
+    return randomized(cfg, seed)
 
 
 def _logits(model, ids):
