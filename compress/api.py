@@ -22,10 +22,11 @@ from . import distributed
 from .calibrate import CalibrationConfig
 from .distill import DistillConfig
 from .distill import distill as run_distill
-from .data import TextSource, default_calibration_source, default_eval_source, describe_source
-from .errors import CheckpointError, DataError
+from .data import (PYDOCS_TRAIN, PYDOCS_VALID, TextSource, check_source, default_calibration_source,
+                   default_eval_source, describe_source)
+from .errors import CheckpointError, ConfigError, DataError
 from .evaluate import perplexity
-from .export import check_export_args
+from .export import check_export_args, check_materialized
 from .export import export as run_export
 from .io import atomic_output_dir, check_output_dir
 from .plan import PlanConfig
@@ -56,16 +57,80 @@ def _wrap_load(what: str, fn, *args, **kwargs):
         raise CheckpointError(f"could not load {what}: {type(exc).__name__}: {exc}") from exc
 
 
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+          "float64": torch.float64, "double": torch.float64}
+# Any one of these in a local model folder means it carries a tokenizer (fast, sentencepiece, BPE or WordPiece).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model",
+                   "vocab.txt", "sentencepiece.bpe.model", "tokenizer.tiktoken")
+
+
+def check_dtype(dtype: Any) -> torch.dtype | str | None:
+    """``None``, ``"auto"``, a floating-point ``torch.dtype`` or one of :data:`DTYPES`' names; anything else is a
+    :class:`ConfigError` naming the value."""
+    if dtype is None or (isinstance(dtype, str) and dtype.strip().lower() == "auto"):
+        return dtype if dtype is None else "auto"
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.strip().lower() in DTYPES:
+        return DTYPES[dtype.strip().lower()]
+    raise ConfigError(f"dtype {dtype!r} is not a floating-point dtype a model can be loaded in; use torch.bfloat16, "
+                      f"torch.float16, torch.float32, 'auto' (the checkpoint's own) or one of {sorted(DTYPES)}")
+
+
+def check_device(device: Any) -> str | torch.device | None:
+    """Refuse a device string torch does not know (``"gpu"``) or one this machine does not have (``"cuda:9"``),
+    before any work, with a :class:`ConfigError` naming it. Returns ``device`` unchanged."""
+    if device is None:
+        return None
+    if not isinstance(device, (str, torch.device)):
+        raise ConfigError(f"device should be a string like 'cpu', 'cuda' or 'cuda:1' (or a torch.device), "
+                          f"got {device!r}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise ConfigError(f"device {device!r} is not a device torch knows; use 'cpu', 'cuda', 'cuda:N' or 'mps' "
+                          f"({str(exc).splitlines()[0]})") from exc
+    if dev.type == "cpu":
+        return device
+    if dev.type == "meta":
+        raise ConfigError(f"device {device!r} holds no weights; use 'cpu' or an accelerator such as 'cuda'")
+    backend = getattr(torch.backends, "mps", None) if dev.type == "mps" else getattr(torch, dev.type, None)
+    available = getattr(backend, "is_available", None)
+    if available is None or not available():
+        raise ConfigError(f"device {device!r}: this machine has no {dev.type} device that torch can use; "
+                          "use 'cpu' (or install the torch build for your accelerator)")
+    count = getattr(getattr(torch, dev.type, None), "device_count", None)
+    if dev.index is not None and count is not None and dev.index >= count():
+        raise ConfigError(f"device {device!r}: this machine has {count()} {dev.type} device(s), numbered 0 to "
+                          f"{count() - 1}; pick one of those")
+    return device
+
+
+def _check_source(source: Any) -> None:
+    if not isinstance(source, (str, os.PathLike)):
+        raise ConfigError(f"the teacher should be a folder, a .gguf file, a hub id 'org/name' or 'smollm2' (or a "
+                          f"model), got {type(source).__name__} {source!r}")
+    if not str(os.fspath(source)).strip():
+        raise ConfigError(f"the teacher source is empty ({str(source)!r}); give a model folder, a .gguf file, a hub "
+                          "id 'org/name' or 'smollm2' (use './' explicitly for the current folder)")
+
+
 def load_teacher(
-    source: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None
+    source: str | os.PathLike, *, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None
 ) -> tuple[nn.Module, Any]:
     """Load a causal LM and its tokenizer from a local folder, a ``.gguf`` file, or a hub id.
 
     ``"smollm2"`` names the bundled default teacher. Local folders must hold safetensors weights (pickled
-    ``.bin`` checkpoints are refused: loading them can run arbitrary code).
+    ``.bin`` checkpoints are refused: loading them can run arbitrary code) and tokenizer files. ``dtype``: a
+    floating-point ``torch.dtype``, a name such as ``"bfloat16"``, or ``"auto"``; ``device``: ``"cpu"``,
+    ``"cuda"``, ``"cuda:N"``, ... (checked before anything is loaded).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    _check_source(source)
+    dtype = check_dtype(dtype)
+    check_device(device)
     if str(source) == "smollm2":
         source = smollm2_gguf_path()
     path = Path(source)
@@ -75,20 +140,37 @@ def load_teacher(
             raise CheckpointError(f"GGUF file {str(path)!r} does not exist")
         where, extra = str(path.parent), {"gguf_file": path.name}
     elif path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"{str(path)!r} is a file, not a Hugging Face model folder or a .gguf file")
         if not (path / "config.json").is_file():
             raise CheckpointError(f"{str(path)!r} is not a Hugging Face model folder: it has no config.json")
         if not any(path.glob("*.safetensors")):
             found = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
             hint = f" (found {found}: pickled checkpoints are refused for safety; convert them to safetensors)" if found else ""
             raise CheckpointError(f"no *.safetensors weights in {str(path)!r}{hint}")
+        from safetensors import safe_open
+
+        for weights in sorted(path.glob("*.safetensors")):  # headers only: a corrupt file is named before loading
+            try:
+                with safe_open(str(weights), framework="pt"):
+                    pass
+            except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError, ...
+                raise CheckpointError(
+                    f"could not load model from {source}: {weights.name} is not a readable safetensors file "
+                    f"({type(exc).__name__}: {exc}); re-download or re-save it") from exc
+        if not any((path / name).is_file() for name in TOKENIZER_FILES):
+            raise CheckpointError(
+                f"model folder {str(path)!r} has no tokenizer (none of {', '.join(TOKENIZER_FILES[:3])}, ...); save "
+                "the teacher's tokenizer into it (tokenizer.save_pretrained(folder)) or copy its tokenizer files there")
         where, extra = str(path), {"use_safetensors": True}
     elif len(str(source).split("/")) == 2 and not str(source).startswith((".", "/")):
         where, extra = str(source), {"use_safetensors": True}
     else:
         raise CheckpointError(f"{str(source)!r} is neither an existing folder or .gguf file nor a hub id 'org/name'")
-    model = _wrap_load(f"model from {source}", AutoModelForCausalLM.from_pretrained, where, **extra, **kwargs)
     tok_extra = {"gguf_file": extra["gguf_file"]} if "gguf_file" in extra else {}
+    # The tokenizer first: it is cheap, so a broken one is reported before the weights are read.
     tokenizer = _wrap_load(f"tokenizer from {source}", AutoTokenizer.from_pretrained, where, **tok_extra)
+    model = _wrap_load(f"model from {source}", AutoModelForCausalLM.from_pretrained, where, **extra, **kwargs)
     if device is not None:
         model.to(device)
     model.eval()
@@ -97,7 +179,12 @@ def load_teacher(
 
 def save_student(model: nn.Module, tokenizer, out_dir: str | Path, *, overwrite: bool = False,
                  extra_files: dict[str, str] | None = None) -> Path:
-    """Save ``model`` + ``tokenizer`` as a standard safetensors folder, atomically (all or nothing)."""
+    """Save ``model`` + ``tokenizer`` as a standard safetensors folder, atomically (all or nothing).
+
+    ``overwrite=True`` replaces the whole folder, including files compress did not write; a symlinked
+    ``out_dir`` stays a link (its target receives the files).
+    """
+    check_materialized(model)
     with atomic_output_dir(out_dir, overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
@@ -147,7 +234,11 @@ def compress(
     ``distill_data`` (default: ``data`` after the tokens calibration used, so the two never overlap).
     ``formats``/``quantize``: what :func:`compress.export.export` writes (add ``"onnx"`` for an onnxruntime model
     checked against PyTorch, ``quantize="int8"`` for its int8 version).
-    The student folder appears only when every stage has succeeded.
+    The student folder appears only when every stage has succeeded. Refused before any work: an ``out_dir``
+    that is not empty (unless ``overwrite=True``, which replaces the whole folder, including files compress did
+    not write), that holds one of the run's inputs (``data``, ``eval_data``, ``distill_data``, the teacher
+    folder) or ``distill.output_dir`` (even with ``overwrite=True``), or whose parent cannot be written; an
+    unknown or absent ``device``; a model on the meta device. A symlinked ``out_dir`` stays a link.
 
     Under ``torchrun`` every rank runs this call with the same arguments: each rank takes the GPU of its
     ``LOCAL_RANK``, calibration windows are shared out across ranks (importance statistics all-reduced, so every
@@ -157,12 +248,36 @@ def compress(
     """
     times: dict[str, float] = {}
     t0 = time.perf_counter()
-    check_output_dir(out_dir, overwrite)
     formats = check_export_args(formats, quantize)
     if distill is not None and not isinstance(distill, DistillConfig):
         raise DataError(f"distill should be a compress.DistillConfig, got {type(distill).__name__}")
+    check_device(device)
+    teacher_path = None
+    if isinstance(teacher, tuple):
+        if len(teacher) != 2 or not isinstance(teacher[0], nn.Module):
+            raise ConfigError(f"a teacher given as a tuple should be (model, tokenizer), got a tuple of "
+                              f"{len(teacher)}: ({', '.join(type(x).__name__ for x in teacher)})")
+        check_materialized(teacher[0])
+    elif isinstance(teacher, nn.Module):
+        check_materialized(teacher)
+    else:
+        _check_source(teacher)
+        teacher_path = teacher
+        if str(teacher) == "smollm2":
+            try:
+                teacher_path = smollm2_gguf_path()
+            except CheckpointError:
+                teacher_path = None  # load_teacher says so below
+    # Every input the run reads must survive the output folder being replaced; checkpoints must not fill it.
+    inputs = {"calibration data": data if data is not None else PYDOCS_TRAIN,
+              "evaluation data": eval_data if eval_data is not None else PYDOCS_VALID,
+              "distillation data": distill_data, "teacher": teacher_path}
+    check_output_dir(out_dir, overwrite, inputs=inputs, checkpoint_dir=distill.output_dir if distill else None)
     data = default_calibration_source() if data is None else data
     eval_data = default_eval_source() if eval_data is None else eval_data
+    for text in (data, eval_data, distill_data):  # a typo in a path is caught before the teacher loads
+        if text is not None:
+            check_source(text)
     for name, text in (("calibration", data), ("distillation", distill_data)):
         if text is not None and _same_file(text, eval_data):
             raise DataError(f"{name} and evaluation data are the same file ({text}); evaluate on held-out text")

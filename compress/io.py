@@ -1,46 +1,249 @@
-"""Safe file output: refuse to clobber, write into a temporary sibling folder, rename into place."""
+"""Safe file output: refuse to clobber, write into a temporary folder, move into place only when all succeeded.
+
+The rules, all checked by :func:`check_output_dir` before any work starts:
+
+* a non-empty output folder is refused unless ``overwrite=True``, and ``overwrite=True`` replaces the *whole*
+  folder, including files compress did not write;
+* a folder that holds the run's own inputs (calibration, distillation or evaluation text, the teacher) or the
+  distillation checkpoints is refused even with ``overwrite=True``: replacing it would delete them;
+* a symbolic link is kept: the files go into the folder it points to (a link to nothing is refused);
+* the parent folder (or the nearest one that exists) must be a writable folder;
+* a folder that cannot be renamed (the current working directory, a mount point, a folder in a parent that is
+  not writable) has its contents replaced entry by entry instead of being swapped whole.
+
+Whatever happens, no ``.*.tmp-*`` / ``.*.old-*`` folder is left behind, and on any failure (Ctrl-C included)
+the output folder is as it was before.
+"""
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping
 
-from .errors import OutputExistsError
+from .errors import ConfigError, OutputExistsError
+
+OVERWRITE_RULE = "overwrite=True replaces the whole folder, including files compress did not write"
 
 
-def check_output_dir(out_dir: str | Path, overwrite: bool = False) -> Path:
-    """Fail early if ``out_dir`` exists, is not empty, and ``overwrite`` is False (or it is a file)."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"output path {str(out)!r} exists and is a file; give a folder path")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise OutputExistsError(
-            f"output folder {str(out)!r} exists and is not empty; choose another folder or pass overwrite=True"
-        )
-    return out
+@dataclass(frozen=True)
+class OutputPlan:
+    """Where the files will go (``real``: the output folder with symlinks resolved) and how they get there
+    (``in_place``: replace the folder's contents entry by entry because the folder itself cannot be renamed)."""
+
+    path: Path
+    real: Path
+    in_place: bool
+
+
+def _inside(child: Path, folder: Path) -> bool:
+    return child == folder or folder in child.parents
+
+
+def _input_paths(value) -> list[Path]:
+    """The file system paths an input names: a path-like, or a string that is an existing path."""
+    if isinstance(value, os.PathLike) or (isinstance(value, str) and value.strip() and "\n" not in value
+                                         and len(value) < 4096):
+        try:
+            if os.path.lexists(value):
+                return [Path(os.path.abspath(value)), Path(value).resolve()]
+        except (OSError, ValueError):
+            return []
+    return []
+
+
+def _cwd() -> Path | None:
+    try:
+        return Path.cwd().resolve()
+    except OSError:  # the current folder was deleted
+        return None
+
+
+def _probe_writable(folder: Path) -> str | None:
+    """None when a folder can be created in ``folder``, else why not (os.access is wrong for root and for
+    read-only file systems, so this really creates and removes an empty folder)."""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".compress-probe-", dir=folder))
+    except OSError as exc:
+        return f"{type(exc).__name__}: {exc.strerror or exc}"
+    return None
+
+
+def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False, *,
+                     inputs: Mapping[str, object] | None = None,
+                     checkpoint_dir: str | os.PathLike | None = None) -> OutputPlan:
+    """Refuse, before any work, an output folder the run could not write or would damage.
+
+    ``inputs`` maps a description ("calibration data", "teacher", ...) to what the run reads; any that is a
+    path inside ``out_dir`` is refused even with ``overwrite=True`` (replacing the folder would delete it).
+    ``checkpoint_dir`` (``DistillConfig.output_dir``) must not lie inside ``out_dir`` either. Without
+    ``overwrite`` a non-empty folder is refused; with it the whole folder is replaced, including files
+    compress did not write. Returns where and how the files will be written.
+    """
+    if not isinstance(out_dir, (str, os.PathLike)) or not str(os.fspath(out_dir)).strip():
+        raise ConfigError(f"out_dir should be a folder path, got {out_dir!r}; give the folder to write the student to")
+    path = Path(out_dir)
+    if path.is_symlink() and not path.exists():
+        raise ConfigError(f"output path {str(path)!r} is a symbolic link to {os.readlink(path)!r}, which does not "
+                          "exist; create that folder, remove the link, or give another folder")
+    try:
+        real = path.resolve()
+    except (OSError, RuntimeError) as exc:  # a symlink loop
+        raise ConfigError(f"output path {str(path)!r} cannot be resolved ({exc}); give a plain folder path") from exc
+    if real == Path(real.anchor):
+        raise ConfigError(f"output folder {str(path)!r} is the root of the file system; give a folder inside it")
+    if real.exists() and not real.is_dir():
+        raise OutputExistsError(f"output path {str(path)!r} exists and is a file; give a folder path")
+
+    for what, value in (inputs or {}).items():
+        for p in _input_paths(value):
+            if _inside(p, real):
+                raise OutputExistsError(
+                    f"output folder {str(path)!r} holds this run's {what} ({str(value)!r}); writing the student "
+                    f"there would replace it, {what} included (even with overwrite=True). Write to another folder, "
+                    "or move the input out of it")
+    if checkpoint_dir is not None:
+        ckpt = Path(os.path.abspath(checkpoint_dir))
+        if _inside(ckpt, real) or _inside(Path(checkpoint_dir).resolve(), real):
+            raise ConfigError(
+                f"DistillConfig.output_dir {str(checkpoint_dir)!r} lies inside the output folder {str(path)!r}: the "
+                "checkpoints would make it non-empty before the student is written (and be replaced with it). "
+                f"Put the checkpoints in a folder beside it, e.g. {str(real) + '-checkpoints'!r}")
+
+    if real.is_dir():
+        if any(real.iterdir()) and not overwrite:
+            where = f" (a link to {str(real)!r})" if path.is_symlink() else ""
+            raise OutputExistsError(
+                f"output folder {str(path)!r}{where} exists and is not empty; choose another folder or pass "
+                f"overwrite=True ({OVERWRITE_RULE})")
+        parent_problem = _probe_writable(real.parent)
+        in_place = real == _cwd() or os.path.ismount(real) or parent_problem is not None
+        if in_place:
+            problem = _probe_writable(real)
+            if problem:
+                raise ConfigError(f"cannot write into output folder {str(path)!r} ({problem}); give a writable folder")
+        return OutputPlan(path, real, in_place)
+
+    ancestor = real.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ConfigError(f"cannot create output folder {str(path)!r}: {str(ancestor)!r} is a file, not a folder; "
+                          "give a path whose parent is a folder")
+    problem = _probe_writable(ancestor)
+    if problem:
+        raise ConfigError(f"cannot create output folder {str(path)!r}: {str(ancestor)!r} is not writable "
+                          f"({problem}); give a folder you can write to")
+    return OutputPlan(path, real, False)
+
+
+def _remove(folder: Path) -> None:
+    """Delete a temporary folder, even when Ctrl-C arrives meanwhile (then finish, and pass it on)."""
+    try:
+        shutil.rmtree(folder, ignore_errors=True)
+    except KeyboardInterrupt:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+def _clear(entry: Path) -> None:
+    if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry, ignore_errors=True)
+    else:
+        entry.unlink(missing_ok=True)
+
+
+def _replace_contents(src: Path, out: Path) -> None:
+    """Make ``out``'s contents those of ``src``, entry by entry, for a folder that cannot be renamed.
+
+    The old entries are first moved aside into a hidden folder inside ``out`` (same file system: renames),
+    the new ones moved in, then the old ones deleted; on any failure the old entries are put back.
+    """
+    old = Path(tempfile.mkdtemp(prefix=".compress.old-", dir=out))
+    moved: list[str] = []
+    try:
+        try:
+            for entry in list(out.iterdir()):
+                if entry not in (old, src):
+                    os.rename(entry, old / entry.name)
+                    moved.append(entry.name)
+            for entry in list(src.iterdir()):
+                shutil.move(str(entry), str(out / entry.name))
+        except BaseException:
+            for entry in list(out.iterdir()):  # what came in so far goes; what was there comes back
+                if entry not in (old, src):
+                    _clear(entry)
+            for name in moved:
+                os.rename(old / name, out / name)
+            raise
+    finally:
+        _remove(old)
+
+
+def _swap(tmp: Path, real: Path) -> None:
+    """Put the finished ``tmp`` folder at ``real``: rename when possible, else replace contents."""
+    if not real.exists():
+        try:
+            tmp.rename(real)
+            return
+        except OSError:
+            real.mkdir(parents=True, exist_ok=True)
+        _replace_contents(tmp, real)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{real.name}.old-", dir=real.parent))
+    try:
+        try:
+            real.rename(old / real.name)
+        except OSError:  # busy, a mount point, a bind mount os.path.ismount misses: move the files instead
+            _replace_contents(tmp, real)
+            return
+        try:
+            tmp.rename(real)
+        except BaseException:
+            (old / real.name).rename(real)  # put the old folder back
+            raise
+    finally:
+        _remove(old)
 
 
 @contextmanager
-def atomic_output_dir(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder next to ``out_dir``; on success it replaces ``out_dir``, on error it vanishes.
+def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False, *,
+                      inputs: Mapping[str, object] | None = None,
+                      checkpoint_dir: str | os.PathLike | None = None) -> Iterator[Path]:
+    """Yield a temporary folder; on success its contents become ``out_dir``, on error (or Ctrl-C) it vanishes.
 
-    So a crash or a failed check never leaves a half-written folder that looks like a finished one.
+    So a crash or a failed check never leaves a half-written folder that looks like a finished one. The
+    checks are :func:`check_output_dir`'s (``overwrite=True`` replaces the whole folder, including files
+    compress did not write). A symlinked ``out_dir`` stays a link: its target receives the files. A folder
+    that cannot be renamed (the current directory, a mount point) keeps its identity and has its contents
+    replaced instead.
     """
-    out = check_output_dir(out_dir, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    plan = check_output_dir(out_dir, overwrite, inputs=inputs, checkpoint_dir=checkpoint_dir)
+    real = plan.real
+    if plan.in_place:  # inside the folder itself: same file system, and its parent may not be writable
+        tmp = Path(tempfile.mkdtemp(prefix=".compress.tmp-", dir=real))
+    else:
+        created = [p for p in (real.parent, *real.parent.parents) if not p.exists()]  # deepest first
+        real.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{real.name}.tmp-", dir=real.parent))
+    done = False
     try:
         yield tmp
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            out.rename(old / out.name)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
+        if plan.in_place:
+            _replace_contents(tmp, real)
         else:
-            tmp.rename(out)
+            _swap(tmp, real)
+        done = True
     finally:
         if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+            _remove(tmp)
+        if not done and not plan.in_place:
+            for folder in created:  # the parent folders this call created, if they are still empty
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break

@@ -1,7 +1,8 @@
 """Targets and the planner that turns a parameter budget into a concrete, hardware-friendly shape.
 
 A target is either a parameter budget — ``{"params": 0.5}`` (a fraction of the teacher) or
-``{"params": 70_000_000}`` (a count; a float up to 1.0 is a fraction, anything else a count) — or an explicit shape (any of ``hidden_size``, ``intermediate_size``,
+``{"params": 70_000_000}`` (a count; a float in (0, 1) is a fraction, an integer or integral float a count, and a
+non-integral float above 1 such as ``1.5`` is refused) — or an explicit shape (any of ``hidden_size``, ``intermediate_size``,
 ``num_attention_heads``, ``num_key_value_heads``, ``num_hidden_layers``; unnamed fields keep the teacher's value).
 
 For a budget, the planner enumerates every shape on a grid of hardware-friendly sizes that the strategy allows,
@@ -16,6 +17,8 @@ milder. Tune ``PlanConfig.weights`` for other families.
 from __future__ import annotations
 
 import itertools
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -37,10 +40,16 @@ class Target:
 
     @classmethod
     def parse(cls, target: Any, teacher_params: int) -> "Target":
-        """Accept ``0.5``, ``{"params": 0.5}``, ``{"params": 70_000_000}``, a shape dict, or a :class:`Target`."""
+        """Accept ``0.5``, ``{"params": 0.5}``, ``{"params": 70_000_000}``, a shape dict, or a :class:`Target`.
+
+        ``params``: a float in (0, 1) is a fraction of the teacher; an integer (or an integral float such as
+        ``7e7``) is a count. Anything else is refused with its value named: a fraction of 1 or more
+        (``1.5`` is neither a fraction nor a plausible count), NaN/inf, booleans and strings. Shape fields must
+        be integers (not ``True``, ``"448"`` or ``448.0``).
+        """
         if isinstance(target, Target):
             return target
-        if isinstance(target, (int, float)) and not isinstance(target, bool):
+        if _is_number(target):
             target = {"params": target}
         if not isinstance(target, Mapping) or not target:
             raise TargetError(
@@ -48,14 +57,12 @@ class Target:
             )
         unknown = set(target) - set(SHAPE_FIELDS) - {"params"}
         if unknown:
-            raise TargetError(f"unknown target key(s) {sorted(unknown)}; use 'params' or {list(SHAPE_FIELDS)}")
+            raise TargetError(f"unknown target key(s) {sorted(unknown, key=repr)}; use 'params' or "
+                              f"{list(SHAPE_FIELDS)}")
         if "params" in target:
             if len(target) > 1:
                 raise TargetError("give either 'params' or shape fields in a target, not both")
-            value = target["params"]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise TargetError(f"target params should be a positive fraction or count, got {value!r}")
-            count = int(value * teacher_params) if isinstance(value, float) and value <= 1 else int(value)
+            count = _params_count(target["params"], teacher_params)
             if count >= teacher_params:
                 raise TargetError(
                     f"target of {count:,} parameters is not smaller than the teacher's {teacher_params:,}; "
@@ -63,9 +70,45 @@ class Target:
                 )
             return cls(params=count, requested=dict(target))
         for name, value in target.items():
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TargetError(f"target {name} should be an integer, got {value!r}")
-        return cls(shape=dict(target), requested=dict(target))
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TargetError(f"target {name} should be an integer, got {value!r}{_quoted_hint(value)}")
+        return cls(shape={k: int(v) for k, v in target.items()}, requested=dict(target))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _quoted_hint(value: Any) -> str:
+    """A hint for a number written as a string ("0.5", "448")."""
+    if isinstance(value, str):
+        try:
+            float(value.replace("_", ""))
+        except ValueError:
+            return ""
+        return " (a string: write the number without quotes)"
+    return ""
+
+
+def _params_count(value: Any, teacher_params: int) -> int:
+    """The parameter count a ``params`` target asks for (see :meth:`Target.parse`)."""
+    if not _is_number(value):
+        raise TargetError(f"target params should be a positive fraction like 0.5 or a count like 70_000_000, "
+                          f"got {value!r}{_quoted_hint(value)}")
+    if not math.isfinite(float(value)):
+        raise TargetError(f"target params should be a positive fraction or count, got {value!r}: it must be a "
+                          "finite number")
+    if value <= 0:
+        raise TargetError(f"target params should be a positive fraction or count, got {value!r}")
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    value = float(value)
+    if value <= 1:
+        return int(value * teacher_params)
+    if not value.is_integer():
+        raise TargetError(f"target params={value!r} is neither a fraction nor a count: a fraction must be in "
+                          "(0, 1); a count must be an integer like 70_000_000")
+    return int(value)  # an integral float such as 7e7 is a count
 
 
 @dataclass(frozen=True)
@@ -80,17 +123,19 @@ class PlanConfig:
     min_fraction: float = 0.1
 
     def __post_init__(self) -> None:
+        if not isinstance(self.weights, Mapping):
+            raise ConfigError(f"PlanConfig.weights should be a dict of axis -> weight, got {self.weights!r}")
         missing = {"mlp", "hidden", "heads", "depth"} - set(self.weights)
         if missing:
             raise ConfigError(f"PlanConfig.weights is missing {sorted(missing)}")
         for axis, w in self.weights.items():
-            if not isinstance(w, (int, float)) or w < 0:
+            if not _is_number(w) or not math.isfinite(w) or w < 0:
                 raise ConfigError(f"PlanConfig.weights[{axis!r}] should be a non-negative number, got {w!r}")
-        if not 0 < self.tolerance < 1:
+        if not _is_number(self.tolerance) or not 0 < self.tolerance < 1:
             raise ConfigError(f"PlanConfig.tolerance should be in (0, 1), got {self.tolerance!r}")
-        if not isinstance(self.multiple_of, int) or self.multiple_of < 1:
+        if isinstance(self.multiple_of, bool) or not isinstance(self.multiple_of, int) or self.multiple_of < 1:
             raise ConfigError(f"PlanConfig.multiple_of should be a positive integer, got {self.multiple_of!r}")
-        if not 0 < self.min_fraction <= 1:
+        if not _is_number(self.min_fraction) or not 0 < self.min_fraction <= 1:
             raise ConfigError(f"PlanConfig.min_fraction should be in (0, 1], got {self.min_fraction!r}")
 
 

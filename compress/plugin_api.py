@@ -54,6 +54,11 @@ class ImportancePlugin(Plugin):
     needs_calibration: ClassVar[bool] = True
 
     def score(self, model: nn.Module, adapter: DecoderAdapter, calibration: Calibration | None) -> Importance:
+        """Score the model without changing it. Every field given must be a finite floating-point tensor of the
+        model's shape (``mlp`` ``[layers, intermediate]``, ``heads`` ``[layers, query heads]``, ``hidden``
+        ``[hidden]``, ``layers`` ``[layers]``); :func:`compress.prune` checks that before any selection and refuses
+        other scores with a :class:`~compress.PluginError` naming the plugin. An exception raised here is
+        wrapped the same way (a :class:`~compress.CompressError` keeps its type, prefixed with the plugin's name)."""
         raise NotImplementedError
 
 
@@ -65,11 +70,26 @@ class AxisPlugin(Plugin):
     needs: ClassVar[tuple[str, ...]] = ()
 
     def select(self, ctx: PruneContext) -> dict:
-        """Decide what to keep. Returns a JSON-able selection (lists of indices) used by :meth:`apply`."""
+        """Decide what to keep, on the unpruned model (read it, do not change it). Returns a JSON-able dict used
+        by :meth:`apply`, which must hold, per axis (indices into the teacher, Python ints; other keys are free):
+
+        * ``mlp``: ``{"keep": [[neuron, ...] per layer]}`` — ``intermediate_size`` distinct neurons per layer;
+        * ``heads``: ``{"query_heads": [[head, ...] per layer], "kv_heads": [[group, ...] per layer]}`` — the
+          planned numbers per layer, every kept query head in a kept KV group, each kept group with the same
+          number of query heads;
+        * ``hidden``: ``{"keep": [channel, ...]}`` — ``hidden_size`` distinct channels;
+        * ``depth``: ``{"keep": [layer, ...]}`` — ``num_hidden_layers`` distinct layers.
+
+        :func:`compress.prune` checks every selection against the plan (counts, range, duplicates, integer type)
+        before any axis is applied, and refuses a bad one with a :class:`~compress.PluginError` naming the plugin.
+        """
         raise NotImplementedError
 
     def apply(self, model: nn.Module, adapter: DecoderAdapter, selection: dict) -> None:
-        """Slice the weights in place according to ``selection``."""
+        """Slice the weights according to ``selection``: **replace** parameters with sliced copies (as
+        :mod:`compress.surgery` does) rather than writing into them, so that a failure can be undone —
+        :func:`compress.prune` puts the original parameter objects back when any axis fails (raises, or leaves
+        shapes other than the plan's), and reports weights edited in place, which it cannot restore."""
         raise NotImplementedError
 
     def summarize(self, selection: dict) -> dict:

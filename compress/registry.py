@@ -170,21 +170,41 @@ def get_plugin(name: str, kind: str | None = None) -> type:
 
 
 def build_plugin(name: str, kind: str, config: Any = None) -> Any:
-    """Instantiate plugin ``name`` with ``config`` (a Config instance, a dict of its fields, or None)."""
+    """Instantiate plugin ``name`` with ``config`` (a Config instance, a dict of its fields, or None).
+
+    A config the plugin refuses with a :class:`~compress.CompressError` keeps that error (it names the field);
+    any other exception from the plugin's ``Config`` or constructor becomes a :class:`PluginError` naming the
+    plugin, with the original as ``__cause__``.
+    """
+    if not isinstance(name, str):
+        raise PluginError(f"plugin names are strings, got {type(name).__name__} {name!r}")
     cls = get_plugin(name, kind)
     if config is None:
-        config = cls.Config()
+        config = _construct(name, "Config()", cls.Config)
     elif isinstance(config, dict):
         fields = {f.name for f in dataclasses.fields(cls.Config)}
-        unknown = sorted(set(config) - fields)
+        unknown = sorted(set(config) - fields, key=repr)
         if unknown:
             raise PluginError(
                 f"plugin {name!r} has no config field(s) {unknown}; its fields are {sorted(fields) or 'none'}"
             )
-        config = cls.Config(**config)
+        config = _construct(name, "Config(...)", cls.Config, **config)
     elif not isinstance(config, cls.Config):
         raise PluginError(f"plugin {name!r} expects a {cls.Config.__qualname__} or dict, got {type(config).__name__}")
-    return cls(config)
+    return _construct(name, "constructor", cls, config)
+
+
+def _construct(name: str, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    from .errors import CompressError
+
+    try:
+        return fn(*args, **kwargs)
+    except CompressError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a third-party plugin's own error, said to be the plugin's
+        shown = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+        raise PluginError(f"plugin {name!r} refused its config{' (' + shown + ')' if shown else ''} in its {what}: "
+                          f"{type(exc).__name__}: {exc}") from exc
 
 
 def list_plugins(kind: str | None = None) -> list[PluginInfo]:

@@ -39,7 +39,7 @@ class DepthAxis(AxisPlugin):
         def __post_init__(self) -> None:
             if self.method not in METHODS:
                 raise ConfigError(f"DepthAxis.method should be one of {METHODS}, got {self.method!r}")
-            if not isinstance(self.eval_samples, int) or self.eval_samples < 1:
+            if isinstance(self.eval_samples, bool) or not isinstance(self.eval_samples, int) or self.eval_samples < 1:
                 raise ConfigError(f"DepthAxis.eval_samples should be a positive integer, got {self.eval_samples!r}")
 
     @property

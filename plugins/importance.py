@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -153,7 +154,8 @@ class MagnitudeImportance(ImportancePlugin):
         p: float = 2.0
 
         def __post_init__(self) -> None:
-            if not isinstance(self.p, (int, float)) or self.p <= 0:
+            if isinstance(self.p, bool) or not isinstance(self.p, (int, float)) or not math.isfinite(self.p) \
+                    or self.p <= 0:
                 raise ConfigError(f"MagnitudeImportance.p should be a positive number, got {self.p!r}")
 
     def _norm(self, w: torch.Tensor, dim: int) -> torch.Tensor:
@@ -202,7 +204,7 @@ class RandomImportance(ImportancePlugin):
         seed: int = 0
 
         def __post_init__(self) -> None:
-            if not isinstance(self.seed, int) or self.seed < 0:
+            if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
                 raise ConfigError(f"RandomImportance.seed should be a non-negative integer, got {self.seed!r}")
 
     def score(self, model: nn.Module, adapter: DecoderAdapter, calibration: Calibration | None) -> Importance:

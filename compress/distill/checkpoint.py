@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, save_file, save_model
 from torch import nn
 
 from .. import distributed
@@ -124,6 +124,13 @@ def save_checkpoint(output_dir: str | Path, engine, optimizer: torch.optim.Optim
             tmp.rename(final)  # the one step that makes the checkpoint exist
             for old_step, old in checkpoints(out)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
+    except Exception as exc:  # noqa: BLE001 - a full disk, a lost mount: say where, and what is left
+        if isinstance(exc, CheckpointError):
+            raise
+        left = [p.name for _, p in checkpoints(out)] if distributed.is_main() else []
+        raise CheckpointError(f"could not write the checkpoint of step {step} to {final} ({type(exc).__name__}: "
+                              f"{exc}); the complete checkpoints left in {out}: {left or 'none'}. Free space or fix "
+                              "the folder, then run again with resume=True.") from exc
     finally:
         if distributed.is_main() and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -131,8 +138,26 @@ def save_checkpoint(output_dir: str | Path, engine, optimizer: torch.optim.Optim
     return final
 
 
-def check_compatible(saved: dict, config: dict, world: int, mode: str, path: Path) -> None:
+def earlier_run_files(output_dir: str | Path) -> list[str]:
+    """What an earlier run left in ``output_dir`` that a new run would overwrite or mix with its own: checkpoint
+    folders (complete or not), a non-empty ``metrics.jsonl``, TensorBoard event files."""
+    out = Path(output_dir)
+    if not out.is_dir():
+        return []
+    found = sorted(p.name for p in out.iterdir() if p.is_dir() and _NAME.match(p.name))
+    metrics = out / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size > 0:
+        found.append("metrics.jsonl")
+    board = out / "tensorboard"
+    if board.is_dir() and any(board.iterdir()):
+        found.append("tensorboard/")
+    return found
+
+
+def check_compatible(saved: dict, config: dict, world: int, mode: str, path: Path,
+                     total_steps: int | None = None) -> None:
     """Refuse to resume a checkpoint made by a run that would not continue the same way."""
+    config = json.loads(json.dumps(config))  # as state.json holds it (a layer_map's keys become strings)
     problems = []
     if saved.get("world_size", 1) != world:
         problems.append(f"world size {saved.get('world_size', 1)} -> {world}")
@@ -142,21 +167,22 @@ def check_compatible(saved: dict, config: dict, world: int, mode: str, path: Pat
     for key in sorted(set(old) | set(config)):
         if key not in RESUMABLE_CHANGES and old.get(key) != config.get(key):
             problems.append(f"{key} {old.get(key)!r} -> {config.get(key)!r}")
+    step = saved.get("step")
+    budget_changed = any(old.get(k) != config.get(k) for k in ("max_steps", "max_tokens"))
+    if total_steps is not None and isinstance(step, int) and (budget_changed or step > total_steps):
+        problems.append(f"the checkpoint is at step {step}, the budget of this run ends at step {total_steps}; a "
+                        "budget sets the learning-rate schedule, so it cannot change on resume")
     if problems:
         raise CheckpointError(
             f"cannot resume from {path}: it was made by a different run ({'; '.join(problems)}). Resuming would not "
             "continue that run. Use the same settings and number of processes, or another output_dir to start "
-            "over (or delete the checkpoint).")
+            "over (or delete the checkpoint). Nothing was loaded.")
 
 
-def load_checkpoint(output_dir: str | Path, engine, optimizer: torch.optim.Optimizer, scheduler, *,
-                    config: dict, world: int) -> dict | None:
-    """Restore the newest checkpoint into the engine's student, projections, optimizer and scheduler.
-
-    Returns its ``state`` (step, history, data position), or None when ``output_dir`` holds no checkpoint.
-    Settings that would change the run (batch size, sequence length, world size, budget, ...) are compared
-    first and refused with :class:`~compress.errors.CheckpointError`; the model is not touched then.
-    """
+def find_resumable(output_dir: str | Path, *, config: dict, world: int, mode: str,
+                   total_steps: int) -> tuple[Path, dict] | None:
+    """The newest checkpoint in ``output_dir`` and its ``state.json``, checked before any work: readable, made
+    by the same settings and number of processes, within this run's budget. None when there is none."""
     out = Path(output_dir)
     found = checkpoints(out)
     stray = [p.name for p in out.iterdir() if p.name.startswith(".checkpoint-")] if out.is_dir() else []
@@ -169,19 +195,74 @@ def load_checkpoint(output_dir: str | Path, engine, optimizer: torch.optim.Optim
     try:
         state = json.loads((path / "state.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot resume from {path}: state.json is unreadable ({exc}). Remove it to start over.") from exc
-    check_compatible(state, config, world, engine.mode, path)
+        raise CheckpointError(f"cannot resume from {path}: state.json is unreadable ({exc}). Remove it to start over."
+                              ) from exc
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or state["step"] < 0:
+        raise CheckpointError(f"cannot resume from {path}: state.json has no step count (step="
+                              f"{state.get('step') if isinstance(state, dict) else state!r}). Remove it to start over.")
+    check_compatible(state, config, world, mode, path, total_steps)
+    return path, state
+
+
+def _check_state(path: Path, state: dict) -> dict[str, torch.Tensor]:
+    """The non-tensor parts of a checkpoint (scheduler, data position, RNG), checked before anything is loaded;
+    returns the RNG tensors."""
+    problems = []
+    if not isinstance(state.get("scheduler"), dict) or not isinstance(state["scheduler"].get("last_epoch"), int):
+        problems.append("no scheduler state")
+    data = state.get("data")
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), int) and data[k] >= 0
+                                             for k in ("epoch", "index", "served")):
+        problems.append(f"no data position (data={data!r})")
+    if not isinstance(state.get("history"), list):
+        problems.append("no metrics history")
+    rng_meta = state.get("rng")
+    if not isinstance(rng_meta, dict) or not isinstance(rng_meta.get("python"), list) or len(rng_meta["python"]) != 3:
+        problems.append("no random-number state")
+    try:
+        rng = load_file(str(path / "rng.safetensors"))
+    except Exception as exc:  # noqa: BLE001 - a missing or damaged file
+        rng = {}
+        problems.append(f"rng.safetensors is unreadable ({type(exc).__name__}: {exc})")
+    if rng and ("torch" not in rng or rng["torch"].dtype != torch.uint8):
+        problems.append("rng.safetensors has no torch generator state")
+    if problems:
+        raise CheckpointError(f"cannot resume from {path}: state.json is incomplete or damaged ({'; '.join(problems)})."
+                              " Remove it to start over. Nothing was loaded.")
+    return rng
+
+
+def restore_checkpoint(path: Path, state: dict, engine, optimizer: torch.optim.Optimizer, scheduler) -> dict:
+    """Load a checkpoint :func:`find_resumable` returned into the engine's student, projections, optimizer,
+    scheduler and the RNGs. Every part is checked against what it goes into (names, shapes, dtypes) before
+    the first tensor is copied, so a checkpoint of another student fails with the model unchanged."""
+    state = dict(state)
+    rng = _check_state(path, state)
     try:
         engine.load_tensors(path, optimizer, state.pop("optimizer", None))
         scheduler.load_state_dict(state.pop("scheduler"))
         for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
             group["lr"] = lr  # the learning rate of the step being resumed, whatever the optimizer was built with
-        set_rng_state(load_file(str(path / "rng.safetensors")), state.pop("rng"))
+        set_rng_state(rng, state.pop("rng"))
     except CheckpointError:
         raise
     except Exception as exc:  # noqa: BLE001 - any damage means this checkpoint cannot be trusted
-        raise CheckpointError(f"cannot resume from {path}: {type(exc).__name__}: {exc}. Remove it to start over.") from exc
+        raise CheckpointError(f"cannot resume from {path}: {type(exc).__name__}: {exc}. Remove it to start over."
+                              ) from exc
     return state
+
+
+def load_checkpoint(output_dir: str | Path, engine, optimizer: torch.optim.Optimizer, scheduler, *,
+                    config: dict, world: int, total_steps: int | None = None) -> dict | None:
+    """Restore the newest checkpoint into the engine's student, projections, optimizer and scheduler.
+
+    Returns its ``state`` (step, history, data position), or None when ``output_dir`` holds no checkpoint.
+    Settings that would change the run (batch size, sequence length, world size, budget, ...) are compared
+    first and refused with :class:`~compress.errors.CheckpointError`; the model is not touched then.
+    """
+    found = find_resumable(output_dir, config=config, world=world, mode=engine.mode,
+                           total_steps=total_steps if total_steps is not None else 2**62)
+    return None if found is None else restore_checkpoint(*found, engine, optimizer, scheduler)
 
 
 # --- replicated (one process, DDP) tensors -------------------------------------------------------------------
@@ -197,21 +278,84 @@ def save_replicated(path: Path, student: nn.Module, projections: nn.Module, opti
     return meta
 
 
-def load_replicated(path: Path, student: nn.Module, projections: nn.Module, optimizer, meta: dict) -> None:
-    """Validate every shape first, then load: a checkpoint of another student fails before any tensor is copied."""
-    from safetensors import safe_open
+_ANOTHER = ("the checkpoint was made for another student (another shape or vocabulary). Resume with the student "
+            "it was made for, or choose another output_dir (or delete the checkpoint) to start over. Nothing was "
+            "loaded: the student is unchanged.")
 
-    for module, name in ((student, "student.safetensors"), (projections, "projections.safetensors")):
-        expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-        with safe_open(str(path / name), "pt") as fh:
-            for key in fh.keys():
-                shape = tuple(fh.get_slice(key).get_shape())
-                if key in expected and expected[key] != shape:
-                    raise CheckpointError(f"cannot resume from {path}: {name} has {key} of shape {shape}, this "
-                                          f"model needs {expected[key]}: the checkpoint belongs to another model")
-    load_model(student, str(path / "student.safetensors"))
-    load_model(projections, str(path / "projections.safetensors"))
-    optimizer.load_state_dict(_unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), meta))
+
+def _check_module_file(path: Path, name: str, module: nn.Module, what: str) -> dict[str, torch.Tensor]:
+    """Read ``name`` and check it against ``module``'s state dict: the same tensor names (a tied weight is
+    stored once), shapes and dtypes. Returns the tensors, copied into nothing yet."""
+    where = path / name
+    try:
+        tensors = load_file(str(where))
+    except Exception as exc:  # noqa: BLE001 - missing, truncated, not safetensors
+        raise CheckpointError(f"cannot resume from {path}: {name} is unreadable ({type(exc).__name__}: {exc}). "
+                              "Remove the checkpoint to start over. Nothing was loaded.") from exc
+    expected = module.state_dict()
+    for key, value in tensors.items():
+        if key not in expected:
+            raise CheckpointError(f"cannot resume from {path}: {name} has {key}, which this {what} does not have: "
+                                  + _ANOTHER)
+        want = expected[key]
+        if tuple(value.shape) != tuple(want.shape) or value.dtype != want.dtype:
+            raise CheckpointError(f"cannot resume from {path}: {name} has {key} of shape {tuple(value.shape)} "
+                                  f"({value.dtype}), this {what} needs {tuple(want.shape)} ({want.dtype}): "
+                                  + _ANOTHER)
+    stored = {(expected[k].data_ptr(), tuple(expected[k].shape)) for k in tensors}
+    missing = [k for k, v in expected.items() if k not in tensors and (v.data_ptr(), tuple(v.shape)) not in stored]
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise CheckpointError(f"cannot resume from {path}: {name} lacks {shown}, which this {what} has: " + _ANOTHER)
+    return tensors
+
+
+def _check_optimizer(path: Path, tensors: dict[str, torch.Tensor], meta, optimizer) -> dict:
+    """The optimizer state of the checkpoint, checked against ``optimizer`` (groups, parameter counts, state
+    shapes and dtypes); returns it ready for ``load_state_dict``."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+
+    def refuse(why: str) -> None:
+        raise CheckpointError(f"cannot resume from {path}: optimizer.safetensors {why}: " + _ANOTHER)
+
+    if not isinstance(meta, dict) or not isinstance(meta.get("param_groups"), list) \
+            or not isinstance(meta.get("scalars"), dict):
+        raise CheckpointError(f"cannot resume from {path}: state.json has no optimizer state. Remove the "
+                              "checkpoint to start over. Nothing was loaded.")
+    groups = [len(g.get("params", [])) if isinstance(g, dict) else -1 for g in meta["param_groups"]]
+    trained = [len(g["params"]) for g in optimizer.param_groups]
+    if groups != trained:
+        refuse(f"holds parameter groups of {groups} tensors, this run trains {trained}")
+    for key, value in tensors.items():
+        idx, _, slot = key.rpartition(".")
+        if not idx.isdigit() or int(idx) >= len(params):
+            refuse(f"has state {key!r} for a parameter this run does not train")
+        param = params[int(idx)]
+        if value.dim() > 0 and (tuple(value.shape) != tuple(param.shape) or value.dtype != param.dtype):
+            refuse(f"has {slot} of parameter {idx} with shape {tuple(value.shape)} ({value.dtype}), the parameter "
+                   f"is {tuple(param.shape)} ({param.dtype})")
+    for idx in meta["scalars"]:
+        if not str(idx).isdigit() or int(idx) >= len(params):
+            refuse(f"has state for parameter {idx}, which this run does not train")
+    return _unflatten_optimizer(tensors, meta)
+
+
+def load_replicated(path: Path, student: nn.Module, projections: nn.Module, optimizer, meta: dict) -> None:
+    """Check every tensor first (student, projections, optimizer: names, shapes, dtypes), then load: a
+    checkpoint of another student fails before any tensor is copied."""
+    student_tensors = _check_module_file(path, "student.safetensors", student, "student")
+    projection_tensors = _check_module_file(path, "projections.safetensors", projections, "run's projections")
+    try:
+        opt_tensors = load_file(str(path / "optimizer.safetensors"))
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(f"cannot resume from {path}: optimizer.safetensors is unreadable "
+                              f"({type(exc).__name__}: {exc}). Remove the checkpoint to start over. Nothing was "
+                              "loaded.") from exc
+    optimizer_state = _check_optimizer(path, opt_tensors, meta, optimizer)
+    with torch.no_grad():
+        student.load_state_dict(student_tensors, strict=False)  # checked above: only tied copies are absent
+        projections.load_state_dict(projection_tensors, strict=False)
+    optimizer.load_state_dict(optimizer_state)
 
 
 # --- sharded (FSDP2) tensors ----------------------------------------------------------------------------------

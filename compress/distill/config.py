@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import difflib
+import functools
+import json
+import math
+import numbers
+import os
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from ..errors import ConfigError
@@ -22,7 +28,7 @@ class DistillConfig:
     ``hidden_layers`` (student layer indices; default: every layer), through a learned projection when widths
     differ; ``layer_map`` overrides which teacher layer each student layer learns from.
 
-    Budget: ``max_steps`` optimizer steps, or ``max_tokens`` tokens in all (whichever is given). Each step
+    Budget: ``max_steps`` optimizer steps, or ``max_tokens`` tokens in all (set one of them, not both). Each step
     takes ``batch_size × grad_accum`` windows of ``seq_len`` tokens *on every process*, so under ``torchrun``
     with N processes a step is N times larger and ``max_tokens`` gives N times fewer steps: the token budget
     is global. Speed: ``dtype`` (``auto`` = bf16 compute with fp32 master weights on CUDA, fp32 on CPU),
@@ -37,6 +43,11 @@ class DistillConfig:
     on which the loop waits for the device), and, every ``checkpoint_every`` steps, a checkpoint;
     ``resume=True`` continues from the last one. ``teacher_correction_steps`` first fine-tunes the teacher on
     the distillation data (Minitron does this when the original pretraining data is unavailable).
+    Optimizer: AdamW at ``lr`` with ``warmup_steps`` of linear warm-up, then a cosine decay to
+    ``min_lr_ratio`` × ``lr``; ``max_grad_norm`` clips the global gradient norm (``None``: no clipping).
+
+    Every field is checked at construction (and again when :func:`~compress.distill` starts): a bad value
+    raises :class:`~compress.errors.ConfigError` naming the field and the value, as does an unknown field name.
     """
 
     logit_loss: str = "forward_kl"
@@ -81,51 +92,160 @@ class DistillConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field (run at construction, and again by :func:`~compress.distill` in case a field was
+        changed since). Raises :class:`~compress.errors.ConfigError` naming the field, its value and what it
+        should be. What needs the models (``top_k`` against the vocabulary, ``layer_map`` and
+        ``hidden_layers`` against the depths) is checked when training starts."""
         def bad(name: str, expected: str) -> None:
             raise ConfigError(f"DistillConfig.{name} should be {expected}, got {getattr(self, name)!r}")
 
-        if self.logit_loss not in LOGIT_LOSSES:
-            bad("logit_loss", f"one of {LOGIT_LOSSES}")
-        if self.hidden_loss is not None and self.hidden_loss not in HIDDEN_LOSSES:
-            bad("hidden_loss", f"None or one of {HIDDEN_LOSSES}")
-        if self.dtype not in DTYPES:
-            bad("dtype", f"one of {DTYPES}")
-        if self.parallel not in PARALLEL:
-            bad("parallel", f"one of {PARALLEL}")
-        if self.shard_teacher not in (None, True, False):
-            bad("shard_teacher", "None, True or False")
-        if self.memory_budget_gib is not None and (not isinstance(self.memory_budget_gib, (int, float))
-                                                   or not self.memory_budget_gib > 0):
-            bad("memory_budget_gib", "None or a positive number of GiB")
-        if not self.temperature > 0:
-            bad("temperature", "positive")
-        if not 0 <= self.jsd_beta <= 1:
-            bad("jsd_beta", "in [0, 1]")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
-            bad("top_k", "None or a positive integer")
-        for name in ("alpha_ce", "logit_weight", "hidden_weight", "weight_decay", "lr"):
-            if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) < 0:
-                bad(name, "a non-negative number")
-        if self.logit_weight == 0 and self.alpha_ce == 0 and self.hidden_loss is None:
-            raise ConfigError("DistillConfig has no objective: logit_weight, alpha_ce and hidden_loss are all off")
-        for name in ("seq_len", "batch_size", "grad_accum", "chunk_tokens", "log_every"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                bad(name, "a positive integer")
-        for name in ("warmup_steps", "checkpoint_every", "teacher_correction_steps", "seed"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                bad(name, "a non-negative integer")
-        for name in ("max_steps", "max_tokens"):
+        def integer(name: str, low: int, optional: bool = False, high: int | None = None) -> None:
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                bad(name, "None or a positive integer")
+            if optional and value is None:
+                return
+            what = ("None or " if optional else "") + (
+                "a positive integer" if low == 1 else "a non-negative integer" if low == 0 else f"an integer >= {low}")
+            if high is not None:
+                what += " below 2**63" if high == 2**63 else f" below {high}"
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                bad(name, what)
+            if value < low or (high is not None and value >= high):
+                bad(name, what)
+            setattr(self, name, int(value))  # numpy integers -> int (the config is written to JSON)
+
+        def number(name: str, *, positive: bool = False, low: float = 0.0, high: float | None = None,
+                   optional: bool = False) -> None:
+            value = getattr(self, name)
+            if optional and value is None:
+                return
+            what = ("None or " if optional else "") + (
+                "a positive finite number" if positive else
+                f"a finite number in [{low:g}, {high:g}]" if high is not None else "a finite number >= 0")
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                bad(name, what)
+            if (positive and not value > 0) or value < low or (high is not None and value > high):
+                bad(name, what)
+            setattr(self, name, float(value) if not isinstance(value, int) else value)
+
+        def flag(name: str, optional: bool = False) -> None:
+            value = getattr(self, name)
+            if not (value is True or value is False or (optional and value is None)):
+                bad(name, "None, True or False" if optional else "True or False")
+
+        def choice(name: str, options: tuple, optional: bool = False) -> None:
+            value = getattr(self, name)
+            if optional and value is None:
+                return
+            if not isinstance(value, str) or value not in options:
+                bad(name, ("None or " if optional else "") + f"one of {options}")
+
+        # Objective.
+        choice("logit_loss", LOGIT_LOSSES)
+        number("temperature", positive=True)
+        number("jsd_beta", high=1.0)
+        integer("top_k", 1, optional=True)
+        for name in ("alpha_ce", "logit_weight", "hidden_weight"):
+            number(name)
+        choice("hidden_loss", HIDDEN_LOSSES, optional=True)
+        self._check_layers()
+        hidden_on = self.hidden_loss is not None and self.hidden_weight > 0
+        if not (self.logit_weight > 0 or self.alpha_ce > 0 or hidden_on):
+            raise ConfigError(
+                f"DistillConfig has no objective: logit_weight={self.logit_weight!r}, alpha_ce={self.alpha_ce!r}, "
+                f"hidden_loss={self.hidden_loss!r} (hidden_weight={self.hidden_weight!r}); make one of them non-zero")
+
+        # Batches and budget.
+        integer("seq_len", 2)
+        for name in ("batch_size", "grad_accum"):
+            integer(name, 1)
+        integer("max_steps", 1, optional=True)
+        integer("max_tokens", 1, optional=True)
         if self.max_steps is None and self.max_tokens is None:
             raise ConfigError("DistillConfig needs a budget: set max_steps or max_tokens")
-        if not 0 <= self.min_lr_ratio <= 1:
-            bad("min_lr_ratio", "in [0, 1]")
-        if (self.checkpoint_every or self.resume) and not self.output_dir:
-            raise ConfigError("DistillConfig.checkpoint_every / resume need output_dir")
+        if self.max_steps is not None and self.max_tokens is not None:
+            raise ConfigError(f"DistillConfig has two budgets, max_steps={self.max_steps!r} and "
+                              f"max_tokens={self.max_tokens!r}: set only one of them")
+
+        # Optimizer and schedule.
+        number("lr", positive=True)
+        number("min_lr_ratio", high=1.0)
+        integer("warmup_steps", 0)
+        number("weight_decay")
+        number("max_grad_norm", positive=True, optional=True)
+
+        # Precision, engine, speed.
+        choice("dtype", DTYPES)
+        choice("parallel", PARALLEL)
+        flag("shard_teacher", optional=True)
+        number("memory_budget_gib", positive=True, optional=True)
+        flag("compile")
+        flag("gradient_checkpointing")
+        integer("chunk_tokens", 1)
+
+        # Output, checkpoints, logging.
+        if self.output_dir is not None:
+            if not isinstance(self.output_dir, (str, os.PathLike)) or not os.fspath(self.output_dir):
+                bad("output_dir", "None or a folder path")
+            self.output_dir = os.fspath(self.output_dir)  # a Path -> str (the config is written to JSON)
+        integer("checkpoint_every", 0)
+        flag("resume")
+        integer("log_every", 1)
+        flag("tensorboard")
+        integer("seed", 0, high=2**63)
+        integer("teacher_correction_steps", 0)
+        flag("progress")
+        if not isinstance(self.extra, dict):
+            bad("extra", "a dict")
+        try:
+            json.dumps(self.extra)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"DistillConfig.extra should hold JSON values only (it is saved with checkpoints "
+                              f"and the report), got {self.extra!r} ({exc})") from None
+        if self.checkpoint_every and not self.output_dir:
+            raise ConfigError(f"DistillConfig.checkpoint_every={self.checkpoint_every} needs output_dir (where "
+                              "checkpoints go)")
+        if self.resume and not self.output_dir:
+            raise ConfigError("DistillConfig.resume=True needs output_dir (the folder of the run to continue)")
         if self.tensorboard and not self.output_dir:
             raise ConfigError("DistillConfig.tensorboard writes to output_dir/tensorboard: set output_dir")
+
+    def _check_layers(self) -> None:
+        """``hidden_layers`` / ``layer_map``: indices only here (against the models when training starts)."""
+        def index(value) -> bool:
+            return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0
+
+        if self.hidden_layers is not None:
+            value = self.hidden_layers
+            if (not isinstance(value, (list, tuple)) or not value or not all(index(i) for i in value)
+                    or len(set(value)) != len(value)):
+                raise ConfigError(f"DistillConfig.hidden_layers should be None or a non-empty list of distinct "
+                                  f"student layer indices (integers >= 0), got {value!r}")
+            self.hidden_layers = [int(i) for i in value]
+        if self.layer_map is not None:
+            value = self.layer_map
+            keys_ok = isinstance(value, dict) and all(
+                index(k) or (isinstance(k, str) and k.isdigit()) for k in value)  # JSON gives "0": ...
+            if not isinstance(value, dict) or not value or not keys_ok or not all(index(v) for v in value.values()):
+                raise ConfigError(f"DistillConfig.layer_map should be None or a non-empty dict of student layer -> "
+                                  f"teacher layer (integers >= 0), got {value!r}")
+            converted = {int(k): int(v) for k, v in value.items()}
+            if len(converted) != len(value):
+                raise ConfigError(f"DistillConfig.layer_map names a student layer twice: {value!r}")
+            self.layer_map = converted
+        for name in ("hidden_layers", "layer_map"):
+            if getattr(self, name) is not None and self.hidden_loss is None:
+                raise ConfigError(f"DistillConfig.{name}={getattr(self, name)!r} only applies to the hidden-state "
+                                  "loss, which is off (hidden_loss=None): set hidden_loss='cosine' or 'mse', or "
+                                  f"leave {name} at None")
+        if self.hidden_layers is not None and self.layer_map is not None:
+            missing = [i for i in self.hidden_layers if i not in self.layer_map]
+            if missing:
+                raise ConfigError(f"DistillConfig.hidden_layers={self.hidden_layers!r} names student layers "
+                                  f"{missing} that layer_map={self.layer_map!r} does not map to a teacher layer: add "
+                                  "them to layer_map or drop them from hidden_layers")
 
     @property
     def tokens_per_step(self) -> int:
@@ -145,3 +265,28 @@ class DistillConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+_ALIASES = {"learning_rate": "lr", "max_length": "seq_len", "sequence_length": "seq_len", "block_size": "seq_len",
+            "gradient_accumulation_steps": "grad_accum", "warmup": "warmup_steps", "steps": "max_steps",
+            "tokens": "max_tokens", "kd_temperature": "temperature", "clip_grad_norm": "max_grad_norm",
+            "grad_clip": "max_grad_norm", "checkpoint_dir": "output_dir", "save_steps": "checkpoint_every",
+            "logging_steps": "log_every", "precision": "dtype"}
+_generated_init = DistillConfig.__init__
+
+
+@functools.wraps(_generated_init)
+def _init(self, *args, **kwargs):
+    """The dataclass constructor, with a :class:`ConfigError` naming an unknown field (and the likely one)."""
+    known = [f.name for f in fields(DistillConfig)]
+    for name in kwargs:
+        if name not in known:
+            guess = _ALIASES.get(name) or next(iter(difflib.get_close_matches(name, known, n=1)), None)
+            raise ConfigError(f"DistillConfig has no field {name!r}" + (f"; did you mean {guess!r}?" if guess else ".")
+                              + f" Its fields are: {', '.join(known)}")
+    if len(args) > len(known):
+        raise ConfigError(f"DistillConfig takes at most {len(known)} values, got {len(args)}: pass them by name")
+    _generated_init(self, *args, **kwargs)
+
+
+DistillConfig.__init__ = _init

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ..calibrate import check_token_ids
 from ..data import describe_source, pack_tokens
 from ..errors import DataError
 from .config import DistillConfig
@@ -50,17 +51,31 @@ class WindowLoader:
 
     @classmethod
     def from_source(cls, data, tokenizer, config: DistillConfig, *, skip_tokens: int = 0, rank: int = 0,
-                    world: int = 1, device: str | torch.device = "cpu") -> "WindowLoader":
+                    world: int = 1, device: str | torch.device = "cpu", vocab_size: int | None = None
+                    ) -> "WindowLoader":
+        """Token windows from ``data`` (an integer ``[N, seq_len]`` tensor, or text packed with ``tokenizer``).
+
+        Refused with :class:`DataError`: a tensor that is not 2-D, not integer, or whose windows are not
+        ``config.seq_len`` tokens long, and (given ``vocab_size``) token ids outside ``[0, vocab_size)``."""
         if isinstance(data, torch.Tensor):
             if data.dim() != 2:
-                raise DataError(f"token windows must be [N, seq_len], got {tuple(data.shape)}")
-            windows, where = data.long(), "<tensor>"
+                raise DataError(f"token windows must be a [N, seq_len] tensor, got shape {tuple(data.shape)}")
+            if data.dtype == torch.bool or data.is_floating_point() or data.is_complex():
+                raise DataError(f"token windows must be an integer tensor of token ids, got dtype {data.dtype}: "
+                                "pass the tokenizer's ids (torch.long)")
+            if data.shape[1] != config.seq_len:
+                raise DataError(f"token windows are {data.shape[1]} tokens long (shape {tuple(data.shape)}) but "
+                                f"DistillConfig.seq_len={config.seq_len}: pass windows of seq_len tokens or set "
+                                f"seq_len={data.shape[1]}")
+            windows, where = data.long().cpu(), "<tensor>"
         else:
             if tokenizer is None:
-                raise DataError("distillation data given as text needs a tokenizer")
+                raise DataError("distillation data given as text needs a tokenizer (pass tokenizer=...)")
             needed = config.steps_for(world) * config.batch_size * config.grad_accum * world
             windows = pack_tokens(tokenizer, data, config.seq_len, max_windows=needed, skip_tokens=skip_tokens)
             where = describe_source(data)
+        if vocab_size is not None:
+            check_token_ids(windows, vocab_size, f"the distillation data ({where})")
         return cls(windows, config.batch_size, config.seed, rank, world, device, where, skip_tokens)
 
     def _permutation(self, epoch: int) -> torch.Tensor:

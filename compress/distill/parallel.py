@@ -85,7 +85,8 @@ class Engine:
         self.module: nn.Module | None = None
         self.wrapped: nn.Module | None = None
         self._caller_student: nn.Module | None = None
-        self._student_dtype: torch.dtype | None = None
+        self._enabled_checkpointing = False  # gradient checkpointing switched on by this run (to switch off)
+        self._compiled: list[tuple[nn.Module, object]] = []  # (layer, its compiled call before this run)
         self.optimizer_meta: dict = {}
 
     # --- precision ------------------------------------------------------------------------------------------
@@ -129,8 +130,6 @@ class Engine:
         come from ``module.initial_state()`` for everything that is not the student.
         """
         self._caller_student = student
-        self._student_dtype = next(student.parameters()).dtype
-        self._student_device = next(student.parameters()).device
         if self.mode == "fsdp":
             student.to("cpu")  # the caller's copy waits in host memory: the device holds only the shards
             replica = _meta_replica(student)
@@ -143,8 +142,8 @@ class Engine:
             replica.train()
             self.module = self.wrapped = module
             return module
-        if self._student_dtype != torch.float32:
-            student.float()  # fp32 master weights; autocast computes in bf16
+        if any(p.is_floating_point() and p.dtype != torch.float32 for p in student.parameters()):
+            student.float()  # fp32 master weights; autocast computes in bf16 (the caller's dtypes come back)
         student.to(self.device)
         self._prepare_layers(student)
         module = make_module(student)
@@ -158,10 +157,13 @@ class Engine:
         return self.wrapped
 
     def _prepare_layers(self, student: nn.Module) -> None:
-        if self.gradient_checkpointing:
+        if self.gradient_checkpointing and not getattr(student, "is_gradient_checkpointing", False):
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self._enabled_checkpointing = student is self._caller_student
         if self.compile_layers:
             for layer in self.adapter.decoder_layers(student):
+                if student is self._caller_student:
+                    self._compiled.append((layer, layer._compiled_call_impl))
                 layer.compile()
 
     def no_sync(self, last_micro_batch: bool):
@@ -173,30 +175,22 @@ class Engine:
         return nullcontext()
 
     def finish_student(self) -> None:
-        """Hand the trained weights back to the caller's student, in its own dtype (every rank calls this)."""
-        student = self._caller_student
+        """Hand the trained weights back to the caller's student (every rank calls this); the caller's dtypes,
+        devices and flags are put back by its :class:`ModelBackup`."""
         if self.mode == "fsdp":
-            _gather_into(self.module.student, student)
-            student.to(self._student_device)
-        else:
-            if self.compile_layers:  # hand back plain layers: a later eager use must not recompile
-                for layer in self.adapter.decoder_layers(student):
-                    layer._compiled_call_impl = None
-            if self.gradient_checkpointing:
-                student.gradient_checkpointing_disable()
-            if self._student_dtype != torch.float32:
-                student.to(self._student_dtype)
-        student.eval()
+            _gather_into(self.module.student, self._caller_student)
+        self.undo_student_changes()
+        self._caller_student.eval()
 
-    def restore_student_on_error(self) -> None:
-        if self._caller_student is not None:
-            self._caller_student.to(self._student_device)
-        if self.mode != "fsdp" and self._caller_student is not None:
-            if self.gradient_checkpointing:
-                self._caller_student.gradient_checkpointing_disable()
-            if self._student_dtype is not None and self._student_dtype != torch.float32:
-                self._caller_student.to(self._student_dtype)
-            self._caller_student.eval()
+    def undo_student_changes(self) -> None:
+        """Undo what this engine switched on in the caller's student: compiled layers (a later eager use must
+        not recompile) and gradient checkpointing. Idempotent; safe on any error path."""
+        for layer, before in self._compiled:
+            layer._compiled_call_impl = before
+        self._compiled = []
+        if self._enabled_checkpointing and self._caller_student is not None:
+            self._caller_student.gradient_checkpointing_disable()
+            self._enabled_checkpointing = False
 
     # --- teacher --------------------------------------------------------------------------------------------
 
@@ -230,12 +224,13 @@ class Engine:
                 trunk, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         return trunk
 
-    def freeze_teacher(self, trunk: TeacherTrunk, backup: "TeacherBackup") -> None:
-        """Make the teacher ready for no-grad forward passes: bf16 weights on CUDA (the caller's fp32 weights are
-        kept in host memory first, and put back at the end of the run)."""
+    def freeze_teacher(self, trunk: TeacherTrunk, backup: "ModelBackup", corrected: bool = False) -> None:
+        """Make the teacher ready for no-grad forward passes: bf16 weights on CUDA (the caller's weights are
+        kept in host memory first — the corrected ones after teacher correction — and put back at the end)."""
         trunk.eval()
         if not _is_sharded(trunk) and self.use_bf16 and self.device.type == "cuda":
-            backup.save()
+            if any(p.is_floating_point() and p.dtype != torch.bfloat16 for p in trunk.model.parameters()):
+                backup.save_weights(again=corrected, for_cast=True)
             trunk.model.to(torch.bfloat16)
 
     # --- checkpoint tensors ---------------------------------------------------------------------------------
@@ -253,26 +248,76 @@ class Engine:
             ckpt.load_replicated(path, self.module.student, self.module.projections, optimizer, optimizer_meta)
 
 
-class TeacherBackup:
-    """The caller's teacher as it came in — device, dtype, train/eval mode and, when the run casts its weights to
-    bf16, an exact host copy of them — so that the end of the run (success or error) gives it back unchanged."""
+class ModelBackup:
+    """A model as the caller gave it, so that the end of a run — success or error — gives it back as it was.
+
+    Recorded at once (no copy of any weight): every parameter's and buffer's device and dtype, the
+    ``requires_grad`` flags, the gradients (detached from the model for the run, so that backward never adds
+    into the caller's), and every submodule's train/eval mode. :meth:`save_weights` adds an exact host copy of
+    the weights (a snapshot); :meth:`restore` puts back the first snapshot after an error (the weights as they
+    came in), and after success only a snapshot taken because the run casts the weights (a teacher run in bf16:
+    its exact weights come back; a trained student or a corrected teacher keeps what it learned).
+    """
 
     def __init__(self, model: nn.Module):
         self.model = model
-        first = next(model.parameters())
-        self.device, self.dtype, self.training = first.device, first.dtype, model.training
-        self.weights: dict[str, torch.Tensor] | None = None
+        self.params = {n: (p.device, p.dtype, p.requires_grad) for n, p in model.named_parameters()}
+        self.buffers = {n: (b.device, b.dtype) for n, b in model.named_buffers()}
+        self.grads = {n: p.grad for n, p in model.named_parameters()}
+        self.modes = {n: m.training for n, m in model.named_modules()}
+        self.snapshots: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
+        self.restore_on_success = False
 
-    def save(self) -> None:
-        if self.dtype != torch.bfloat16:
-            self.weights = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+    def detach_grads(self) -> None:
+        for p in self.model.parameters():
+            p.grad = None
 
-    def restore(self) -> None:
-        self.model.to(device=self.device, dtype=self.dtype)
-        if self.weights is not None:
-            self.model.load_state_dict(self.weights)
-            self.weights = None
-        self.model.train(self.training)
+    def save_weights(self, again: bool = False, for_cast: bool = False) -> None:
+        """Keep a host copy of the current weights (unless one exists and ``again`` is False). ``for_cast``: the
+        run is about to cast them, so success puts this copy back too."""
+        self.restore_on_success |= for_cast
+        if self.snapshots and not again:
+            return
+        with torch.no_grad():
+            params = {n: p.detach().to("cpu", copy=True) for n, p in self.model.named_parameters()
+                      if p.device.type != "meta"}
+            buffers = {n: b.detach().to("cpu", copy=True) for n, b in self.model.named_buffers()
+                       if b.device.type != "meta"}
+        self.snapshots.append((params, buffers))
+
+    def restore(self, error: bool) -> None:
+        """Put back devices, dtypes, flags, gradients and modes, and the weights of a snapshot (see the class)."""
+        snapshot = ({}, {})
+        if self.snapshots and (error or self.restore_on_success):
+            snapshot = self.snapshots[0] if error else self.snapshots[-1]
+        with torch.no_grad():
+            for table, get, values in ((self.params, self.model.get_parameter, snapshot[0]),
+                                       (self.buffers, self.model.get_buffer, snapshot[1])):
+                for name, (device, dtype, *_rest) in table.items():
+                    try:
+                        t = get(name)
+                    except AttributeError:
+                        continue  # removed by someone else meanwhile: nothing to put back
+                    value = values.get(name)
+                    if t.device == device and t.dtype == dtype:
+                        if value is not None:
+                            t.data.copy_(value)
+                    else:
+                        t.data = (t.data if value is None else value).to(device=device, dtype=dtype)
+            for name, (_device, _dtype, flag) in self.params.items():
+                try:
+                    p = self.model.get_parameter(name)
+                except AttributeError:
+                    continue
+                p.requires_grad_(flag)
+                p.grad = self.grads[name]
+        for name, module in self.model.named_modules():
+            if name in self.modes:
+                module.training = self.modes[name]
+        self.snapshots, self.restore_on_success = [], False
+
+
+TeacherBackup = ModelBackup  # the former name
 
 
 def _is_sharded(model: nn.Module) -> bool:

@@ -16,7 +16,6 @@ import json
 import math
 import random
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,14 +25,16 @@ from tqdm.auto import tqdm
 
 from .. import distributed
 from ..calibrate import check_tokenizer_matches
-from ..errors import CheckpointError, CompressError, ConfigError, DataError
+from ..errors import CheckpointError, CompressError, ConfigError, DataError, OutputExistsError
 from ..models import DecoderAdapter, check_plain_logits, layout_for
-from .checkpoint import checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint
+from ..validate import check_finite_weights
+from .checkpoint import (earlier_run_files, find_resumable, latest_checkpoint, restore_checkpoint,
+                         save_checkpoint)
 from .config import DistillConfig
 from .data import WindowLoader
 from .losses import LogitTransform, chunked_logit_loss, hidden_state_loss
 from .memory import MemoryPlan, plan_memory
-from .parallel import Engine, TeacherBackup, gather_teacher
+from .parallel import Engine, ModelBackup, gather_teacher
 
 
 class DistillError(CompressError, RuntimeError):
@@ -42,7 +43,13 @@ class DistillError(CompressError, RuntimeError):
 
 @dataclass
 class DistillReport:
-    """What :func:`distill` did: budget, losses, speed, and which student layer learned from which teacher layer."""
+    """What :func:`distill` did: budget, losses, speed, and which student layer learned from which teacher layer.
+
+    ``steps`` and ``tokens`` are what this call trained (after a resume: only the steps after the checkpoint;
+    0 when the checkpoint already ended the run), ``tokens_per_second`` their speed (0 when none were trained);
+    ``total_steps`` / ``total_tokens`` where the run stands, checkpointed steps included. ``final_loss`` is the
+    last logged loss of the run (the checkpoint's when this call trained nothing).
+    """
 
     steps: int
     tokens: int
@@ -59,6 +66,8 @@ class DistillReport:
     teacher_correction: dict = field(default_factory=dict)
     engine: dict = field(default_factory=dict)
     memory_plan: dict = field(default_factory=dict)
+    total_steps: int | None = None
+    total_tokens: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -256,6 +265,75 @@ class _Guard:
         return means
 
 
+def _check_models(student: nn.Module, teacher: nn.Module) -> None:
+    """The two models themselves: modules, distinct, sharing no weight, materialized, finite."""
+    for name, model in (("student", student), ("teacher", teacher)):
+        if not isinstance(model, nn.Module):
+            raise DataError(f"the {name} should be a torch.nn.Module (a Hugging Face causal LM), got "
+                            f"{type(model).__name__}")
+        if next(model.parameters(), None) is None:
+            raise DataError(f"the {name} ({type(model).__name__}) has no parameters")
+        meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+        if meta:
+            raise DataError(f"the {name} has weights on the meta device ({', '.join(meta[:3])}"
+                            f"{' ...' if len(meta) > 3 else ''}): load its weights first")
+    if student is teacher:
+        raise DataError("the student and the teacher are the same model object: distillation would train the "
+                        "teacher it imitates. Pass a copy as the student (copy.deepcopy(teacher), then prune it)")
+    teacher_storage = {(p.device, p.data_ptr()) for p in teacher.parameters() if p.numel()}
+    shared = [n for n, p in student.named_parameters() if p.numel() and (p.device, p.data_ptr()) in teacher_storage]
+    if shared:
+        raise DataError(f"the student shares weights with the teacher ({', '.join(shared[:3])}"
+                        f"{' ...' if len(shared) > 3 else ''}): training the student would change the teacher. "
+                        "Pass a deep copy (copy.deepcopy) as the student")
+    check_finite_weights(student, "student")
+    check_finite_weights(teacher, "teacher")
+
+
+def _resolve_layer_map(config: DistillConfig, n_s: int, n_t: int, kept_layers) -> dict[int, int]:
+    """The student -> teacher layer map of the hidden loss, checked against both depths."""
+    if kept_layers is not None:
+        kept = list(kept_layers) if isinstance(kept_layers, (list, tuple, range)) else None
+        if kept is None or any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < n_t for t in kept) \
+                or len(kept) != n_s:
+            raise ConfigError(f"kept_layers={kept_layers!r} should list, for each of the student's {n_s} layers, the "
+                              f"teacher layer (0 to {n_t - 1}) it was kept from")
+    if config.layer_map is not None:
+        wrong = {s: t for s, t in config.layer_map.items() if not (0 <= s < n_s and 0 <= t < n_t)}
+        if wrong:
+            raise ConfigError(f"DistillConfig.layer_map={config.layer_map!r} maps {wrong} outside the models: the "
+                              f"student has layers 0 to {n_s - 1}, the teacher 0 to {n_t - 1}")
+        layer_map = dict(config.layer_map)
+    else:
+        layer_map = default_layer_map(n_s, n_t, kept_layers)
+    if config.hidden_layers is not None:
+        wrong = [i for i in config.hidden_layers if not 0 <= i < n_s]
+        if wrong:
+            raise ConfigError(f"DistillConfig.hidden_layers={config.hidden_layers!r} names layers {wrong} the student "
+                              f"does not have (it has layers 0 to {n_s - 1})")
+        missing = [i for i in config.hidden_layers if i not in layer_map]
+        if missing:
+            raise ConfigError(f"DistillConfig.hidden_layers={config.hidden_layers!r} names student layers {missing} "
+                              f"that layer_map={layer_map!r} does not map to a teacher layer: add them to layer_map")
+        layer_map = {i: layer_map[i] for i in config.hidden_layers}
+    return layer_map
+
+
+def _check_output_dir(out_dir: Path, config: DistillConfig) -> None:
+    """``output_dir`` must be a folder (or not exist yet), and a new run must not overwrite or mix with the files
+    of an earlier one."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"DistillConfig.output_dir={str(out_dir)!r} is a file, not a folder: choose a folder for "
+                          "the metrics and checkpoints")
+    if not config.resume:
+        earlier = earlier_run_files(out_dir)
+        if earlier:
+            kind = CheckpointError if any(e.startswith("checkpoint-") for e in earlier) else OutputExistsError
+            raise kind(f"DistillConfig.output_dir={str(out_dir)!r} holds an earlier run's {', '.join(earlier)}; a new "
+                       "run would overwrite them. Pass resume=True to continue that run, or choose another "
+                       "output_dir (or delete that one): nothing is overwritten without being asked")
+
+
 def distill(student: nn.Module, teacher: nn.Module, data, config: DistillConfig, *, tokenizer=None,
             skip_tokens: int = 0, kept_layers: list[int] | None = None, kept_hidden: list[int] | None = None,
             device: str | torch.device | None = None) -> DistillReport:
@@ -266,11 +344,24 @@ def distill(student: nn.Module, teacher: nn.Module, data, config: DistillConfig,
     for calibration). ``kept_layers``/``kept_hidden`` (from pruning) set the default layer map and initialize the
     hidden-state projection. The teacher is never trained unless ``teacher_correction_steps`` > 0.
 
+    Bad input is refused before any work (:class:`~compress.errors.CompressError` naming it): config values,
+    models with NaN/inf weights or sharing weights, token ids outside the vocabulary, layer maps outside the
+    models, an ``output_dir`` holding an earlier run (without ``resume=True``), a checkpoint of another run or
+    another student. On any error — refused input or a failure mid-run (a NaN stop, a failed checkpoint write,
+    an interrupt) — the caller's student and teacher come back as they were: weights, dtypes, devices,
+    train/eval modes, ``requires_grad`` flags and gradients (a host copy of the student's weights is kept for
+    this while it trains in place). On success the student holds the trained weights, in eval mode, with its
+    own dtypes, device and flags.
+
     Under ``torchrun`` every rank calls this with the same arguments: the engine (DDP or FSDP, see
     :class:`DistillConfig`) trains data-parallel on disjoint slices of every global batch; rank 0 writes the
     metrics and the checkpoints, and every rank returns the same report and the same trained student.
     """
+    if not isinstance(config, DistillConfig):
+        raise ConfigError(f"config should be a compress.DistillConfig, got {type(config).__name__}")
+    config.validate()  # a field may have been changed since construction
     writer_class = _summary_writer_class() if config.tensorboard else None  # fail before any work
+    _check_models(student, teacher)
     s_adapter, t_adapter = layout_for(student), layout_for(teacher)
     check_plain_logits(student, s_adapter)
     check_plain_logits(teacher, t_adapter)
@@ -279,40 +370,61 @@ def distill(student: nn.Module, teacher: nn.Module, data, config: DistillConfig,
     if s_vocab != t_vocab:
         raise DataError(f"student vocabulary ({s_vocab}) and teacher vocabulary ({t_vocab}) differ: logit "
                         "distillation needs the same tokenizer for both")
+    if config.top_k is not None and config.top_k > t_vocab:
+        raise ConfigError(f"DistillConfig.top_k={config.top_k} is larger than the vocabulary ({t_vocab} tokens): "
+                          f"use at most {t_vocab}, or None for every logit")
     if tokenizer is not None:
         check_tokenizer_matches(student, tokenizer)
+    if isinstance(skip_tokens, bool) or not isinstance(skip_tokens, int) or skip_tokens < 0:
+        raise ConfigError(f"skip_tokens should be a non-negative integer, got {skip_tokens!r}")
     n_s = len(s_adapter.decoder_layers(student))
     n_t = len(t_adapter.decoder_layers(teacher))
-    layer_map = {int(k): int(v) for k, v in (config.layer_map or default_layer_map(n_s, n_t, kept_layers)).items()}
-    if config.hidden_layers is not None:
-        layer_map = {i: layer_map[i] for i in config.hidden_layers}
-    if any(not 0 <= s < n_s or not 0 <= t < n_t for s, t in layer_map.items()):
-        raise DataError(f"layer_map {layer_map} names layers outside student ({n_s}) / teacher ({n_t}) depth")
+    layer_map = _resolve_layer_map(config, n_s, n_t, kept_layers)
+    teacher_width = t_adapter.shape_config(teacher.config).hidden_size
+    student_width = s_adapter.shape_config(student.config).hidden_size
+    if kept_hidden is not None:
+        kept = list(kept_hidden) if isinstance(kept_hidden, (list, tuple, range)) else None
+        if kept is None or any(isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < teacher_width
+                               for c in kept) or len(set(kept)) != len(kept) or len(kept) != student_width:
+            raise ConfigError(f"kept_hidden should list, for each of the student's {student_width} hidden channels, "
+                              f"the distinct teacher channel (0 to {teacher_width - 1}) it was kept from; got "
+                              f"{kept_hidden!r}")
 
     rank, world = distributed.init()
     device = distributed.resolve_device(device)
     cuda = device.type == "cuda"
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     use_bf16 = config.dtype == "bf16" or (config.dtype == "auto" and cuda)
     plan = plan_memory(student, teacher, config, world=world, device=device, use_bf16=use_bf16)
     mode, shard_teacher = _pick_engine(config, world, plan)
     plan.check(mode, shard_teacher)  # refuses, with what would fit, before any work
     total = config.steps_for(world)
 
+    out_dir = Path(config.output_dir) if config.output_dir else None
+    resumable = None
+    if out_dir is not None:
+        _check_output_dir(out_dir, config)
+        if config.resume:  # state.json, settings and budget now; the tensors once the student is in place
+            resumable = find_resumable(out_dir, config=config.to_dict(), world=world, mode=mode, total_steps=total)
+    loader = WindowLoader.from_source(data, tokenizer, config, skip_tokens=skip_tokens, rank=rank, world=world,
+                                      device=device, vocab_size=s_vocab)
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(config.seed)
     random.seed(config.seed)
-    out_dir = Path(config.output_dir) if config.output_dir else None
-    if out_dir is not None and not config.resume and checkpoints(out_dir):
-        raise CheckpointError(f"{out_dir} holds checkpoints of an earlier run; pass resume=True to continue it, "
-                              "or choose another output_dir (nothing is overwritten without being asked)")
-    loader = WindowLoader.from_source(data, tokenizer, config, skip_tokens=skip_tokens, rank=rank, world=world,
-                                      device=device)
     engine = Engine(mode, device, world, use_bf16, s_adapter, config.gradient_checkpointing, config.compile)
-    teacher_state = TeacherBackup(teacher)
-    teacher_flags = [p.requires_grad for p in teacher.parameters()]
+    # The caller's models as they came in: everything below is undone on any error (and all but the trained
+    # student weights, or the corrected teacher, on success).
+    student_state, teacher_state = ModelBackup(student), ModelBackup(teacher)
+    hooks: list[_LayerOutputs] = []
+    succeeded = False
     try:
+        student_state.detach_grads()
+        teacher_state.detach_grads()
+        if mode != "fsdp":  # trained in place: keep its weights to put back if the run fails
+            student_state.save_weights()
+        if config.teacher_correction_steps:
+            teacher_state.save_weights()  # the teacher is trained in place first
         t_trunk = engine.place_teacher(teacher, shard_teacher, trained=bool(config.teacher_correction_steps))
         t_model = t_trunk.model
         correction = {}
@@ -328,14 +440,15 @@ def distill(student: nn.Module, teacher: nn.Module, data, config: DistillConfig,
         # must not inherit frozen parameters), and train every parameter of the student.
         for p in t_model.parameters():
             p.requires_grad_(False)
-        engine.freeze_teacher(t_trunk, teacher_state)
+        engine.freeze_teacher(t_trunk, teacher_state, corrected=bool(config.teacher_correction_steps))
         for p in student.parameters():
             p.requires_grad_(True)
-        teacher_width = t_adapter.shape_config(teacher.config).hidden_size
         wrapped = engine.place_student(student, lambda s: DistillModule(
             s, s_adapter, config, layer_map if config.hidden_loss else {}, teacher_width, kept_hidden,
             t_adapter.logit_transform(t_adapter.shape_config(teacher.config))))
         module = engine.module
+        if module._captured is not None:
+            hooks.append(module._captured)
         params = [p for p in module.parameters() if p.requires_grad]
         # Fused AdamW on CUDA and CPU alike: one kernel per parameter group per step. (On CPU the peak memory of
         # benchmarks/parallel_cpu.py was the same as with the multi-tensor version.)
@@ -345,17 +458,18 @@ def distill(student: nn.Module, teacher: nn.Module, data, config: DistillConfig,
 
         captured_teacher = _LayerOutputs(t_adapter.decoder_layers(t_model), sorted(set(layer_map.values()))) \
             if config.hidden_loss else None
+        if captured_teacher is not None:
+            hooks.append(captured_teacher)
         # Plain LM fine-tuning (logit_weight 0, no hidden loss) never runs the teacher.
         needs_teacher = config.logit_weight > 0 or config.hidden_loss is not None
         start_step, history, resumed = 0, [], None
         if out_dir is not None and rank == 0:
             out_dir.mkdir(parents=True, exist_ok=True)
         distributed.barrier()
-        if config.resume and out_dir is not None:
-            state = load_checkpoint(out_dir, engine, optimizer, scheduler, config=config.to_dict(), world=world)
-            if state is not None:
-                start_step, history, resumed = state["step"], state["history"], state["step"]
-                loader.load_state(state["data"])
+        if resumable is not None:
+            state = restore_checkpoint(*resumable, engine, optimizer, scheduler)
+            start_step, history, resumed = state["step"], state["history"], state["step"]
+            loader.load_state(state["data"])
         metrics = None
         if out_dir is not None and rank == 0:
             metrics = _open_metrics(out_dir / "metrics.jsonl", resumed)
@@ -363,6 +477,7 @@ def distill(student: nn.Module, teacher: nn.Module, data, config: DistillConfig,
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
         tokens_per_step = config.tokens_per_step * world
+        clip = config.max_grad_norm if config.max_grad_norm is not None else float("inf")  # inf: norm only
         bar = tqdm(range(start_step, total), initial=start_step, total=total, desc="distilling",
                    disable=not config.progress or rank != 0, leave=False)
         guard = _Guard(device, start_step)
@@ -382,7 +497,7 @@ def distill(student: nn.Module, teacher: nn.Module, data, config: DistillConfig,
                         out = wrapped(batch, t_final, t_layers_out, t_head)
                     (out[0] / config.grad_accum).backward()
                     step_metrics += out.detach().float() / config.grad_accum
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
                 guard.update(step_metrics, _local(grad_norm))
                 optimizer.step()
                 scheduler.step()
@@ -397,8 +512,8 @@ def distill(student: nn.Module, teacher: nn.Module, data, config: DistillConfig,
                     where = latest_checkpoint(out_dir) if out_dir is not None else None
                     raise DistillError(
                         f"the loss or the gradients became nan/inf at step {bad}; stopping (every rank). The last "
-                        f"good checkpoint is {where or 'none (no checkpoint was written)'}. Try a lower lr (now "
-                        f"{config.lr}), dtype='fp32', or check the data.")
+                        f"good checkpoint is {where or 'none (no checkpoint was written)'}. The student was put "
+                        f"back as it came in. Try a lower lr (now {config.lr}), dtype='fp32', or check the data.")
                 if log_now:
                     loss, kd, ce, hid = guard.pop_means()
                     last = loss
@@ -427,36 +542,39 @@ def distill(student: nn.Module, teacher: nn.Module, data, config: DistillConfig,
                 metrics.close()
             if board:
                 board.close()
-            for hooks_in_use in (module._captured, captured_teacher):
-                if hooks_in_use is not None:
-                    hooks_in_use.remove()
         if cuda:
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - t0
         state_bytes = _training_state_bytes(params, optimizer)
         peak = round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if cuda else None
         engine.finish_student()
-    except BaseException:
-        engine.restore_student_on_error()
-        raise
+        succeeded = True
     finally:
-        for p, flag in zip(teacher.parameters(), teacher_flags):
-            p.requires_grad_(flag)
-        teacher_state.restore()
+        for hooks_in_use in hooks:
+            hooks_in_use.remove()
+        if not succeeded:
+            engine.undo_student_changes()
+        # Devices, dtypes, flags, gradients and modes as they came in; after an error the weights too (the
+        # student's trained weights and a corrected teacher are kept only on success).
+        student_state.restore(error=not succeeded)
+        teacher_state.restore(error=not succeeded)
+        if succeeded:
+            student.eval()
     steps_run = total - start_step
     projection = None
     if "hidden" in module.projections:
-        projection = "learned linear %d -> %d" % (s_adapter.shape_config(student.config).hidden_size, teacher_width)
+        projection = "learned linear %d -> %d" % (student_width, teacher_width)
     return DistillReport(
-        steps=total, tokens=total * tokens_per_step, seconds=round(elapsed, 2),
-        tokens_per_second=round(steps_run * tokens_per_step / max(elapsed, 1e-9), 1), final_loss=last,
-        losses=history, layer_map={str(k): v for k, v in layer_map.items()} if config.hidden_loss else {},
+        steps=steps_run, tokens=steps_run * tokens_per_step, seconds=round(elapsed, 2),
+        tokens_per_second=round(steps_run * tokens_per_step / max(elapsed, 1e-9), 1) if steps_run else 0.0,
+        final_loss=last, losses=history,
+        layer_map={str(k): v for k, v in layer_map.items()} if config.hidden_loss else {},
         projection=projection, resumed_from_step=resumed, peak_memory_mib=peak,
         data=loader.describe(), config=config.to_dict(), teacher_correction=correction,
         engine={"mode": mode, "world_size": world, "shard_teacher": shard_teacher, "device": str(device),
                 "precision": "bf16 compute, fp32 master weights" if use_bf16 else "fp32",
                 "training_state_mib": round(state_bytes / 2**20, 1)},
-        memory_plan=plan.to_dict(mode, shard_teacher),
+        memory_plan=plan.to_dict(mode, shard_teacher), total_steps=total, total_tokens=total * tokens_per_step,
     )
 
 

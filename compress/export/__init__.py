@@ -7,7 +7,9 @@ failed parity check leaves nothing that looks like a good export.
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -18,7 +20,7 @@ import torch
 from torch import nn
 
 from ..data import TextSource, default_eval_source, describe_source
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..evaluate import eval_windows
 from ..io import atomic_output_dir, check_output_dir
 from ..models import layout_for
@@ -49,17 +51,66 @@ class ExportReport:
         return asdict(self)
 
 
-def check_export_args(formats: Sequence[str], quantize: str | None) -> list[str]:
-    """Validate format and quantization names (cheap: callers check them before any expensive stage)."""
-    formats = list(formats)
-    unknown = sorted(set(formats) - set(FORMATS))
+def check_export_args(formats: Sequence[str] | str, quantize: str | None) -> list[str]:
+    """Validate format and quantization names (cheap: callers check them before any expensive stage).
+
+    ``formats`` is a list of names, or one name as a string (``"onnx"``); a string holding several names
+    (``"onnx,safetensors"``) is refused: pass a list. Duplicates are refused.
+    """
+    if isinstance(formats, str):
+        if formats not in FORMATS:
+            names = [f.strip() for f in formats.replace(",", " ").split() if f.strip()]
+            hint = f"; for several formats pass a list: formats={names!r}" if len(names) > 1 else ""
+            raise ConfigError(f"unknown export format {formats!r}{hint}; choose from {FORMATS}")
+        formats = [formats]
+    try:
+        formats = list(formats)
+    except TypeError:
+        raise ConfigError(f"formats should be a list of format names from {FORMATS}, got {formats!r}") from None
+    unknown = [f for f in formats if f not in FORMATS]
     if unknown or not formats:
         raise ConfigError(f"unknown export format(s) {unknown or formats}; choose from {FORMATS}")
-    if quantize not in QUANTIZATIONS:
+    duplicates = sorted({f for f in formats if formats.count(f) > 1})
+    if duplicates:
+        raise ConfigError(f"export format(s) {duplicates} given more than once in formats={formats!r}; name each once")
+    if not (quantize is None or isinstance(quantize, str)) or quantize not in QUANTIZATIONS:
         raise ConfigError(f"unknown quantization {quantize!r}; choose from {QUANTIZATIONS}")
     if quantize and "onnx" not in formats:
         raise ConfigError("quantize='int8' quantizes the ONNX model: add 'onnx' to formats")
     return formats
+
+
+def check_materialized(model: nn.Module) -> None:
+    """Refuse a model whose weights are on the meta device (a skeleton without values: nothing to prune or save)."""
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"expected a torch model (nn.Module), got {type(model).__name__}")
+    meta = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if meta:
+        raise ConfigError(
+            f"{type(model).__name__} has {len(meta)} parameter(s)/buffer(s) on the meta device ({meta[0]}, ...): they "
+            "hold no values. Load the weights first (e.g. from_pretrained without device_map='meta', or "
+            "model.to_empty(...) and load_state_dict)")
+
+
+def _cpu_fp32_copy(model: nn.Module) -> nn.Module:
+    """An eval-mode copy of ``model`` on the CPU in fp32, for export; the caller's model keeps its device,
+    dtype, training mode, ``requires_grad`` flags and weights.
+
+    Each parameter and buffer goes straight to the CPU in fp32 (no second copy on an accelerator); one already
+    on the CPU in fp32 is shared with the copy rather than duplicated (export only reads weights). Tied
+    weights stay tied.
+    """
+    memo: dict[int, object] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        data = t.detach().to("cpu")
+        data = data.float() if data.is_floating_point() else data
+        memo[id(t)] = nn.Parameter(data, requires_grad=False) if isinstance(t, nn.Parameter) else data
+    try:
+        clone = copy.deepcopy(model, memo)
+    except Exception as exc:  # noqa: BLE001 - e.g. a model holding objects that cannot be copied
+        raise ExportError(f"could not copy {type(model).__name__} for export ({type(exc).__name__}: {exc}); "
+                          "export leaves the caller's model untouched and needs a copy of it") from exc
+    return clone.to("cpu").float().eval()
 
 
 def check_exportable(model: nn.Module) -> ModelShape:
@@ -112,25 +163,39 @@ def export(
 ) -> ExportReport:
     """Write ``model`` + ``tokenizer`` to ``out_dir`` in ``formats`` and check the ONNX graph against PyTorch.
 
-    ``quantize="int8"`` adds a blockwise int8 ONNX model (int8 weights and int8 compute on CPU; see
+    ``formats``: a list such as ``["safetensors", "onnx"]``, or one name as a string. ``quantize="int8"`` adds a
+    blockwise int8 ONNX model (int8 weights and int8 compute on CPU; see
     :func:`compress.export.onnx.quantize_int8`) and measures the perplexity it costs on
     ``eval_data`` (default: held-out pydocs or stdlib docstrings). ``history`` (a :class:`compress.Result` as a
     dict) feeds the model card. Raises :class:`ExportError` — and leaves no folder behind — when the model
     cannot be described by a standard config or the onnxruntime logits differ from PyTorch by more than
-    ``parity_tolerance`` relative to the largest logit magnitude (at least 1). The model is moved to the CPU in fp32 for the check.
+    ``parity_tolerance`` relative to the largest logit magnitude (at least 1). The export works on a CPU fp32
+    copy: ``model`` itself (device, dtype, training mode, ``requires_grad``, weights) is left as it was.
+    ``overwrite=True`` replaces the whole folder, including files compress did not write; a folder holding
+    ``eval_data`` is refused even then.
     """
     start = time.perf_counter()
     formats = check_export_args(formats, quantize)
-    check_output_dir(out_dir, overwrite)
+    if isinstance(parity_tolerance, bool) or not isinstance(parity_tolerance, (int, float)) \
+            or not math.isfinite(parity_tolerance) or parity_tolerance < 0:
+        raise ConfigError(f"parity_tolerance should be a finite number >= 0 (default 1e-4), got {parity_tolerance!r}")
+    if isinstance(eval_tokens, bool) or not isinstance(eval_tokens, int) or eval_tokens < 1:
+        raise ConfigError(f"eval_tokens should be a positive integer, got {eval_tokens!r}")
+    if tokenizer is None or not hasattr(tokenizer, "save_pretrained"):
+        raise DataError(f"export needs the model's Hugging Face tokenizer (with save_pretrained), got "
+                        f"{type(tokenizer).__name__}")
+    inputs = {"evaluation data": eval_data}
+    check_output_dir(out_dir, overwrite, inputs=inputs)
+    check_materialized(model)
     shape = check_exportable(model)
     if "onnx" in formats:
         from .onnx import check_onnx_support
 
         check_onnx_support(model)
-    model = model.to("cpu").float().eval()
+    model = _cpu_fp32_copy(model)  # the caller's model stays on its device, in its dtype and mode
     report = ExportReport(out_dir=str(out_dir), formats=formats, params=count_params(model), shape=shape.to_dict())
 
-    with atomic_output_dir(out_dir, overwrite) as tmp, tempfile.TemporaryDirectory() as scratch:
+    with atomic_output_dir(out_dir, overwrite, inputs=inputs) as tmp, tempfile.TemporaryDirectory() as scratch:
         hf_dir = tmp if "safetensors" in formats else Path(scratch)
         model.save_pretrained(hf_dir, safe_serialization=True)
         tokenizer.save_pretrained(hf_dir)
@@ -165,4 +230,4 @@ def export(
     return report
 
 
-__all__ = ["ExportError", "ExportReport", "check_export_args", "check_exportable", "export"]
+__all__ = ["ExportError", "ExportReport", "check_export_args", "check_exportable", "check_materialized", "export"]

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..errors import UnsupportedModelError
+from ..errors import ConfigError, UnsupportedModelError
 from ..surgery import head_rows, slice_linear, slice_norm
 
 
@@ -96,23 +96,23 @@ class DecoderAdapter:
 
     def __post_init__(self) -> None:
         if self.embed_scale not in (None, "sqrt_hidden"):
-            raise ValueError(f"DecoderAdapter.embed_scale should be None or 'sqrt_hidden', got {self.embed_scale!r}")
+            raise ConfigError(f"DecoderAdapter.embed_scale should be None or 'sqrt_hidden', got {self.embed_scale!r}")
         unknown = set(self.residual_norms) - set(self.layer_norms)
         if unknown:
-            raise ValueError(f"DecoderAdapter.residual_norms {sorted(unknown)} are not among layer_norms")
+            raise ConfigError(f"DecoderAdapter.residual_norms {sorted(unknown)} are not among layer_norms")
         if self.embed_scale and not self.residual_norms:
-            raise ValueError("DecoderAdapter with embed_scale needs residual_norms to compensate hidden pruning")
+            raise ConfigError("DecoderAdapter with embed_scale needs residual_norms to compensate hidden pruning")
         if self.qkv_layout not in ("stacked", "per_head"):
-            raise ValueError(f"DecoderAdapter.qkv_layout should be 'stacked' or 'per_head', got {self.qkv_layout!r}")
+            raise ConfigError(f"DecoderAdapter.qkv_layout should be 'stacked' or 'per_head', got {self.qkv_layout!r}")
         if self.qkv_layout == "per_head" and not self.qkv:
-            raise ValueError("DecoderAdapter.qkv_layout='per_head' describes a fused qkv projection; set qkv too")
+            raise ConfigError("DecoderAdapter.qkv_layout='per_head' describes a fused qkv projection; set qkv too")
         if "layer_types" not in self.layer_lists:
-            raise ValueError("DecoderAdapter.layer_lists must include 'layer_types': transformers checks its length "
+            raise ConfigError("DecoderAdapter.layer_lists must include 'layer_types': transformers checks its length "
                              "against num_hidden_layers, so depth pruning has to slice it")
         if isinstance(self.families, str) or not all(isinstance(f, str) and f for f in self.families):
-            raise ValueError(f"DecoderAdapter.families should be a tuple of model_type names, got {self.families!r}")
+            raise ConfigError(f"DecoderAdapter.families should be a tuple of model_type names, got {self.families!r}")
         if self.gate is None and self.gate_up:
-            raise ValueError("DecoderAdapter: gate=None (an MLP without a gate) cannot be combined with a fused gate_up")
+            raise ConfigError("DecoderAdapter: gate=None (an MLP without a gate) cannot be combined with a fused gate_up")
 
     def shape_config(self, config):
         """The config that holds the decoder's sizes: ``config`` itself, or its ``sub_config`` attribute."""
@@ -151,7 +151,7 @@ class DecoderAdapter:
         attn = layer.get_submodule(self.attention)
         found = getattr(attn, "head_dim", None) or getattr(attn, "head_size", None)
         if not isinstance(found, int):
-            raise ValueError(f"{type(attn).__name__} has no head_dim attribute: pass head_dim explicitly")
+            raise ConfigError(f"{type(attn).__name__} has no head_dim attribute: pass head_dim explicitly")
         return found
 
     def query_weight(self, layer: nn.Module, head_dim: int | None = None) -> torch.Tensor:
@@ -197,7 +197,7 @@ class DecoderAdapter:
         o = layer.get_submodule(self.o)
         if self.qkv_layout == "per_head":  # no grouped-query attention: q, k and v keep the same heads
             if not torch.equal(q_rows, kv_rows):
-                raise ValueError("a per-head fused qkv projection keeps the same heads for q, k and v")
+                raise ConfigError("a per-head fused qkv projection keeps the same heads for q, k and v")
             head_dim = self._head_dim(layer, head_dim)
             heads = q_rows.view(-1, head_dim)[:, 0] // head_dim  # the kept heads, in order
             slice_linear(layer.get_submodule(self.qkv), out_idx=head_rows(heads.tolist(), 3 * head_dim))
