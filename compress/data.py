@@ -60,7 +60,8 @@ def _as_path(source: str | os.PathLike) -> Path | None:
     The rule: an ``os.PathLike`` (``pathlib.Path``) is always a path. A ``str`` is a path when it names an
     existing file or directory, or when it *looks like* one: a single line under 4096 characters with no
     whitespace that contains a path separator (``data/train.txt``), starts with ``~``, or ends in a file
-    extension (``train.tx``, ``valid.jsonl``). Such a string that names nothing is refused ("does not exist")
+    extension (``train.tx``, ``valid.jsonl``); or, with whitespace, one that has both a path separator and a
+    file extension (``My Data/train.txt``). Such a string that names nothing is refused ("does not exist")
     rather than read as a few words of text. Every other string is literal text; to pass text that could look
     like a path, give it in a list (``["data/train.txt"]`` is one document).
     """
@@ -75,10 +76,11 @@ def _as_path(source: str | os.PathLike) -> Path | None:
             return path
     except (OSError, ValueError):  # a name the file system cannot even look up is not a path
         return None
-    if any(ch.isspace() for ch in source):
-        return None
     separators = {"/", os.sep} | ({os.altsep} if os.altsep else set())
-    if any(sep in source for sep in separators) or source.startswith("~") or _FILE_SUFFIX.search(source):
+    has_separator = any(sep in source for sep in separators) or source.startswith("~")
+    if any(ch.isspace() for ch in source):  # text, unless it is a folder path to a file name ("My Data/x.txt")
+        return path if has_separator and _FILE_SUFFIX.search(source) and len(source) < 260 else None
+    if has_separator or _FILE_SUFFIX.search(source):
         return path
     return None
 
@@ -88,8 +90,9 @@ def _looks_like_path(source: str | os.PathLike) -> bool:
 
 
 TEXT_FIELD = "text"
-_LITERAL_RULE = ("A string without whitespace that has a path separator or a file extension is taken as a file "
-                 "name; to pass literal text, give a string with whitespace or a list of strings.")
+_LITERAL_RULE = ("A string without whitespace that has a path separator or a file extension (or one with a path "
+                 "separator and a file extension) is taken as a file name; to pass literal text, give a string with "
+                 "whitespace or a list of strings.")
 
 
 def _missing_file(path: Path, given: str | os.PathLike) -> DataError:

@@ -161,27 +161,40 @@ def _replace_contents(src: Path, out: Path) -> None:
     """Make ``out``'s contents those of ``src``, entry by entry, for a folder that cannot be renamed.
 
     The old entries are first moved aside into a hidden folder inside ``out`` (same file system: renames),
-    the new ones moved in, then the old ones deleted; on any failure the old entries are put back.
+    the new ones moved in, then the old ones deleted. On any failure only what this call moved in is removed
+    and every entry it moved aside is put back; an entry it never moved is never touched. If putting an entry
+    back fails, the hidden folder is kept (the error names it) rather than deleted with the user's files in it.
     """
     old = Path(tempfile.mkdtemp(prefix=".compress.old-", dir=out))
-    moved: list[str] = []
+    moved_aside: list[str] = []
+    moved_in: list[str] = []
     try:
-        try:
-            for entry in list(out.iterdir()):
-                if entry not in (old, src):
-                    os.rename(entry, old / entry.name)
-                    moved.append(entry.name)
-            for entry in list(src.iterdir()):
-                shutil.move(str(entry), str(out / entry.name))
-        except BaseException:
-            for entry in list(out.iterdir()):  # what came in so far goes; what was there comes back
-                if entry not in (old, src):
-                    _clear(entry)
-            for name in moved:
+        for entry in list(out.iterdir()):
+            if entry not in (old, src):
+                os.rename(entry, old / entry.name)
+                moved_aside.append(entry.name)
+        for entry in list(src.iterdir()):
+            moving = entry.name
+            shutil.move(str(entry), str(out / entry.name))
+            moved_in.append(entry.name)
+            moving = None
+    except BaseException as failure:
+        partial = [moving] if locals().get("moving") else []  # a copy cut short (another file system)
+        for name in moved_in + partial:  # what came in so far goes; nothing else in `out` is touched
+            if os.path.lexists(out / name):
+                _clear(out / name)
+        stuck = []
+        for name in moved_aside:  # what was there comes back
+            try:
                 os.rename(old / name, out / name)
-            raise
-    finally:
+            except OSError:
+                stuck.append(name)
+        if stuck:
+            raise OSError(f"writing into {str(out)!r} failed ({failure}), and {stuck} could not be moved back: "
+                          f"they are safe in {str(old)!r}; move them back by hand") from failure
         _remove(old)
+        raise
+    _remove(old)
 
 
 def _swap(tmp: Path, real: Path) -> None:

@@ -211,6 +211,35 @@ def test_failure_while_writing_in_place_restores_the_folder(tmp_path, tokenizer,
     assert tree(tmp_path) == disk and no_strays(tmp_path)
 
 
+@pytest.mark.parametrize("phase", ["moving aside", "moving in"])
+def test_failure_in_place_with_many_entries_loses_none_of_them(tmp_path, tokenizer, monkeypatch, phase):
+    """An entry that cannot be moved aside (a mount point inside, a busy file) or a failure while the new files
+    come in: only what the call moved is undone; every user entry, moved or not, is there as before."""
+    work = existing_output(tmp_path, "work")
+    for name in "abcdefgh":
+        (work / f"{name}.txt").write_text(name * 100)
+    (work / "sub").mkdir()
+    (work / "sub" / "inner.txt").write_text("inside")
+    monkeypatch.chdir(work)
+    disk = tree(tmp_path)
+    if phase == "moving aside":
+        real_rename = os.rename
+
+        def rename(src, dst, *a, **k):
+            if Path(src).name == "e.txt" and ".compress.old-" in str(dst):
+                raise OSError(errno.EBUSY, "Device or resource busy", str(src))
+            return real_rename(src, dst, *a, **k)
+        monkeypatch.setattr(compress.io.os, "rename", rename)
+        expected = OSError
+    else:
+        monkeypatch.setattr(compress.io.shutil, "move", _fail_after(2, OSError(errno.ENOSPC, "No space left")))
+        expected = OSError
+    with pytest.raises(expected):
+        compress.save_student(tiny_model("llama"), tokenizer, ".", overwrite=True)
+    monkeypatch.undo()
+    assert tree(tmp_path) == disk and no_strays(tmp_path)
+
+
 def test_failed_write_removes_the_parent_folders_it_created(tmp_path, tokenizer, monkeypatch):
     model = tiny_model("llama")
     before = model_state(model)

@@ -706,3 +706,18 @@ def test_adapter_families_given_as_one_string_is_refused():
         compress.register_adapter(compress.DecoderAdapter(families="olmo2"), replace=True)
     assert compress.supported_families() == families and "o" not in families
     assert compress.models.adapter_for(model) is adapter
+
+
+def test_a_mistyped_path_with_a_space_in_its_folder_is_not_read_as_text(tokenizer, tmp_path, monkeypatch):
+    """'My Data/trian.txt' (a typo of an existing file in a folder with a space) must not be evaluated as 17
+    characters of text: it names a file, which does not exist."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "My Data").mkdir()
+    (tmp_path / "My Data" / "train.txt").write_text(SAMPLE_TEXT)
+    model = tiny_model("llama")
+    with pytest.raises(DataError, match=r"'My Data/trian.txt' does not exist.*did you mean.*My Data/train.txt"):
+        compress.evaluate.perplexity(model, tokenizer, "My Data/trian.txt", seq_len=16)
+    with pytest.raises(DataError, match=r"'My Data/trian.txt' does not exist"):
+        compress.prune(model, {"intermediate_size": 48}, "My Data/trian.txt", tokenizer=tokenizer,
+                       calibration_config=CAL)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["My Data", "train.txt"]
