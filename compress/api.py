@@ -330,7 +330,8 @@ def compress(
         skip = report.calibration.get("tokens", 0) if same_text else 0
         distilled = run_distill(model, teacher_copy, data if distill_data is None else distill_data, distill,
                                 tokenizer=tokenizer, skip_tokens=skip, kept_layers=report.kept.get("layers"),
-                                kept_hidden=report.kept.get("hidden"), device=device)
+                                kept_hidden=report.kept.get("hidden"), device=device,
+                                keep_weights_for_errors=False)
         del teacher_copy
         times["distill"] = time.perf_counter() - t
         stages["distill"] = distilled.to_dict()

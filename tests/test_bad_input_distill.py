@@ -445,3 +445,23 @@ def test_a_tokenizer_of_another_model(tokenizer):
     teacher, student = _pair(vocab_size=64)
     _refused(DataError, rf"the tokenizer has {len(tokenizer)} tokens but the model's embedding has 64 rows", teacher,
              student, ["some text " * 50], DistillConfig(**BASE), tokenizer=tokenizer)
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_host_copies_for_errors_can_be_skipped(keep, monkeypatch):
+    """keep_weights_for_errors=False (what compress() passes) takes no host copy of the student or of a teacher
+    trained by teacher correction; the default takes both."""
+    from compress.distill import parallel
+
+    saved = []
+    real = parallel.ModelBackup.save_weights
+
+    def spy(self, *args, **kwargs):
+        saved.append((self.model, kwargs.get("for_cast", False)))
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(parallel.ModelBackup, "save_weights", spy)
+    teacher, student = _pair()
+    distill(student, teacher, _ids(), DistillConfig(**{**BASE, "teacher_correction_steps": 1}),
+            keep_weights_for_errors=keep)
+    copies = [model for model, for_cast in saved if not for_cast]
+    assert copies == ([student, teacher] if keep else [])

@@ -336,7 +336,7 @@ def _check_output_dir(out_dir: Path, config: DistillConfig) -> None:
 
 def distill(student: nn.Module, teacher: nn.Module, data, config: DistillConfig, *, tokenizer=None,
             skip_tokens: int = 0, kept_layers: list[int] | None = None, kept_hidden: list[int] | None = None,
-            device: str | torch.device | None = None) -> DistillReport:
+            device: str | torch.device | None = None, keep_weights_for_errors: bool = True) -> DistillReport:
     """Train ``student`` (in place) to imitate ``teacher`` on ``data``; returns a :class:`DistillReport`.
 
     ``data``: text (path, ``.jsonl`` with a ``text`` field, documents, a ``datasets.Dataset``; needs
@@ -350,7 +350,11 @@ def distill(student: nn.Module, teacher: nn.Module, data, config: DistillConfig,
     another student. On any error — refused input or a failure mid-run (a NaN stop, a failed checkpoint write,
     an interrupt) — the caller's student and teacher come back as they were: weights, dtypes, devices,
     train/eval modes, ``requires_grad`` flags and gradients (a host copy of the student's weights is kept for
-    this while it trains in place). On success the student holds the trained weights, in eval mode, with its
+    this while it trains in place, and of the teacher when teacher correction trains it).
+    ``keep_weights_for_errors=False`` skips those host copies (at 8B they cost tens of GB of host memory on
+    every rank): after a failure mid-run the weights are then as training left them, everything else is
+    restored. :func:`compress.compress` passes False (its teacher is its own copy, its student is being
+    replaced by the run anyway). On success the student holds the trained weights, in eval mode, with its
     own dtypes, device and flags.
 
     Under ``torchrun`` every rank calls this with the same arguments: the engine (DDP or FSDP, see
@@ -421,9 +425,9 @@ def distill(student: nn.Module, teacher: nn.Module, data, config: DistillConfig,
     try:
         student_state.detach_grads()
         teacher_state.detach_grads()
-        if mode != "fsdp":  # trained in place: keep its weights to put back if the run fails
+        if mode != "fsdp" and keep_weights_for_errors:  # trained in place: its weights, to put back on failure
             student_state.save_weights()
-        if config.teacher_correction_steps:
+        if config.teacher_correction_steps and keep_weights_for_errors:
             teacher_state.save_weights()  # the teacher is trained in place first
         t_trunk = engine.place_teacher(teacher, shard_teacher, trained=bool(config.teacher_correction_steps))
         t_model = t_trunk.model
