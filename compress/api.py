@@ -302,64 +302,72 @@ def compress(
         check_onnx_support(model)
     rank, _ = distributed.init()
     device = distributed.resolve_device(device)
+    # A model passed in goes back where it was if anything fails (pruning itself is transactional; after it
+    # succeeded the model is pruned in place, as documented).
+    homes = {p.device for p in model.parameters()}
     model.to(device)
-    times["load"] = time.perf_counter() - t0
+    try:
+        times["load"] = time.perf_counter() - t0
 
-    def evaluate(stage: str) -> None:  # rank 0 measures, every rank learns the figure
+        def evaluate(stage: str) -> None:  # rank 0 measures, every rank learns the figure
+            t = time.perf_counter()
+            value = perplexity(model, tokenizer, eval_data, seq_len=eval_seq_len, max_tokens=eval_tokens) \
+                if rank == 0 else None
+            ppl[stage] = distributed.broadcast_object(value)
+            times[f"evaluate_{stage}"] = time.perf_counter() - t
+
+        ppl: dict[str, float] = {}
+        evaluate("teacher")
+
+        teacher_copy = copy.deepcopy(model) if distill is not None else None
         t = time.perf_counter()
-        value = perplexity(model, tokenizer, eval_data, seq_len=eval_seq_len, max_tokens=eval_tokens) \
-            if rank == 0 else None
-        ppl[stage] = distributed.broadcast_object(value)
-        times[f"evaluate_{stage}"] = time.perf_counter() - t
+        report = prune(model, target, data, strategy=strategy, plugins=plugins, tokenizer=tokenizer,
+                       calibration_config=calibration, plan_config=plan)
+        times["prune"] = time.perf_counter() - t
 
-    ppl: dict[str, float] = {}
-    evaluate("teacher")
+        evaluate("pruned")
+        stages = {"prune": report.to_dict()}
+        split = {"calibration": report.calibration}
+        if distill is not None:
+            t = time.perf_counter()
+            same_text = distill_data is None or _same_file(distill_data, data)
+            skip = report.calibration.get("tokens", 0) if same_text else 0
+            distilled = run_distill(model, teacher_copy, data if distill_data is None else distill_data, distill,
+                                    tokenizer=tokenizer, skip_tokens=skip, kept_layers=report.kept.get("layers"),
+                                    kept_hidden=report.kept.get("hidden"), device=device,
+                                    keep_weights_for_errors=False)
+            del teacher_copy
+            times["distill"] = time.perf_counter() - t
+            stages["distill"] = distilled.to_dict()
+            split["distillation"] = {**distilled.data, "tokens_trained": distilled.tokens}
+            evaluate("distilled")
 
-    teacher_copy = copy.deepcopy(model) if distill is not None else None
-    t = time.perf_counter()
-    report = prune(model, target, data, strategy=strategy, plugins=plugins, tokenizer=tokenizer,
-                   calibration_config=calibration, plan_config=plan)
-    times["prune"] = time.perf_counter() - t
-
-    evaluate("pruned")
-    stages = {"prune": report.to_dict()}
-    split = {"calibration": report.calibration}
-    if distill is not None:
+        result = Result(
+            out_dir=Path(out_dir),
+            prune=report,
+            perplexity=ppl,
+            stages=stages,
+            data={"teacher": source, **split, "evaluation": describe_source(eval_data),
+                  "eval_seq_len": eval_seq_len, "eval_tokens": eval_tokens},
+        )
+        if rank != 0:  # no collective follows: the other ranks are done and leave the writing to rank 0
+            result.stages["export"] = {"written_by": 0}
+            result.seconds = {k: round(v, 2) for k, v in times.items()}
+            return result
         t = time.perf_counter()
-        same_text = distill_data is None or _same_file(distill_data, data)
-        skip = report.calibration.get("tokens", 0) if same_text else 0
-        distilled = run_distill(model, teacher_copy, data if distill_data is None else distill_data, distill,
-                                tokenizer=tokenizer, skip_tokens=skip, kept_layers=report.kept.get("layers"),
-                                kept_hidden=report.kept.get("hidden"), device=device,
-                                keep_weights_for_errors=False)
-        del teacher_copy
-        times["distill"] = time.perf_counter() - t
-        stages["distill"] = distilled.to_dict()
-        split["distillation"] = {**distilled.data, "tokens_trained": distilled.tokens}
-        evaluate("distilled")
-
-    result = Result(
-        out_dir=Path(out_dir),
-        prune=report,
-        perplexity=ppl,
-        stages=stages,
-        data={"teacher": source, **split, "evaluation": describe_source(eval_data),
-              "eval_seq_len": eval_seq_len, "eval_tokens": eval_tokens},
-    )
-    if rank != 0:  # no collective follows: the other ranks are done and leave the writing to rank 0
-        result.stages["export"] = {"written_by": 0}
+        exported = run_export(model, tokenizer, out_dir, formats, quantize, overwrite=overwrite, eval_data=eval_data,
+                              eval_tokens=eval_tokens or 4096, history=_card_history(result), name=f"{Path(source).name} (compressed)",
+                              extra_files={REPORT_FILE: result.to_json()})
+        result.stages["export"] = exported.to_dict()
+        times["export"] = time.perf_counter() - t
         result.seconds = {k: round(v, 2) for k, v in times.items()}
+        result.seconds["total"] = round(time.perf_counter() - t0, 2)
+        (Path(out_dir) / REPORT_FILE).write_text(result.to_json(), encoding="utf-8")
         return result
-    t = time.perf_counter()
-    exported = run_export(model, tokenizer, out_dir, formats, quantize, overwrite=overwrite, eval_data=eval_data,
-                          eval_tokens=eval_tokens or 4096, history=_card_history(result), name=f"{Path(source).name} (compressed)",
-                          extra_files={REPORT_FILE: result.to_json()})
-    result.stages["export"] = exported.to_dict()
-    times["export"] = time.perf_counter() - t
-    result.seconds = {k: round(v, 2) for k, v in times.items()}
-    result.seconds["total"] = round(time.perf_counter() - t0, 2)
-    (Path(out_dir) / REPORT_FILE).write_text(result.to_json(), encoding="utf-8")
-    return result
+    except BaseException:
+        if len(homes) == 1 and not isinstance(teacher, (str, os.PathLike)):
+            model.to(next(iter(homes)))
+        raise
 
 
 def _card_history(result: Result) -> dict:

@@ -116,6 +116,17 @@ def tokenizer():
     return fast
 
 
+def cli_run_args(tmp_path, tokenizer, family: str = "llama") -> list[str]:
+    """A tiny teacher folder and train/valid text under ``tmp_path``, and CLI arguments that compress it fast."""
+    teacher = tmp_path / "teacher"
+    tiny_model(family).save_pretrained(teacher)
+    tokenizer.save_pretrained(teacher)
+    (tmp_path / "train.txt").write_text(SAMPLE_TEXT)
+    (tmp_path / "valid.txt").write_text(SAMPLE_TEXT[:3000])
+    return [str(teacher), "--out", str(tmp_path / "s"), "--data", str(tmp_path / "train.txt"), "--eval-data",
+            str(tmp_path / "valid.txt"), "--samples", "8", "--seq-len", "32", "--eval-tokens", "256"]
+
+
 @pytest.fixture
 def calib_ids():
     g = torch.Generator().manual_seed(0)

@@ -18,7 +18,7 @@ from compress.cli import main
 from compress.errors import CheckpointError, ConfigError, DataError, OutputExistsError
 from compress.export import ExportError
 
-from conftest import SAMPLE_TEXT, tiny_config, tiny_model
+from conftest import SAMPLE_TEXT, cli_run_args, tiny_config, tiny_model
 
 CAL = compress.CalibrationConfig(seq_len=32, num_samples=8, min_samples=4)
 
@@ -512,14 +512,7 @@ def test_teacher_tuple_of_wrong_shape(tmp_path, tokenizer):
 # ------------------------------------------------------------------------------------ command line
 @pytest.fixture
 def cli_setup(tmp_path, tokenizer):
-    teacher = tmp_path / "teacher"
-    tiny_model("llama").save_pretrained(teacher)
-    tokenizer.save_pretrained(teacher)
-    (tmp_path / "train.txt").write_text(SAMPLE_TEXT)
-    (tmp_path / "valid.txt").write_text(SAMPLE_TEXT[:3000])
-    args = [str(teacher), "--out", str(tmp_path / "s"), "--data", str(tmp_path / "train.txt"), "--eval-data",
-            str(tmp_path / "valid.txt"), "--samples", "8", "--seq-len", "32", "--eval-tokens", "256",
-            "--formats", "safetensors"]
+    args = cli_run_args(tmp_path, tokenizer) + ["--formats", "safetensors"]
     return tmp_path, args
 
 
@@ -586,3 +579,26 @@ def test_cli_ctrl_c_exits_130_and_leaves_no_output(cli_setup, capsys, monkeypatc
     assert main(args + ["--overwrite"]) == 130
     assert "nothing half-written" in capsys.readouterr().err
     assert tree(tmp_path) == disk and no_strays(tmp_path) and (out / "notes.txt").exists()
+
+
+def test_compress_moves_a_passed_in_model_back_when_a_later_stage_fails(tmp_path, tokenizer, monkeypatch):
+    """compress() puts the model on the run's device; a failure afterwards (here an impossible target, found by
+    prune) sends it back to its own device. (On this CPU-only machine both are the CPU: the test checks that
+    the move back is made, by recording the model's .to() calls.)"""
+    model = tiny_model("llama")
+    before = model_state(model)
+    moves = []
+    real_to = model.to
+
+    def to(*args, **kwargs):
+        moves.append(torch.device(args[0]) if args else kwargs.get("device"))
+        return real_to(*args, **kwargs)
+    monkeypatch.setattr(model, "to", to)
+    monkeypatch.setattr(compress.api, "perplexity", lambda *a, **k: 1.0)
+    with pytest.raises(compress.TargetError, match="num_attention_heads=5"):
+        compress.compress((model, tokenizer), {"num_attention_heads": 5}, [SAMPLE_TEXT], tmp_path / "out",
+                          eval_data=[SAMPLE_TEXT[:500]])
+    assert moves == [torch.device("cpu"), torch.device("cpu")]  # to the run's device, then back home
+    monkeypatch.undo()
+    assert_model_unchanged(model, before)
+    assert not (tmp_path / "out").exists()

@@ -4,17 +4,11 @@ from transformers import AutoModelForCausalLM
 
 from compress.cli import main
 
-from conftest import SAMPLE_TEXT, tiny_model
+from conftest import cli_run_args
 
 
 def test_cli_compresses_and_reports_errors(tmp_path, tokenizer, capsys):
-    teacher = tmp_path / "teacher"
-    tiny_model("mistral").save_pretrained(teacher)
-    tokenizer.save_pretrained(teacher)
-    (tmp_path / "train.txt").write_text(SAMPLE_TEXT)
-    (tmp_path / "valid.txt").write_text(SAMPLE_TEXT[:3000])
-    args = [str(teacher), "--out", str(tmp_path / "s"), "--data", str(tmp_path / "train.txt"), "--eval-data",
-            str(tmp_path / "valid.txt"), "--samples", "8", "--seq-len", "32", "--eval-tokens", "256"]
+    args = cli_run_args(tmp_path, tokenizer, "mistral")
     assert main(args + ["--json", "--formats", "safetensors"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["prune"]["params_after"] <= result["prune"]["params_before"] / 2
