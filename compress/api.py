@@ -26,7 +26,7 @@ from .data import (PYDOCS_TRAIN, PYDOCS_VALID, TextSource, check_source, default
                    default_eval_source, describe_source)
 from .errors import CheckpointError, ConfigError, DataError
 from .evaluate import perplexity
-from .export import check_export_args, check_materialized
+from .export import check_export_args, check_materialized, resolve_formats
 from .export import export as run_export
 from .io import atomic_output_dir, check_output_dir
 from .plan import PlanConfig
@@ -170,6 +170,10 @@ def load_teacher(
     tok_extra = {"gguf_file": extra["gguf_file"]} if "gguf_file" in extra else {}
     # The tokenizer first: it is cheap, so a broken one is reported before the weights are read.
     tokenizer = _wrap_load(f"tokenizer from {source}", AutoTokenizer.from_pretrained, where, **tok_extra)
+    if tok_extra:
+        from .gguf_tokenizer import repair_gguf_tokenizer
+
+        tokenizer = _wrap_load(f"tokenizer from {source}", repair_gguf_tokenizer, tokenizer, path)
     model = _wrap_load(f"model from {source}", AutoModelForCausalLM.from_pretrained, where, **extra, **kwargs)
     if device is not None:
         model.to(device)
@@ -220,7 +224,7 @@ def compress(
     overwrite: bool = False,
     distill: DistillConfig | None = None,
     distill_data: TextSource | None = None,
-    formats: Sequence[str] = ("safetensors",),
+    formats: Sequence[str] | str = "auto",
     quantize: str | None = None,
 ) -> Result:
     """Compress ``teacher`` to ``target`` and save the student to ``out_dir``: load, calibrate, score, plan,
@@ -232,8 +236,9 @@ def compress(
     (default: pydocs valid, else held-out docstrings); it must not be the calibration file.
     ``distill``: a :class:`~compress.distill.DistillConfig` to recover quality from the teacher after pruning, on
     ``distill_data`` (default: ``data`` after the tokens calibration used, so the two never overlap).
-    ``formats``/``quantize``: what :func:`compress.export.export` writes (add ``"onnx"`` for an onnxruntime model
-    checked against PyTorch, ``quantize="int8"`` for its int8 version).
+    ``formats``/``quantize``: what :func:`compress.export.export` writes: by default (``"auto"``) safetensors plus
+    the fastest deployment format that passes its checks against PyTorch (onnxruntime-genai, else Optimum ONNX);
+    or a list of names (``["safetensors"]`` alone skips ONNX). ``quantize="int8"`` adds int8 versions.
     The student folder appears only when every stage has succeeded. Refused before any work: an ``out_dir``
     that is not empty (unless ``overwrite=True``, which replaces the whole folder, including files compress did
     not write), that holds one of the run's inputs (``data``, ``eval_data``, ``distill_data``, the teacher
@@ -296,10 +301,7 @@ def compress(
         from .models import check_plain_logits, layout_for
 
         check_plain_logits(model, layout_for(model))
-    if "onnx" in formats:  # before pruning: a family Optimum cannot export is known now
-        from .export.onnx import check_onnx_support
-
-        check_onnx_support(model)
+    resolve_formats(model, formats, quantize)  # before pruning: a format this family cannot be written in is known now
     rank, _ = distributed.init()
     device = distributed.resolve_device(device)
     # A model passed in goes back where it was if anything fails (pruning itself is transactional; after it

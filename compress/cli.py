@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from . import api, registry
 from .calibrate import CalibrationConfig
@@ -69,10 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add hidden-state distillation (with --distill-tokens)")
     p.add_argument("--parallel", choices=["auto", "ddp", "fsdp"], default="auto",
                    help="under torchrun: replicate the student (ddp) or shard it (fsdp); auto picks by memory")
-    p.add_argument("--formats", default="safetensors,onnx",
-                   help="what to write: safetensors, onnx, or both (default: %(default)s)")
+    p.add_argument("--formats", default="auto",
+                   help="what to write, comma-separated: safetensors, onnx (Optimum), onnx-genai, onnx-genai-int8, "
+                        "onnx-genai-int4 (onnxruntime-genai); default auto = safetensors + the fastest ONNX format "
+                        "that passes its checks (onnx-genai, else onnx)")
     p.add_argument("--int8", action="store_true",
-                   help="also write an int8 ONNX model (blockwise int8 weights, int8 compute on CPU)")
+                   help="also write int8 versions of the ONNX models (blockwise int8 weights, int8 compute on CPU)")
     p.add_argument("--prompt", default="A Python list is", help="prompt for the sample generation from ONNX")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
@@ -102,6 +105,27 @@ def main(argv: list[str] | None = None) -> int:
         return _error(f"{type(exc).__name__}: {exc}", 1)
 
 
+def _formats(text: str) -> list[str] | str:
+    names = [f.strip() for f in text.split(",") if f.strip()]
+    return names[0] if names == ["auto"] else names
+
+
+def _sample(out_dir: Path, export: dict, prompt: str) -> tuple[str, str] | None:
+    """A greedy continuation of ``prompt`` from the fastest exported fp32 ONNX model, run as a user would."""
+    if "onnx-genai" in export.get("genai", {}):
+        from .export import genai
+
+        return "onnxruntime-genai", genai.generate(genai.load(out_dir / "onnx-genai"), prompt)
+    if export.get("parity"):
+        from transformers import AutoTokenizer
+
+        from .export.onnx import load_ort, ort_generate
+
+        tok = AutoTokenizer.from_pretrained(out_dir)
+        return "onnxruntime", ort_generate(load_ort(out_dir / "onnx"), tok, prompt)
+    return None
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.list_plugins:
         for info in registry.list_plugins():
@@ -121,7 +145,7 @@ def _run(args: argparse.Namespace) -> int:
         calibration=CalibrationConfig(num_samples=args.samples, seq_len=args.seq_len,
                                       min_samples=min(8, args.samples)),
         eval_data=args.eval_data, eval_tokens=args.eval_tokens, overwrite=args.overwrite, distill=distill,
-        formats=[f.strip() for f in args.formats.split(",") if f.strip()], quantize="int8" if args.int8 else None,
+        formats=_formats(args.formats), quantize="int8" if args.int8 else None,
     )
     args.written = True
     if "written_by" in result.stages.get("export", {}):
@@ -143,21 +167,30 @@ def _run(args: argparse.Namespace) -> int:
     export = result.stages["export"]
     print(f"saved    {result.out_dir} (loads with AutoModelForCausalLM.from_pretrained)   "
           f"[{result.seconds['total']:.0f} s]")
+    for name, why in export.get("skipped", {}).items():
+        print(f"skipped  {name}: {why}")
     if export.get("parity"):
         p = export["parity"]
         print(f"onnx     {result.out_dir / 'onnx'}   parity with PyTorch: max |logit diff| {p['max_abs_diff']:.2e} "
               f"({p['relative_diff']:.1e} of max |logit| {p['max_abs_logit']:.1f}, tolerance {p['tolerance']:g}) "
               f"{'PASSED' if p['passed'] else 'FAILED'}")
-        from .export.onnx import load_ort, ort_generate
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(result.out_dir)
-        text = ort_generate(load_ort(result.out_dir / "onnx"), tok, args.prompt)
-        print(f"sample   (onnxruntime, greedy) {args.prompt!r} -> {text!r}")
     if export.get("int8"):
         q = export["int8"]
         print(f"int8     {result.out_dir / 'onnx-int8'}   perplexity {q['ppl_fp32']:.2f} -> {q['ppl_int8']:.2f} "
               f"({q['ppl_change']:+.1%})")
+    for folder, entry in export.get("genai", {}).items():
+        if "parity" in entry:
+            p = entry["parity"]
+            check = (f"parity with PyTorch: max |logit diff| {p['max_abs_diff']:.2e} ({p['relative_diff']:.1e} of "
+                     f"max |logit| {p['max_abs_logit']:.1f}) {'PASSED' if p['passed'] else 'FAILED'}")
+        else:
+            q = entry["perplexity"]
+            check = (f"perplexity {q['ppl_fp32']:.2f} (PyTorch fp32) -> {q['ppl_' + entry['precision']]:.2f} "
+                     f"({q['ppl_change']:+.1%})")
+        print(f"genai    {result.out_dir / folder}   {entry['precision']}, {check}")
+    sample = _sample(result.out_dir, export, args.prompt)
+    if sample:
+        print(f"sample   ({sample[0]}, greedy) {args.prompt!r} -> {sample[1]!r}")
     return 0
 
 

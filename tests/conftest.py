@@ -106,7 +106,10 @@ def tokenizer():
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB - 8, special_tokens=["<pad>", "<s>", "</s>", "<unk>"])
+    # The full byte alphabet: any text encodes without <unk>, as with real byte-level tokenizers (onnxruntime-genai's
+    # tokenizer, checked against this one by the export, has no <unk> for bytes outside the vocabulary).
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB - 8, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator([SAMPLE_TEXT], trainer)
     from tokenizers import decoders
     tok.decoder = decoders.ByteLevel()

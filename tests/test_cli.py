@@ -17,8 +17,10 @@ def test_cli_compresses_and_reports_errors(tmp_path, tokenizer, capsys):
     assert main(args + ["--out", str(tmp_path / "d"), "--distill-tokens", "128", "--seq-len", "32",
                         "--hidden-loss", "cosine", "--int8", "--prompt", "The quick"]) == 0
     printed = capsys.readouterr().out
-    assert "distill" in printed and "PASSED" in printed and "sample" in printed and "int8" in printed
-    assert (tmp_path / "d" / "onnx-int8" / "model.onnx").exists()
+    # The default formats: safetensors + the fastest ONNX that passes its checks (onnxruntime-genai here).
+    assert "distill" in printed and "PASSED" in printed and "sample   (onnxruntime-genai" in printed
+    assert "genai    " in printed and "int8, perplexity" in printed
+    assert (tmp_path / "d" / "onnx-genai-int8" / "model.onnx").exists() and not (tmp_path / "d" / "onnx").exists()
     assert main(args) == 2  # folder now exists and is not empty
     assert "overwrite" in capsys.readouterr().err
     assert main(["--list-plugins"]) == 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,14 +22,21 @@ from torch import nn
 
 from ..data import TextSource, default_eval_source, describe_source
 from ..errors import ConfigError, DataError
-from ..evaluate import eval_windows
+from ..evaluate import eval_windows, perplexity
 from ..io import atomic_output_dir, check_output_dir
 from ..models import layout_for
 from ..shape import ModelShape, count_params
 from .card import model_card
+from .genai import GENAI_FORMATS
 from .onnx import INT8_DIR, ONNX_DIR, ExportError
 
-FORMATS = ("safetensors", "onnx")
+# Each format other than safetensors is a folder of its own name; "onnx-genai*" are onnxruntime-genai folders
+# (fp32, int8, int4), the fastest on CPU (see compress/export/genai.py).
+FORMATS = ("safetensors", "onnx", *GENAI_FORMATS)
+# formats="auto": safetensors plus the first of these the model can be written in and that passes its gates.
+# Fastest first: onnxruntime-genai decodes ~1.8-2.6x faster than the Optimum export on CPU (BENCHMARKS.md).
+AUTO = "auto"
+DEPLOY_ORDER = ("onnx-genai", "onnx")
 QUANTIZATIONS = (None, "int8")
 REPORT_FILE = "export_report.json"
 EVAL_SEQ_LEN = 512  # window length of the int8 perplexity check, as in compress.evaluate.perplexity
@@ -43,6 +51,8 @@ class ExportReport:
     files: dict = field(default_factory=dict)
     parity: dict = field(default_factory=dict)
     int8: dict = field(default_factory=dict)
+    genai: dict = field(default_factory=dict)
+    skipped: dict = field(default_factory=dict)  # formats="auto": format -> why it was not written
     params: int = 0
     shape: dict = field(default_factory=dict)
     seconds: float = 0.0
@@ -54,29 +64,33 @@ class ExportReport:
 def check_export_args(formats: Sequence[str] | str, quantize: str | None) -> list[str]:
     """Validate format and quantization names (cheap: callers check them before any expensive stage).
 
-    ``formats`` is a list of names, or one name as a string (``"onnx"``); a string holding several names
-    (``"onnx,safetensors"``) is refused: pass a list. Duplicates are refused.
+    ``formats`` is a list of names, or one name as a string (``"onnx"``), or ``"auto"`` (see
+    :func:`resolve_formats`); a string holding several names (``"onnx,safetensors"``) is refused: pass a list.
+    Duplicates are refused.
     """
     if isinstance(formats, str):
-        if formats not in FORMATS:
+        if formats not in (*FORMATS, AUTO):
             names = [f.strip() for f in formats.replace(",", " ").split() if f.strip()]
             hint = f"; for several formats pass a list: formats={names!r}" if len(names) > 1 else ""
-            raise ConfigError(f"unknown export format {formats!r}{hint}; choose from {FORMATS}")
+            raise ConfigError(f"unknown export format {formats!r}{hint}; choose from {FORMATS} or 'auto'")
         formats = [formats]
     try:
         formats = list(formats)
     except TypeError:
         raise ConfigError(f"formats should be a list of format names from {FORMATS}, got {formats!r}") from None
-    unknown = [f for f in formats if f not in FORMATS]
+    if AUTO in formats and formats != [AUTO]:
+        raise ConfigError(f"formats={formats!r}: 'auto' picks the formats itself; give it alone or name the formats")
+    unknown = [f for f in formats if f not in (*FORMATS, AUTO)]
     if unknown or not formats:
-        raise ConfigError(f"unknown export format(s) {unknown or formats}; choose from {FORMATS}")
+        raise ConfigError(f"unknown export format(s) {unknown or formats}; choose from {FORMATS} or 'auto'")
     duplicates = sorted({f for f in formats if formats.count(f) > 1})
     if duplicates:
         raise ConfigError(f"export format(s) {duplicates} given more than once in formats={formats!r}; name each once")
     if not (quantize is None or isinstance(quantize, str)) or quantize not in QUANTIZATIONS:
         raise ConfigError(f"unknown quantization {quantize!r}; choose from {QUANTIZATIONS}")
-    if quantize and "onnx" not in formats:
-        raise ConfigError("quantize='int8' quantizes the ONNX model: add 'onnx' to formats")
+    if quantize and not {"onnx", "onnx-genai", AUTO} & set(formats):
+        raise ConfigError("quantize='int8' writes int8 versions of the ONNX models: add 'onnx' or 'onnx-genai' to "
+                          "formats (or use formats='auto')")
     return formats
 
 
@@ -139,6 +153,133 @@ def check_exportable(model: nn.Module) -> ModelShape:
     return shape
 
 
+def _export_optimum(model: nn.Module, tokenizer, hf_dir: Path, tmp: Path, quantize: str | None, tolerance: float,
+                    text: TextSource, eval_tokens: int, report: ExportReport) -> None:
+    """The Optimum ONNX folder (``onnx/``), its parity gate, and with ``quantize="int8"`` ``onnx-int8/`` and its
+    perplexity change."""
+    from . import onnx as ox
+
+    layout = layout_for(model)
+    ox.export_onnx(hf_dir, tmp / ONNX_DIR, layout.attention_implementation(layout.shape_config(model.config)))
+    ort = ox.load_ort(tmp / ONNX_DIR)
+    report.parity = ox.parity_check(model, ort, _sample_ids(tokenizer), tolerance)
+    if not report.parity["passed"]:
+        raise ExportError(
+            f"onnxruntime logits differ from PyTorch by {report.parity['max_abs_diff']:.3g} "
+            f"({report.parity['relative_diff']:.3g} of the largest logit; tolerance {tolerance:g}); "
+            "the export was discarded")
+    if quantize == "int8":
+        ox.quantize_int8(tmp / ONNX_DIR, tmp / INT8_DIR)
+        windows = eval_windows(tokenizer, text, EVAL_SEQ_LEN, eval_tokens)
+        fp32 = ox.ort_perplexity(ort, windows)
+        int8 = ox.ort_perplexity(ox.load_ort(tmp / INT8_DIR), windows)
+        report.int8 = {"ppl_fp32": fp32, "ppl_int8": int8, "ppl_change": int8 / fp32 - 1,
+                       "evaluation": describe_source(text), "eval_tokens": windows.numel(),
+                       "eval_seq_len": EVAL_SEQ_LEN}
+
+
+def _with_int8(deploy_format: str, quantize: str | None) -> list[str]:
+    """``deploy_format`` plus its int8 folder when one is asked for and the format names it (onnxruntime-genai's
+    int8 is a format of its own; Optimum's is written by ``quantize`` beside ``onnx/``)."""
+    return [deploy_format] + (["onnx-genai-int8"] if quantize == "int8" and deploy_format == "onnx-genai" else [])
+
+
+def resolve_formats(model: nn.Module, formats: list[str], quantize: str | None) -> tuple[list[str], list[str], dict]:
+    """The formats to write, the formats to fall back to, and the formats skipped with the reason.
+
+    Named formats are written or refused (before any work) as they are; ``quantize="int8"`` adds
+    ``onnx-genai-int8`` beside ``onnx-genai``. ``["auto"]`` is safetensors plus the fastest deployment format
+    (:data:`DEPLOY_ORDER`) this model can be written in; if that one fails its gates at export time, the next one
+    is written instead, and the report says why (``skipped``).
+    """
+    if formats != [AUTO]:
+        check_format_support(model, formats)
+        if quantize == "int8" and "onnx-genai" in formats and "onnx-genai-int8" not in formats:
+            formats = [*formats, "onnx-genai-int8"]
+        return formats, [], {}
+    usable, skipped = [], {}
+    for fmt in DEPLOY_ORDER:
+        try:
+            check_format_support(model, [fmt])
+            usable.append(fmt)
+        except ExportError as exc:
+            skipped[fmt] = str(exc)
+    if not usable:
+        return ["safetensors"], [], skipped
+    return ["safetensors", *_with_int8(usable[0], quantize)], usable[1:], skipped
+
+
+def check_format_support(model: nn.Module, formats: Sequence[str]) -> None:
+    """Refuse, before any work, a model that one of ``formats`` cannot be written for."""
+    if "onnx" in formats:
+        from .onnx import check_onnx_support
+
+        check_onnx_support(model)
+    if any(f in GENAI_FORMATS for f in formats):
+        from .genai import check_genai_support
+
+        check_genai_support(model)
+
+
+def _sample_text() -> str:
+    """A short text with code, unicode, digits and runs of whitespace, for tokenizer agreement checks."""
+    return ("def mean(xs: list[float]) -> float:\n    \"\"\"Average of 12 values.\"\"\"\n    return sum(xs) / len(xs)"
+            "\n\n\tNaïve café, 東京, Ωmega — don't stop; 3.14159 2026-11-26   end\n")
+
+
+def _export_genai(model: nn.Module, tokenizer, hf_dir: Path, tmp: Path, formats: list[str], tolerance: float,
+                  text: TextSource, eval_tokens: int) -> dict:
+    """Build each onnxruntime-genai folder and check it with onnxruntime-genai itself: config repair and tokenizer
+    agreement for all, logits against PyTorch for fp32 (the gate), perplexity change against PyTorch fp32 for
+    int8/int4 (measured and stated). An error of the runtime becomes an :class:`ExportError`."""
+    from . import genai
+
+    results: dict[str, dict] = {}
+    reference: dict = {}  # PyTorch's perplexity windows and figure, shared by the quantized folders
+    for fmt in formats:
+        try:
+            out = genai.build(hf_dir, tmp / fmt, GENAI_FORMATS[fmt])
+            results[fmt] = _check_genai_folder(model, tokenizer, out, tolerance, text, eval_tokens, reference)
+        except ExportError:
+            raise
+        except RuntimeError as exc:  # raised by onnxruntime-genai's runtime while running the folder
+            raise ExportError(f"onnxruntime-genai could not run {fmt}: {exc}; the export was discarded") from exc
+    return results
+
+
+def _check_genai_folder(model: nn.Module, tokenizer, out: Path, tolerance: float, text: TextSource,
+                        eval_tokens: int, reference: dict) -> dict:
+    from . import genai
+
+    fmt, precision = out.name, GENAI_FORMATS[out.name]
+    entry: dict = {"precision": precision, "config_changes": genai.repair_config(
+        out, model.config, getattr(model, "generation_config", None))}
+    og_model = genai.load(out)
+    entry["tokenizer"] = genai.check_tokenizer(og_model, tokenizer, _sample_text())
+    if precision == "fp32":
+        parity = entry["parity"] = genai.parity_check(model, og_model, _sample_ids(tokenizer), tolerance)
+        if not parity["passed"]:
+            raise ExportError(
+                f"onnxruntime-genai logits ({fmt}) differ from PyTorch by {parity['max_abs_diff']:.3g} "
+                f"({parity['relative_diff']:.3g} of the largest logit; tolerance {tolerance:g}); the export was "
+                "discarded")
+        return entry
+    if not reference:  # windows no longer than the model's context
+        context = getattr(layout_for(model).shape_config(model.config), "max_position_embeddings", None)
+        seq_len = min(EVAL_SEQ_LEN, context or EVAL_SEQ_LEN)
+        reference["ids"] = eval_windows(tokenizer, text, seq_len, eval_tokens)
+        reference["ppl"] = perplexity(model, tokenizer, text, seq_len=seq_len, max_tokens=eval_tokens)
+    ids, fp32 = reference["ids"], reference["ppl"]
+    ppl = genai.perplexity(og_model, ids)
+    if not math.isfinite(ppl):
+        raise ExportError(f"the {precision} onnxruntime-genai model ({fmt}) gives a non-finite perplexity; the "
+                          "export was discarded")
+    entry["perplexity"] = {"ppl_fp32": fp32, f"ppl_{precision}": ppl, "ppl_change": ppl / fp32 - 1,
+                           "evaluation": describe_source(text), "eval_tokens": ids.numel(),
+                           "eval_seq_len": ids.shape[1], "reference": "PyTorch fp32"}
+    return entry
+
+
 def _sample_ids(tokenizer, length: int = 32) -> torch.Tensor:
     text = ("Pruning removes the least important channels; distillation teaches the student to imitate the "
             "teacher's next-token distribution on ordinary text. ") * 4
@@ -150,7 +291,7 @@ def export(
     model: nn.Module,
     tokenizer,
     out_dir: str | Path,
-    formats: Sequence[str] = ("safetensors", "onnx"),
+    formats: Sequence[str] | str = AUTO,
     quantize: str | None = None,
     *,
     overwrite: bool = False,
@@ -161,15 +302,20 @@ def export(
     name: str = "compressed student",
     extra_files: dict[str, str] | None = None,
 ) -> ExportReport:
-    """Write ``model`` + ``tokenizer`` to ``out_dir`` in ``formats`` and check the ONNX graph against PyTorch.
+    """Write ``model`` + ``tokenizer`` to ``out_dir`` in ``formats`` and check every ONNX model against PyTorch.
 
-    ``formats``: a list such as ``["safetensors", "onnx"]``, or one name as a string. ``quantize="int8"`` adds a
-    blockwise int8 ONNX model (int8 weights and int8 compute on CPU; see
+    ``formats``: ``"auto"`` (the default: safetensors plus the fastest deployment format that passes its gates,
+    onnxruntime-genai first, then Optimum ONNX; see :func:`resolve_formats`), a list such as
+    ``["safetensors", "onnx", "onnx-genai"]``, or one name as a string. ``"onnx-genai"``, ``"onnx-genai-int8"``
+    and ``"onnx-genai-int4"`` are onnxruntime-genai folders (:mod:`compress.export.genai`): the fp32 one must match
+    PyTorch's logits, the quantized ones have their perplexity change measured. ``quantize="int8"`` adds a
+    blockwise int8 version of each ONNX model (int8 weights and int8 compute on CPU; see
     :func:`compress.export.onnx.quantize_int8`) and measures the perplexity it costs on
     ``eval_data`` (default: held-out pydocs or stdlib docstrings). ``history`` (a :class:`compress.Result` as a
     dict) feeds the model card. Raises :class:`ExportError` — and leaves no folder behind — when the model
-    cannot be described by a standard config or the onnxruntime logits differ from PyTorch by more than
-    ``parity_tolerance`` relative to the largest logit magnitude (at least 1). The export works on a CPU fp32
+    cannot be described by a standard config, the onnxruntime logits differ from PyTorch by more than
+    ``parity_tolerance`` relative to the largest logit magnitude (at least 1), or onnxruntime-genai's tokenizer
+    reads text differently from the model's. The export works on a CPU fp32
     copy: ``model`` itself (device, dtype, training mode, ``requires_grad``, weights) is left as it was.
     ``overwrite=True`` replaces the whole folder, including files compress did not write; a folder holding
     ``eval_data`` is refused even then.
@@ -188,40 +334,37 @@ def export(
     check_output_dir(out_dir, overwrite, inputs=inputs)
     check_materialized(model)
     shape = check_exportable(model)
-    if "onnx" in formats:
-        from .onnx import check_onnx_support
-
-        check_onnx_support(model)
+    formats, fallbacks, skipped = resolve_formats(model, formats, quantize)
     model = _cpu_fp32_copy(model)  # the caller's model stays on its device, in its dtype and mode
-    report = ExportReport(out_dir=str(out_dir), formats=formats, params=count_params(model), shape=shape.to_dict())
+    report = ExportReport(out_dir=str(out_dir), formats=formats, params=count_params(model), shape=shape.to_dict(),
+                          skipped=skipped)
 
     with atomic_output_dir(out_dir, overwrite, inputs=inputs) as tmp, tempfile.TemporaryDirectory() as scratch:
         hf_dir = tmp if "safetensors" in formats else Path(scratch)
         model.save_pretrained(hf_dir, safe_serialization=True)
         tokenizer.save_pretrained(hf_dir)
-        if "onnx" in formats:
-            from . import onnx as ox
-
-            layout = layout_for(model)
-            ox.export_onnx(hf_dir, tmp / ONNX_DIR, layout.attention_implementation(layout.shape_config(model.config)))
-            ort = ox.load_ort(tmp / ONNX_DIR)
-            report.parity = ox.parity_check(model, ort, _sample_ids(tokenizer), parity_tolerance)
-            if not report.parity["passed"]:
-                raise ExportError(
-                    f"onnxruntime logits differ from PyTorch by {report.parity['max_abs_diff']:.3g} "
-                    f"({report.parity['relative_diff']:.3g} of the largest logit; tolerance {parity_tolerance:g}); "
-                    "the export was discarded")
-            if quantize == "int8":
-                ox.quantize_int8(tmp / ONNX_DIR, tmp / INT8_DIR)
-                text = default_eval_source() if eval_data is None else eval_data
-                windows = eval_windows(tokenizer, text, EVAL_SEQ_LEN, eval_tokens)
-                fp32 = ox.ort_perplexity(ort, windows)
-                int8 = ox.ort_perplexity(ox.load_ort(tmp / INT8_DIR), windows)
-                report.int8 = {"ppl_fp32": fp32, "ppl_int8": int8, "ppl_change": int8 / fp32 - 1,
-                               "evaluation": describe_source(text), "eval_tokens": windows.numel(),
-                               "eval_seq_len": EVAL_SEQ_LEN}
+        text = default_eval_source() if eval_data is None else eval_data
+        while True:
+            try:
+                if "onnx" in formats:
+                    _export_optimum(model, tokenizer, hf_dir, tmp, quantize, parity_tolerance, text, eval_tokens,
+                                    report)
+                genai_formats = [f for f in formats if f in GENAI_FORMATS]
+                if genai_formats:
+                    report.genai = _export_genai(model, tokenizer, hf_dir, tmp, genai_formats, parity_tolerance,
+                                                 text, eval_tokens)
+                break
+            except ExportError as exc:  # formats="auto": the next-fastest format that passes its gates
+                if not fallbacks:
+                    raise
+                failed = [f for f in formats if f != "safetensors"]
+                for folder in failed + [INT8_DIR]:
+                    shutil.rmtree(tmp / folder, ignore_errors=True)
+                report.skipped[failed[0]] = str(exc)
+                formats = [f for f in formats if f == "safetensors"] + _with_int8(fallbacks.pop(0), quantize)
+                report.formats, report.parity, report.int8, report.genai = formats, {}, {}, {}
         (tmp / "README.md").write_text(
-            model_card(name, report.params, report.shape, "onnx" in formats, report.int8, history))
+            model_card(name, report.params, report.shape, "onnx" in formats, report.int8, history, report.genai))
         for file_name, text in (extra_files or {}).items():
             (tmp / file_name).write_text(text, encoding="utf-8")
         report.files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
@@ -230,4 +373,5 @@ def export(
     return report
 
 
-__all__ = ["ExportError", "ExportReport", "check_export_args", "check_exportable", "check_materialized", "export"]
+__all__ = ["AUTO", "DEPLOY_ORDER", "ExportError", "ExportReport", "check_export_args", "check_exportable",
+           "check_format_support", "check_materialized", "export", "resolve_formats"]

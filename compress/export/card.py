@@ -10,10 +10,11 @@ def _fmt(value: Any) -> str:
 
 
 def model_card(name: str, params: int, shape: dict, onnx: bool, int8: dict | None = None,
-               history: dict | None = None) -> str:
+               history: dict | None = None, genai: dict | None = None) -> str:
     """Markdown describing where the student came from, what it is, how it scores, and how to load it.
 
-    ``int8`` is the export report's int8 entry (perplexities with onnxruntime), empty when not quantized.
+    ``int8`` is the export report's int8 entry (perplexities with onnxruntime), empty when not quantized;
+    ``genai`` its onnxruntime-genai entries (one per folder: parity or perplexity change).
     """
     history = history or {}
     prune = history.get("prune", {})
@@ -49,12 +50,31 @@ def model_card(name: str, params: int, shape: dict, onnx: bool, int8: dict | Non
               'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")',
               'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")', "```"]
     if onnx:
-        lines += ["", "ONNX (with KV cache) in `onnx/`" + (", int8 in `onnx-int8/`" if int8 else "") + ":", "",
-                  "```python", "from compress.export.onnx import load_ort  # ORTModelForCausalLM + head_dim fix",
-                  'model = load_ort("path/to/this/folder/onnx")', "```", "",
-                  "With optimum alone: `ORTModelForCausalLM.from_pretrained(...)`, then set "
-                  "`model.embed_size_per_head = model.config.head_dim` (optimum-onnx 0.1.0 assumes "
-                  "hidden_size / num_attention_heads, which pruning changes).", "",
-                  "or plain onnxruntime: `onnxruntime.InferenceSession(\"onnx/model.onnx\")` with inputs "
-                  "`input_ids`, `attention_mask`, `position_ids` and `past_key_values.*`."]
+        lines += ["", "ONNX (with KV cache) in `onnx/`" + (", int8 in `onnx-int8/`" if int8 else "") +
+                  ", for Optimum's stock class:", "",
+                  "```python", "from optimum.onnxruntime import ORTModelForCausalLM",
+                  'model = ORTModelForCausalLM.from_pretrained("path/to/this/folder/onnx")', "```", "",
+                  "With the CUDA provider pass `use_io_binding=False`: with IO binding optimum-onnx 0.1.0 sizes the "
+                  "cache outputs as hidden_size / num_attention_heads, which pruning changes. Or plain onnxruntime: "
+                  "`onnxruntime.InferenceSession(\"onnx/model.onnx\")` with inputs `input_ids`, `attention_mask`, "
+                  "`position_ids` and `past_key_values.*`."]
+    if genai:
+        lines += ["", "## onnxruntime-genai (fastest on CPU)", "",
+                  "Fused-attention ONNX folders that onnxruntime-genai's generator runs as they are:", ""]
+        for folder, entry in genai.items():
+            if "parity" in entry:
+                p = entry["parity"]
+                check = f"logits match PyTorch within {p['relative_diff']:.1e} of the largest logit"
+            else:
+                q = entry["perplexity"]
+                check = (f"perplexity {q['ppl_fp32']:.2f} (PyTorch fp32) -> {q['ppl_' + entry['precision']]:.2f} "
+                         f"({q['ppl_change']:+.1%}) on {q['eval_tokens']:,} tokens of {q['evaluation']}")
+            lines.append(f"- `{folder}/`: {entry['precision']}; {check}")
+        folder = next(iter(genai))
+        lines += ["", "```python", "import onnxruntime_genai as og",
+                  f'model = og.Model("path/to/this/folder/{folder}"); tokenizer = og.Tokenizer(model)',
+                  "params = og.GeneratorParams(model); params.set_search_options(max_length=256)",
+                  'generator = og.Generator(model, params); generator.append_tokens(tokenizer.encode("Hello"))',
+                  "while not generator.is_done(): generator.generate_next_token(); "
+                  "print(tokenizer.decode(generator.get_next_tokens()), end='')", "```"]
     return "\n".join(lines) + "\n"

@@ -64,24 +64,109 @@ def export_onnx(hf_dir: Path, out: Path, attn_implementation: str | None = None)
                                    preprocessors=[AutoTokenizer.from_pretrained(hf_dir)])
     except Exception as exc:  # noqa: BLE001 - surface exporter failures as one error type
         raise ExportError(f"ONNX export of {hf_dir} failed: {type(exc).__name__}: {exc}") from exc
+    for graph_file in sorted(out.glob("*.onnx")):
+        accept_any_empty_past(graph_file)
     return out
 
 
-def load_ort(onnx_dir: str | Path, provider: str = "CPUExecutionProvider"):
-    """``ORTModelForCausalLM`` for an exported folder, fixed up for an explicit ``head_dim`` and grouped KV heads.
+PAST_PREFIX = "past_key_values."
 
-    optimum-onnx 0.1.0 sizes the empty KV cache of Llama-family models as ``hidden_size // num_attention_heads``;
-    after head or hidden pruning that is no longer the head size, and the first generate call fails. The graph
-    itself is right; only this attribute of the Python wrapper needs the config's ``head_dim``.
+
+def _rename_uses(graph, old: str, new: str) -> None:
+    """Make every node of ``graph`` (and of its subgraphs that do not shadow ``old``) read ``new`` for ``old``."""
+    for node in graph.node:
+        for k, name in enumerate(node.input):
+            if name == old:
+                node.input[k] = new
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                defined = {v.name for v in sub.input} | {t.name for t in sub.initializer} \
+                    | {o for n in sub.node for o in n.output}
+                if old not in defined:
+                    _rename_uses(sub, old, new)
+
+
+def accept_any_empty_past(model_path: str | Path) -> int:
+    """Let each ``past_key_values.*`` input of the ONNX graph at ``model_path`` accept an empty cache of any
+    head count and head size; rewrites the file in place and returns how many inputs were changed.
+
+    On the first step of ``generate``, Optimum's ``ORTModelForCausalLM`` (optimum-onnx 0.1.0) feeds an empty past
+    of shape ``(batch, kv_heads, 0, head_size)`` computed from the config: ``hidden_size // num_attention_heads``
+    as the head size for Llama-family types, even where the config states another ``head_dim`` (any pruned
+    student), and one KV head per query head for types outside its list (Gemma-2). The graph declared the true
+    sizes as fixed dimensions, so onnxruntime refused that tensor. Now the two dimensions are symbolic and a
+    ``Reshape(past, [0, kv_heads, -1, head_dim])`` (0: keep the batch) comes first: an empty past of any such
+    shape becomes the right empty past, and a real past (already of that shape) passes through unchanged — so
+    the stock class runs the folder, with no compress code or patch in the user's process.
+
+    Weights are neither loaded nor rewritten (an external-data file stays as it is). A graph already rewritten,
+    or one without such inputs, is left alone.
+    """
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model_path = Path(model_path)
+    model = onnx.load(str(model_path), load_external_data=False)
+    graph = model.graph
+    taken = {v.name for v in [*graph.input, *graph.output, *graph.value_info]} \
+        | {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output} | {n.name for n in graph.node}
+
+    def fresh(name: str) -> str:
+        while name in taken:
+            name += "_"
+        taken.add(name)
+        return name
+
+    reshapes, shapes = [], {}
+    for inp in graph.input:
+        dims = inp.type.tensor_type.shape.dim
+        if not inp.name.startswith(PAST_PREFIX) or len(dims) != 4 \
+                or not (dims[1].HasField("dim_value") and dims[3].HasField("dim_value")):
+            continue
+        heads, size = dims[1].dim_value, dims[3].dim_value
+        if (heads, size) not in shapes:
+            shapes[heads, size] = fresh(f"past_key_values_shape_{heads}x{size}")
+            graph.initializer.append(numpy_helper.from_array(
+                np.array([0, heads, -1, size], dtype=np.int64), shapes[heads, size]))
+        cache = fresh(f"{inp.name}.as_cache")
+        _rename_uses(graph, inp.name, cache)
+        reshapes.append(helper.make_node("Reshape", [inp.name, shapes[heads, size]], [cache],
+                                         name=fresh(f"/{inp.name}/Reshape")))
+        dims[1].dim_param = "past_num_key_value_heads"  # replaces the fixed value (a oneof)
+        dims[3].dim_param = "past_head_dim"
+    if not reshapes:
+        return 0
+    for k, node in enumerate(reshapes):
+        graph.node.insert(k, node)
+    onnx.save(model, str(model_path))
+    return len(reshapes)
+
+
+def load_ort(onnx_dir: str | Path, provider: str = "CPUExecutionProvider"):
+    """``ORTModelForCausalLM`` for an exported folder: the stock ``from_pretrained``, nothing else on the CPU.
+
+    A folder exported by compress runs with the stock class and no compress code (the graph accepts the empty
+    KV cache the class feeds on the first step; see :func:`accept_any_empty_past`). Two cases still need the
+    class's own idea of the cache shape — ``hidden_size // num_attention_heads`` as the head size for
+    Llama-family types, one KV head per query head for types outside its list (Gemma-2) — replaced by the
+    config's ``head_dim`` and ``num_key_value_heads``, which is done here on the loaded object:
+
+    * IO binding (Optimum's default with the CUDA provider): it allocates the ``present.*`` outputs in those
+      sizes before the run, which no graph can change (a stock user passes ``use_io_binding=False`` there);
+    * a folder exported before that rewrite, whose graph still fixes the past's head count and head size.
     """
     from optimum.onnxruntime import ORTModelForCausalLM
 
     model = ORTModelForCausalLM.from_pretrained(str(onnx_dir), provider=provider)
+    past_shapes = [s for name, s in model.input_shapes.items() if name.startswith(PAST_PREFIX)]
+    fixed_past = any(len(s) == 4 and not (isinstance(s[1], str) and isinstance(s[3], str)) for s in past_shapes)
+    if not (model.use_io_binding or fixed_past):
+        return model
     config = getattr(model.config, "text_config", None) or model.config  # multimodal Gemma-3: the decoder's sizes
     head_dim = getattr(config, "head_dim", None)
     if head_dim and hasattr(model, "embed_size_per_head"):
         model.embed_size_per_head = head_dim
-    # For model types outside its own list (Gemma-2 among ours) the wrapper assumes one KV head per query head.
     kv_heads = getattr(config, "num_key_value_heads", None)
     if kv_heads and hasattr(model, "num_key_value_heads"):
         model.num_key_value_heads = kv_heads

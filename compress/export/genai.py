@@ -1,0 +1,246 @@
+"""onnxruntime-genai folders: the student as a fused-attention ONNX model that onnxruntime-genai's C++ generator
+runs as it is (model, ``genai_config.json``, tokenizer), in fp32, int8 or int4.
+
+The graph is written by onnxruntime-genai's own model builder (``onnxruntime_genai.models.builder``) from the
+exported safetensors folder: ``GroupQueryAttention``, ``SkipSimplifiedLayerNorm`` and ``MatMulNBits`` instead of
+the thousands of small nodes of the Optimum export, which is what makes decoding fast on CPU (see BENCHMARKS.md).
+
+The builder runs in a child process (``python -m onnxruntime_genai.models.builder``): it puts its own folder on
+``sys.path`` and configures logging when imported, which is no business of the caller's process. Its output is
+then checked with the runtime users will run, ``onnxruntime_genai``:
+
+* the tokenizer the generator uses must encode and decode text exactly as the model's Hugging Face tokenizer;
+* ``genai_config.json`` must carry the model's own stop, padding and start tokens (corrected when it does not,
+  and the correction is reported);
+* fp32 logits must match PyTorch on a prefill and on a cached decode step (:func:`parity_check`), and int8/int4
+  models have their perplexity change measured on held-out text by the caller.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .onnx import ExportError
+
+# Format name -> builder precision. Each format is a folder of the same name in the export.
+GENAI_FORMATS = {"onnx-genai": "fp32", "onnx-genai-int8": "int8", "onnx-genai-int4": "int4"}
+# Architectures (config.architectures[0]) whose builder output tests/test_export_genai.py checks against
+# transformers on tiny random models (sliding windows included); the others are refused before any work. Left
+# out after trying them with builder 0.15.2: Gemma-2 (right only while the text fits in the sliding window),
+# Gemma-3 (logits wrong), SmolLM3 (the builder fails: KeyError 'position_ids'), Phi-3 (partial rotary needs a
+# rotary size that is a multiple of 16), GPT-NeoX and OLMo-2 (not in the builder).
+BUILDER_ARCHITECTURES = frozenset({
+    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "GraniteForCausalLM",
+})
+# Weight-only quantization (MatMulNBits): blocks of 32 input channels, each with its own scale; accuracy level 4
+# = activations quantized to int8 at run time and multiplied in integers on CPU (the builder's CPU default).
+BLOCK_SIZE = 32
+ACCURACY_LEVEL = 4
+# int4 keeps the LM head and the most quantization-sensitive MatMuls (llama.cpp's "mixed" choice: the first and
+# last eighth of the layers and every third layer's qkv/v/down projections) at int8. Measured on SmolLM2-135M
+# (pydocs valid, 4,096 tokens; BENCHMARKS.md): all-int4 RTN +28.8% perplexity, blocks of 16 +19.5%, k-quant
+# +43%, this mix +11.7% (217 MiB vs 194 MiB all-int4; int8 is +0.7%).
+INT4_OPTIONS = ("matmul_mixed_precision=last_matmul:int8,mixed_layers:int8",)
+BUILD_TIMEOUT_S = 3600
+
+
+def check_genai_support(model: nn.Module) -> None:
+    """Refuse, before any work, a model the onnxruntime-genai export cannot handle (or a missing runtime)."""
+    try:
+        import onnxruntime_genai  # noqa: F401
+    except ImportError as exc:
+        raise ExportError(f"the onnxruntime-genai formats need the onnxruntime_genai package ({exc}); reinstall "
+                          "compress-llm, which depends on it") from exc
+    arch = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
+    if arch not in BUILDER_ARCHITECTURES:
+        raise ExportError(f"the onnxruntime-genai export is checked for {sorted(BUILDER_ARCHITECTURES)}, not "
+                          f"{arch}; export 'onnx' (Optimum) instead. Nothing was written.")
+
+
+def build(hf_dir: Path, out: Path, precision: str, extra_options: Sequence[str] = ()) -> Path:
+    """Run onnxruntime-genai's model builder on the Hugging Face folder ``hf_dir``, writing ``out``.
+
+    ``extra_options``: more ``key=value`` builder options (``--extra_options``), after this module's defaults.
+    """
+    if precision not in GENAI_FORMATS.values():
+        raise ExportError(f"unknown onnxruntime-genai precision {precision!r}; choose from "
+                          f"{sorted(set(GENAI_FORMATS.values()))}")
+    # shared_embeddings=false: for tied embeddings the 0.15.2 builder otherwise shares the quantized LM head with
+    # the embedding lookup, and at int8 it names that tensor as if it were int4 (the model then fails to load).
+    # The embedding table stays fp32: a lookup reads one row per token, so it costs no decode speed.
+    options = ["hf_remote=false", "shared_embeddings=false"]
+    if precision in ("int8", "int4"):
+        options += [f"block_size={BLOCK_SIZE}", f"accuracy_level={ACCURACY_LEVEL}"]
+    if precision == "int4":
+        options += list(INT4_OPTIONS)
+    options += list(extra_options)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    with tempfile.TemporaryDirectory(prefix="genai-cache-") as cache:
+        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out),
+               "-p", precision, "-e", "cpu", "-c", cache, "--extra_options", *options]
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=BUILD_TIMEOUT_S)
+        except subprocess.TimeoutExpired as exc:
+            raise ExportError(f"onnxruntime-genai's model builder ({precision}) ran past {BUILD_TIMEOUT_S} s") from exc
+    if done.returncode != 0 or not (out / "genai_config.json").is_file():
+        tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-8:])
+        raise ExportError(f"onnxruntime-genai's model builder ({precision}) failed with exit code "
+                          f"{done.returncode}:\n{tail}")
+    return out
+
+
+def _as_list(value) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
+
+
+def repair_config(out: Path, model_config, generation_config) -> list[str]:
+    """Make ``out/genai_config.json`` say what the model's own configs say; return what was changed.
+
+    Stop tokens are the generation config's ``eos_token_id`` (falling back to the model config's), never more:
+    the builder has been seen adding the start token as an extra stop token, which ends every answer at once.
+    The search defaults (sampling, temperature, top-k/p, repetition penalty) follow the generation config when
+    it sets them. The context length is the model's ``max_position_embeddings``.
+    """
+    path = out / "genai_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    model, search = config["model"], config.setdefault("search", {})
+    text_config = getattr(model_config, "text_config", None) or model_config
+    gen = generation_config.to_diff_dict() if generation_config is not None else {}  # what it sets, not defaults
+    eos = _as_list(gen.get("eos_token_id")) or _as_list(getattr(model_config, "eos_token_id", None))
+    want = {}
+    if eos:
+        want[("model", "eos_token_id")] = eos[0] if len(eos) == 1 else eos
+    for key in ("bos_token_id", "pad_token_id"):
+        value = gen.get(key, getattr(model_config, key, None))
+        if isinstance(value, int):
+            want[("model", key)] = value
+    if getattr(text_config, "max_position_embeddings", None):
+        want[("model", "context_length")] = int(text_config.max_position_embeddings)
+    for key in ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty"):
+        if gen.get(key) is not None:
+            want[("search", key)] = gen[key]
+    changed = []
+    for (section, key), value in want.items():
+        target = model if section == "model" else search
+        if target.get(key) != value:
+            changed.append(f"{section}.{key}: {target.get(key)!r} -> {value!r}")
+            target[key] = value
+    if changed:
+        path.write_text(json.dumps(config, indent=4), encoding="utf-8")
+    return changed
+
+
+def load(out: Path):
+    """``onnxruntime_genai.Model`` for a folder written by :func:`build`."""
+    import onnxruntime_genai as og
+
+    try:
+        return og.Model(str(out))
+    except Exception as exc:  # noqa: BLE001 - RuntimeError from the C++ side
+        raise ExportError(f"onnxruntime-genai could not load {out}: {exc}") from exc
+
+
+def check_tokenizer(og_model, tokenizer, text: str) -> dict:
+    """The generator's tokenizer must give the Hugging Face tokenizer's ids for ``text``, and its text back.
+
+    onnxruntime-genai tokenizes with onnxruntime-extensions, which reads ``tokenizer.json`` its own way (it picks
+    the algorithm from the tokenizer class); a tokenizer it reads differently would feed the model wrong ids.
+    """
+    import onnxruntime_genai as og
+
+    og_tok = og.Tokenizer(og_model)
+    want = tokenizer(text).input_ids
+    got = [int(i) for i in og_tok.encode(text)]
+    first = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
+    if first is not None or len(got) != len(want):
+        at = first if first is not None else min(len(got), len(want))
+        raise ExportError(
+            f"onnxruntime-genai's tokenizer encodes differently from the model's Hugging Face tokenizer "
+            f"({len(got)} vs {len(want)} ids; first difference at position {at}: {got[at:at + 4]} vs "
+            f"{want[at:at + 4]}); the generator would read wrong ids, so the folder was not written")
+    decoded, reference = og_tok.decode(want), tokenizer.decode(want, skip_special_tokens=True)
+    if decoded != reference:
+        raise ExportError(f"onnxruntime-genai's tokenizer decodes differently from the Hugging Face tokenizer "
+                          f"({decoded[:60]!r} vs {reference[:60]!r}); the folder was not written")
+    return {"tokens_compared": len(want), "identical": True}
+
+
+def _generator(og_model, length: int):
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(og_model)
+    params.set_search_options(max_length=length, do_sample=False)
+    return og.Generator(og_model, params)
+
+
+def prefill_logits(og_model, ids: list[int]) -> np.ndarray:
+    """The generator's logits for every position of ``ids`` (one prefill), as ``[len(ids), vocab]`` float32."""
+    gen = _generator(og_model, len(ids))
+    gen.append_tokens(ids)
+    return np.asarray(gen.get_output("logits"), dtype=np.float32)[0]
+
+
+def parity_check(model: nn.Module, og_model, input_ids: torch.Tensor, tolerance: float) -> dict:
+    """Max |logit difference| between PyTorch and onnxruntime-genai on a prefill and one cached decode step,
+    judged relative to the largest logit magnitude (at least 1), as :func:`compress.export.onnx.parity_check`."""
+    model = model.to("cpu").eval()
+    prefill = decode = 0.0
+    scale = 1.0
+    with torch.no_grad():
+        ref = model(input_ids=input_ids, use_cache=False).logits.float().numpy()
+    for row, expected in zip(input_ids.tolist(), ref):
+        gen = _generator(og_model, len(row) + 1)
+        gen.append_tokens(row[:-1])
+        got = np.asarray(gen.get_output("logits"), dtype=np.float32)[0]
+        prefill = max(prefill, float(np.abs(expected[:-1] - got).max()))
+        gen.append_tokens(row[-1:])  # one decode step on the cache the prefill left
+        step = np.asarray(gen.get_output("logits"), dtype=np.float32)[0, -1]
+        decode = max(decode, float(np.abs(expected[-1] - step).max()))
+        scale = max(scale, float(np.abs(expected).max()))
+    worst = max(prefill, decode)
+    return {"max_abs_diff_prefill": prefill, "max_abs_diff_decode": decode, "max_abs_diff": worst,
+            "max_abs_logit": scale, "relative_diff": worst / scale, "tolerance": tolerance,
+            "passed": worst / scale <= tolerance, "inputs": list(input_ids.shape)}
+
+
+def perplexity(og_model, windows: torch.Tensor) -> float:
+    """Perplexity with onnxruntime-genai over ``windows`` (``[n, seq_len]`` token ids), scored as
+    :func:`compress.evaluate.perplexity` does (each window on its own, every next token counted)."""
+    nll, count = 0.0, 0
+    for row in windows.tolist():
+        logits = torch.from_numpy(prefill_logits(og_model, row))
+        nll += float(nn.functional.cross_entropy(logits[:-1], torch.tensor(row[1:]), reduction="sum"))
+        count += len(row) - 1
+    return math.exp(nll / count)
+
+
+def generate(og_model, prompt: str, max_new_tokens: int = 24) -> str:
+    """Greedy continuation of ``prompt`` with onnxruntime-genai's own tokenizer and generator loop."""
+    import onnxruntime_genai as og
+
+    tok = og.Tokenizer(og_model)
+    ids = [int(i) for i in tok.encode(prompt)]
+    gen = _generator(og_model, len(ids) + max_new_tokens)
+    gen.append_tokens(ids)
+    new: list[int] = []
+    while not gen.is_done() and len(new) < max_new_tokens:
+        gen.generate_next_token()
+        new.append(int(gen.get_next_tokens()[0]))
+    return tok.decode(new)
+
+
+__all__ = ["BUILDER_ARCHITECTURES", "GENAI_FORMATS", "build", "check_genai_support", "check_tokenizer",
+           "generate", "load", "parity_check", "perplexity", "prefill_logits", "repair_config"]

@@ -1,0 +1,192 @@
+"""onnxruntime-genai export: folders the stock generator runs, checked against transformers' own generate."""
+
+import json
+import shutil
+
+import numpy as np
+import onnxruntime_genai as og
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import compress
+from compress.errors import ConfigError
+from compress.export import ExportError, genai
+
+from conftest import SAMPLE_TEXT, tiny_model
+
+# Every architecture the export accepts, as the tiny family that has it.
+GENAI_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "granite"]
+
+
+def _pruned(family, calib_ids):
+    model = tiny_model(family)
+    compress.prune(model, {"num_attention_heads": 4, "hidden_size": 48, "intermediate_size": 64}, calib_ids,
+                   calibration_config=compress.CalibrationConfig(min_samples=4))
+    return model
+
+
+def _og_greedy(folder, ids: list[int], new_tokens: int) -> list[int]:
+    """Greedy tokens from onnxruntime-genai's own generator loop, as a deployment would run it."""
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + new_tokens, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(ids)
+    out = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        out.append(int(gen.get_next_tokens()[0]))
+    return out
+
+
+def test_architectures_under_test_are_the_accepted_ones():
+    assert {type(tiny_model(f)).__name__ for f in GENAI_FAMILIES} == genai.BUILDER_ARCHITECTURES
+
+
+def test_sliding_window_models_match_past_the_window(calib_ids, tokenizer, tmp_path):
+    """Mistral with a window of 8 tokens: the 32-token parity check runs well past it."""
+    report = compress.export(tiny_model("mistral", sliding_window=8), tokenizer, tmp_path / "w",
+                             formats=["onnx-genai"])
+    assert report.genai["onnx-genai"]["parity"]["passed"]
+
+
+@pytest.mark.parametrize("family", GENAI_FAMILIES)
+def test_genai_generates_what_transformers_generates(family, calib_ids, tokenizer, tmp_path):
+    model = _pruned(family, calib_ids)
+    out = tmp_path / "e"
+    report = compress.export(model, tokenizer, out, formats=["safetensors", "onnx-genai"])
+    assert report.formats == ["safetensors", "onnx-genai"] and not (out / "onnx").exists()
+    entry = report.genai["onnx-genai"]
+    assert entry["parity"]["passed"] and entry["parity"]["relative_diff"] <= 1e-4
+    assert entry["tokenizer"]["identical"]
+    assert {"onnx-genai/genai_config.json", "onnx-genai/model.onnx", "onnx-genai/tokenizer.json"} <= set(report.files)
+    prompt = calib_ids[0, :6].tolist()
+    hf = AutoModelForCausalLM.from_pretrained(out)  # the reference: transformers' generate on the saved student
+    expected = hf.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
+                           pad_token_id=0)[0, len(prompt):].tolist()
+    eos = hf.generation_config.eos_token_id
+    if eos in expected:  # both loops stop at the end-of-sequence token (transformers pads after it)
+        expected = expected[:expected.index(eos) + 1]
+    assert _og_greedy(out / "onnx-genai", prompt, 8) == expected
+
+
+def test_quantized_folders_report_their_perplexity(calib_ids, tokenizer, tmp_path):
+    model = _pruned("llama", calib_ids)
+    out = tmp_path / "q"
+    report = compress.export(model, tokenizer, out, formats=["onnx-genai"], quantize="int8", eval_data=[SAMPLE_TEXT],
+                             eval_tokens=512)
+    assert report.formats == ["onnx-genai", "onnx-genai-int8"]
+    q = report.genai["onnx-genai-int8"]["perplexity"]
+    # Independent reference: the int8 model's logits from a plain onnxruntime session scored here by hand.
+    ids = compress.evaluate.eval_windows(tokenizer, [SAMPLE_TEXT], q["eval_seq_len"], 512)
+    nll = 0.0
+    og_model = og.Model(str(out / "onnx-genai-int8"))
+    for row in ids.tolist():
+        logits = torch.from_numpy(genai.prefill_logits(og_model, row))
+        nll += float(torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(row[1:]), reduction="sum"))
+    assert q["ppl_int8"] == pytest.approx(float(np.exp(nll / (ids.numel() - ids.shape[0]))), rel=1e-4)
+    assert q["ppl_fp32"] == pytest.approx(compress.evaluate.perplexity(model, tokenizer, [SAMPLE_TEXT],
+                                                                       q["eval_seq_len"], 512), rel=1e-6)
+    assert abs(q["ppl_change"]) < 0.1
+    card = (out / "README.md").read_text()
+    assert "onnx-genai-int8/" in card and f"{q['ppl_change']:+.1%}" in card and "import onnxruntime_genai" in card
+
+
+def test_int4_folder(calib_ids, tokenizer, tmp_path):
+    model = _pruned("qwen3", calib_ids)
+    report = compress.export(model, tokenizer, tmp_path / "q", formats=["onnx-genai-int4"], eval_data=[SAMPLE_TEXT],
+                             eval_tokens=256)
+    q = report.genai["onnx-genai-int4"]["perplexity"]
+    assert q["ppl_int4"] > 0 and np.isfinite(q["ppl_change"])
+    assert not (tmp_path / "q" / "model.safetensors").exists()  # the safetensors folder was scratch only
+
+
+def test_repair_config_sets_the_models_own_tokens(tmp_path):
+    from transformers import GenerationConfig, LlamaConfig
+
+    path = tmp_path / "genai_config.json"
+    path.write_text(json.dumps({"model": {"eos_token_id": [1, 2], "bos_token_id": 1, "pad_token_id": 2,
+                                          "context_length": 4096}, "search": {"top_k": 50, "temperature": 1.0}}))
+    config = LlamaConfig(max_position_embeddings=8192, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    changes = genai.repair_config(tmp_path, config, GenerationConfig(eos_token_id=2, bos_token_id=1, pad_token_id=3,
+                                                                      temperature=0.7, do_sample=True))
+    written = json.loads(path.read_text())
+    assert written["model"] == {"eos_token_id": 2, "bos_token_id": 1, "pad_token_id": 3, "context_length": 8192}
+    assert written["search"]["temperature"] == 0.7 and written["search"]["do_sample"] is True
+    assert written["search"]["top_k"] == 50
+    assert any(c.startswith("model.eos_token_id") for c in changes) and len(changes) == 5
+    assert genai.repair_config(tmp_path, config, GenerationConfig(eos_token_id=2, bos_token_id=1, pad_token_id=3,
+                                                                  temperature=0.7, do_sample=True)) == []
+
+
+def _unk_tokenizer():
+    """A byte-level tokenizer without the full byte alphabet: HF maps unseen bytes to <unk>, onnxruntime-genai
+    to -1, so the two disagree on text with such bytes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(["abc def"] * 10, trainers.BpeTrainer(vocab_size=40, special_tokens=["<pad>", "<s>",
+                                                                                                   "</s>", "<unk>"]))
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+def test_tokenizer_disagreement_is_refused_and_leaves_nothing(calib_ids, tmp_path):
+    model = tiny_model("llama")
+    with pytest.raises(ExportError, match="tokenizer encodes differently"):
+        compress.export(model, _unk_tokenizer(), tmp_path / "t", formats=["onnx-genai"])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_auto_falls_back_to_optimum_when_genai_fails_its_gates(tmp_path):
+    report = compress.export(tiny_model("llama"), _unk_tokenizer(), tmp_path / "t")
+    assert report.formats == ["safetensors", "onnx"] and report.parity["passed"]
+    assert "tokenizer encodes differently" in report.skipped["onnx-genai"]
+    assert not (tmp_path / "t" / "onnx-genai").exists() and (tmp_path / "t" / "onnx" / "model.onnx").is_file()
+    saved = json.loads((tmp_path / "t" / "export_report.json").read_text())
+    assert saved["skipped"] == report.skipped and "onnx-genai" not in saved["genai"]
+
+
+def test_auto_picks_genai_when_it_passes_and_optimum_for_other_families(tokenizer, tmp_path):
+    report = compress.export(tiny_model("qwen2"), tokenizer, tmp_path / "a")
+    assert report.formats == ["safetensors", "onnx-genai"] and report.skipped == {}
+    report = compress.export(tiny_model("gpt_neox"), tokenizer, tmp_path / "b", quantize="int8",
+                             eval_data=[SAMPLE_TEXT], eval_tokens=256)
+    assert report.formats == ["safetensors", "onnx"] and report.int8["ppl_int8"] > 0
+    assert "GPTNeoXForCausalLM" in report.skipped["onnx-genai"]
+
+
+@pytest.mark.parametrize("family", ["olmo2", "gemma2", "phi3"])
+def test_unsupported_family_is_refused_before_any_work(family, tokenizer, tmp_path):
+    model = tiny_model(family)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ExportError, match=type(model).__name__):
+        compress.export(model, tokenizer, tmp_path / "o", formats=["onnx-genai"])
+    assert list(tmp_path.iterdir()) == []
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_parity_failure_discards_the_export(calib_ids, tokenizer, tmp_path):
+    with pytest.raises(ExportError, match="onnxruntime-genai logits"):
+        compress.export(_pruned("llama", calib_ids), tokenizer, tmp_path / "p", formats=["onnx-genai"],
+                        parity_tolerance=1e-12)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("formats", [["auto", "onnx"], "auto,onnx", ["onnx-genai", "onnx-genai"]])
+def test_bad_format_lists_are_refused(formats, tokenizer, tmp_path):
+    with pytest.raises(ConfigError):
+        compress.export(tiny_model("llama"), tokenizer, tmp_path / "x", formats=formats)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_builder_failure_names_the_builder(tmp_path):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    with pytest.raises(ExportError, match="model builder .fp32. failed"):
+        genai.build(tmp_path / "hf", tmp_path / "out", "fp32")
+    shutil.rmtree(tmp_path / "hf")
