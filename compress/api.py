@@ -301,7 +301,7 @@ def compress(
         from .models import check_plain_logits, layout_for
 
         check_plain_logits(model, layout_for(model))
-    resolve_formats(model, formats, quantize)  # before pruning: a format this family cannot be written in is known now
+    resolve_formats(model, formats, quantize, tokenizer)  # before pruning: a format this family cannot be written in is known now
     rank, _ = distributed.init()
     device = distributed.resolve_device(device)
     # A model passed in goes back where it was if anything fails (pruning itself is transactional; after it

@@ -80,8 +80,8 @@ def test_int8_reports_perplexity_cost_and_card(family, calib_ids, tokenizer, tmp
     import onnx
 
     model = _pruned(family, calib_ids)
-    report = compress.export(model, tokenizer, tmp_path / "q", quantize="int8", eval_data=[SAMPLE_TEXT],
-                             eval_tokens=256, name="tiny-student")
+    report = compress.export(model, tokenizer, tmp_path / "q", formats=["safetensors", "onnx"], quantize="int8",
+                             eval_data=[SAMPLE_TEXT], eval_tokens=256, name="tiny-student")
     assert "onnx-int8/model.onnx" in report.files
     assert report.files["onnx-int8/model.onnx"] < report.files["onnx/model.onnx"]
     assert report.int8["ppl_int8"] > 0 and abs(report.int8["ppl_change"]) < 0.05
@@ -97,7 +97,7 @@ def test_int8_reports_perplexity_cost_and_card(family, calib_ids, tokenizer, tmp
                           for o in n.output}
     assert [n.name for n in graph.node if n.op_type == "MatMul" and (weights | transposed_weights) & set(n.input)] == []
     card = (tmp_path / "q" / "README.md").read_text()
-    assert "# tiny-student" in card and "load_ort" in card and "onnx-int8" in card
+    assert "# tiny-student" in card and "ORTModelForCausalLM.from_pretrained" in card and "onnx-int8" in card
     assert f"{report.int8['ppl_fp32']:.2f} (fp32 ONNX) -> {report.int8['ppl_int8']:.2f}" in card
 
 

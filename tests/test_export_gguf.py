@@ -153,3 +153,48 @@ def test_bad_arguments(tmp_path):
         export_gguf(tmp_path, tmp_path / "o")
     with pytest.raises(ExportError, match=r"shape \[n, seq"):
         verify_gguf(torch.nn.Linear(1, 1), None, tmp_path / "x.gguf", windows=torch.zeros(4, dtype=torch.long))
+
+
+def test_export_writes_checked_gguf_files_beside_the_others(tmp_path, tokenizer, known_pretokenizer):
+    import compress
+
+    model = randomized(tiny_config("llama", **SHAPE))
+    report = compress.export(model, tokenizer, tmp_path / "e", formats=["safetensors", "gguf"],
+                             eval_data=[SAMPLE_TEXT], eval_tokens=256)
+    assert report.formats == ["safetensors", "gguf"]
+    assert {"gguf/model-f16.gguf", "gguf/model-q8_0.gguf", "model.safetensors"} <= set(report.files)
+    assert report.gguf["f16"]["passed"] and report.gguf["f16"]["tokenizer_match"]
+    q8 = report.gguf["q8_0"]["perplexity"]
+    # Independent reference: the q8_0 file read back by transformers, scored here.
+    from compress.export.gguf import load_gguf_model, windows_perplexity
+    from compress.evaluate import eval_windows
+
+    windows = eval_windows(tokenizer, [SAMPLE_TEXT], q8["eval_seq_len"], 256)
+    assert q8["ppl_gguf"] == pytest.approx(windows_perplexity(load_gguf_model(tmp_path / "e" / "gguf" /
+                                                                              "model-q8_0.gguf"), windows), rel=1e-6)
+    card = (tmp_path / "e" / "README.md").read_text()
+    assert "gguf/model-q8_0.gguf" in card and f"{q8['ppl_change']:+.1%}" in card
+
+
+def test_gguf_refused_before_any_work_for_other_families(tmp_path, tokenizer):
+    import compress
+
+    with pytest.raises(ExportError, match="GGUF export supports"):
+        compress.export(tiny_model("gpt_neox"), tokenizer, tmp_path / "n", formats=["gguf"])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_load_teacher_repairs_the_tokenizer_transformers_builds_from_a_gguf(tmp_path, tokenizer, known_pretokenizer):
+    """transformers 4.57 builds a GGUF's byte-level tokenizer with the start token as end token, a start token
+    added to every text, and a decoder that does not give the text back; the loader repairs all three."""
+    import compress
+
+    model, hf_dir = _folder(tmp_path, "llama", tokenizer)
+    files = export_gguf(hf_dir, tmp_path / "gguf", types=["f16"])
+    _, loaded = compress.load_teacher(files["f16"])
+    # The reference is the tokenizer the GGUF was written from.
+    assert (loaded.bos_token, loaded.eos_token) == (tokenizer.bos_token, tokenizer.eos_token)
+    assert (loaded.bos_token_id, loaded.eos_token_id) == (tokenizer.bos_token_id, tokenizer.eos_token_id)
+    text = SAMPLE_TEXT[:500] + " Naïve café 東京 — 3.14\n\n\tend"
+    assert loaded(text).input_ids == tokenizer(text).input_ids
+    assert loaded.decode(loaded(text).input_ids) == tokenizer.decode(tokenizer(text).input_ids) == text

@@ -32,7 +32,11 @@ from .onnx import INT8_DIR, ONNX_DIR, ExportError
 
 # Each format other than safetensors is a folder of its own name; "onnx-genai*" are onnxruntime-genai folders
 # (fp32, int8, int4), the fastest on CPU (see compress/export/genai.py).
-FORMATS = ("safetensors", "onnx", *GENAI_FORMATS)
+FORMATS = ("safetensors", "onnx", *GENAI_FORMATS, "gguf")
+GGUF_DIR = "gguf"
+# f16 GGUF read back by transformers vs the fp32 model: fp16 rounding of the weights alone moves logits by
+# ~2e-3 of the largest one on SmolLM2 (a wrong conversion moves them by orders of magnitude more).
+GGUF_F16_TOLERANCE = 5e-3
 # formats="auto": safetensors plus the first of these the model can be written in and that passes its gates.
 # Fastest first: onnxruntime-genai decodes ~1.8-2.6x faster than the Optimum export on CPU (BENCHMARKS.md).
 AUTO = "auto"
@@ -52,6 +56,7 @@ class ExportReport:
     parity: dict = field(default_factory=dict)
     int8: dict = field(default_factory=dict)
     genai: dict = field(default_factory=dict)
+    gguf: dict = field(default_factory=dict)
     skipped: dict = field(default_factory=dict)  # formats="auto": format -> why it was not written
     params: int = 0
     shape: dict = field(default_factory=dict)
@@ -184,7 +189,8 @@ def _with_int8(deploy_format: str, quantize: str | None) -> list[str]:
     return [deploy_format] + (["onnx-genai-int8"] if quantize == "int8" and deploy_format == "onnx-genai" else [])
 
 
-def resolve_formats(model: nn.Module, formats: list[str], quantize: str | None) -> tuple[list[str], list[str], dict]:
+def resolve_formats(model: nn.Module, formats: list[str], quantize: str | None,
+                    tokenizer=None) -> tuple[list[str], list[str], dict]:
     """The formats to write, the formats to fall back to, and the formats skipped with the reason.
 
     Named formats are written or refused (before any work) as they are; ``quantize="int8"`` adds
@@ -193,7 +199,7 @@ def resolve_formats(model: nn.Module, formats: list[str], quantize: str | None) 
     is written instead, and the report says why (``skipped``).
     """
     if formats != [AUTO]:
-        check_format_support(model, formats)
+        check_format_support(model, formats, tokenizer)
         if quantize == "int8" and "onnx-genai" in formats and "onnx-genai-int8" not in formats:
             formats = [*formats, "onnx-genai-int8"]
         return formats, [], {}
@@ -209,8 +215,8 @@ def resolve_formats(model: nn.Module, formats: list[str], quantize: str | None) 
     return ["safetensors", *_with_int8(usable[0], quantize)], usable[1:], skipped
 
 
-def check_format_support(model: nn.Module, formats: Sequence[str]) -> None:
-    """Refuse, before any work, a model that one of ``formats`` cannot be written for."""
+def check_format_support(model: nn.Module, formats: Sequence[str], tokenizer=None) -> None:
+    """Refuse, before any work, a model (or tokenizer) that one of ``formats`` cannot be written for."""
     if "onnx" in formats:
         from .onnx import check_onnx_support
 
@@ -219,6 +225,10 @@ def check_format_support(model: nn.Module, formats: Sequence[str]) -> None:
         from .genai import check_genai_support
 
         check_genai_support(model)
+    if "gguf" in formats:
+        from .gguf import check_gguf_support
+
+        check_gguf_support(model, tokenizer)
 
 
 def _sample_text() -> str:
@@ -280,6 +290,29 @@ def _check_genai_folder(model: nn.Module, tokenizer, out: Path, tolerance: float
     return entry
 
 
+def _export_gguf(model: nn.Module, tokenizer, hf_dir: Path, out: Path, text: TextSource, eval_tokens: int) -> dict:
+    """f16 and q8_0 GGUF files (llama.cpp's converter), read back by transformers' GGUF loader: the f16 file's
+    logits must match the model within :data:`GGUF_F16_TOLERANCE` (the gate); both files' perplexity change on
+    held-out text is measured and stated."""
+    from . import gguf
+
+    files = gguf.export_gguf(hf_dir, out)
+    check = gguf.verify_gguf(model, tokenizer, files["f16"], tolerance=GGUF_F16_TOLERANCE)
+    if not check["passed"] or not check["tokenizer_match"]:
+        what = "tokenizer reads text differently" if check["passed"] else (
+            f"logits differ from PyTorch by {check['relative_diff']:.3g} of the largest logit (tolerance "
+            f"{GGUF_F16_TOLERANCE:g})")
+        raise ExportError(f"the f16 GGUF file read back by transformers: {what}; the export was discarded")
+    context = getattr(layout_for(model).shape_config(model.config), "max_position_embeddings", None)
+    windows = eval_windows(tokenizer, text, min(EVAL_SEQ_LEN, context or EVAL_SEQ_LEN), eval_tokens)
+    result = {"f16": {**check, "gguf_file": files["f16"].name}}
+    for kind, path in files.items():
+        ppl = gguf.gguf_perplexity(model, path, windows)
+        result.setdefault(kind, {"gguf_file": path.name})
+        result[kind]["perplexity"] = {**ppl, "gguf_file": path.name, "evaluation": describe_source(text)}
+    return result
+
+
 def _sample_ids(tokenizer, length: int = 32) -> torch.Tensor:
     text = ("Pruning removes the least important channels; distillation teaches the student to imitate the "
             "teacher's next-token distribution on ordinary text. ") * 4
@@ -334,7 +367,7 @@ def export(
     check_output_dir(out_dir, overwrite, inputs=inputs)
     check_materialized(model)
     shape = check_exportable(model)
-    formats, fallbacks, skipped = resolve_formats(model, formats, quantize)
+    formats, fallbacks, skipped = resolve_formats(model, formats, quantize, tokenizer)
     model = _cpu_fp32_copy(model)  # the caller's model stays on its device, in its dtype and mode
     report = ExportReport(out_dir=str(out_dir), formats=formats, params=count_params(model), shape=shape.to_dict(),
                           skipped=skipped)
@@ -353,6 +386,8 @@ def export(
                 if genai_formats:
                     report.genai = _export_genai(model, tokenizer, hf_dir, tmp, genai_formats, parity_tolerance,
                                                  text, eval_tokens)
+                if "gguf" in formats:
+                    report.gguf = _export_gguf(model, tokenizer, hf_dir, tmp / GGUF_DIR, text, eval_tokens)
                 break
             except ExportError as exc:  # formats="auto": the next-fastest format that passes its gates
                 if not fallbacks:
@@ -364,7 +399,8 @@ def export(
                 formats = [f for f in formats if f == "safetensors"] + _with_int8(fallbacks.pop(0), quantize)
                 report.formats, report.parity, report.int8, report.genai = formats, {}, {}, {}
         (tmp / "README.md").write_text(
-            model_card(name, report.params, report.shape, "onnx" in formats, report.int8, history, report.genai))
+            model_card(name, report.params, report.shape, "onnx" in formats, report.int8, history, report.genai,
+                       report.gguf))
         for file_name, text in (extra_files or {}).items():
             (tmp / file_name).write_text(text, encoding="utf-8")
         report.files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
@@ -373,5 +409,5 @@ def export(
     return report
 
 
-__all__ = ["AUTO", "DEPLOY_ORDER", "ExportError", "ExportReport", "check_export_args", "check_exportable",
+__all__ = ["AUTO", "DEPLOY_ORDER", "GGUF_DIR", "ExportError", "ExportReport", "check_export_args", "check_exportable",
            "check_format_support", "check_materialized", "export", "resolve_formats"]

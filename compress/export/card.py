@@ -10,11 +10,12 @@ def _fmt(value: Any) -> str:
 
 
 def model_card(name: str, params: int, shape: dict, onnx: bool, int8: dict | None = None,
-               history: dict | None = None, genai: dict | None = None) -> str:
+               history: dict | None = None, genai: dict | None = None, gguf: dict | None = None) -> str:
     """Markdown describing where the student came from, what it is, how it scores, and how to load it.
 
     ``int8`` is the export report's int8 entry (perplexities with onnxruntime), empty when not quantized;
-    ``genai`` its onnxruntime-genai entries (one per folder: parity or perplexity change).
+    ``genai`` its onnxruntime-genai entries (one per folder: parity or perplexity change), ``gguf`` its GGUF
+    entries (one per file: perplexity change, and the f16 file's logit check).
     """
     history = history or {}
     prune = history.get("prune", {})
@@ -77,4 +78,16 @@ def model_card(name: str, params: int, shape: dict, onnx: bool, int8: dict | Non
                   'generator = og.Generator(model, params); generator.append_tokens(tokenizer.encode("Hello"))',
                   "while not generator.is_done(): generator.generate_next_token(); "
                   "print(tokenizer.decode(generator.get_next_tokens()), end='')", "```"]
+    if gguf:
+        lines += ["", "## GGUF (llama.cpp)", "", "Converted by llama.cpp's converter and read back by transformers' "
+                  "GGUF loader to check it:", ""]
+        for kind, entry in gguf.items():
+            q = entry["perplexity"]
+            check = f"; logits within {entry['relative_diff']:.1e} of the largest logit" if "relative_diff" in entry \
+                else ""
+            lines.append(f"- `gguf/{entry['gguf_file']}`: perplexity {q['ppl_torch']:.2f} (PyTorch fp32) -> "
+                         f"{q['ppl_gguf']:.2f} ({q['ppl_change']:+.1%}) on {q['eval_tokens']:,} tokens of "
+                         f"{q['evaluation']}{check}")
+        name = gguf.get("q8_0", next(iter(gguf.values())))["gguf_file"]
+        lines += ["", "```bash", f'llama-cli -m path/to/this/folder/gguf/{name} -p "Hello" -n 64', "```"]
     return "\n".join(lines) + "\n"
