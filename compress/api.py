@@ -301,7 +301,8 @@ def compress(
         from .models import check_plain_logits, layout_for
 
         check_plain_logits(model, layout_for(model))
-    resolve_formats(model, formats, quantize, tokenizer)  # before pruning: a format this family cannot be written in is known now
+    # Before pruning: a format this family or tokenizer cannot be written in is known now.
+    resolve_formats(model, formats, quantize, tokenizer)
     rank, _ = distributed.init()
     device = distributed.resolve_device(device)
     # A model passed in goes back where it was if anything fails (pruning itself is transactional; after it

@@ -72,8 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="under torchrun: replicate the student (ddp) or shard it (fsdp); auto picks by memory")
     p.add_argument("--formats", default="auto",
                    help="what to write, comma-separated: safetensors, onnx (Optimum), onnx-genai, onnx-genai-int8, "
-                        "onnx-genai-int4 (onnxruntime-genai); default auto = safetensors + the fastest ONNX format "
-                        "that passes its checks (onnx-genai, else onnx)")
+                        "onnx-genai-int4 (onnxruntime-genai), gguf (llama.cpp: f16 and q8_0); default auto = "
+                        "safetensors + the fastest ONNX format that passes its checks (onnx-genai, else onnx)")
     p.add_argument("--int8", action="store_true",
                    help="also write int8 versions of the ONNX models (blockwise int8 weights, int8 compute on CPU)")
     p.add_argument("--prompt", default="A Python list is", help="prompt for the sample generation from ONNX")
@@ -188,6 +188,10 @@ def _run(args: argparse.Namespace) -> int:
             check = (f"perplexity {q['ppl_fp32']:.2f} (PyTorch fp32) -> {q['ppl_' + entry['precision']]:.2f} "
                      f"({q['ppl_change']:+.1%})")
         print(f"genai    {result.out_dir / folder}   {entry['precision']}, {check}")
+    for kind, entry in export.get("gguf", {}).items():
+        q = entry["perplexity"]
+        print(f"gguf     {result.out_dir / 'gguf' / entry['gguf_file']}   perplexity {q['ppl_torch']:.2f} (PyTorch "
+              f"fp32) -> {q['ppl_gguf']:.2f} ({q['ppl_change']:+.1%})")
     sample = _sample(result.out_dir, export, args.prompt)
     if sample:
         print(f"sample   ({sample[0]}, greedy) {args.prompt!r} -> {sample[1]!r}")

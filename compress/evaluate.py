@@ -58,13 +58,23 @@ def perplexity(
     check_tokenizer_matches(model, tokenizer)
     ids = eval_windows(tokenizer, text_or_path, seq_len, max_tokens)
     check_token_ids(ids, rows, "the evaluation text's token ids")
+    return windows_perplexity(model, ids, batch_size)
+
+
+def windows_perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> float:
+    """Perplexity of ``model`` on token windows ``[n, seq_len]`` (e.g. from :func:`eval_windows`), each scored
+    independently: ``exp(total next-token NLL / predicted tokens)``. The model runs where it is, in its dtype;
+    its train/eval mode is restored whatever happens."""
+    windows = torch.as_tensor(windows, dtype=torch.long)
+    if windows.dim() != 2 or windows.shape[1] < 2:
+        raise ConfigError(f"windows should be token ids of shape [n, seq_len >= 2], got {tuple(windows.shape)}")
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     nll, count = 0.0, 0
     try:
         with torch.inference_mode():
-            for batch in ids.split(batch_size):
+            for batch in windows.split(batch_size):
                 batch = batch.to(device)
                 logits = model(input_ids=batch, use_cache=False).logits.float()
                 loss = nn.functional.cross_entropy(

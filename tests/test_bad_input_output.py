@@ -530,7 +530,7 @@ def _one_error_line(err: str) -> str:
     (["--shape", "hidden_size=big"], 2, "'hidden_size=big'"),
     (["--params", "1.0"], 2, "not smaller than the teacher"),
     (["--samples", "0"], 2, "num_samples"),
-    (["--formats", "safetensors,gguf"], 2, "unknown export format(s) ['gguf']"),
+    (["--formats", "safetensors,tflite"], 2, "unknown export format(s) ['tflite']"),
     (["--data", "/no/such/train.txt"], 1, "'/no/such/train.txt' does not exist"),
 ])
 def test_cli_errors_are_one_line_without_traceback(extra, code, match, cli_setup, capsys):

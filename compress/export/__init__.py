@@ -22,7 +22,7 @@ from torch import nn
 
 from ..data import TextSource, default_eval_source, describe_source
 from ..errors import ConfigError, DataError
-from ..evaluate import eval_windows, perplexity
+from ..evaluate import eval_windows, windows_perplexity
 from ..io import atomic_output_dir, check_output_dir
 from ..models import layout_for
 from ..shape import ModelShape, count_params
@@ -278,7 +278,7 @@ def _check_genai_folder(model: nn.Module, tokenizer, out: Path, tolerance: float
         context = getattr(layout_for(model).shape_config(model.config), "max_position_embeddings", None)
         seq_len = min(EVAL_SEQ_LEN, context or EVAL_SEQ_LEN)
         reference["ids"] = eval_windows(tokenizer, text, seq_len, eval_tokens)
-        reference["ppl"] = perplexity(model, tokenizer, text, seq_len=seq_len, max_tokens=eval_tokens)
+        reference["ppl"] = windows_perplexity(model, reference["ids"])
     ids, fp32 = reference["ids"], reference["ppl"]
     ppl = genai.perplexity(og_model, ids)
     if not math.isfinite(ppl):

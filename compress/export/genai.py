@@ -68,10 +68,12 @@ def check_genai_support(model: nn.Module) -> None:
                           f"{arch}; export 'onnx' (Optimum) instead. Nothing was written.")
 
 
-def build(hf_dir: Path, out: Path, precision: str, extra_options: Sequence[str] = ()) -> Path:
+def build(hf_dir: Path, out: Path, precision: str, extra_options: Sequence[str] = (), *,
+          int4_mixed: bool = True) -> Path:
     """Run onnxruntime-genai's model builder on the Hugging Face folder ``hf_dir``, writing ``out``.
 
-    ``extra_options``: more ``key=value`` builder options (``--extra_options``), after this module's defaults.
+    ``extra_options``: more ``key=value`` builder options (``--extra_options``), after this module's defaults;
+    ``int4_mixed=False`` quantizes every MatMul of an int4 model to int4 (see :data:`INT4_OPTIONS`).
     """
     if precision not in GENAI_FORMATS.values():
         raise ExportError(f"unknown onnxruntime-genai precision {precision!r}; choose from "
@@ -82,7 +84,7 @@ def build(hf_dir: Path, out: Path, precision: str, extra_options: Sequence[str] 
     options = ["hf_remote=false", "shared_embeddings=false"]
     if precision in ("int8", "int4"):
         options += [f"block_size={BLOCK_SIZE}", f"accuracy_level={ACCURACY_LEVEL}"]
-    if precision == "int4":
+    if precision == "int4" and int4_mixed:
         options += list(INT4_OPTIONS)
     options += list(extra_options)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}

@@ -32,6 +32,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from ..evaluate import windows_perplexity
 from .onnx import ExportError
 
 GGUF_TYPES = ("f16", "q8_0")
@@ -420,29 +421,6 @@ def verify_gguf(model: nn.Module, tokenizer, gguf_file: Path, *, windows: torch.
     return result
 
 
-def windows_perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> float:
-    """Perplexity of ``model`` on token windows ``[n, seq]``, each scored independently: ``exp(total next-token
-    NLL / predicted tokens)``, as :func:`compress.evaluate.perplexity` computes it on text."""
-    windows = torch.as_tensor(windows, dtype=torch.long)
-    if windows.dim() != 2 or windows.shape[1] < 2:
-        raise ExportError(f"windows should be token ids of shape [n, seq >= 2], got {tuple(windows.shape)}")
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    nll, count = 0.0, 0
-    try:
-        with torch.inference_mode():
-            for batch in windows.split(batch_size):
-                batch = batch.to(device)
-                logits = model(input_ids=batch, use_cache=False).logits.float()
-                nll += float(nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                                         batch[:, 1:].reshape(-1), reduction="sum"))
-                count += batch[:, 1:].numel()
-    finally:
-        model.train(was_training)
-    return math.exp(nll / count)
-
-
 def gguf_perplexity(model: nn.Module, gguf_file: Path, windows: torch.Tensor, batch_size: int = 4) -> dict:
     """Perplexity on held-out token ``windows`` (``[n, seq]``, e.g. from :func:`compress.evaluate.eval_windows`)
     of the in-memory ``model`` and of ``gguf_file`` read back by transformers' GGUF loader (q8_0 weights are
@@ -457,4 +435,4 @@ def gguf_perplexity(model: nn.Module, gguf_file: Path, windows: torch.Tensor, ba
 
 
 __all__ = ["GGUF_TYPES", "SUPPORTED_ARCHITECTURES", "check_gguf_support", "check_gguf_tokenizer", "export_gguf",
-           "gguf_metadata", "gguf_perplexity", "load_gguf_model", "verify_gguf", "windows_perplexity"]
+           "gguf_metadata", "gguf_perplexity", "load_gguf_model", "verify_gguf"]
