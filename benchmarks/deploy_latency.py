@@ -27,7 +27,9 @@ Perplexity (pydocs valid, first 4,096 tokens, 512-token windows): fp32 by PyTorc
 taken from the export report (the gates measured them).
 
 The machine must be idle: the script refuses to start (exit code 3) unless the 1-minute load average is below
-1.0, or ``--allow-busy`` is given (recorded in the JSON).
+1.0, or ``--allow-busy`` is given (recorded in the JSON). Since others may start work during the run, each
+measurement also records ``other_processes_cores``: the cores the rest of the machine kept busy meanwhile
+(/proc/stat minus this process); the table marks a figure measured beside more than 0.2 such cores "busy".
 
     python benchmarks/deploy_latency.py --runs 3 --out benchmarks/results/deploy_latency_genai.json
     python benchmarks/deploy_latency.py --models teacher --formats genai-fp32 --runs 1 --prefill 64 --decode 16 \\
@@ -77,6 +79,14 @@ GOALS = {"student_fp32_decode_vs_teacher": 1.8, "int8_student_vs_fp32_teacher": 
 
 def loadavg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
+
+
+def busy_cpu_seconds() -> float:
+    """CPU seconds all processes of the machine have spent busy since boot (/proc/stat, every core)."""
+    with open("/proc/stat") as fh:
+        fields = [int(x) for x in fh.readline().split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def memory_bandwidth(mib: int = 512, repeats: int = 7) -> dict:
@@ -388,7 +398,8 @@ def print_table(results: dict) -> None:
         row = [key, f"{e['weight_bytes_per_token'] / 1e6:.1f}", f"{e['files_mib']}", ppl, chg]
         for t in threads:
             r = e["threads"].get(str(t), {})
-            row += [f"{r.get('prefill_s', '-')}", f"{r.get('decode_tokens_per_s', '-')}"]
+            busy = "" if r.get("other_processes_cores", 0) < 0.2 else f" (busy {r['other_processes_cores']})"
+            row += [f"{r.get('prefill_s', '-')}", f"{r.get('decode_tokens_per_s', '-')}{busy}"]
         lim = e.get("bandwidth_limit_1t")
         row += [f"{lim['limit_tokens_per_s']}", f"{lim['measured_over_limit']:.2f}"
                 + ("" if lim["within_2x"] else " (>2x off)")] if lim else ["-", "-"]
@@ -512,7 +523,12 @@ def main() -> None:
                             runner, target, prompt = run_genai, folder, prompt_list
                     entry["threads"] = {}
                     for n in threads:
+                        busy, own, wall = busy_cpu_seconds(), time.process_time(), time.perf_counter()
                         entry["threads"][str(n)] = runner(target, n, prompt, args.decode, args.runs)
+                        # cores the rest of the machine kept busy meanwhile (idle machine: ~0)
+                        others = ((busy_cpu_seconds() - busy) - (time.process_time() - own)) \
+                            / (time.perf_counter() - wall)
+                        entry["threads"][str(n)]["other_processes_cores"] = round(max(others, 0.0), 2)
                         print(f"{key} {n}t: {entry['threads'][str(n)]}", flush=True)
                     one = entry["threads"].get("1")
                     if one:
