@@ -63,7 +63,6 @@ def repair_gguf_tokenizer(tokenizer, gguf_file: str | Path):
 
     special = {name: token(key) for name, key in
                (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"), ("pad_token", "padding"))}
-    special = {k: v for k, v in special.items() if v is not None}
     if meta.get("model") == "gpt2":
         from tokenizers import decoders, processors
         from transformers import GPT2TokenizerFast
@@ -76,10 +75,13 @@ def repair_gguf_tokenizer(tokenizer, gguf_file: str | Path):
             post.append(processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
                                                       special_tokens=[(bos, meta["bos_token_id"])]))
         backend.post_processor = processors.Sequence(post) if len(post) > 1 else post[0]
-        fixed = GPT2TokenizerFast(tokenizer_object=backend, add_prefix_space=False, **special)
+        # A token the GGUF does not name stays unset (None): GPT2TokenizerFast would otherwise fill in
+        # "<|endoftext|>" and, if the vocabulary lacks it, add a row the model's embedding does not have.
+        fixed = GPT2TokenizerFast(tokenizer_object=backend, add_prefix_space=False, **special,
+                                  model_max_length=tokenizer.model_max_length, padding_side=tokenizer.padding_side)
         fixed.chat_template = tokenizer.chat_template
         return fixed
-    tokenizer.add_special_tokens(special)
+    tokenizer.add_special_tokens({k: v for k, v in special.items() if v is not None})
     if "add_bos_token" in meta and hasattr(tokenizer, "add_bos_token"):
         tokenizer.add_bos_token = meta["add_bos_token"]
     return tokenizer

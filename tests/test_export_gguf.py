@@ -200,3 +200,20 @@ def test_load_teacher_repairs_the_tokenizer_transformers_builds_from_a_gguf(tmp_
     text = SAMPLE_TEXT[:500] + " Naïve café 東京 — 3.14\n\n\tend"
     assert loaded(text).input_ids == tokenizer(text).input_ids
     assert loaded.decode(loaded(text).input_ids) == tokenizer.decode(tokenizer(text).input_ids) == text
+
+
+def test_gguf_tokenizer_repair_adds_no_token_the_gguf_does_not_name(monkeypatch):
+    """A GGUF without unknown/padding ids: the rebuilt tokenizer leaves them unset instead of adding a row."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    import compress.gguf_tokenizer as repair
+
+    backend = Tokenizer(models.BPE(vocab={"a": 0, "b": 1, "<s>": 2, "</s>": 3}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    loaded = PreTrainedTokenizerFast(tokenizer_object=backend, model_max_length=77)
+    monkeypatch.setattr(repair, "gguf_tokenizer_metadata",
+                        lambda path: {"model": "gpt2", "bos_token_id": 2, "eos_token_id": 3})
+    fixed = repair.repair_gguf_tokenizer(loaded, "model.gguf")
+    assert len(fixed) == 4 and fixed.unk_token is None and fixed.pad_token is None
+    assert (fixed.bos_token, fixed.eos_token, fixed.model_max_length) == ("<s>", "</s>", 77)

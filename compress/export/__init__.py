@@ -252,8 +252,9 @@ def _export_genai(model: nn.Module, tokenizer, hf_dir: Path, tmp: Path, formats:
             results[fmt] = _check_genai_folder(model, tokenizer, out, tolerance, text, eval_tokens, reference)
         except ExportError:
             raise
-        except RuntimeError as exc:  # raised by onnxruntime-genai's runtime while running the folder
-            raise ExportError(f"onnxruntime-genai could not run {fmt}: {exc}; the export was discarded") from exc
+        except (RuntimeError, KeyError, ValueError, OSError) as exc:  # the runtime, or a folder it wrote wrong
+            raise ExportError(f"onnxruntime-genai could not run {fmt}: {type(exc).__name__}: {exc}; the export "
+                              "was discarded") from exc
     return results
 
 

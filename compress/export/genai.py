@@ -62,7 +62,7 @@ def check_genai_support(model: nn.Module) -> None:
     except ImportError as exc:
         raise ExportError(f"the onnxruntime-genai formats need the onnxruntime_genai package ({exc}); reinstall "
                           "compress-llm, which depends on it") from exc
-    arch = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
+    arch = type(model).__name__  # what save_pretrained writes into config.json, which the builder reads
     if arch not in BUILDER_ARCHITECTURES:
         raise ExportError(f"the onnxruntime-genai export is checked for {sorted(BUILDER_ARCHITECTURES)}, not "
                           f"{arch}; export 'onnx' (Optimum) instead. Nothing was written.")
