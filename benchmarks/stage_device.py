@@ -5,7 +5,8 @@
 
 What it writes (``.device/`` is git-ignored):
 
-* ``wheels/``: transformers at the version setup.cfg pins (the machine ships a newer major version) and gguf;
+* ``wheels/``: transformers at the version setup.cfg pins (the machine ships a newer major version), the
+  tokenizers and huggingface_hub versions it accepts, and gguf;
 * ``teacher-a`` / ``teacher-b``: the two halves of the bundled SmolLM2 GGUF file (98 MB, more than one call
   may carry). The first call carries wheels and the first half; the second, made while the machine is still
   warm (it keeps ignored files between calls), carries the second half, joins them and runs the check.
@@ -20,7 +21,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGE = ROOT / ".device"
-PINS = ["transformers==4.57.6", "gguf==0.19.0"]
+# transformers at setup.cfg's pin, with the tokenizers and huggingface_hub it accepts (the machine's are newer).
+PINS = ["transformers==4.57.6", "tokenizers==0.22.2", "huggingface_hub==0.36.2", "gguf==0.19.0"]
 
 
 def main() -> int:
@@ -36,8 +38,10 @@ def main() -> int:
     half = len(data) // 2
     (STAGE / "teacher-a").write_bytes(data[:half])
     (STAGE / "teacher-b").write_bytes(data[half:])
+    # compress itself is installed too (no build isolation, no network): its plugins are entry points.
     setup = ("python3 -m pip install -q --no-index --no-deps --target /tmp/site .device/wheels/*.whl && "
-             "export PYTHONPATH=/tmp/site:$PWD")
+             "export PYTHONPATH=/tmp/site:$PWD && "
+             "python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site .")
     print("call 1 (carry ['.device/wheels', '.device/teacher-a']):  true")
     print("call 2 (carry ['.device/teacher-b'], right after):")
     print(f"  {setup} && cat .device/teacher-a .device/teacher-b > /tmp/SmolLM2-135M-Instruct.Q4_1.gguf && "
