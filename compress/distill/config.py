@@ -22,9 +22,15 @@ PARALLEL = ("auto", "ddp", "fsdp")
 class DistillConfig:
     """How to distill a student from its teacher.
 
-    Objective: ``logit_loss`` (``forward_kl`` — Minitron's —, ``reverse_kl`` or ``jsd`` with ``jsd_beta``) at
-    ``temperature``, optionally on the teacher's ``top_k`` logits, plus ``alpha_ce`` × the LM cross-entropy
-    (Minitron: 0). ``hidden_loss`` (``cosine``/``mse``, weight ``hidden_weight``) adds hidden-state matching on
+    Objective: ``logit_loss`` (``forward_kl`` — Minitron's —, ``reverse_kl``, ``jsd`` with ``jsd_beta`` (GKD's
+    generalized JSD), or DistiLLM's skew KLs ``skew_forward_kl`` = KL(t ‖ α t + (1-α) s) and ``skew_reverse_kl``
+    = KL(s ‖ α s + (1-α) t) with α = ``skew_alpha``) at ``temperature``, optionally on the teacher's ``top_k``
+    logits, plus ``alpha_ce`` × the LM cross-entropy (Minitron: 0). ``on_policy_fraction`` of the batches
+    (GKD's λ) are on-policy: the student samples the second half of each window (after
+    ``on_policy_prompt_tokens``, default half the window) at ``on_policy_temperature``, and the loss is taken
+    on the sampled tokens only, as the teacher scores them. ``teacher_cache`` (a folder written by
+    :func:`compress.distill.teacher_cache.build_teacher_cache` for the same windows and teacher) replaces the
+    teacher's forward pass with its stored top-k log-probabilities. ``hidden_loss`` (``cosine``/``mse``, weight ``hidden_weight``) adds hidden-state matching on
     ``hidden_layers`` (student layer indices; default: every layer), through a learned projection when widths
     differ; ``layer_map`` overrides which teacher layer each student layer learns from.
 
@@ -43,8 +49,11 @@ class DistillConfig:
     on which the loop waits for the device), and, every ``checkpoint_every`` steps, a checkpoint;
     ``resume=True`` continues from the last one. ``teacher_correction_steps`` first fine-tunes the teacher on
     the distillation data (Minitron does this when the original pretraining data is unavailable).
-    Optimizer: AdamW at ``lr`` with ``warmup_steps`` of linear warm-up, then a cosine decay to
-    ``min_lr_ratio`` × ``lr``; ``max_grad_norm`` clips the global gradient norm (``None``: no clipping).
+    Optimizer: AdamW at ``lr`` with a linear warm-up over ``warmup_ratio`` of the run's steps (or exactly
+    ``warmup_steps``, when set), then a cosine decay to ``min_lr_ratio`` × ``lr`` at the last step: the schedule
+    scales with the run. A ``warmup_steps`` that would take the whole run is cut to ``warmup_ratio`` of it, with
+    a warning and a note in the report's ``schedule``. ``max_grad_norm`` clips the global gradient norm
+    (``None``: no clipping).
 
     Every field is checked at construction (and again when :func:`~compress.distill` starts): a bad value
     raises :class:`~compress.errors.ConfigError` naming the field and the value, as does an unknown field name.
@@ -53,6 +62,7 @@ class DistillConfig:
     logit_loss: str = "forward_kl"
     temperature: float = 1.0
     jsd_beta: float = 0.5
+    skew_alpha: float = 0.1
     top_k: int | None = None
     alpha_ce: float = 0.0
     logit_weight: float = 1.0
@@ -60,6 +70,10 @@ class DistillConfig:
     hidden_weight: float = 1.0
     hidden_layers: list[int] | None = None
     layer_map: dict[int, int] | None = None
+    on_policy_fraction: float = 0.0
+    on_policy_prompt_tokens: int | None = None
+    on_policy_temperature: float = 1.0
+    teacher_cache: str | None = None
 
     seq_len: int = 512
     batch_size: int = 8
@@ -69,7 +83,8 @@ class DistillConfig:
 
     lr: float = 1e-4
     min_lr_ratio: float = 0.1
-    warmup_steps: int = 10
+    warmup_steps: int | None = None
+    warmup_ratio: float = 0.1
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
 
@@ -146,6 +161,9 @@ class DistillConfig:
         choice("logit_loss", LOGIT_LOSSES)
         number("temperature", positive=True)
         number("jsd_beta", high=1.0)
+        number("skew_alpha", high=1.0)
+        if self.skew_alpha >= 1.0:
+            bad("skew_alpha", "a number in [0, 1) (at 1 the skewed mixture is the teacher itself: no signal)")
         integer("top_k", 1, optional=True)
         for name in ("alpha_ce", "logit_weight", "hidden_weight"):
             number(name)
@@ -157,8 +175,31 @@ class DistillConfig:
                 f"DistillConfig has no objective: logit_weight={self.logit_weight!r}, alpha_ce={self.alpha_ce!r}, "
                 f"hidden_loss={self.hidden_loss!r} (hidden_weight={self.hidden_weight!r}); make one of them non-zero")
 
+        number("on_policy_fraction", high=1.0)
+        integer("on_policy_prompt_tokens", 1, optional=True)
+        number("on_policy_temperature", positive=True)
+        if self.teacher_cache is not None:
+            if not isinstance(self.teacher_cache, (str, os.PathLike)) or not os.fspath(self.teacher_cache):
+                bad("teacher_cache", "None or the folder of a teacher cache")
+            self.teacher_cache = os.fspath(self.teacher_cache)
+            if self.on_policy_fraction > 0:
+                raise ConfigError("DistillConfig.teacher_cache holds the teacher's scores of the data windows, but "
+                                  f"on_policy_fraction={self.on_policy_fraction} asks it to score the student's own "
+                                  "samples: use one or the other")
+            if self.hidden_loss is not None or self.temperature != 1.0 or self.top_k is not None:
+                raise ConfigError("DistillConfig.teacher_cache stores top-k log-probabilities at temperature 1: it "
+                                  "cannot serve hidden_loss, temperature != 1 or top_k (the cache's own k applies); "
+                                  f"got hidden_loss={self.hidden_loss!r}, temperature={self.temperature!r}, "
+                                  f"top_k={self.top_k!r}")
+            if self.logit_loss not in ("forward_kl", "reverse_kl"):
+                raise ConfigError(f"DistillConfig.teacher_cache supports logit_loss 'forward_kl' or 'reverse_kl', "
+                                  f"got {self.logit_loss!r}")
+
         # Batches and budget.
         integer("seq_len", 2)
+        if self.on_policy_prompt_tokens is not None and self.on_policy_prompt_tokens >= self.seq_len:
+            bad("on_policy_prompt_tokens", f"None or fewer than seq_len={self.seq_len} tokens (the student samples "
+                "the rest of each window)")
         for name in ("batch_size", "grad_accum"):
             integer(name, 1)
         integer("max_steps", 1, optional=True)
@@ -172,7 +213,10 @@ class DistillConfig:
         # Optimizer and schedule.
         number("lr", positive=True)
         number("min_lr_ratio", high=1.0)
-        integer("warmup_steps", 0)
+        integer("warmup_steps", 0, optional=True)
+        number("warmup_ratio", high=1.0)
+        if self.warmup_ratio >= 1.0:
+            bad("warmup_ratio", "a number in [0, 1) (a warm-up of the whole run never reaches the peak lr)")
         number("weight_decay")
         number("max_grad_norm", positive=True, optional=True)
 
@@ -247,6 +291,23 @@ class DistillConfig:
                                   f"{missing} that layer_map={self.layer_map!r} does not map to a teacher layer: add "
                                   "them to layer_map or drop them from hidden_layers")
 
+    def warmup_for(self, total: int) -> tuple[int, str | None]:
+        """Warm-up steps of a run of ``total`` optimizer steps, and a note when ``warmup_steps`` had to be cut:
+        a warm-up at least as long as the run would never reach the peak learning rate."""
+        by_ratio = int(round(self.warmup_ratio * total))
+        if self.warmup_steps is None:
+            return by_ratio, None
+        if self.warmup_steps >= total and self.warmup_steps > 0:
+            return by_ratio, (f"warmup_steps={self.warmup_steps} is not shorter than the run ({total} steps): the "
+                              f"learning rate would never reach lr={self.lr}; warming up over {by_ratio} steps "
+                              f"(warmup_ratio={self.warmup_ratio}) instead")
+        return self.warmup_steps, None
+
+    def on_policy_prompt(self) -> int:
+        """Tokens of each window kept as the prompt of an on-policy batch (the rest is sampled)."""
+        prompt = self.on_policy_prompt_tokens if self.on_policy_prompt_tokens is not None else self.seq_len // 2
+        return max(1, min(prompt, self.seq_len - 1))
+
     @property
     def tokens_per_step(self) -> int:
         """Tokens one process trains on per optimizer step."""
@@ -271,7 +332,9 @@ _ALIASES = {"learning_rate": "lr", "max_length": "seq_len", "sequence_length": "
             "gradient_accumulation_steps": "grad_accum", "warmup": "warmup_steps", "steps": "max_steps",
             "tokens": "max_tokens", "kd_temperature": "temperature", "clip_grad_norm": "max_grad_norm",
             "grad_clip": "max_grad_norm", "checkpoint_dir": "output_dir", "save_steps": "checkpoint_every",
-            "logging_steps": "log_every", "precision": "dtype"}
+            "logging_steps": "log_every", "precision": "dtype",
+            "beta": "jsd_beta", "lmbda": "on_policy_fraction", "warmup_fraction": "warmup_ratio",
+            "skew": "skew_alpha", "alpha": "skew_alpha"}
 _generated_init = DistillConfig.__init__
 
 

@@ -42,7 +42,8 @@ class WindowLoader:
         self._staging: list[torch.Tensor] = []
         self._copy_done: list[torch.cuda.Event | None] = []
         self._stream = None
-        self._ahead: tuple[torch.Tensor, dict] | None = None
+        self._ahead: tuple[tuple[torch.Tensor, torch.Tensor], dict] | None = None
+        self.last_indices: torch.Tensor | None = None
         if self.device.type == "cuda":
             shape = (batch_size, windows.shape[1])
             self._staging = [torch.empty(shape, dtype=windows.dtype, pin_memory=True) for _ in range(2)]
@@ -91,11 +92,12 @@ class WindowLoader:
         self.served += 1
         return idx
 
-    def _fetch(self) -> torch.Tensor:
-        """Start delivering the next batch; on CUDA the returned tensor is filled asynchronously."""
+    def _fetch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Start delivering the next batch (and say which windows it holds); on CUDA the returned tensor is filled
+        asynchronously."""
         idx = self._next_indices()
         if self._stream is None:
-            return self.windows.index_select(0, idx).to(self.device)
+            return self.windows.index_select(0, idx).to(self.device), idx
         slot = self.served % 2
         if self._copy_done[slot] is not None:
             self._copy_done[slot].synchronize()  # the copy out of this buffer, two batches ago, has finished
@@ -106,14 +108,16 @@ class WindowLoader:
             event = torch.cuda.Event()
             event.record(self._stream)
         self._copy_done[slot] = event
-        return batch
+        return batch, idx
 
     def next_batch(self) -> torch.Tensor:
-        """This rank's next ``[batch_size, seq_len]`` batch, on the loader's device."""
+        """This rank's next ``[batch_size, seq_len]`` batch, on the loader's device. ``last_indices`` then holds
+        the rows of ``windows`` it was taken from (a teacher cache looks its targets up by them)."""
         if self._ahead is None:
-            batch = self._fetch()
+            batch, idx = self._fetch()
         else:
-            batch, self._ahead = self._ahead[0], None
+            (batch, idx), self._ahead = self._ahead[0], None
+        self.last_indices = idx
         if self._stream is not None:
             current = torch.cuda.current_stream(self.device)
             current.wait_stream(self._stream)

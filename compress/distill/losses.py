@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-LOGIT_LOSSES = ("forward_kl", "reverse_kl", "jsd")
+LOGIT_LOSSES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl")
 HIDDEN_LOSSES = ("cosine", "mse")
 
 
@@ -83,13 +83,18 @@ def _active(transform: LogitTransform | None) -> LogitTransform | None:
 
 
 def divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str = "forward_kl",
-               temperature: float = 1.0, beta: float = 0.5, top_k: int | None = None) -> torch.Tensor:
+               temperature: float = 1.0, beta: float = 0.5, top_k: int | None = None,
+               skew: float = 0.1) -> torch.Tensor:
     """Summed over tokens: the per-token divergence between teacher and student distributions.
 
     ``forward_kl`` is KL(teacher || student) (Minitron), ``reverse_kl`` KL(student || teacher), and ``jsd`` the
     generalized Jensen-Shannon divergence with mixture ``M = beta * teacher + (1 - beta) * student``:
     ``beta * KL(teacher || M) + (1 - beta) * KL(student || M)`` (``beta`` 0 and 1 fall back to the two KLs,
-    TRL's GKD convention). With ``top_k``, the teacher keeps only its ``k`` largest logits (renormalized) and
+    TRL's GKD convention). DistiLLM's skew divergences mix a little of the other distribution into the
+    reference, which bounds the loss and its gradient where one side has no mass: ``skew_forward_kl`` is
+    ``KL(teacher || skew * teacher + (1 - skew) * student)``, ``skew_reverse_kl`` is
+    ``KL(student || skew * student + (1 - skew) * teacher)`` (``skew`` 0 gives the plain KLs). With
+    ``top_k``, the teacher keeps only its ``k`` largest logits (renormalized) and
     the student is compared on that support. Logits are divided by ``temperature``; the result is scaled by
     ``temperature ** 2`` so gradients keep their size.
     """
@@ -113,16 +118,27 @@ def divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind:
         kl_t = (t_logp.exp() * (t_logp - m_logp)).sum(-1)
         kl_s = (s_logp.exp() * (s_logp - m_logp)).sum(-1)
         per_token = beta * kl_t + (1 - beta) * kl_s
+    elif kind in ("skew_forward_kl", "skew_reverse_kl"):
+        p_logp, q_logp = (t_logp, s_logp) if kind == "skew_forward_kl" else (s_logp, t_logp)
+        m_logp = _mix(p_logp, q_logp, skew)
+        per_token = (p_logp.exp() * (p_logp - m_logp)).sum(-1)
     else:
         raise ValueError(f"unknown divergence {kind!r}; choose one of {LOGIT_LOSSES}")
     return per_token.sum() * temperature**2
 
 
+def _mix(p_logp: torch.Tensor, q_logp: torch.Tensor, skew: float) -> torch.Tensor:
+    """``log(skew * p + (1 - skew) * q)`` from log-probabilities, without leaving log space."""
+    if skew == 0.0:
+        return q_logp
+    return torch.logaddexp(p_logp + math.log(skew), q_logp + math.log1p(-skew))
+
+
 def _chunk_loss_and_grad(h_chunk: torch.Tensor, w_s: torch.Tensor, t_logits: torch.Tensor | None,
                          labels: torch.Tensor | None, kind: str, temperature: float, beta: float, top_k: int | None,
                          kd_weight: float, ce_weight: float, need_grad: bool = True,
-                         s_transform: LogitTransform | None = None, t_transform: LogitTransform | None = None
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                         s_transform: LogitTransform | None = None, t_transform: LogitTransform | None = None,
+                         skew: float = 0.1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """One chunk of tokens: ``(kd_sum, ce_sum, d(kd_weight * kd_sum + ce_weight * ce_sum)/d(student logits))``.
 
     Pure tensor code (no autograd call, no ``.item()``, branches only on the Python arguments), so that
@@ -136,6 +152,9 @@ def _chunk_loss_and_grad(h_chunk: torch.Tensor, w_s: torch.Tensor, t_logits: tor
     - forward KL ``sum t_p (t_logp - s_logp)``: ``g = -t_p``
     - reverse KL ``sum s_p (s_logp - t_logp)``: ``g = s_p (s_logp - t_logp + 1)``
     - JSD, ``M = beta t_p + (1 - beta) s_p``: ``g = (1 - beta) s_p (s_logp - m_logp)``
+    - skew forward KL ``sum t_p (t_logp - m_logp)``, ``M = a t_p + (1 - a) s_p``: ``g = -(1 - a) t_p s_p / M``
+    - skew reverse KL ``sum s_p (s_logp - m_logp)``, ``M = a s_p + (1 - a) t_p``:
+      ``g = s_p (s_logp - m_logp + 1 - a s_p / M)``
     - cross-entropy: ``softmax(logits) - onehot(label)``
 
     ``s_transform`` / ``t_transform`` (:class:`LogitTransform`, ``None`` or identity for none) turn the raw
@@ -188,6 +207,18 @@ def _chunk_loss_and_grad(h_chunk: torch.Tensor, w_s: torch.Tensor, t_logits: tor
             kd = beta * kl_t + (1 - beta) * (s_p * s_minus_m).sum()
             g = (1 - beta) * s_p * s_minus_m
             del s_p, s_minus_m
+        elif kind == "skew_forward_kl":
+            m_logp = _mix(t_logp, s_sel, skew)
+            kd = (t_logp.exp() * (t_logp - m_logp)).sum()
+            g = -(1 - skew) * torch.exp(t_logp + s_sel - m_logp)
+            del m_logp
+        elif kind == "skew_reverse_kl":
+            m_logp = _mix(s_sel, t_logp, skew)
+            s_p = s_sel.exp()
+            s_minus_m = s_sel - m_logp
+            kd = (s_p * s_minus_m).sum()
+            g = s_p * (s_minus_m + 1 - skew * s_minus_m.exp())
+            del m_logp, s_p, s_minus_m
         else:
             raise ValueError(f"unknown divergence {kind!r}; choose one of {LOGIT_LOSSES}")
         del t_logp, s_sel
@@ -246,7 +277,7 @@ class _FusedHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h_s, w_s, h_t, w_t, labels, kind, temperature, beta, top_k, kd_weight, ce_weight, chunk_tokens,
-                compiled=False, s_transform=None, t_transform=None):
+                compiled=False, s_transform=None, t_transform=None, skew=0.1):
         n = h_s.shape[0]
         needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         compute = torch.promote_types(h_s.dtype, torch.float32)
@@ -268,7 +299,7 @@ class _FusedHeadLoss(torch.autograd.Function):
             h_chunk = h_s[sl]
             t_logits = h_t[sl] @ w_t.t() if want_kd else None
             kd, ce, g = chunk_fn(h_chunk, w_s, t_logits, labels[sl] if want_ce else None, kind, temperature, beta,
-                                 top_k, kd_weight, ce_weight, needs_grad, s_transform, t_transform)
+                                 top_k, kd_weight, ce_weight, needs_grad, s_transform, t_transform, skew)
             del t_logits
             if needs_grad:
                 grad_h[sl] = g @ w_s
@@ -288,7 +319,7 @@ class _FusedHeadLoss(torch.autograd.Function):
         # In place: these buffers belong to this call alone, and a second [vocab, width] copy is what we avoid.
         out_h = None if grad_h is None else grad_h.mul_(grad_loss.to(grad_h.dtype))
         out_w = None if grad_w is None else grad_w.mul_(grad_loss.to(grad_w.dtype)).to(ctx.w_dtype)
-        return out_h, out_w, None, None, None, None, None, None, None, None, None, None, None, None, None
+        return out_h, out_w, None, None, None, None, None, None, None, None, None, None, None, None, None, None
 
 
 def chunked_logit_loss(
@@ -308,6 +339,7 @@ def chunked_logit_loss(
     compiled: bool = False,
     student_transform: LogitTransform | None = None,
     teacher_transform: LogitTransform | None = None,
+    skew: float = 0.1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``kd_weight × mean divergence + ce_weight × mean cross-entropy`` from final hidden states, fused with the
     LM heads and computed ``chunk_tokens`` at a time (see :class:`_FusedHeadLoss`).
@@ -320,6 +352,7 @@ def chunked_logit_loss(
     ``student_transform`` / ``teacher_transform`` (:class:`LogitTransform`) are what each model does to its raw
     LM-head output (Gemma-2/3 soft-capping, Granite's logit scaling); the student's applies to the divergence and
     to the cross-entropy, and the gradient goes through it. ``None`` or the identity costs nothing.
+    ``skew``: the mixture weight of the skew divergences (see :func:`divergence`).
     Returns ``(loss, kd, ce)``: the differentiable loss, and the two detached means for logging.
     """
     if teacher_hidden is None:
@@ -331,7 +364,7 @@ def chunked_logit_loss(
     n = student_hidden.shape[0]
     loss, kd, ce = _FusedHeadLoss.apply(student_hidden, student_head, teacher_hidden, teacher_head, labels, kind,
                                         temperature, beta, top_k, kd_weight, ce_weight, chunk_tokens, compiled,
-                                        _active(student_transform), _active(teacher_transform))
+                                        _active(student_transform), _active(teacher_transform), float(skew))
     return loss / n, kd / n, ce / n
 
 

@@ -16,6 +16,7 @@ import json
 import math
 import random
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -68,6 +69,10 @@ class DistillReport:
     memory_plan: dict = field(default_factory=dict)
     total_steps: int | None = None
     total_tokens: int | None = None
+    #: The learning-rate schedule as run: total and warm-up steps, and a note when the warm-up was cut.
+    schedule: dict = field(default_factory=dict)
+    #: On-policy batches (count, sampled tokens, seconds spent sampling) and the teacher cache used, if any.
+    objective: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -144,15 +149,23 @@ class DistillModule(nn.Module):
         return {"projections.hidden.weight": self._projection_init()} if "hidden" in self.projections else {}
 
     def forward(self, input_ids: torch.Tensor, teacher_final: torch.Tensor | None,
-                teacher_layers: dict[int, torch.Tensor], teacher_head: torch.Tensor | None) -> torch.Tensor:
-        """Returns ``[loss, kd, ce, hidden]`` (only the first carries gradients)."""
+                teacher_layers: dict[int, torch.Tensor], teacher_head: torch.Tensor | None,
+                loss_from: int = 1, cached: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+        """Returns ``[loss, kd, ce, hidden]`` (only the first carries gradients). The logit losses cover the
+        tokens from position ``loss_from`` on (1: every predicted token; an on-policy batch starts at its sampled
+        part). ``cached``: the teacher's stored ``(top-k log-probs, indices, log of the rest)`` for every
+        position, used instead of ``teacher_final``/``teacher_head``."""
         cfg = self.config
         base = self.student.get_submodule(self.adapter.base)
         hidden = base(input_ids=input_ids, use_cache=False).last_hidden_state
         head = self.student.get_submodule(self.adapter.lm_head).weight
-        labels = input_ids[:, 1:].reshape(-1) if cfg.alpha_ce > 0 else None
+        start = loss_from - 1  # the hidden state at position p predicts token p + 1
+        labels = input_ids[:, loss_from:].reshape(-1) if cfg.alpha_ce > 0 else None
         d_s = hidden.shape[-1]
-        t_flat = None if teacher_final is None else teacher_final[:, :-1].reshape(-1, teacher_final.shape[-1])
+        s_flat = hidden[:, start:-1].reshape(-1, d_s)
+        if cached is not None:
+            return self._cached_forward(s_flat, head, cached, labels)
+        t_flat = None if teacher_final is None else teacher_final[:, start:-1].reshape(-1, teacher_final.shape[-1])
         if not torch.is_autocast_enabled(hidden.device.type):  # under autocast the matmuls cast (no copies)
             if t_flat is not None and t_flat.dtype != hidden.dtype:
                 t_flat = t_flat.to(hidden.dtype)
@@ -160,11 +173,11 @@ class DistillModule(nn.Module):
                 teacher_head = teacher_head.to(head.dtype)
         t_head = teacher_head
         loss, kd, ce = chunked_logit_loss(
-            hidden[:, :-1].reshape(-1, d_s), head, t_flat, t_head, labels,
+            s_flat, head, t_flat, t_head, labels,
             kind=cfg.logit_loss, temperature=cfg.temperature, beta=cfg.jsd_beta, top_k=cfg.top_k,
             chunk_tokens=cfg.chunk_tokens, kd_weight=cfg.logit_weight, ce_weight=cfg.alpha_ce,
             compiled=cfg.compile, student_transform=self.student_transform,
-            teacher_transform=self.teacher_transform)
+            teacher_transform=self.teacher_transform, skew=cfg.skew_alpha)
         hid = kd.new_zeros(())
         if self._captured is not None:
             student_layers = self._captured.pop()
@@ -179,12 +192,66 @@ class DistillModule(nn.Module):
         return torch.stack([loss, kd.detach().to(loss.dtype), ce.detach().to(loss.dtype),
                             hid.detach().to(loss.dtype)])
 
+    def _cached_forward(self, s_flat: torch.Tensor, head: torch.Tensor, cached: tuple[torch.Tensor, ...],
+                        labels: torch.Tensor | None) -> torch.Tensor:
+        """The logit loss against a teacher cache (plus the cross-entropy, when asked for)."""
+        from .teacher_cache import cached_logit_loss
+
+        cfg = self.config
+        t_logp, t_idx, t_rest = (t.reshape(-1, *t.shape[2:]) for t in cached)
+        loss, kd = cached_logit_loss(s_flat, head, t_logp, t_idx, t_rest, kind=cfg.logit_loss,
+                                     chunk_tokens=cfg.chunk_tokens, student_transform=self.student_transform,
+                                     weight=cfg.logit_weight)
+        ce = kd.new_zeros(())
+        if labels is not None:
+            ce_loss, _, ce = chunked_logit_loss(s_flat, head, None, None, labels, chunk_tokens=cfg.chunk_tokens,
+                                                ce_weight=cfg.alpha_ce, compiled=cfg.compile,
+                                                student_transform=self.student_transform)
+            loss = loss + ce_loss
+        zero = kd.new_zeros(())
+        return torch.stack([loss, kd.detach().to(loss.dtype), ce.detach().to(loss.dtype), zero.to(loss.dtype)])
+
+
+@torch.no_grad()
+def sample_continuations(model: nn.Module, prompts: torch.Tensor, new_tokens: int, temperature: float,
+                         generator: torch.Generator | None = None) -> torch.Tensor:
+    """``prompts`` ``[B, P]`` followed by ``new_tokens`` tokens sampled from ``model`` at ``temperature`` (the
+    whole distribution: no top-k/top-p, as on-policy distillation needs the student's own distribution). Always
+    exactly ``new_tokens`` (no stop at EOS), so every rank of a sharded student runs the same number of forward
+    passes. Uses the model's KV cache; leaves its train/eval mode as it was."""
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(input_ids=prompts, use_cache=True)
+        past, logits = out.past_key_values, out.logits[:, -1]
+        tokens = [prompts]
+        for i in range(new_tokens):
+            probs = torch.softmax(logits.float() / temperature, dim=-1)
+            nxt = torch.multinomial(probs, 1, generator=generator)
+            tokens.append(nxt)
+            if i + 1 < new_tokens:
+                out = model(input_ids=nxt, past_key_values=past, use_cache=True)
+                past, logits = out.past_key_values, out.logits[:, -1]
+        return torch.cat(tokens, dim=1)
+    finally:
+        model.train(was_training)
+
+
+def _on_policy_now(config: DistillConfig, step: int, micro: int) -> bool:
+    """Whether micro-batch ``micro`` of ``step`` is on-policy: a draw seeded by (seed, step, micro), so a resumed
+    run, and every rank, makes the same choices."""
+    if config.on_policy_fraction <= 0:
+        return False
+    return random.Random(f"{config.seed}/{step}/{micro}").random() < config.on_policy_fraction
+
 
 def _lr_lambda(config: DistillConfig, total: int):
+    warmup, _ = config.warmup_for(total)
+
     def fn(step: int) -> float:
-        if step < config.warmup_steps:
-            return (step + 1) / (config.warmup_steps + 1)
-        progress = (step - config.warmup_steps) / max(1, total - config.warmup_steps)
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
         cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
         return config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine
     return fn
@@ -402,6 +469,12 @@ def distill(student: nn.Module, teacher: nn.Module, data, config: DistillConfig,
     mode, shard_teacher = _pick_engine(config, world, plan)
     plan.check(mode, shard_teacher)  # refuses, with what would fit, before any work
     total = config.steps_for(world)
+    warmup, schedule_note = config.warmup_for(total)
+    schedule = {"total_steps": total, "warmup_steps": warmup, "decay": f"cosine to {config.min_lr_ratio} x lr"}
+    if schedule_note:
+        schedule["adjusted"] = schedule_note
+        if rank == 0:
+            warnings.warn(schedule_note, stacklevel=2)
 
     out_dir = Path(config.output_dir) if config.output_dir else None
     resumable = None
@@ -411,6 +484,11 @@ def distill(student: nn.Module, teacher: nn.Module, data, config: DistillConfig,
             resumable = find_resumable(out_dir, config=config.to_dict(), world=world, mode=mode, total_steps=total)
     loader = WindowLoader.from_source(data, tokenizer, config, skip_tokens=skip_tokens, rank=rank, world=world,
                                       device=device, vocab_size=s_vocab)
+    cache = None
+    if config.teacher_cache is not None:  # built for these very windows and this teacher, or refused now
+        from .teacher_cache import TeacherCache
+
+        cache = TeacherCache.open(config.teacher_cache, windows=loader.windows, teacher=teacher)
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -464,8 +542,11 @@ def distill(student: nn.Module, teacher: nn.Module, data, config: DistillConfig,
             if config.hidden_loss else None
         if captured_teacher is not None:
             hooks.append(captured_teacher)
-        # Plain LM fine-tuning (logit_weight 0, no hidden loss) never runs the teacher.
-        needs_teacher = config.logit_weight > 0 or config.hidden_loss is not None
+        # Plain LM fine-tuning (logit_weight 0, no hidden loss) never runs the teacher, nor does a cached one.
+        needs_teacher = (config.logit_weight > 0 or config.hidden_loss is not None) and cache is None
+        prompt_len = config.on_policy_prompt()
+        on_policy = {"batches": 0, "sampled_tokens": 0, "sampling_seconds": 0.0} \
+            if config.on_policy_fraction > 0 else {}
         start_step, history, resumed = 0, [], None
         if out_dir is not None and rank == 0:
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -491,6 +572,21 @@ def distill(student: nn.Module, teacher: nn.Module, data, config: DistillConfig,
                 step_metrics = torch.zeros(4, device=device)
                 for micro in range(config.grad_accum):
                     batch = loader.next_batch()
+                    loss_from, cached = 1, None
+                    if cache is not None:
+                        cached = cache.lookup(loader.last_indices, device)
+                    if _on_policy_now(config, step, micro):  # the student writes the rest of each window
+                        t_sample = time.perf_counter()
+                        gen = torch.Generator(device).manual_seed(
+                            config.seed * 1_000_003 + step * (config.grad_accum + 1) + micro)
+                        with engine.autocast():
+                            batch = sample_continuations(module.student, batch[:, :prompt_len],
+                                                         batch.shape[1] - prompt_len, config.on_policy_temperature,
+                                                         gen)
+                        loss_from = prompt_len
+                        on_policy["batches"] += 1
+                        on_policy["sampled_tokens"] += batch.shape[0] * (batch.shape[1] - prompt_len) * world
+                        on_policy["sampling_seconds"] += time.perf_counter() - t_sample
                     t_final = t_head = None
                     if needs_teacher:
                         with torch.no_grad(), engine.autocast():
@@ -498,7 +594,7 @@ def distill(student: nn.Module, teacher: nn.Module, data, config: DistillConfig,
                         t_head = t_trunk.head_weight()
                     t_layers_out = captured_teacher.pop() if captured_teacher else {}
                     with engine.no_sync(micro == config.grad_accum - 1), engine.autocast():
-                        out = wrapped(batch, t_final, t_layers_out, t_head)
+                        out = wrapped(batch, t_final, t_layers_out, t_head, loss_from, cached)
                     (out[0] / config.grad_accum).backward()
                     step_metrics += out.detach().float() / config.grad_accum
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
@@ -579,6 +675,11 @@ def distill(student: nn.Module, teacher: nn.Module, data, config: DistillConfig,
                 "precision": "bf16 compute, fp32 master weights" if use_bf16 else "fp32",
                 "training_state_mib": round(state_bytes / 2**20, 1)},
         memory_plan=plan.to_dict(mode, shard_teacher), total_steps=total, total_tokens=total * tokens_per_step,
+        schedule=schedule,
+        objective={"logit_loss": config.logit_loss,
+                   **({"on_policy": {**on_policy, "sampling_seconds": round(on_policy["sampling_seconds"], 2),
+                                     "prompt_tokens": prompt_len}} if on_policy else {}),
+                   **({"teacher_cache": cache.describe()} if cache is not None else {})},
     )
 
 
