@@ -11,6 +11,7 @@ from . import distill as distillation
 from . import evaluate
 from .api import compress, load_report, load_teacher, save_student, smollm2_gguf_path
 from .calibrate import Calibration, CalibrationConfig, Importance
+from .corpus import CorpusReport, SelectionReport, generate_corpus, select_by_difference
 from .distill import DistillConfig, DistillError, DistillReport
 from .distill import distill
 from .export import ExportError, ExportReport, export
@@ -25,7 +26,8 @@ from .report import PruneReport, Result
 from .shape import ModelShape
 
 __all__ = [
-    "AxisPlugin", "Calibration", "CalibrationConfig", "CheckpointError", "CompressError", "ConfigError", "DataError",
+    "AxisPlugin", "Calibration", "CalibrationConfig", "CheckpointError", "CompressError", "ConfigError",
+    "CorpusReport", "DataError", "SelectionReport", "generate_corpus", "select_by_difference",
     "DecoderAdapter", "DistillConfig", "DistillError", "DistillReport", "ExportError", "ExportReport",
     "ImportancePlugin", "Importance", "ModelShape", "OutputExistsError", "PlanConfig", "PluginError", "PruneContext",
     "PruneReport", "Result", "Target", "TargetError", "UnsupportedModelError", "__version__", "compress", "distill",
