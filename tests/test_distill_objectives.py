@@ -161,3 +161,37 @@ def test_on_policy_fraction_mixes_batches_and_repeats_exactly():
         runs.append((report.objective["on_policy"]["batches"], [r["loss"] for r in report.losses]))
     assert 0 < runs[0][0] < 12
     assert runs[0] == runs[1]
+
+
+def test_distilling_from_a_full_teacher_cache_matches_online_distillation(tmp_path):
+    from compress.distill.teacher_cache import build_teacher_cache
+
+    teacher, student, data = make_pair()
+    online_student = make_pair()[1]
+    vocab = teacher.config.vocab_size
+    # A cache holding every logit (top_k = vocabulary) loses nothing: training from it must follow online KD.
+    build_teacher_cache(teacher, data, tmp_path / "cache", top_k=vocab, progress=False)
+    common = dict(max_steps=3, batch_size=4, seq_len=32, lr=1e-3, progress=False, log_every=1)
+    cached = distill(student, teacher, data, DistillConfig(teacher_cache=str(tmp_path / "cache"), **common))
+    online = distill(online_student, teacher, data, DistillConfig(**common))
+    assert [r["kd"] for r in cached.losses] == pytest.approx([r["kd"] for r in online.losses], rel=1e-3)
+    assert cached.objective["teacher_cache"]["top_k"] == vocab
+    # The same updates up to the cache's fp16 rounding. Adam moves even weights whose gradient is only rounding
+    # noise by about lr, so compare the whole update direction rather than single weights.
+    start = torch.cat([p.detach().flatten() for p in make_pair()[1].parameters()])
+    via_cache = torch.cat([p.detach().flatten() for p in student.parameters()]) - start
+    via_teacher = torch.cat([p.detach().flatten() for p in online_student.parameters()]) - start
+    assert float(F.cosine_similarity(via_cache, via_teacher, dim=0)) > 0.98
+
+
+def test_a_cache_of_other_windows_is_refused_before_training(tmp_path):
+    from compress.distill.teacher_cache import build_teacher_cache
+    from compress.errors import DataError
+
+    teacher, student, data = make_pair()
+    build_teacher_cache(teacher, data[:8], tmp_path / "cache", top_k=16, progress=False)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    with pytest.raises(DataError, match="rebuild"):
+        distill(student, teacher, data, DistillConfig(max_steps=2, batch_size=4, seq_len=32, progress=False,
+                                                      teacher_cache=str(tmp_path / "cache")))
+    assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())

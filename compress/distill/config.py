@@ -191,6 +191,10 @@ class DistillConfig:
                                   "cannot serve hidden_loss, temperature != 1 or top_k (the cache's own k applies); "
                                   f"got hidden_loss={self.hidden_loss!r}, temperature={self.temperature!r}, "
                                   f"top_k={self.top_k!r}")
+            if self.teacher_correction_steps:
+                raise ConfigError("DistillConfig.teacher_cache was written by the teacher as it is, but "
+                                  f"teacher_correction_steps={self.teacher_correction_steps} would change that "
+                                  "teacher first: correct the teacher, build the cache from it, then distill")
             if self.logit_loss not in ("forward_kl", "reverse_kl"):
                 raise ConfigError(f"DistillConfig.teacher_cache supports logit_loss 'forward_kl' or 'reverse_kl', "
                                   f"got {self.logit_loss!r}")

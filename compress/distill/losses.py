@@ -60,6 +60,7 @@ class LogitTransform:
     def to_dict(self) -> dict[str, float | None]:
         return {"scale": self.scale, "softcap": self.softcap}
 
+    @classmethod
     def from_config(cls, config) -> LogitTransform:
         """The transform a Hugging Face config asks for: ``final_logit_softcapping`` (Gemma-2/3, also looked up
         on ``config.text_config``) and ``logits_scaling`` (Granite). Missing or ``None`` fields mean no transform."""
