@@ -16,6 +16,7 @@ milder. Tune ``PlanConfig.weights`` for other families.
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import math
 import numbers
@@ -185,6 +186,24 @@ def plan_shape(
     ``constraint`` (from the family's adapter) says why a shape cannot be saved as a loadable config, or None:
     budget searches skip such shapes, and an explicit one is refused.
     """
+    return candidate_shapes(teacher, formula, target, strategy, config, constraint, k=1)[0]
+
+
+def candidate_shapes(
+    teacher: ModelShape, formula: ParamFormula, target: Target, strategy: str, config: PlanConfig | None = None,
+    constraint: Callable[[ModelShape], str | None] | None = None, k: int = 4,
+) -> list[Plan]:
+    """The ``k`` best distinct shapes the planner considers for ``target``, best first (the first is what
+    :func:`plan_shape` returns for the same inputs).
+
+    The ranking is the planner's own: among the grid shapes within ``tolerance`` below the budget, the lowest
+    damage cost ``sum(w * removed_fraction**2)`` first (ties: more parameters first, then grid order). When no
+    grid shape lands within tolerance, the planner takes the largest shape below the budget, and the candidates
+    are then the ``k`` largest below it. Fewer than ``k`` come back when fewer exist; an explicit shape target
+    gives just that shape. Raises :class:`TargetError` when no shape fits, :class:`ConfigError` for a bad ``k``.
+    """
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+        raise ConfigError(f"k should be a positive integer (how many candidate shapes), got {k!r}")
     config = config or PlanConfig()
     if strategy not in STRATEGIES:
         raise ConfigError(f"strategy should be one of {STRATEGIES}, got {strategy!r}")
@@ -194,8 +213,44 @@ def plan_shape(
         problem = constraint(candidate) if constraint and candidate.num_attention_heads > 0 else None
         if problem:
             raise TargetError(f"the shape {target.requested} cannot be saved for this model: {problem}")
-        return _explicit(teacher, formula, target, strategy)
+        return [_explicit(teacher, formula, target, strategy)]
 
+    ranked, count, within = _ranked_grid(teacher, formula, target, strategy, config, constraint, int(k))
+    plans = []
+    for rank, (cost, p, s) in enumerate(ranked):
+        if not within:  # nothing on the grid lands within tolerance; took the largest below it
+            reason = (f"no {strategy} shape on the grid (multiples of {config.multiple_of}) lands within "
+                      f"{config.tolerance:.0%} below {target.params:,}; took the "
+                      + ("largest below it" if rank == 0 else f"{_ordinal(rank + 1)} largest below it"))
+            plans.append(Plan(s, p, reason + _embedding_note(teacher, formula, s), 0))
+            continue
+        reason = (
+            f"{count} {strategy} shapes on the grid (multiples of {config.multiple_of}, valid GQA head counts) land "
+            f"within {config.tolerance:.0%} below the budget of {target.params:,} params; chose the one with the "
+            + ("lowest" if rank == 0 else f"{_ordinal(rank + 1)} lowest (cost {cost:.4g})")
+            + f" damage cost sum(w*removed^2) with weights {dict(config.weights)} (measured on SmolLM2: "
+            f"hidden channels hurt most, then MLP neurons, then heads)"
+        )
+        plans.append(Plan(s, p, reason + _embedding_note(teacher, formula, s), count))
+    return plans
+
+
+def _ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+def _ranked_grid(
+    teacher: ModelShape, formula: ParamFormula, target: Target, strategy: str, config: PlanConfig,
+    constraint: Callable[[ModelShape], str | None] | None, k: int,
+) -> tuple[list[tuple[float, int, ModelShape]], int, bool]:
+    """The planner's grid search for a parameter budget: ``(ranked, count, within)``.
+
+    ``ranked`` holds the ``k`` best ``(damage cost, params, shape)`` of the shapes within tolerance below the
+    budget, ordered by ``(cost, -params)`` and then grid order (``within`` is True, ``count`` how many there
+    were); when none is within tolerance, the ``k`` largest below the budget, largest first (``within`` False,
+    ``count`` 0; their cost is still given).
+    """
     width = strategy in ("width", "width+depth")
     depth = strategy in ("depth", "width+depth")
     f = config.min_fraction
@@ -212,38 +267,26 @@ def plan_shape(
             + ("" if strategy == "width+depth" else " or use strategy='width+depth'")
         )
     low = target.params * (1 - config.tolerance)
-    best: tuple[float, int, ModelShape] | None = None
-    fallback: tuple[int, ModelShape] | None = None
-    count = 0
-    for d, i, (h, k), n in itertools.product(hiddens, inters, heads, depths):
-        s = ModelShape(d, i, h, k, n, teacher.head_dim)
+    best: list[tuple[float, int, int, ModelShape, int]] = []  # (cost, -params, grid order, shape, params)
+    below: list[tuple[int, int, ModelShape]] = []  # (-params, grid order, shape)
+    seen: set[ModelShape] = set()
+    for order, (d, i, (h, kv), n) in enumerate(itertools.product(hiddens, inters, heads, depths)):
+        s = ModelShape(d, i, h, kv, n, teacher.head_dim)
         p = formula.total(s)
-        if p > target.params or s == teacher or (constraint is not None and constraint(s)):
+        if p > target.params or s == teacher or s in seen or (constraint is not None and constraint(s)):
             continue
+        seen.add(s)
         if p < low:
-            if fallback is None or p > fallback[0]:
-                fallback = (p, s)
+            below.append((-p, order, s))
             continue
-        count += 1
-        key = (_cost(teacher, s, config.weights), -p)
-        if best is None or key < best[:2]:
-            best = (*key, s)
-    if best is None and fallback is None:
+        best.append((_cost(teacher, s, config.weights), -p, order, s, p))
+    if best:
+        top = heapq.nsmallest(k, best)
+        return [(cost, p, s) for cost, _, _, s, p in top], len(best), True
+    if not below:
         raise TargetError(f"no {strategy} shape on the grid below {target.params:,} parameters can be saved for "
                           f"this model ({constraint(smallest) if constraint else 'none fits'})")
-    if best is None:
-        p, s = fallback  # nothing on the grid lands within tolerance; take the closest below
-        reason = (f"no {strategy} shape on the grid (multiples of {config.multiple_of}) lands within "
-                  f"{config.tolerance:.0%} below {target.params:,}; took the largest below it")
-        return Plan(s, p, reason + _embedding_note(teacher, formula, s), 0)
-    shape = best[2]
-    reason = (
-        f"{count} {strategy} shapes on the grid (multiples of {config.multiple_of}, valid GQA head counts) land within "
-        f"{config.tolerance:.0%} below the budget of {target.params:,} params; chose the one with the lowest damage "
-        f"cost sum(w*removed^2) with weights {dict(config.weights)} (measured on SmolLM2: "
-        f"hidden channels hurt most, then MLP neurons, then heads)"
-    )
-    return Plan(shape, formula.total(shape), reason + _embedding_note(teacher, formula, shape), count)
+    return [(_cost(teacher, s, config.weights), -neg, s) for neg, _, s in heapq.nsmallest(k, below)], 0, False
 
 
 def _embedding_note(teacher: ModelShape, formula: ParamFormula, chosen: ModelShape) -> str:

@@ -1,0 +1,440 @@
+"""Candidate-shape search: Minitron's "top candidates, a short distillation each, keep the best".
+
+The planner ranks the shapes near a parameter budget by a damage cost that is a guess about which axes hurt
+least (:func:`compress.plan.candidate_shapes`). The search tests its ``K`` best guesses instead: importance is
+scored once on the teacher; each candidate is pruned from a copy of the teacher with those scores, distilled
+briefly on the training text, and scored on held-out windows of that same training text taken *after* every
+token the short runs train on (never on the evaluation set, which stays the user's own test); the candidate with
+the lowest score wins. The search returns shapes and scores only: prune the winning shape afresh
+(``target=result.best_shape``) and run the full distillation on it.
+
+    result = compress.search.search_shapes(teacher, {"params": 0.5}, "train.txt", tokenizer=tok,
+                                           train_data="train.txt", skip_tokens=calibration_tokens)
+    compress.prune(student, result.best_shape, "train.txt", tokenizer=tok)
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import gc
+import math
+import numbers
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import distributed, registry
+from .calibrate import Calibration, CalibrationConfig, Importance, check_token_ids, check_tokenizer_matches
+from .calibrate import prepare_calibration
+from .data import TextSource, check_source, describe_source, pack_tokens
+from .distill import DistillConfig, DistillError, distill
+from .errors import ConfigError, DataError, UnsupportedModelError
+from .models import check_plain_logits, find_adapter, layout_for
+from .plan import Plan, PlanConfig, Target, _cost, candidate_shapes
+from .prune import (PluginsArg, _check_arguments, _normalize_plugins, check_importance, prune, resolve_plugins,
+                    score_importance)
+from .shape import SHAPE_FIELDS, ModelShape, ParamFormula, changed_axes, count_params
+from .validate import check_finite_weights
+
+SCORES = ("kl", "perplexity")
+
+
+def _default_distill(tokens: int) -> DistillConfig:
+    """Small batches (many optimizer steps from few tokens), a high learning rate and a warm-up of a tenth of
+    the run (at least one step): what a few thousand tokens per candidate can use."""
+    steps = max(1, tokens // (4 * 256))
+    return DistillConfig(max_tokens=tokens, seq_len=256, batch_size=4, lr=5e-4, warmup_steps=max(1, steps // 10),
+                         progress=False, log_every=max(1, min(10, steps)))
+
+
+@dataclass
+class SearchConfig:
+    """How :func:`search_shapes` tests candidate shapes.
+
+    ``candidates``: how many of the planner's best shapes to try (K). ``tokens_per_candidate``: the short
+    distillation budget of each (the same windows for every candidate). ``eval_windows``: held-out windows of
+    ``distill.seq_len`` tokens the score is computed on. ``score``: ``"kl"`` (mean per-token KL(teacher ||
+    student), default) or ``"perplexity"``; lower wins. ``distill``: the :class:`DistillConfig` of the short
+    runs, whose budget is replaced by ``tokens_per_candidate`` (None: 4 windows of 256 tokens per step, lr 5e-4,
+    a warm-up of a tenth of the steps, at least one); it may not write files (``output_dir``) or train the teacher
+    (``teacher_correction_steps``). ``progress``: a bar over the candidates.
+
+    Every field is checked at construction and again when the search starts; a bad value raises
+    :class:`~compress.errors.ConfigError` naming the field.
+    """
+
+    candidates: int = 4
+    tokens_per_candidate: int = 16384
+    eval_windows: int = 8
+    score: str = "kl"
+    distill: DistillConfig | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        for name in ("candidates", "tokens_per_candidate", "eval_windows"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ConfigError(f"SearchConfig.{name} should be a positive integer, got {value!r}")
+            setattr(self, name, int(value))
+        if not isinstance(self.score, str) or self.score not in SCORES:
+            raise ConfigError(f"SearchConfig.score should be one of {SCORES}, got {self.score!r}")
+        if self.progress is not True and self.progress is not False:
+            raise ConfigError(f"SearchConfig.progress should be True or False, got {self.progress!r}")
+        if self.distill is None:
+            self.distill = _default_distill(self.tokens_per_candidate)
+        if not isinstance(self.distill, DistillConfig):
+            raise ConfigError(f"SearchConfig.distill should be a compress.DistillConfig (or None), got "
+                              f"{type(self.distill).__name__}"
+                              + ("; build one: compress.DistillConfig(**your_dict)" if isinstance(self.distill, dict)
+                                 else ""))
+        d = self.distill
+        writes = {"output_dir": d.output_dir, "resume": d.resume, "checkpoint_every": d.checkpoint_every,
+                  "tensorboard": d.tensorboard}
+        for name, value in writes.items():
+            if value:
+                raise ConfigError(f"SearchConfig.distill.{name}={value!r}: the short runs of the search write no "
+                                  "files (every candidate would write over the last one's); leave it unset")
+        if d.teacher_correction_steps:
+            raise ConfigError(f"SearchConfig.distill.teacher_correction_steps={d.teacher_correction_steps!r}: "
+                              "teacher correction trains the teacher in place, and the search gives the teacher "
+                              "back unchanged; correct the teacher first, then search with it")
+        if self.tokens_per_candidate < d.tokens_per_step:
+            raise ConfigError(f"SearchConfig.tokens_per_candidate={self.tokens_per_candidate} is less than one "
+                              f"optimizer step of SearchConfig.distill ({d.batch_size} x {d.grad_accum} windows of "
+                              f"{d.seq_len} tokens = {d.tokens_per_step}); raise it or shrink the batch")
+        if d.max_tokens != self.tokens_per_candidate or d.max_steps is not None:
+            self.distill = dataclasses.replace(d, max_tokens=self.tokens_per_candidate, max_steps=None)
+        self.distill.validate()
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["distill"] = self.distill.to_dict()
+        return out
+
+
+@dataclass
+class Candidate:
+    """One tested shape. ``rank`` is the planner's (0 = what :func:`compress.plan.plan_shape` picks);
+    ``shape`` can be passed as a pruning target; ``score_before`` is the score right after pruning, ``score``
+    after the short distillation (None, with ``error``, when that run failed)."""
+
+    rank: int
+    shape: dict
+    params: int
+    damage_cost: float
+    score_before: float
+    score: float | None
+    distill_tokens: int
+    distill_steps: int
+    final_loss: float | None
+    seconds: float
+    error: str | None = None
+
+
+@dataclass
+class SearchResult:
+    """What :func:`search_shapes` found. ``best_shape`` is a target for :func:`compress.prune` (an explicit
+    shape). ``tokens``: ``calibration`` (importance scoring, 0 when scores were given), ``training`` (all short
+    runs together), ``held_out`` (the scored windows), ``total`` (calibration + training). ``data``: where the
+    training and held-out windows lie in ``train_data``'s token stream (``[start, end)`` token positions, the
+    skipped tokens included), so a later stage can keep clear of them."""
+
+    best_shape: dict
+    best: int
+    score: str
+    candidates: list[Candidate]
+    target: Any
+    strategy: str
+    params_before: int
+    teacher_perplexity: float
+    importance: str
+    tokens: dict
+    data: dict
+    seconds: float
+    seconds_importance: float
+    config: dict = field(default_factory=dict)
+
+    @property
+    def best_candidate(self) -> Candidate:
+        return self.candidates[self.best]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        lines = [f"shape search ({self.strategy}, score {self.score}, {len(self.candidates)} candidates, "
+                 f"{self.tokens['training']:,} training tokens, {self.seconds:.0f}s):"]
+        for i, c in enumerate(self.candidates):
+            after = "failed" if c.score is None else f"{c.score:.4f}"
+            lines.append(f"{'*' if i == self.best else ' '} rank {c.rank}: {c.shape} {c.params:,} params, "
+                         f"{self.score} {c.score_before:.4f} -> {after}")
+        return "\n".join(lines)
+
+
+def shape_target(shape: ModelShape) -> dict:
+    """An explicit pruning target for ``shape`` (every field :class:`compress.plan.Target` accepts)."""
+    return {name: int(getattr(shape, name)) for name in SHAPE_FIELDS}
+
+
+def _importance_plugin(plugins: PluginsArg) -> tuple[str, Any]:
+    """The importance plugin named in ``plugins`` (name, config), or the default."""
+    for name, config in _normalize_plugins(plugins).items():
+        if registry.get_plugin(name).kind == "importance":
+            return name, config
+    return "activation", None
+
+
+def _split_data(train_data: TextSource | torch.Tensor, tokenizer, config: SearchConfig, skip_tokens: int,
+                rows: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """The training windows of the short runs and the held-out windows right after them, from the token stream
+    of ``train_data`` after its first ``skip_tokens`` tokens. Fewer training windows than the budget asks for
+    (short text) are trained on repeatedly; fewer than one global batch plus the held-out windows are refused."""
+    d = config.distill
+    seq, world = d.seq_len, distributed.rank_world()[1]
+    global_batch = d.batch_size * d.grad_accum * world
+    n_train = d.steps_for(world) * global_batch
+    n_eval = config.eval_windows
+    if isinstance(train_data, torch.Tensor):
+        check_token_ids(train_data, rows, "train_data token ids")
+        stream = train_data.detach().long().cpu().reshape(-1)[skip_tokens:]
+        where = "<tensor>"
+    else:
+        check_source(train_data)
+        if tokenizer is None:
+            raise DataError("train_data given as text needs the model's tokenizer (pass tokenizer=...)")
+        where = describe_source(train_data)
+        windows = pack_tokens(tokenizer, train_data, seq, max_windows=n_train + n_eval, skip_tokens=skip_tokens)
+        check_token_ids(windows, rows, f"the token ids of {where}")
+        stream = windows.reshape(-1)
+    available = stream.numel() // seq
+    if available < global_batch + n_eval:
+        raise DataError(
+            f"train_data {where} gives {available} windows of {seq} tokens after skipping {skip_tokens}; the search "
+            f"needs {n_train} for its short runs ({config.tokens_per_candidate:,} tokens per candidate) and "
+            f"{n_eval} held-out windows after them (at least {global_batch} + {n_eval}). Give more text, or lower "
+            "SearchConfig.tokens_per_candidate, eval_windows or distill.seq_len")
+    used = min(n_train, available - n_eval)
+    train = stream[: used * seq].view(used, seq).clone()
+    held = stream[used * seq: (used + n_eval) * seq].view(n_eval, seq).clone()
+    start = skip_tokens
+    info = {"source": where, "seq_len": seq, "skipped_tokens": skip_tokens,
+            "train_windows": used, "train_tokens": [start, start + used * seq],
+            "held_out_windows": n_eval, "held_out_tokens": [start + used * seq, start + (used + n_eval) * seq],
+            "epochs_per_candidate": round(n_train / used, 3)}
+    return train, held, info
+
+
+def _modes(model: nn.Module) -> list[tuple[nn.Module, bool]]:
+    return [(m, m.training) for m in model.modules()]
+
+
+def _restore(modes: list[tuple[nn.Module, bool]]) -> None:
+    for module, training in modes:
+        module.training = training
+
+
+def _score_windows(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, kind: str,
+                   batch_size: int = 2) -> float:
+    """``kind="kl"``: mean over every position of the held-out windows of KL(teacher || student) of the
+    next-token distributions; ``"perplexity"``: the student's perplexity on them. Both models run where they
+    are; their train/eval modes are restored."""
+    s_dev = next(student.parameters()).device
+    t_dev = next(teacher.parameters()).device
+    modes = _modes(student) + _modes(teacher)
+    student.eval()
+    teacher.eval()
+    total, count = 0.0, 0
+    try:
+        with torch.inference_mode():
+            for batch in windows.split(batch_size):
+                s_logits = student(input_ids=batch.to(s_dev), use_cache=False).logits.float()
+                if kind == "perplexity":
+                    labels = batch[:, 1:].reshape(-1).to(s_dev)
+                    loss = nn.functional.cross_entropy(s_logits[:, :-1].flatten(0, 1), labels, reduction="sum")
+                    total += float(loss)
+                    count += batch[:, 1:].numel()
+                    continue
+                t_logits = teacher(input_ids=batch.to(t_dev), use_cache=False).logits.float().to(s_dev)
+                t_logp = torch.log_softmax(t_logits.flatten(0, 1), dim=-1)
+                s_logp = torch.log_softmax(s_logits.flatten(0, 1), dim=-1)
+                total += float((t_logp.exp() * (t_logp - s_logp)).sum(dtype=torch.float64))
+                count += t_logp.shape[0]
+    finally:
+        _restore(modes)
+    return math.exp(total / count) if kind == "perplexity" else total / count
+
+
+def search_shapes(
+    teacher: nn.Module,
+    target: Any,
+    calibration: TextSource | torch.Tensor | Calibration | None,
+    *,
+    tokenizer=None,
+    train_data: TextSource | torch.Tensor,
+    strategy: str = "width",
+    plugins: PluginsArg = None,
+    importance: Importance | None = None,
+    config: SearchConfig | None = None,
+    skip_tokens: int = 0,
+    device: str | torch.device | None = None,
+    calibration_config: CalibrationConfig | None = None,
+    plan_config: PlanConfig | None = None,
+) -> SearchResult:
+    """Try the planner's ``config.candidates`` best shapes for ``target`` with a short distillation each, and
+    return the one that scores best on held-out windows (a :class:`SearchResult`).
+
+    ``target``: a parameter budget (``{"params": 0.5}``); an explicit shape gives one candidate. ``calibration``:
+    what importance is scored on (text, token ids or a :class:`Calibration`; may be None when ``importance`` is
+    given), once, with the importance plugin of ``plugins``; ``importance``: scores computed earlier on this
+    teacher instead. ``train_data``: text or token windows for the short runs; its first ``skip_tokens`` tokens
+    are skipped (pass the calibration's token count when it is the calibration text), every candidate trains on
+    the same following windows, and the score is computed on the ``config.eval_windows`` windows right after
+    those. ``plan_config`` and ``strategy`` are the planner's; ``plugins`` are passed to every prune (a depth
+    axis's contiguous-block search runs on ``calibration``). ``device``: where the short runs train (default:
+    CUDA when available; the teacher is moved there for the search and back afterwards).
+
+    The teacher comes back as it came in (weights, train/eval mode, device, ``requires_grad``); each candidate
+    is a pruned copy, freed once scored. Bad input (arguments, config, target, plugins, data too short for the
+    short runs plus the held-out windows, a tokenizer of another model, scores of the wrong shape) raises a
+    :class:`~compress.errors.CompressError` subclass before any model runs.
+    """
+    t_start = time.perf_counter()
+    config = SearchConfig() if config is None else config
+    if not isinstance(config, SearchConfig):
+        raise ConfigError(f"config should be a compress.search.SearchConfig, got {type(config).__name__}"
+                          + ("; build one: SearchConfig(**your_dict)" if isinstance(config, dict) else ""))
+    config.validate()
+    _check_arguments(teacher, strategy, calibration_config, plan_config, importance)
+    if isinstance(skip_tokens, bool) or not isinstance(skip_tokens, int) or skip_tokens < 0:
+        raise ConfigError(f"skip_tokens should be a non-negative integer, got {skip_tokens!r}")
+    from .api import check_device  # api imports this module
+
+    check_device(device)
+    adapter = find_adapter(teacher)
+    if adapter is None:
+        raise UnsupportedModelError(
+            f"the shape search needs an adapter for {getattr(teacher.config, 'model_type', type(teacher).__name__)!r} "
+            "(its candidates are planned over heads, hidden channels and layers); prune families without one with "
+            "compress.prune(..., strategy='width') directly")
+    check_plain_logits(teacher, layout_for(teacher))
+    check_finite_weights(teacher, "teacher")
+    shape_config = adapter.shape_config(teacher.config)
+    before = ModelShape.from_config(shape_config)
+    formula = ParamFormula.from_model(teacher, adapter)
+    params_before = count_params(teacher)
+    parsed = Target.parse(target, params_before)
+    if parsed.shape and "num_key_value_heads" not in parsed.shape and not hasattr(shape_config, "num_key_value_heads"):
+        parsed = Target(shape={**parsed.shape, "num_key_value_heads": parsed.shape.get(
+            "num_attention_heads", before.num_attention_heads)}, requested=parsed.requested)
+    plans: list[Plan] = candidate_shapes(before, formula, parsed, strategy, plan_config,
+                                         adapter.shape_constraint(shape_config), k=config.candidates)
+    needed_axes = sorted({axis for plan in plans for axis in changed_axes(before, plan.shape)})
+    _, axes = resolve_plugins(plugins, needed_axes)  # unknown plugins and bad plugin configs, now
+    block_search = "depth" in axes and getattr(axes["depth"].config, "method", None) == "contiguous_block"
+    plugin_name, plugin_config = _importance_plugin(plugins)
+    rows = teacher.get_input_embeddings().num_embeddings
+    if tokenizer is not None:
+        check_tokenizer_matches(teacher, tokenizer)
+    if importance is not None:
+        check_importance(importance, before)
+    calib = None
+    if calibration is not None:
+        calib = prepare_calibration(teacher, tokenizer, calibration, calibration_config or CalibrationConfig())
+    elif importance is None or block_search:
+        raise ConfigError("calibration is None, but " + ("the depth axis's contiguous-block search runs on it"
+                                                        if importance is not None else
+                                                        "no importance= scores were given: the search scores "
+                                                        "importance on calibration data")
+                          + "; pass calibration text or token windows")
+    train, held, data_info = _split_data(train_data, tokenizer, config, skip_tokens, rows)
+
+    rank = distributed.rank_world()[0]
+    run_device = distributed.resolve_device(device)
+    homes = {p.device for p in teacher.parameters()} | {b.device for b in teacher.buffers()}
+    moved = len(homes) == 1 and next(iter(homes)) != run_device
+    modes = _modes(teacher)
+    candidates: list[Candidate] = []
+    seconds_importance = 0.0
+    try:
+        if moved:
+            teacher.to(run_device)
+        if importance is None:
+            t = time.perf_counter()
+            importance = score_importance(teacher, calib, tokenizer=tokenizer, plugin=plugin_name,
+                                          config=plugin_config, calibration_config=calibration_config)
+            seconds_importance = time.perf_counter() - t
+            calibration_tokens = calib.num_tokens
+        else:
+            calibration_tokens = 0
+        teacher_ppl = _score_windows(teacher, teacher, held, "perplexity")
+        bar = tqdm(total=len(plans), desc="shape search", unit="candidate", disable=not config.progress or rank != 0)
+        try:
+            for i, plan in enumerate(plans):
+                candidates.append(_try(teacher, plan, i, calib, strategy, plugins, importance, plan_config, train,
+                                       held, config, tokenizer, run_device, before))
+                done = [c for c in candidates if c.score is not None]
+                if done:
+                    last = candidates[-1].score
+                    bar.set_postfix(best=f"{min(c.score for c in done):.4f}",
+                                    last="failed" if last is None else f"{last:.4f}")
+                bar.update(1)
+        finally:
+            bar.close()
+    finally:
+        if moved:
+            teacher.to(next(iter(homes)))
+        _restore(modes)
+    ok = [i for i, c in enumerate(candidates) if c.score is not None and math.isfinite(c.score)]
+    if not ok:
+        raise DistillError("every candidate's short distillation failed: "
+                           + "; ".join(f"{c.shape}: {c.error}" for c in candidates))
+    best = min(ok, key=lambda i: (candidates[i].score, i))
+    training = sum(c.distill_tokens for c in candidates)
+    return SearchResult(
+        best_shape=dict(candidates[best].shape), best=best, score=config.score, candidates=candidates,
+        target=parsed.requested, strategy=strategy, params_before=params_before, teacher_perplexity=teacher_ppl,
+        importance=importance.method,
+        tokens={"calibration": calibration_tokens, "training": training, "held_out": held.numel(),
+                "total": calibration_tokens + training},
+        data=data_info, seconds=round(time.perf_counter() - t_start, 2),
+        seconds_importance=round(seconds_importance, 2), config=config.to_dict())
+
+
+def _try(teacher: nn.Module, plan: Plan, rank: int, calib: Calibration | None, strategy: str, plugins: PluginsArg,
+         importance: Importance, plan_config: PlanConfig | None, train: torch.Tensor, held: torch.Tensor,
+         config: SearchConfig, tokenizer, device: torch.device, before: ModelShape) -> Candidate:
+    """Prune a copy of the teacher to ``plan``'s shape, score it, distill it briefly, score it again."""
+    t = time.perf_counter()
+    student = copy.deepcopy(teacher)
+    try:
+        report = prune(student, shape_target(plan.shape), calib, strategy=strategy, plugins=plugins,
+                       importance=importance, plan_config=plan_config)
+        score_before = _score_windows(student, teacher, held, config.score)
+        error, score, d = None, None, None
+        try:
+            d = distill(student, teacher, train, config.distill, tokenizer=tokenizer,
+                        kept_layers=report.kept.get("layers"), kept_hidden=report.kept.get("hidden"),
+                        device=device, keep_weights_for_errors=False)
+        except DistillError as exc:  # a diverged candidate loses; the others still count
+            error = str(exc)
+        if d is not None:
+            score = _score_windows(student, teacher, held, config.score)
+        weights = (plan_config or PlanConfig()).weights
+        return Candidate(rank=rank, shape=shape_target(plan.shape), params=plan.params,
+                         damage_cost=round(_cost(before, plan.shape, weights), 6), score_before=score_before,
+                         score=score, distill_tokens=d.tokens if d else 0, distill_steps=d.steps if d else 0,
+                         final_loss=d.final_loss if d else None, seconds=round(time.perf_counter() - t, 2),
+                         error=error)
+    finally:
+        del student
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
