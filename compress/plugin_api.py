@@ -1,12 +1,15 @@
 """Base classes for plugins. Subclass one, give it a ``name`` and a ``Config`` dataclass, and register it.
 
-Two kinds exist:
+Three kinds exist:
 
 * an **importance** plugin scores channels, heads and layers (:meth:`ImportancePlugin.score`);
 * an **axis** plugin prunes one axis of the model (``mlp``, ``heads``, ``hidden`` or ``depth``): it first
   *selects* what to keep while the model is still whole (:meth:`AxisPlugin.select`), then *applies* the
   selection (:meth:`AxisPlugin.apply`). Selecting every axis before applying any means each one sees the
-  teacher's importance, not a half-pruned model's.
+  teacher's importance, not a half-pruned model's;
+* a **reconstruct** plugin repairs a pruned student's weights from calibration activations, between pruning and
+  distillation (:meth:`ReconstructPlugin.run`, called by :func:`compress.reconstruct.reconstruct`; the
+  built-in ``least_squares`` refits the output projections to the teacher's outputs).
 """
 
 from __future__ import annotations
@@ -95,3 +98,28 @@ class AxisPlugin(Plugin):
     def summarize(self, selection: dict) -> dict:
         """What the report says about this axis (defaults to the selection without index lists)."""
         return {k: v for k, v in selection.items() if not isinstance(v, list)}
+
+
+class ReconstructPlugin(Plugin):
+    kind = "reconstruct"
+
+    def run(self, student: nn.Module, teacher: nn.Module, adapter: DecoderAdapter, calibration: Calibration,
+            kept: dict) -> dict:
+        """Change ``student``'s weights so that it computes more of what ``teacher`` computes; return a JSON-able
+        report dict (free keys; ``"modules"`` — a list of one dict per module changed or considered — and
+        ``"totals"`` — a dict — are shown by :class:`compress.reconstruct.ReconstructReport` when present).
+
+        ``student`` was pruned from ``teacher`` (same family; ``adapter`` describes both), ``calibration`` holds
+        the token windows to fit on, and ``kept`` says what pruning kept, as teacher indices (Python ints):
+        ``kept["layers"]`` — the teacher layer of each student layer — and ``kept["hidden"]`` — the teacher
+        channel of each student hidden channel — are always present (the identity where nothing was pruned);
+        ``kept["mlp"]`` (neurons per teacher layer) and ``kept["heads"]`` (query heads per teacher layer) when
+        pruning reported them (see :attr:`compress.PruneReport.kept`).
+
+        Read the teacher, never change it. **Replace** the student's parameters with new tensors (a new
+        ``nn.Parameter``) rather than writing into them, so a failure can be undone:
+        :func:`compress.reconstruct.reconstruct` checks every input before calling this method and, if it raises,
+        puts the student's original parameter objects back (and says which weights were written in place, which
+        it cannot restore). An exception raised here becomes a :class:`~compress.PluginError` naming the plugin
+        (a :class:`~compress.CompressError` keeps its type, prefixed with the plugin's name)."""
+        raise NotImplementedError

@@ -473,10 +473,20 @@ def prune(
         calibration={"source": calib.source, "samples": calib.num_samples, "tokens": calib.num_tokens,
                      "seq_len": calib.input_ids.shape[1]} if calib is not None else {},
         seconds=round(time.perf_counter() - start, 3),
-        kept={name: [operator.index(i) for i in selections[axis]["keep"]]
-              for name, axis in (("hidden", "hidden"), ("layers", "depth"))
-              if axis in selections and "keep" in selections[axis]},
+        kept=_kept(selections),
     )
+
+
+def _kept(selections: dict) -> dict:
+    """What :attr:`PruneReport.kept` holds: teacher indices, per layer of the teacher for "mlp" (kept neurons)
+    and "heads" (kept query heads), for the whole model for "hidden" (channels) and "layers"."""
+    kept = {name: [operator.index(i) for i in selections[axis]["keep"]]
+            for name, axis in (("hidden", "hidden"), ("layers", "depth"))
+            if axis in selections and "keep" in selections[axis]}
+    for name, axis, key in (("mlp", "mlp", "keep"), ("heads", "heads", "query_heads")):
+        if axis in selections and key in selections[axis]:
+            kept[name] = [[operator.index(i) for i in layer] for layer in selections[axis][key]]
+    return kept
 
 
 def score_importance(

@@ -1,7 +1,8 @@
 """One plugin registry for every kind of plugin, built-in or third-party.
 
-A plugin is a class with a ``name``, a ``kind`` (``"importance"`` or ``"axis"``) and a ``Config`` dataclass that
-validates itself in ``__post_init__``. Plugins arrive two ways, and both end in :func:`register_plugin`:
+A plugin is a class with a ``name``, a ``kind`` (``"importance"``, ``"axis"`` or ``"reconstruct"``) and a
+``Config`` dataclass that validates itself in ``__post_init__``. Plugins arrive two ways, and both end in
+:func:`register_plugin`:
 
 * installed packages declare them in the ``compress.plugins`` entry-point group (the built-ins in ``plugins/``
   are declared there too, in this project's ``setup.cfg``), and
@@ -28,7 +29,7 @@ from .errors import PluginError
 ENTRY_POINT_GROUP = "compress.plugins"
 DISTRIBUTION = "compress-llm"
 ENV_ALLOW = "COMPRESS_PLUGINS"
-KINDS = ("importance", "axis")
+KINDS = ("importance", "axis", "reconstruct")
 
 
 @dataclass(frozen=True)
