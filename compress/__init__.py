@@ -23,6 +23,7 @@ from .plugin_api import AxisPlugin, ImportancePlugin, PruneContext
 from .prune import prune, score_importance
 from .registry import get_plugin, list_plugins, register_plugin
 from .report import PruneReport, Result
+from .search import SearchConfig, SearchResult, search_shapes
 from .shape import ModelShape
 
 __all__ = [
@@ -30,8 +31,8 @@ __all__ = [
     "CorpusReport", "DataError", "SelectionReport", "generate_corpus", "select_by_difference",
     "DecoderAdapter", "DistillConfig", "DistillError", "DistillReport", "ExportError", "ExportReport",
     "ImportancePlugin", "Importance", "ModelShape", "OutputExistsError", "PlanConfig", "PluginError", "PruneContext",
-    "PruneReport", "Result", "Target", "TargetError", "UnsupportedModelError", "__version__", "compress", "distill",
+    "PruneReport", "Result", "SearchConfig", "SearchResult", "Target", "TargetError", "UnsupportedModelError", "__version__", "compress", "distill",
     "distillation", "evaluate", "export", "get_plugin", "list_plugins", "load_report", "load_teacher", "prune",
-    "register_adapter", "register_plugin", "save_student", "score_importance", "smollm2_gguf_path",
+    "register_adapter", "register_plugin", "save_student", "score_importance", "search_shapes", "smollm2_gguf_path",
     "supported_families",
 ]

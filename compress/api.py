@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from . import distributed
-from .calibrate import CalibrationConfig
+from .calibrate import CalibrationConfig, prepare_calibration
 from .distill import DistillConfig
 from .distill import distill as run_distill
 from .data import (PYDOCS_TRAIN, PYDOCS_VALID, TextSource, check_source, default_calibration_source,
@@ -32,6 +32,9 @@ from .io import atomic_output_dir, check_output_dir
 from .plan import PlanConfig
 from .prune import PluginsArg, prune
 from .report import Result
+from .reconstruct import reconstruct as run_reconstruct
+from .registry import get_plugin
+from .search import SearchConfig, search_shapes
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 REPORT_FILE = "compress_report.json"
@@ -226,6 +229,8 @@ def compress(
     distill_data: TextSource | None = None,
     formats: Sequence[str] | str = "auto",
     quantize: str | None = None,
+    search: SearchConfig | None = None,
+    reconstruct: str | dict | None = None,
 ) -> Result:
     """Compress ``teacher`` to ``target`` and save the student to ``out_dir``: load, calibrate, score, plan,
     prune, evaluate, save.
@@ -239,6 +244,12 @@ def compress(
     ``formats``/``quantize``: what :func:`compress.export.export` writes: by default (``"auto"``) safetensors plus
     the fastest deployment format that passes its checks against PyTorch (onnxruntime-genai, else Optimum ONNX);
     or a list of names (``["safetensors"]`` alone skips ONNX). ``quantize="int8"`` adds int8 versions.
+    ``search``: a :class:`~compress.search.SearchConfig` to try the planner's best few shapes for ``target``,
+    each with a short distillation, and keep the one with the lowest held-out score (taken on training text
+    after the short runs' tokens, never on ``eval_data``); the report's ``search`` stage lists every candidate.
+    One process only. ``reconstruct``: a reconstruct plugin to run between pruning and distillation, by name
+    (``"least_squares"``: refit the output projections to the teacher's outputs on the calibration windows) or
+    as ``{name: config}``; the report gains a ``reconstructed`` perplexity and a ``reconstruct`` stage.
     The student folder appears only when every stage has succeeded. Refused before any work: an ``out_dir``
     that is not empty (unless ``overwrite=True``, which replaces the whole folder, including files compress did
     not write), that holds one of the run's inputs (``data``, ``eval_data``, ``distill_data``, the teacher
@@ -256,6 +267,13 @@ def compress(
     formats = check_export_args(formats, quantize)
     if distill is not None and not isinstance(distill, DistillConfig):
         raise DataError(f"distill should be a compress.DistillConfig, got {type(distill).__name__}")
+    recon_plugin, recon_config = _reconstruct_choice(reconstruct)
+    if search is not None:
+        if not isinstance(search, SearchConfig):
+            raise ConfigError(f"search should be a compress.SearchConfig, got {type(search).__name__}")
+        if distributed.rank_world()[1] > 1:
+            raise ConfigError("search=SearchConfig(...) runs in one process (every rank would try every "
+                              "candidate): search first, then pass the winning shape as target under torchrun")
     check_device(device)
     teacher_path = None
     if isinstance(teacher, tuple):
@@ -322,14 +340,39 @@ def compress(
         ppl: dict[str, float] = {}
         evaluate("teacher")
 
-        teacher_copy = copy.deepcopy(model) if distill is not None else None
+        teacher_copy = copy.deepcopy(model) if distill is not None or recon_plugin else None
+        searched, scores, prune_data = None, None, data
+        if search is not None or recon_plugin:  # calibration windows shared by the search, pruning, the refit
+            t = time.perf_counter()
+            prune_data = prepare_calibration(model, tokenizer, data, calibration or CalibrationConfig())
+            times["calibrate"] = time.perf_counter() - t
+        if search is not None:
+            t = time.perf_counter()
+            same_text = distill_data is None or _same_file(distill_data, data)
+            searched = search_shapes(model, target, prune_data, tokenizer=tokenizer,
+                                     train_data=data if distill_data is None else distill_data, strategy=strategy,
+                                     plugins=plugins, config=search, device=device, plan_config=plan,
+                                     skip_tokens=prune_data.num_tokens if same_text else 0)
+            target, scores = searched.best_shape, searched.scores
+            times["search"] = time.perf_counter() - t
         t = time.perf_counter()
-        report = prune(model, target, data, strategy=strategy, plugins=plugins, tokenizer=tokenizer,
-                       calibration_config=calibration, plan_config=plan)
+        report = prune(model, target, prune_data, strategy=strategy, plugins=plugins, tokenizer=tokenizer,
+                       calibration_config=calibration, plan_config=plan, importance=scores)
         times["prune"] = time.perf_counter() - t
 
         evaluate("pruned")
         stages = {"prune": report.to_dict()}
+        if searched is not None:
+            stages = {"search": searched.to_dict(), **stages}
+        if recon_plugin:
+            t = time.perf_counter()
+            rebuilt = run_reconstruct(model, teacher_copy, prune_data, kept=report.kept, plugin=recon_plugin,
+                                      config=recon_config)
+            times["reconstruct"] = time.perf_counter() - t
+            stages["reconstruct"] = rebuilt.to_dict()
+            evaluate("reconstructed")
+            if distill is None:
+                del teacher_copy
         split = {"calibration": report.calibration}
         if distill is not None:
             t = time.perf_counter()
@@ -371,6 +414,28 @@ def compress(
         if len(homes) == 1 and not isinstance(teacher, (str, os.PathLike)):
             model.to(next(iter(homes)))
         raise
+
+
+def _reconstruct_choice(reconstruct: Any) -> tuple[str | None, Any]:
+    """``compress(reconstruct=...)`` as (plugin name, config): a name, or ``{name: config or None}``."""
+    if reconstruct is None:
+        return None, None
+    if isinstance(reconstruct, str):
+        name, config = reconstruct, None
+    elif isinstance(reconstruct, dict) and len(reconstruct) == 1:
+        (name, config), = reconstruct.items()
+    else:
+        raise ConfigError(f"reconstruct should be a reconstruct plugin's name (e.g. 'least_squares') or "
+                          f"{{name: config}}, got {reconstruct!r}")
+    if not isinstance(name, str):
+        raise ConfigError(f"reconstruct should name a reconstruct plugin, got {name!r}")
+    cls = get_plugin(name, kind="reconstruct")  # a PluginError lists the registered ones
+    if isinstance(config, dict):
+        try:
+            config = cls.Config(**config)
+        except TypeError as exc:
+            raise ConfigError(f"reconstruct={{{name!r}: {config!r}}}: {exc}") from None
+    return name, config
 
 
 def _card_history(result: Result) -> dict:

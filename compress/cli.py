@@ -16,7 +16,9 @@ from pathlib import Path
 from . import api, registry
 from .calibrate import CalibrationConfig
 from .distill import DistillConfig
+from .distill.losses import LOGIT_LOSSES
 from .errors import CompressError, ConfigError, OutputExistsError, PluginError, TargetError
+from .search import SearchConfig
 
 # Errors in what the command line asked for (exit 2, like argparse's own); every other refusal exits 1.
 USAGE_ERRORS = (ConfigError, TargetError, PluginError, OutputExistsError)
@@ -68,6 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after pruning, distill from the teacher on this many tokens (0: no distillation)")
     p.add_argument("--hidden-loss", choices=["cosine", "mse"], default=None,
                    help="add hidden-state distillation (with --distill-tokens)")
+    p.add_argument("--logit-loss", choices=list(LOGIT_LOSSES), default="forward_kl",
+                   help="distillation divergence (with --distill-tokens; skew_* are DistiLLM's skew KLs)")
+    p.add_argument("--on-policy", type=float, default=0.0, metavar="FRACTION",
+                   help="fraction of distillation batches the student samples itself (GKD-style on-policy)")
+    p.add_argument("--reconstruct", nargs="?", const="least_squares", default=None, metavar="PLUGIN",
+                   help="after pruning, refit the output projections to the teacher's outputs on the calibration "
+                        "windows (default plugin: least_squares)")
+    p.add_argument("--search", type=int, default=0, metavar="K",
+                   help="try the planner's K best shapes, each with a short distillation, and keep the best")
+    p.add_argument("--search-tokens", type=int, default=16384, help="distillation tokens per search candidate")
     p.add_argument("--parallel", choices=["auto", "ddp", "fsdp"], default="auto",
                    help="under torchrun: replicate the student (ddp) or shard it (fsdp); auto picks by memory")
     p.add_argument("--formats", default="auto",
@@ -129,7 +141,7 @@ def _sample(out_dir: Path, export: dict, prompt: str) -> tuple[str, str] | None:
 def _run(args: argparse.Namespace) -> int:
     if args.list_plugins:
         for info in registry.list_plugins():
-            print(f"{info.kind:<11} {info.name:<12} {info.source}")
+            print(f"{info.kind:<11} {info.name:<14} {info.source}")
         return 0
     target = args.shape or {"params": args.params if args.params is not None else 0.5}
     plugins: dict = {args.importance: None}
@@ -138,14 +150,20 @@ def _run(args: argparse.Namespace) -> int:
     distill = None
     if args.distill_tokens:
         distill = DistillConfig(max_tokens=args.distill_tokens, hidden_loss=args.hidden_loss,
-                                seq_len=min(args.seq_len, 512), lr=5e-4, warmup_steps=5,
-                                parallel=args.parallel)
+                                seq_len=min(args.seq_len, 512), lr=5e-4, logit_loss=args.logit_loss,
+                                on_policy_fraction=args.on_policy, parallel=args.parallel)
+    search = None
+    if args.search:  # short runs at the calibration window length (at most 256), as the search's own default
+        short = DistillConfig(max_tokens=args.search_tokens, seq_len=min(args.seq_len, 256), batch_size=4, lr=5e-4,
+                              logit_loss=args.logit_loss, progress=False)
+        search = SearchConfig(candidates=args.search, tokens_per_candidate=args.search_tokens, distill=short)
     result = api.compress(
         args.teacher, target, args.data, args.out, strategy=args.strategy, plugins=plugins,
         calibration=CalibrationConfig(num_samples=args.samples, seq_len=args.seq_len,
                                       min_samples=min(8, args.samples)),
         eval_data=args.eval_data, eval_tokens=args.eval_tokens, overwrite=args.overwrite, distill=distill,
-        formats=_formats(args.formats), quantize="int8" if args.int8 else None,
+        formats=_formats(args.formats), quantize="int8" if args.int8 else None, search=search,
+        reconstruct=args.reconstruct,
     )
     args.written = True
     if "written_by" in result.stages.get("export", {}):
@@ -158,6 +176,15 @@ def _run(args: argparse.Namespace) -> int:
     print(f"student  {r.params_after:>12,} params   perplexity {result.perplexity['pruned']:.2f}   "
           f"({r.fraction_kept:.1%} of the teacher, no training yet)")
     changed = {k: f"{v} -> {r.shape_after[k]}" for k, v in r.shape_before.items() if r.shape_after[k] != v}
+    if "search" in result.stages:
+        found = result.stages["search"]
+        for i, c in enumerate(found["candidates"]):
+            score = "failed" if c["score"] is None else f"{c['score']:.4f}"
+            print(f"search   {'*' if i == found['best'] else ' '} {json.dumps(c['shape'])} {c['params']:,} params   "
+                  f"held-out {found['score']} {c['score_before']:.4f} -> {score}")
+    if "reconstructed" in result.perplexity:
+        print(f"refit    {result.stages['reconstruct']['plugin']:>12}           perplexity "
+              f"{result.perplexity['reconstructed']:.2f}   (least-squares output projections, no training)")
     if "distilled" in result.perplexity:
         d = result.stages["distill"]
         print(f"distill  {d['tokens']:>12,} tokens   perplexity {result.perplexity['distilled']:.2f}   "

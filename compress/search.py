@@ -21,7 +21,7 @@ import gc
 import math
 import numbers
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -161,13 +161,18 @@ class SearchResult:
     seconds: float
     seconds_importance: float
     config: dict = field(default_factory=dict)
+    #: The importance scores every candidate was pruned with (not in :meth:`to_dict`): pruning the winner again
+    #: with them gives exactly the searched student, without scoring twice.
+    scores: Importance | None = field(default=None, repr=False, compare=False)
 
     @property
     def best_candidate(self) -> Candidate:
         return self.candidates[self.best]
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(replace(self, scores=None))
+        d.pop("scores")
+        return d
 
     def __str__(self) -> str:
         lines = [f"shape search ({self.strategy}, score {self.score}, {len(self.candidates)} candidates, "
@@ -405,7 +410,7 @@ def search_shapes(
         tokens={"calibration": calibration_tokens, "training": training, "held_out": held.numel(),
                 "total": calibration_tokens + training},
         data=data_info, seconds=round(time.perf_counter() - t_start, 2),
-        seconds_importance=round(seconds_importance, 2), config=config.to_dict())
+        seconds_importance=round(seconds_importance, 2), config=config.to_dict(), scores=importance)
 
 
 def _try(teacher: nn.Module, plan: Plan, rank: int, calib: Calibration | None, strategy: str, plugins: PluginsArg,

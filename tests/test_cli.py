@@ -25,3 +25,19 @@ def test_cli_compresses_and_reports_errors(tmp_path, tokenizer, capsys):
     assert "overwrite" in capsys.readouterr().err
     assert main(["--list-plugins"]) == 0
     assert "activation" in capsys.readouterr().out
+
+
+def test_cli_search_reconstruct_and_objective_flags(tmp_path, tokenizer, capsys):
+    args = cli_run_args(tmp_path, tokenizer, "llama")
+    (tmp_path / "train.txt").write_text((tmp_path / "train.txt").read_text() * 3)
+    assert main(args + ["--formats", "safetensors", "--search", "2", "--search-tokens", "128", "--reconstruct",
+                        "--distill-tokens", "128", "--logit-loss", "skew_forward_kl", "--on-policy", "0.5",
+                        "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert len(result["stages"]["search"]["candidates"]) == 2
+    assert result["stages"]["reconstruct"]["plugin"] == "least_squares"
+    assert result["stages"]["distill"]["config"]["logit_loss"] == "skew_forward_kl"
+    assert result["stages"]["distill"]["config"]["on_policy_fraction"] == 0.5
+    assert set(result["perplexity"]) == {"teacher", "pruned", "reconstructed", "distilled"}
+    assert main(args + ["--out", str(tmp_path / "e"), "--reconstruct", "activation"]) == 2
+    assert "reconstruct" in capsys.readouterr().err and not (tmp_path / "e").exists()

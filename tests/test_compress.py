@@ -3,6 +3,7 @@
 import json
 import math
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -75,3 +76,53 @@ def test_compress_with_distillation_stage(tmp_path, tokenizer):
     assert result.data["distillation"]["tokens_trained"] == 3 * 2 * 32
     student = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert compress.shape.count_params(student) == result.prune.params_after
+
+
+def test_compress_with_shape_search_keeps_the_best_candidate_and_scores_importance_once(tmp_path, tokenizer,
+                                                                                        monkeypatch):
+    from compress.plugins.importance import ActivationImportance
+
+    calls = []
+    real_score = ActivationImportance.score
+    monkeypatch.setattr(ActivationImportance, "score", lambda self, *a, **k: calls.append(1) or real_score(self, *a, **k))
+    text = tmp_path / "train.txt"
+    text.write_text(SAMPLE_TEXT * 3)
+    short = compress.DistillConfig(max_steps=1, batch_size=2, seq_len=32, lr=1e-3, progress=False)
+    search = compress.SearchConfig(candidates=3, tokens_per_candidate=128, eval_windows=2, distill=short,
+                                   progress=False)
+    result = compress.compress((tiny_model("llama"), tokenizer), {"params": 0.6}, text, tmp_path / "out",
+                               eval_data=[SAMPLE_TEXT[:3000]], eval_seq_len=32, formats=["safetensors"],
+                               calibration=compress.CalibrationConfig(seq_len=32, num_samples=8), search=search)
+    assert len(calls) == 1
+    found = result.stages["search"]
+    scores = [c["score"] for c in found["candidates"]]
+    assert len(scores) == 3 and len({json.dumps(c["shape"], sort_keys=True) for c in found["candidates"]}) == 3
+    best = min(range(3), key=lambda i: scores[i])
+    assert result.prune.shape_after == {**result.prune.shape_after, **found["candidates"][best]["shape"]}
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert compress.shape.count_params(student) == found["candidates"][best]["params"]
+    # The search trained on text after the calibration windows and scored on text after that.
+    assert found["data"]["train_tokens"][0] >= result.data["calibration"]["tokens"]
+
+
+def test_compress_with_reconstruction_stage(tmp_path, tokenizer):
+    text = tmp_path / "train.txt"
+    text.write_text(SAMPLE_TEXT * 3)
+    teacher = tiny_model("llama")
+    kwargs = dict(eval_data=[SAMPLE_TEXT[:3000]], eval_seq_len=32, formats=["safetensors"],
+                  calibration=compress.CalibrationConfig(seq_len=32, num_samples=12))
+    result = compress.compress((teacher, tokenizer), {"intermediate_size": 48, "hidden_size": 48}, text,
+                               tmp_path / "out", reconstruct={"least_squares": {"lambdas": [1e-2, 1e-1]}}, **kwargs)
+    assert set(result.perplexity) == {"teacher", "pruned", "reconstructed"}
+    stage = result.stages["reconstruct"]
+    assert stage["plugin"] == "least_squares" and list(stage["config"]["lambdas"]) == [1e-2, 1e-1]
+    # The saved student is the refit one: its perplexity is the "reconstructed" figure, not the pruned one.
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    ppl = compress.evaluate.perplexity(student, tokenizer, [SAMPLE_TEXT[:3000]], seq_len=32)
+    assert abs(ppl - result.perplexity["reconstructed"]) / ppl < 1e-4
+    assert abs(ppl - result.perplexity["pruned"]) / ppl > 1e-3
+    for bad in ("activation", {"least_squares": {"lambdas": [-1.0]}}, {"least_squares": {"nope": 1}}, ["x"]):
+        with pytest.raises(compress.CompressError):
+            compress.compress((tiny_model("llama"), tokenizer), {"intermediate_size": 48}, text, tmp_path / "bad",
+                              reconstruct=bad, **kwargs)
+        assert not (tmp_path / "bad").exists()
