@@ -19,8 +19,9 @@ from .errors import (CheckpointError, CompressError, ConfigError, DataError, Out
                      TargetError, UnsupportedModelError)
 from .models import DecoderAdapter, register_adapter, supported_families
 from .plan import PlanConfig, Target
-from .plugin_api import AxisPlugin, ImportancePlugin, PruneContext
+from .plugin_api import AxisPlugin, ImportancePlugin, PruneContext, ReconstructPlugin
 from .prune import prune, score_importance
+from .reconstruct import ReconstructReport  # the function stays compress.reconstruct.reconstruct (no shadowing)
 from .registry import get_plugin, list_plugins, register_plugin
 from .report import PruneReport, Result
 from .search import SearchConfig, SearchResult, search_shapes
@@ -31,7 +32,7 @@ __all__ = [
     "CorpusReport", "DataError", "SelectionReport", "generate_corpus", "select_by_difference",
     "DecoderAdapter", "DistillConfig", "DistillError", "DistillReport", "ExportError", "ExportReport",
     "ImportancePlugin", "Importance", "ModelShape", "OutputExistsError", "PlanConfig", "PluginError", "PruneContext",
-    "PruneReport", "Result", "SearchConfig", "SearchResult", "Target", "TargetError", "UnsupportedModelError", "__version__", "compress", "distill",
+    "PruneReport", "ReconstructPlugin", "ReconstructReport", "Result", "SearchConfig", "SearchResult", "Target", "TargetError", "UnsupportedModelError", "__version__", "compress", "distill",
     "distillation", "evaluate", "export", "get_plugin", "list_plugins", "load_report", "load_teacher", "prune",
     "register_adapter", "register_plugin", "save_student", "score_importance", "search_shapes", "smollm2_gguf_path",
     "supported_families",

@@ -57,6 +57,10 @@ def resolve_plugins(plugins: PluginsArg, needed_axes: Sequence[str]) -> tuple[Im
     axes: dict[str, AxisPlugin] = {}
     for name, config in chosen.items():
         cls = registry.get_plugin(name)
+        if cls.kind not in ("importance", "axis"):
+            raise PluginError(f"{name!r} is a {cls.kind} plugin, which runs after pruning, not during it: pass "
+                              f"reconstruct={name!r} to compress.compress (or call compress.reconstruct) instead of "
+                              "naming it in plugins")
         plugin = registry.build_plugin(name, cls.kind, config)
         if cls.kind == "importance":
             if importance is not None:

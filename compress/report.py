@@ -25,7 +25,8 @@ class PruneReport:
     calibration: dict = field(default_factory=dict)
     seconds: float = 0.0
     #: Teacher indices the student kept where a later stage needs them: "hidden" channels (to initialize the
-    #: hidden-state projection of distillation) and "layers" (to map student layers to teacher layers).
+    #: hidden-state projection of distillation), "layers" (to map student layers to teacher layers), and "mlp"
+    #: neurons and query "heads" per teacher layer (for the least-squares refit of the output projections).
     kept: dict = field(default_factory=dict)
 
     @property

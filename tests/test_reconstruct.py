@@ -324,3 +324,11 @@ def test_other_families(family):
     assert result.totals["modules"] == 2 * report.shape_after["num_hidden_layers"]
     with torch.no_grad():
         assert torch.isfinite(student(input_ids=_ids(2, seed=5)).logits).all()
+
+
+def test_naming_a_reconstruct_plugin_in_prune_plugins_is_refused_with_the_way_to_use_it(calib_ids):
+    from compress.errors import PluginError
+
+    model = tiny_model("llama")
+    with pytest.raises(PluginError, match="reconstruct='least_squares'"):
+        compress.prune(model, {"intermediate_size": 48}, calib_ids, plugins=["least_squares"])
