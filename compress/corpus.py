@@ -30,7 +30,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .calibrate import check_tokenizer_matches
-from .data import TEXT_FIELD, TextSource, _as_path, _check_text_file, describe_source, iter_text, pack_tokens
+from .data import (TEXT_FIELD, TextSource, _as_path, _check_text_file, describe_source, iter_jsonl_rows, iter_text,
+                   pack_tokens)
 from .errors import ConfigError, DataError, OutputExistsError
 
 PromptSource = Union[str, os.PathLike, Sequence[str]]
@@ -170,22 +171,16 @@ def _prompts_from_rows(rows: Iterable[object], where: str) -> list[str]:
 def _read_prompt_file(path: Path, given: str | os.PathLike) -> list[str]:
     _check_text_file(path, given)
     prompts: list[str] = []
-    with path.open(encoding="utf-8-sig") as fh:
-        if path.suffix == ".jsonl":
-            for number, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{number} is not valid JSON: {exc.msg}") from exc
-                text = next((row[k] for k in PROMPT_FIELDS if isinstance(row.get(k), str)), None) \
-                    if isinstance(row, dict) else None
-                if text is None or not text.strip():
-                    raise DataError(f"{path}:{number} has no non-empty string field 'prompt' (or 'text'); each line "
-                                    'must be {"prompt": "..."}')
-                prompts.append(text)
-        else:
+    if path.suffix == ".jsonl":
+        for number, row in iter_jsonl_rows(path):
+            text = next((row[k] for k in PROMPT_FIELDS if isinstance(row.get(k), str)), None) \
+                if isinstance(row, dict) else None
+            if text is None or not text.strip():
+                raise DataError(f"{path}:{number} has no non-empty string field 'prompt' (or 'text'); each line "
+                                'must be {"prompt": "..."}')
+            prompts.append(text)
+    else:
+        with path.open(encoding="utf-8-sig") as fh:
             prompts = [line.rstrip("\r\n") for line in fh if line.strip()]
     return prompts
 

@@ -23,7 +23,7 @@ import sys
 import warnings
 import zlib
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping, Union
+from typing import Any, Iterable, Iterator, Mapping, Union
 
 import torch
 
@@ -148,7 +148,9 @@ def _check_text_file(path: Path, given: str | os.PathLike) -> None:
         ) from None
 
 
-def _iter_jsonl(path: Path) -> Iterator[str]:
+def iter_jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    """``(line number, parsed value)`` for each non-blank line of a JSON-lines file; a line that is not JSON or
+    not UTF-8 raises a :class:`DataError` naming the file and the line."""
     number = 0
     try:
         with path.open(encoding="utf-8-sig") as fh:
@@ -156,15 +158,19 @@ def _iter_jsonl(path: Path) -> Iterator[str]:
                 if not line.strip():
                     continue
                 try:
-                    row = json.loads(line)
+                    yield number, json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise DataError(f"{path}:{number} is not valid JSON: {exc.msg}") from exc
-                if not isinstance(row, dict) or not isinstance(row.get(TEXT_FIELD), str):
-                    raise DataError(f"{path}:{number} has no string field {TEXT_FIELD!r}; each line must be "
-                                    f'{{"{TEXT_FIELD}": "..."}}')
-                yield row[TEXT_FIELD]
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}:{number + 1} is not UTF-8 text ({exc.reason}); convert the file to UTF-8") from None
+
+
+def _iter_jsonl(path: Path) -> Iterator[str]:
+    for number, row in iter_jsonl_rows(path):
+        if not isinstance(row, dict) or not isinstance(row.get(TEXT_FIELD), str):
+            raise DataError(f"{path}:{number} has no string field {TEXT_FIELD!r}; each line must be "
+                            f'{{"{TEXT_FIELD}": "..."}}')
+        yield row[TEXT_FIELD]
 
 
 def _describe_item(doc: object) -> str:
