@@ -24,7 +24,7 @@ from .distill import DistillConfig
 from .distill import distill as run_distill
 from .data import (PYDOCS_TRAIN, PYDOCS_VALID, TextSource, check_source, default_calibration_source,
                    default_eval_source, describe_source)
-from .errors import CheckpointError, ConfigError, DataError
+from .errors import CheckpointError, ConfigError, DataError, UnsupportedModelError
 from .evaluate import perplexity
 from .export import check_export_args, check_materialized, resolve_formats
 from .export import export as run_export
@@ -33,7 +33,9 @@ from .plan import PlanConfig
 from .prune import PluginsArg, prune
 from .report import Result
 from .reconstruct import reconstruct as run_reconstruct
-from .registry import get_plugin
+from .models import find_adapter, supported_families
+from .plugin_api import ReconstructPlugin
+from .registry import build_plugin, get_plugin
 from .search import SearchConfig, search_shapes
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -267,11 +269,11 @@ def compress(
     formats = check_export_args(formats, quantize)
     if distill is not None and not isinstance(distill, DistillConfig):
         raise DataError(f"distill should be a compress.DistillConfig, got {type(distill).__name__}")
-    recon_plugin, recon_config = _reconstruct_choice(reconstruct)
+    recon_plugin = _reconstruct_plugin(reconstruct)
     if search is not None:
         if not isinstance(search, SearchConfig):
             raise ConfigError(f"search should be a compress.SearchConfig, got {type(search).__name__}")
-        if distributed.rank_world()[1] > 1:
+        if distributed.world_from_env() > 1:
             raise ConfigError("search=SearchConfig(...) runs in one process (every rank would try every "
                               "candidate): search first, then pass the winning shape as target under torchrun")
     check_device(device)
@@ -319,6 +321,10 @@ def compress(
         from .models import check_plain_logits, layout_for
 
         check_plain_logits(model, layout_for(model))
+    if recon_plugin is not None and find_adapter(model) is None:
+        raise UnsupportedModelError(f"reconstruct={recon_plugin.name!r} needs a model family with an adapter (it "
+                                    f"finds each layer's output projections through it); {type(model).__name__} "
+                                    f"has none. Supported: {', '.join(supported_families())}")
     # Before pruning: a format this family or tokenizer cannot be written in is known now.
     resolve_formats(model, formats, quantize, tokenizer)
     rank, _ = distributed.init()
@@ -340,7 +346,6 @@ def compress(
         ppl: dict[str, float] = {}
         evaluate("teacher")
 
-        teacher_copy = copy.deepcopy(model) if distill is not None or recon_plugin else None
         searched, scores, prune_data = None, None, data
         if search is not None or recon_plugin:  # calibration windows shared by the search, pruning, the refit
             t = time.perf_counter()
@@ -352,9 +357,11 @@ def compress(
             searched = search_shapes(model, target, prune_data, tokenizer=tokenizer,
                                      train_data=data if distill_data is None else distill_data, strategy=strategy,
                                      plugins=plugins, config=search, device=device, plan_config=plan,
+                                     calibration_config=calibration,
                                      skip_tokens=prune_data.num_tokens if same_text else 0)
             target, scores = searched.best_shape, searched.scores
             times["search"] = time.perf_counter() - t
+        teacher_copy = copy.deepcopy(model) if distill is not None or recon_plugin else None
         t = time.perf_counter()
         report = prune(model, target, prune_data, strategy=strategy, plugins=plugins, tokenizer=tokenizer,
                        calibration_config=calibration, plan_config=plan, importance=scores)
@@ -367,7 +374,7 @@ def compress(
         if recon_plugin:
             t = time.perf_counter()
             rebuilt = run_reconstruct(model, teacher_copy, prune_data, kept=report.kept, plugin=recon_plugin,
-                                      config=recon_config)
+                                      calibration_config=calibration)
             times["reconstruct"] = time.perf_counter() - t
             stages["reconstruct"] = rebuilt.to_dict()
             evaluate("reconstructed")
@@ -416,26 +423,22 @@ def compress(
         raise
 
 
-def _reconstruct_choice(reconstruct: Any) -> tuple[str | None, Any]:
-    """``compress(reconstruct=...)`` as (plugin name, config): a name, or ``{name: config or None}``."""
-    if reconstruct is None:
-        return None, None
+def _reconstruct_plugin(reconstruct: Any) -> ReconstructPlugin | None:
+    """``compress(reconstruct=...)`` as a built plugin (name and config checked now, before any work): a plugin's
+    name, ``{name: config}`` (a Config, a dict of its fields, or None), or a plugin instance."""
+    if reconstruct is None or isinstance(reconstruct, ReconstructPlugin):
+        return reconstruct
     if isinstance(reconstruct, str):
         name, config = reconstruct, None
     elif isinstance(reconstruct, dict) and len(reconstruct) == 1:
         (name, config), = reconstruct.items()
     else:
-        raise ConfigError(f"reconstruct should be a reconstruct plugin's name (e.g. 'least_squares') or "
-                          f"{{name: config}}, got {reconstruct!r}")
+        raise ConfigError(f"reconstruct should be a reconstruct plugin's name (e.g. 'least_squares'), "
+                          f"{{name: config}} or a ReconstructPlugin, got {reconstruct!r}")
     if not isinstance(name, str):
         raise ConfigError(f"reconstruct should name a reconstruct plugin, got {name!r}")
-    cls = get_plugin(name, kind="reconstruct")  # a PluginError lists the registered ones
-    if isinstance(config, dict):
-        try:
-            config = cls.Config(**config)
-        except TypeError as exc:
-            raise ConfigError(f"reconstruct={{{name!r}: {config!r}}}: {exc}") from None
-    return name, config
+    get_plugin(name, kind="reconstruct")  # a PluginError lists the registered ones
+    return build_plugin(name, "reconstruct", config)
 
 
 def _card_history(result: Result) -> dict:

@@ -18,7 +18,7 @@ from .calibrate import CalibrationConfig
 from .distill import DistillConfig
 from .distill.losses import LOGIT_LOSSES
 from .errors import CompressError, ConfigError, OutputExistsError, PluginError, TargetError
-from .search import SearchConfig
+from .search import SearchConfig, default_short_distill
 
 # Errors in what the command line asked for (exit 2, like argparse's own); every other refusal exits 1.
 USAGE_ERRORS = (ConfigError, TargetError, PluginError, OutputExistsError)
@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        _check_flag_pairs(args)
     except _UsageError as exc:
         return _error(exc, 2)
     except SystemExit as exc:  # --help / --version
@@ -138,6 +139,17 @@ def _sample(out_dir: Path, export: dict, prompt: str) -> tuple[str, str] | None:
     return None
 
 
+def _check_flag_pairs(args: argparse.Namespace) -> None:
+    """Flags that only mean something with another one are refused alone (rather than silently ignored)."""
+    needs = {"--logit-loss": (args.logit_loss != "forward_kl", "--distill-tokens", args.distill_tokens),
+             "--on-policy": (args.on_policy != 0.0, "--distill-tokens", args.distill_tokens),
+             "--hidden-loss": (args.hidden_loss is not None, "--distill-tokens", args.distill_tokens),
+             "--search-tokens": (args.search_tokens != 16384, "--search", args.search)}
+    for flag, (given, other, value) in needs.items():
+        if given and not value:
+            raise _UsageError(f"{flag} only applies with {other}; add {other} or drop {flag}")
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.list_plugins:
         for info in registry.list_plugins():
@@ -154,8 +166,7 @@ def _run(args: argparse.Namespace) -> int:
                                 on_policy_fraction=args.on_policy, parallel=args.parallel)
     search = None
     if args.search:  # short runs at the calibration window length (at most 256), as the search's own default
-        short = DistillConfig(max_tokens=args.search_tokens, seq_len=min(args.seq_len, 256), batch_size=4, lr=5e-4,
-                              logit_loss=args.logit_loss, progress=False)
+        short = default_short_distill(args.search_tokens, seq_len=min(args.seq_len, 256), logit_loss=args.logit_loss)
         search = SearchConfig(candidates=args.search, tokens_per_candidate=args.search_tokens, distill=short)
     result = api.compress(
         args.teacher, target, args.data, args.out, strategy=args.strategy, plugins=plugins,
@@ -184,7 +195,7 @@ def _run(args: argparse.Namespace) -> int:
                   f"held-out {found['score']} {c['score_before']:.4f} -> {score}")
     if "reconstructed" in result.perplexity:
         print(f"refit    {result.stages['reconstruct']['plugin']:>12}           perplexity "
-              f"{result.perplexity['reconstructed']:.2f}   (least-squares output projections, no training)")
+              f"{result.perplexity['reconstructed']:.2f}   (no training yet)")
     if "distilled" in result.perplexity:
         d = result.stages["distill"]
         print(f"distill  {d['tokens']:>12,} tokens   perplexity {result.perplexity['distilled']:.2f}   "

@@ -30,8 +30,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .calibrate import check_tokenizer_matches
-from .data import (TEXT_FIELD, TextSource, _as_path, _check_text_file, describe_source, iter_jsonl_rows, iter_text,
-                   pack_tokens)
+from .data import (TEXT_FIELD, TextSource, _as_path, _check_text_file, derived_seed, describe_source, iter_jsonl_rows,
+                   iter_text, pack_tokens)
 from .errors import ConfigError, DataError, OutputExistsError
 
 PromptSource = Union[str, os.PathLike, Sequence[str]]
@@ -143,8 +143,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
 def _batch_seed(seed: int, batch: int) -> int:
     """A 63-bit seed for batch ``batch`` of a run seeded ``seed``: independent of every other batch, so any batch
     can be regenerated alone (which is what makes a resumed run match an uninterrupted one)."""
-    digest = hashlib.sha256(f"compress-corpus:{seed}:{batch}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+    return derived_seed("compress-corpus", seed, batch)
 
 
 # ---------------------------------------------------------------------------------------------------- prompts

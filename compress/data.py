@@ -16,6 +16,7 @@ import codecs
 import difflib
 import importlib
 import inspect
+import hashlib
 import json
 import os
 import re
@@ -146,6 +147,13 @@ def _check_text_file(path: Path, given: str | os.PathLike) -> None:
             f"{str(given)!r} is not UTF-8 text (undecodable byte {head[exc.start:exc.start + 1]!r} at offset "
             f"{exc.start}){'; ' + hint if hint else ''}; convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8)"
         ) from None
+
+
+def derived_seed(*parts: object) -> int:
+    """A 63-bit seed derived from ``parts`` (e.g. run seed, rank, step): independent for every combination and
+    the same in every process and every rerun, so any piece of a seeded run can be redone alone."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def iter_jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:

@@ -267,26 +267,38 @@ def _ranked_grid(
             + ("" if strategy == "width+depth" else " or use strategy='width+depth'")
         )
     low = target.params * (1 - config.tolerance)
-    best: list[tuple[float, int, int, ModelShape, int]] = []  # (cost, -params, grid order, shape, params)
-    below: list[tuple[int, int, ModelShape]] = []  # (-params, grid order, shape)
-    seen: set[ModelShape] = set()
+    # Bounded heaps of the k best so far (the grid of an 8B model under width+depth has millions of shapes; the
+    # grid values are distinct, so no shape comes twice). Heap tops are the worst kept: negated sort keys.
+    best: list[tuple[tuple[float, int, int], ModelShape, int]] = []  # ((-cost, params, -order), shape, params)
+    below: list[tuple[tuple[int, int], ModelShape]] = []  # ((params, -order), shape): the largest are kept
+    count = 0
     for order, (d, i, (h, kv), n) in enumerate(itertools.product(hiddens, inters, heads, depths)):
         s = ModelShape(d, i, h, kv, n, teacher.head_dim)
         p = formula.total(s)
-        if p > target.params or s == teacher or s in seen or (constraint is not None and constraint(s)):
+        if p > target.params or s == teacher or (constraint is not None and constraint(s)):
             continue
-        seen.add(s)
         if p < low:
-            below.append((-p, order, s))
+            if not count:  # only needed when nothing lands within tolerance
+                _keep(below, ((p, -order), s), k)
             continue
-        best.append((_cost(teacher, s, config.weights), -p, order, s, p))
+        count += 1
+        _keep(best, ((-_cost(teacher, s, config.weights), p, -order), s, p), k)
     if best:
-        top = heapq.nsmallest(k, best)
-        return [(cost, p, s) for cost, _, _, s, p in top], len(best), True
+        top = sorted(best, key=lambda item: (-item[0][0], -item[0][1], -item[0][2]))
+        return [(-key[0], p, s) for key, s, p in top], count, True
     if not below:
         raise TargetError(f"no {strategy} shape on the grid below {target.params:,} parameters can be saved for "
                           f"this model ({constraint(smallest) if constraint else 'none fits'})")
-    return [(_cost(teacher, s, config.weights), -neg, s) for neg, _, s in heapq.nsmallest(k, below)], 0, False
+    largest = sorted(below, key=lambda item: (-item[0][0], -item[0][1]))
+    return [(_cost(teacher, s, config.weights), key[0], s) for key, s in largest], 0, False
+
+
+def _keep(heap: list, item: tuple, k: int) -> None:
+    """Keep the ``k`` largest items (by their first element) in the min-heap ``heap``."""
+    if len(heap) < k:
+        heapq.heappush(heap, item)
+    elif item[0] > heap[0][0]:
+        heapq.heapreplace(heap, item)
 
 
 def _embedding_note(teacher: ModelShape, formula: ParamFormula, chosen: ModelShape) -> str:

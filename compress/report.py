@@ -34,7 +34,11 @@ class PruneReport:
         return self.params_after / self.params_before
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The report as JSON values; of ``kept``, only hidden channels and layers (the per-layer neuron and head
+        lists run to hundreds of thousands of numbers on large models, and stay on the object)."""
+        d = asdict(self)
+        d["kept"] = {k: v for k, v in d["kept"].items() if k in ("hidden", "layers")}
+        return d
 
     def __str__(self) -> str:
         changed = {k: f"{v} -> {self.shape_after[k]}" for k, v in self.shape_before.items() if self.shape_after[k] != v}

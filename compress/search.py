@@ -44,12 +44,13 @@ from .validate import check_finite_weights
 SCORES = ("kl", "perplexity")
 
 
-def _default_distill(tokens: int) -> DistillConfig:
-    """Small batches (many optimizer steps from few tokens), a high learning rate and a warm-up of a tenth of
-    the run (at least one step): what a few thousand tokens per candidate can use."""
-    steps = max(1, tokens // (4 * 256))
-    return DistillConfig(max_tokens=tokens, seq_len=256, batch_size=4, lr=5e-4, warmup_steps=max(1, steps // 10),
-                         progress=False, log_every=max(1, min(10, steps)))
+def default_short_distill(tokens: int, seq_len: int = 256, **changes) -> DistillConfig:
+    """Small batches (many optimizer steps from few tokens) and a high learning rate, the warm-up a tenth of the
+    run (DistillConfig's default): what a few thousand tokens per candidate can use. ``changes`` override."""
+    steps = max(1, tokens // (4 * seq_len))
+    settings = dict(max_tokens=tokens, seq_len=seq_len, batch_size=4, lr=5e-4, progress=False,
+                    log_every=max(1, min(10, steps)))
+    return DistillConfig(**{**settings, **changes})
 
 
 @dataclass
@@ -89,7 +90,7 @@ class SearchConfig:
         if self.progress is not True and self.progress is not False:
             raise ConfigError(f"SearchConfig.progress should be True or False, got {self.progress!r}")
         if self.distill is None:
-            self.distill = _default_distill(self.tokens_per_candidate)
+            self.distill = default_short_distill(self.tokens_per_candidate)
         if not isinstance(self.distill, DistillConfig):
             raise ConfigError(f"SearchConfig.distill should be a compress.DistillConfig (or None), got "
                               f"{type(self.distill).__name__}"
@@ -102,6 +103,9 @@ class SearchConfig:
             if value:
                 raise ConfigError(f"SearchConfig.distill.{name}={value!r}: the short runs of the search write no "
                                   "files (every candidate would write over the last one's); leave it unset")
+        if d.teacher_cache is not None:
+            raise ConfigError(f"SearchConfig.distill.teacher_cache={d.teacher_cache!r}: a cache holds the teacher's "
+                              "scores of other windows than the search's short runs use; leave it unset")
         if d.teacher_correction_steps:
             raise ConfigError(f"SearchConfig.distill.teacher_correction_steps={d.teacher_correction_steps!r}: "
                               "teacher correction trains the teacher in place, and the search gives the teacher "

@@ -41,3 +41,12 @@ def test_cli_search_reconstruct_and_objective_flags(tmp_path, tokenizer, capsys)
     assert set(result["perplexity"]) == {"teacher", "pruned", "reconstructed", "distilled"}
     assert main(args + ["--out", str(tmp_path / "e"), "--reconstruct", "activation"]) == 2
     assert "reconstruct" in capsys.readouterr().err and not (tmp_path / "e").exists()
+
+
+def test_cli_refuses_flags_that_need_another(tmp_path, tokenizer, capsys):
+    args = cli_run_args(tmp_path, tokenizer, "llama")
+    for extra, needed in ((["--on-policy", "0.5"], "--distill-tokens"), (["--logit-loss", "jsd"], "--distill-tokens"),
+                          (["--search-tokens", "100"], "--search")):
+        assert main(args + extra) == 2
+        assert needed in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()

@@ -126,3 +126,19 @@ def test_compress_with_reconstruction_stage(tmp_path, tokenizer):
             compress.compress((tiny_model("llama"), tokenizer), {"intermediate_size": 48}, text, tmp_path / "bad",
                               reconstruct=bad, **kwargs)
         assert not (tmp_path / "bad").exists()
+
+
+def test_search_and_reconstruct_are_refused_before_any_work(tmp_path, tokenizer, monkeypatch):
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    kwargs = dict(eval_data=[SAMPLE_TEXT[:3000]], eval_seq_len=32, formats=["safetensors"],
+                  calibration=compress.CalibrationConfig(seq_len=32, num_samples=8))
+    with pytest.raises(compress.CompressError, match="least_squares"):  # a config that is not one
+        compress.compress((model, tokenizer), {"intermediate_size": 48}, [SAMPLE_TEXT], tmp_path / "a",
+                          reconstruct={"least_squares": 5}, **kwargs)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(compress.ConfigError, match="one process"):
+        compress.compress((model, tokenizer), {"params": 0.5}, [SAMPLE_TEXT], tmp_path / "b",
+                          search=compress.SearchConfig(candidates=2), **kwargs)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -28,11 +28,12 @@ class DistillConfig:
     logits, plus ``alpha_ce`` × the LM cross-entropy (Minitron: 0). ``on_policy_fraction`` of the batches
     (GKD's λ) are on-policy: the student samples the second half of each window (after
     ``on_policy_prompt_tokens``, default half the window) at ``on_policy_temperature``, and the loss is taken
-    on the sampled tokens only, as the teacher scores them. ``teacher_cache`` (a folder written by
-    :func:`compress.distill.teacher_cache.build_teacher_cache` for the same windows and teacher) replaces the
-    teacher's forward pass with its stored top-k log-probabilities. ``hidden_loss`` (``cosine``/``mse``, weight ``hidden_weight``) adds hidden-state matching on
-    ``hidden_layers`` (student layer indices; default: every layer), through a learned projection when widths
-    differ; ``layer_map`` overrides which teacher layer each student layer learns from.
+    on the sampled tokens only, as the teacher scores them (no cross-entropy on those batches; one process or
+    DDP). ``teacher_cache`` (a folder written by :func:`compress.build_teacher_cache` for the same windows and
+    teacher) replaces the teacher's forward pass with its stored top-k log-probabilities. ``hidden_loss``
+    (``cosine``/``mse``, weight ``hidden_weight``) adds hidden-state matching on ``hidden_layers`` (student layer
+    indices; default: every layer), through a learned projection when widths differ; ``layer_map`` overrides
+    which teacher layer each student layer learns from.
 
     Budget: ``max_steps`` optimizer steps, or ``max_tokens`` tokens in all (set one of them, not both). Each step
     takes ``batch_size × grad_accum`` windows of ``seq_len`` tokens *on every process*, so under ``torchrun``
@@ -176,6 +177,10 @@ class DistillConfig:
                 f"hidden_loss={self.hidden_loss!r} (hidden_weight={self.hidden_weight!r}); make one of them non-zero")
 
         number("on_policy_fraction", high=1.0)
+        if self.on_policy_fraction > 0 and self.logit_weight == 0:
+            raise ConfigError(f"DistillConfig.on_policy_fraction={self.on_policy_fraction} trains on the student's "
+                              "own samples as the teacher scores them, but logit_weight=0 turns the teacher's score "
+                              "off (those batches would teach the student nothing): set logit_weight > 0")
         integer("on_policy_prompt_tokens", 1, optional=True)
         number("on_policy_temperature", positive=True)
         if self.teacher_cache is not None:
@@ -338,7 +343,7 @@ _ALIASES = {"learning_rate": "lr", "max_length": "seq_len", "sequence_length": "
             "grad_clip": "max_grad_norm", "checkpoint_dir": "output_dir", "save_steps": "checkpoint_every",
             "logging_steps": "log_every", "precision": "dtype",
             "beta": "jsd_beta", "lmbda": "on_policy_fraction", "warmup_fraction": "warmup_ratio",
-            "skew": "skew_alpha", "alpha": "skew_alpha"}
+            "skew": "skew_alpha"}
 _generated_init = DistillConfig.__init__
 
 

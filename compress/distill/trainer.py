@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from .. import distributed
 from ..calibrate import check_tokenizer_matches
+from ..data import derived_seed
 from ..errors import CheckpointError, CompressError, ConfigError, DataError, OutputExistsError
 from ..models import DecoderAdapter, check_plain_logits, layout_for
 from ..validate import check_finite_weights
@@ -132,6 +133,7 @@ class DistillModule(nn.Module):
                     self.projections["hidden"].weight.copy_(self._projection_init())
         self._captured = _LayerOutputs(adapter.decoder_layers(student), sorted(layer_map)) \
             if config.hidden_loss else None
+        self.cached_targets: tuple[torch.Tensor, ...] | None = None
 
     def _projection_init(self) -> torch.Tensor:
         """Start from the channel selection pruning made, when known (exact at step 0), else orthogonal (seeded:
@@ -150,17 +152,19 @@ class DistillModule(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, teacher_final: torch.Tensor | None,
                 teacher_layers: dict[int, torch.Tensor], teacher_head: torch.Tensor | None,
-                loss_from: int = 1, cached: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+                loss_from: int = 1) -> torch.Tensor:
         """Returns ``[loss, kd, ce, hidden]`` (only the first carries gradients). The logit losses cover the
         tokens from position ``loss_from`` on (1: every predicted token; an on-policy batch starts at its sampled
-        part). ``cached``: the teacher's stored ``(top-k log-probs, indices, log of the rest)`` for every
-        position, used instead of ``teacher_final``/``teacher_head``."""
+        part, and has no cross-entropy: its tokens are the student's own). ``self.cached_targets``, when set by
+        the loop, holds the teacher's stored ``(top-k log-probs, indices, log of the rest)`` for every position,
+        used instead of ``teacher_final``/``teacher_head`` (kept off the arguments: FSDP would cast them to bf16)."""
         cfg = self.config
+        cached = self.cached_targets
         base = self.student.get_submodule(self.adapter.base)
         hidden = base(input_ids=input_ids, use_cache=False).last_hidden_state
         head = self.student.get_submodule(self.adapter.lm_head).weight
         start = loss_from - 1  # the hidden state at position p predicts token p + 1
-        labels = input_ids[:, loss_from:].reshape(-1) if cfg.alpha_ce > 0 else None
+        labels = input_ids[:, 1:].reshape(-1) if cfg.alpha_ce > 0 and loss_from == 1 else None
         d_s = hidden.shape[-1]
         s_flat = hidden[:, start:-1].reshape(-1, d_s)
         if cached is not None:
@@ -239,10 +243,10 @@ def sample_continuations(model: nn.Module, prompts: torch.Tensor, new_tokens: in
 
 def _on_policy_now(config: DistillConfig, step: int, micro: int) -> bool:
     """Whether micro-batch ``micro`` of ``step`` is on-policy: a draw seeded by (seed, step, micro), so a resumed
-    run, and every rank, makes the same choices."""
+    run, and every rank, makes the same choices (under FSDP every rank must run the same forward passes)."""
     if config.on_policy_fraction <= 0:
         return False
-    return random.Random(f"{config.seed}/{step}/{micro}").random() < config.on_policy_fraction
+    return random.Random(derived_seed("on-policy", config.seed, step, micro)).random() < config.on_policy_fraction
 
 
 def _lr_lambda(config: DistillConfig, total: int):
@@ -468,6 +472,10 @@ def distill(student: nn.Module, teacher: nn.Module, data, config: DistillConfig,
     plan = plan_memory(student, teacher, config, world=world, device=device, use_bf16=use_bf16)
     mode, shard_teacher = _pick_engine(config, world, plan)
     plan.check(mode, shard_teacher)  # refuses, with what would fit, before any work
+    if mode == "fsdp" and config.on_policy_fraction > 0:
+        raise ConfigError(f"DistillConfig.on_policy_fraction={config.on_policy_fraction} samples from the student, "
+                          "which FSDP keeps sharded: on-policy distillation runs in one process or under DDP "
+                          "(parallel='ddp') only")
     total = config.steps_for(world)
     warmup, schedule_note = config.warmup_for(total)
     schedule = {"total_steps": total, "warmup_steps": warmup, "decay": f"cosine to {config.min_lr_ratio} x lr"}
@@ -572,13 +580,13 @@ def distill(student: nn.Module, teacher: nn.Module, data, config: DistillConfig,
                 step_metrics = torch.zeros(4, device=device)
                 for micro in range(config.grad_accum):
                     batch = loader.next_batch()
-                    loss_from, cached = 1, None
+                    loss_from = 1
                     if cache is not None:
-                        cached = cache.lookup(loader.last_indices, device)
+                        module.cached_targets = cache.lookup(loader.last_indices, device)
                     if _on_policy_now(config, step, micro):  # the student writes the rest of each window
                         t_sample = time.perf_counter()
                         gen = torch.Generator(device).manual_seed(
-                            config.seed * 1_000_003 + step * (config.grad_accum + 1) + micro)
+                            derived_seed("sample", config.seed, rank, step, micro))
                         with engine.autocast():
                             batch = sample_continuations(module.student, batch[:, :prompt_len],
                                                          batch.shape[1] - prompt_len, config.on_policy_temperature,
@@ -594,7 +602,8 @@ def distill(student: nn.Module, teacher: nn.Module, data, config: DistillConfig,
                         t_head = t_trunk.head_weight()
                     t_layers_out = captured_teacher.pop() if captured_teacher else {}
                     with engine.no_sync(micro == config.grad_accum - 1), engine.autocast():
-                        out = wrapped(batch, t_final, t_layers_out, t_head, loss_from, cached)
+                        out = wrapped(batch, t_final, t_layers_out, t_head, loss_from)
+                    module.cached_targets = None
                     (out[0] / config.grad_accum).backward()
                     step_metrics += out.detach().float() / config.grad_accum
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
