@@ -161,8 +161,9 @@ def _run(args: argparse.Namespace) -> int:
         plugins["depth"] = {"method": args.depth_method}
     distill = None
     if args.distill_tokens:
+        # DistillConfig's own batch shape for the budget, unless the calibration windows are shorter than it.
         distill = DistillConfig(max_tokens=args.distill_tokens, hidden_loss=args.hidden_loss,
-                                seq_len=min(args.seq_len, 512), lr=5e-4, logit_loss=args.logit_loss,
+                                seq_len=args.seq_len if args.seq_len < 256 else None, logit_loss=args.logit_loss,
                                 on_policy_fraction=args.on_policy, parallel=args.parallel)
     search = None
     if args.search:  # short runs at the calibration window length (at most 256), as the search's own default

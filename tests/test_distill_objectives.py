@@ -196,3 +196,13 @@ def test_a_cache_of_other_windows_is_refused_before_training(tmp_path):
         distill(student, teacher, data, DistillConfig(max_steps=2, batch_size=4, seq_len=32, progress=False,
                                                       teacher_cache=str(tmp_path / "cache")))
     assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())
+
+
+def test_default_batch_shape_follows_the_budget():
+    small, large = DistillConfig(max_tokens=32768), DistillConfig(max_tokens=32 * 8 * 512)
+    assert (small.batch_size, small.seq_len, small.total_steps) == (4, 256, 32)
+    assert (large.batch_size, large.seq_len, large.total_steps) == (8, 512, 32)
+    assert (DistillConfig(max_steps=3).batch_size, DistillConfig(max_steps=3).seq_len) == (8, 512)
+    chosen = DistillConfig(max_tokens=32768, batch_size=2, seq_len=64)
+    assert (chosen.batch_size, chosen.seq_len) == (2, 64)
+    assert DistillConfig(max_steps=1).lr == 5e-4
