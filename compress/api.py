@@ -29,13 +29,13 @@ from .evaluate import perplexity
 from .export import check_export_args, check_materialized, resolve_formats
 from .export import export as run_export
 from .io import atomic_output_dir, check_output_dir
-from .plan import PlanConfig
-from .prune import PluginsArg, prune
-from .report import Result
-from .reconstruct import reconstruct as run_reconstruct
 from .models import find_adapter, supported_families
+from .plan import PlanConfig
 from .plugin_api import ReconstructPlugin
+from .prune import PluginsArg, prune
+from .reconstruct import reconstruct as run_reconstruct
 from .registry import build_plugin, get_plugin
+from .report import Result
 from .search import SearchConfig, search_shapes
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -243,7 +243,7 @@ def sample_continuations(model: nn.Module, prompts: torch.Tensor, new_tokens: in
 
 def _on_policy_now(config: DistillConfig, step: int, micro: int) -> bool:
     """Whether micro-batch ``micro`` of ``step`` is on-policy: a draw seeded by (seed, step, micro), so a resumed
-    run, and every rank, makes the same choices (under FSDP every rank must run the same forward passes)."""
+    run, and every rank, makes the same choices."""
     if config.on_policy_fraction <= 0:
         return False
     return random.Random(derived_seed("on-policy", config.seed, step, micro)).random() < config.on_policy_fraction
