@@ -106,8 +106,9 @@ def main() -> None:
 
     def base_config(**changes) -> DistillConfig:
         """Arm 3's distillation settings, with changes."""
-        return DistillConfig(max_tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch, lr=args.lr,
-                             warmup_steps=5, progress=False, seed=0, log_every=1, **changes)
+        settings = dict(max_tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch, lr=args.lr,
+                        warmup_steps=5, progress=False, seed=0, log_every=1)
+        return DistillConfig(**{**settings, **changes})
 
     def distilled(d) -> dict:
         return {"tokens": d.tokens, "steps": d.steps, "seconds": d.seconds, "tokens_per_s": d.tokens_per_second,
