@@ -14,6 +14,7 @@ from .calibrate import Calibration, CalibrationConfig, Importance
 from .corpus import CorpusReport, SelectionReport, generate_corpus, select_by_difference
 from .distill import DistillConfig, DistillError, DistillReport
 from .distill import distill
+from .distill.data import distillation_windows
 from .distill.teacher_cache import CacheReport, TeacherCache, build_teacher_cache
 from .export import ExportError, ExportReport, export
 from .errors import (CheckpointError, CompressError, ConfigError, DataError, OutputExistsError, PluginError,
@@ -34,7 +35,7 @@ __all__ = [
     "DecoderAdapter", "DistillConfig", "DistillError", "DistillReport", "ExportError", "ExportReport",
     "ImportancePlugin", "Importance", "ModelShape", "OutputExistsError", "PlanConfig", "PluginError", "PruneContext",
     "PruneReport", "ReconstructPlugin", "ReconstructReport", "Result", "SearchConfig", "SearchResult", "Target",
-    "TeacherCache", "build_teacher_cache", "TargetError", "UnsupportedModelError", "__version__", "compress", "distill",
+    "TeacherCache", "build_teacher_cache", "distillation_windows", "TargetError", "UnsupportedModelError", "__version__", "compress", "distill",
     "distillation", "evaluate", "export", "get_plugin", "list_plugins", "load_report", "load_teacher", "prune",
     "register_adapter", "register_plugin", "save_student", "score_importance", "search_shapes", "smollm2_gguf_path",
     "supported_families",

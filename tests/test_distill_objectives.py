@@ -206,3 +206,19 @@ def test_default_batch_shape_follows_the_budget():
     chosen = DistillConfig(max_tokens=32768, batch_size=2, seq_len=64)
     assert (chosen.batch_size, chosen.seq_len) == (2, 64)
     assert DistillConfig(max_steps=1).lr == 5e-4
+
+
+def test_a_cache_built_over_distillation_windows_serves_text_data(tmp_path, tokenizer):
+    import compress
+    from conftest import SAMPLE_TEXT, tiny_model
+
+    teacher = tiny_model("llama")
+    student = tiny_model("llama", seed=1)
+    text = [SAMPLE_TEXT * 2]
+    cfg = DistillConfig(max_steps=2, batch_size=2, seq_len=32, progress=False, log_every=1,
+                        teacher_cache=str(tmp_path / "cache"))
+    windows = compress.distillation_windows(text, tokenizer, cfg, skip_tokens=64)
+    assert torch.equal(windows, compress.data.pack_tokens(tokenizer, text, 32, max_windows=4, skip_tokens=64))
+    compress.build_teacher_cache(teacher, windows, tmp_path / "cache", top_k=8, progress=False)
+    report = distill(student, teacher, text, cfg, tokenizer=tokenizer, skip_tokens=64)
+    assert report.objective["teacher_cache"]["windows"] == 4

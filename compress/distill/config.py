@@ -310,7 +310,7 @@ class DistillConfig:
     def _default_batch_shape(self) -> None:
         """``batch_size``/``seq_len`` left at None: 8 windows of 512 tokens, or 4 of 256 when the token budget
         would give fewer than :data:`MIN_DEFAULT_STEPS` steps of 8 x 512 (measured on SmolLM2 at 32k tokens: 32
-        steps of 4 x 256 ended at 0.71x the perplexity of 8 steps of 8 x 512, BENCHMARKS.md)."""
+        steps of 4 x 256 ended at 0.72x the perplexity of 8 steps of 8 x 512, BENCHMARKS.md)."""
         small = self.max_steps is None and isinstance(self.max_tokens, numbers.Integral) \
             and self.max_tokens < MIN_DEFAULT_STEPS * 8 * 512
         if self.seq_len is None:

@@ -146,3 +146,12 @@ class WindowLoader:
         n, seq = self.windows.shape
         return {"source": self.source, "windows": n, "seq_len": seq, "unique_tokens": n * seq,
                 "skipped_tokens": self.skip_tokens, "epochs_seen": round(self.served / self.batches_per_epoch, 3)}
+
+
+def distillation_windows(data, tokenizer, config: DistillConfig, *, skip_tokens: int = 0, world: int = 1
+                         ) -> torch.Tensor:
+    """The token windows ``[N, seq_len]`` that :func:`~compress.distill` trains on for these arguments (``world``:
+    the number of processes, as the text needed grows with it): what a teacher cache must be built over."""
+    config.validate()
+    return WindowLoader.from_source(data, tokenizer, config, skip_tokens=skip_tokens, world=world).windows
+
