@@ -222,3 +222,16 @@ def test_a_cache_built_over_distillation_windows_serves_text_data(tmp_path, toke
     compress.build_teacher_cache(teacher, windows, tmp_path / "cache", top_k=8, progress=False)
     report = distill(student, teacher, text, cfg, tokenizer=tokenizer, skip_tokens=64)
     assert report.objective["teacher_cache"]["windows"] == 4
+
+
+def test_on_policy_under_fsdp_is_refused_before_any_work(monkeypatch):
+    teacher, student, data = make_pair()
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    # As under torchrun with two processes: the engine is chosen, then on-policy is refused (FSDP keeps the
+    # student sharded, so it cannot sample from it).
+    monkeypatch.setattr(trainer_module.distributed, "init", lambda: (0, 2))
+    cfg = DistillConfig(max_steps=2, batch_size=2, seq_len=32, on_policy_fraction=0.5, parallel="fsdp",
+                        progress=False)
+    with pytest.raises(ConfigError, match="FSDP"):
+        distill(student, teacher, data, cfg)
+    assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())
