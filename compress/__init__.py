@@ -12,17 +12,25 @@ from . import evaluate
 from .api import compress, load_report, load_teacher, save_student, smollm2_gguf_path
 from .calibrate import Calibration, CalibrationConfig, Importance
 from .corpus import CorpusReport, SelectionReport, generate_corpus, select_by_difference
-from .distill import DistillConfig, DistillError, DistillReport
-from .distill import distill
+from .distill import DistillConfig, DistillError, DistillReport, distill
 from .distill.data import distillation_windows
 from .distill.teacher_cache import CacheReport, TeacherCache, build_teacher_cache
+from .errors import (
+    CheckpointError,
+    CompressError,
+    ConfigError,
+    DataError,
+    OutputExistsError,
+    PluginError,
+    TargetError,
+    UnsupportedModelError,
+)
 from .export import ExportError, ExportReport, export
-from .errors import (CheckpointError, CompressError, ConfigError, DataError, OutputExistsError, PluginError,
-                     TargetError, UnsupportedModelError)
 from .models import DecoderAdapter, register_adapter, supported_families
 from .plan import PlanConfig, Target
 from .plugin_api import AxisPlugin, ImportancePlugin, PruneContext, ReconstructPlugin
 from .prune import prune, score_importance
+from .recipe import DataSettings, ExportSettings, Recipe
 from .reconstruct import ReconstructReport  # the function stays compress.reconstruct.reconstruct (no shadowing)
 from .registry import get_plugin, list_plugins, register_plugin
 from .report import PruneReport, Result
@@ -30,13 +38,62 @@ from .search import SearchConfig, SearchResult, search_shapes
 from .shape import ModelShape
 
 __all__ = [
-    "AxisPlugin", "CacheReport", "Calibration", "CalibrationConfig", "CheckpointError", "CompressError", "ConfigError",
-    "CorpusReport", "DataError", "SelectionReport", "generate_corpus", "select_by_difference",
-    "DecoderAdapter", "DistillConfig", "DistillError", "DistillReport", "ExportError", "ExportReport",
-    "ImportancePlugin", "Importance", "ModelShape", "OutputExistsError", "PlanConfig", "PluginError", "PruneContext",
-    "PruneReport", "ReconstructPlugin", "ReconstructReport", "Result", "SearchConfig", "SearchResult", "Target",
-    "TeacherCache", "build_teacher_cache", "distillation_windows", "TargetError", "UnsupportedModelError", "__version__", "compress", "distill",
-    "distillation", "evaluate", "export", "get_plugin", "list_plugins", "load_report", "load_teacher", "prune",
-    "register_adapter", "register_plugin", "save_student", "score_importance", "search_shapes", "smollm2_gguf_path",
+    "AxisPlugin",
+    "CacheReport",
+    "Calibration",
+    "CalibrationConfig",
+    "CheckpointError",
+    "CompressError",
+    "ConfigError",
+    "CorpusReport",
+    "DataError",
+    "DataSettings",
+    "ExportSettings",
+    "Recipe",
+    "SelectionReport",
+    "generate_corpus",
+    "select_by_difference",
+    "DecoderAdapter",
+    "DistillConfig",
+    "DistillError",
+    "DistillReport",
+    "ExportError",
+    "ExportReport",
+    "ImportancePlugin",
+    "Importance",
+    "ModelShape",
+    "OutputExistsError",
+    "PlanConfig",
+    "PluginError",
+    "PruneContext",
+    "PruneReport",
+    "ReconstructPlugin",
+    "ReconstructReport",
+    "Result",
+    "SearchConfig",
+    "SearchResult",
+    "Target",
+    "TeacherCache",
+    "build_teacher_cache",
+    "distillation_windows",
+    "TargetError",
+    "UnsupportedModelError",
+    "__version__",
+    "compress",
+    "distill",
+    "distillation",
+    "evaluate",
+    "export",
+    "get_plugin",
+    "list_plugins",
+    "load_report",
+    "load_teacher",
+    "prune",
+    "register_adapter",
+    "register_plugin",
+    "save_student",
+    "score_importance",
+    "search_shapes",
+    "smollm2_gguf_path",
     "supported_families",
 ]

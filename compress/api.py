@@ -8,23 +8,34 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
 import json
 import os
 import time
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-from . import distributed
+from . import __version__, distributed
 from .calibrate import CalibrationConfig, prepare_calibration
+from .data import (
+    PYDOCS_TRAIN,
+    PYDOCS_VALID,
+    TextSource,
+    _looks_like_path,
+    check_source,
+    default_calibration_source,
+    default_eval_source,
+    describe_source,
+)
 from .distill import DistillConfig
 from .distill import distill as run_distill
-from .data import (PYDOCS_TRAIN, PYDOCS_VALID, TextSource, check_source, default_calibration_source,
-                   default_eval_source, describe_source)
-from .errors import CheckpointError, ConfigError, DataError, UnsupportedModelError
+from .errors import CheckpointError, ConfigError, DataError, TargetError, UnsupportedModelError
 from .evaluate import perplexity
 from .export import check_export_args, check_materialized, resolve_formats
 from .export import export as run_export
@@ -33,13 +44,16 @@ from .models import find_adapter, supported_families
 from .plan import PlanConfig
 from .plugin_api import ReconstructPlugin
 from .prune import PluginsArg, prune
+from .recipe import RECIPE_FILE, DataSettings, ExportSettings, Recipe, _plugins_mapping, check_teacher_source
 from .reconstruct import reconstruct as run_reconstruct
 from .registry import build_plugin, get_plugin
-from .report import Result
+from .report import PruneReport, Result
 from .search import SearchConfig, search_shapes
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 REPORT_FILE = "compress_report.json"
+# Calibration expected to take longer than this (seconds) is announced with an estimate before it starts.
+SLOW_CALIBRATION_S = 120
 
 
 def smollm2_gguf_path() -> Path:
@@ -62,12 +76,29 @@ def _wrap_load(what: str, fn, *args, **kwargs):
         raise CheckpointError(f"could not load {what}: {type(exc).__name__}: {exc}") from exc
 
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-          "float64": torch.float64, "double": torch.float64}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "float64": torch.float64,
+    "double": torch.float64,
+}
 # Any one of these in a local model folder means it carries a tokenizer (fast, sentencepiece, BPE or WordPiece).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model",
-                   "vocab.txt", "sentencepiece.bpe.model", "tokenizer.tiktoken")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "spiece.model",
+    "vocab.txt",
+    "sentencepiece.bpe.model",
+    "tokenizer.tiktoken",
+)
 
 
 def check_dtype(dtype: Any) -> torch.dtype | str | None:
@@ -79,8 +110,10 @@ def check_dtype(dtype: Any) -> torch.dtype | str | None:
         return dtype
     if isinstance(dtype, str) and dtype.strip().lower() in DTYPES:
         return DTYPES[dtype.strip().lower()]
-    raise ConfigError(f"dtype {dtype!r} is not a floating-point dtype a model can be loaded in; use torch.bfloat16, "
-                      f"torch.float16, torch.float32, 'auto' (the checkpoint's own) or one of {sorted(DTYPES)}")
+    raise ConfigError(
+        f"dtype {dtype!r} is not a floating-point dtype a model can be loaded in; use torch.bfloat16, "
+        f"torch.float16, torch.float32, 'auto' (the checkpoint's own) or one of {sorted(DTYPES)}"
+    )
 
 
 def check_device(device: Any) -> str | torch.device | None:
@@ -89,13 +122,16 @@ def check_device(device: Any) -> str | torch.device | None:
     if device is None:
         return None
     if not isinstance(device, (str, torch.device)):
-        raise ConfigError(f"device should be a string like 'cpu', 'cuda' or 'cuda:1' (or a torch.device), "
-                          f"got {device!r}")
+        raise ConfigError(
+            f"device should be a string like 'cpu', 'cuda' or 'cuda:1' (or a torch.device), got {device!r}"
+        )
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError, ValueError) as exc:
-        raise ConfigError(f"device {device!r} is not a device torch knows; use 'cpu', 'cuda', 'cuda:N' or 'mps' "
-                          f"({str(exc).splitlines()[0]})") from exc
+        raise ConfigError(
+            f"device {device!r} is not a device torch knows; use 'cpu', 'cuda', 'cuda:N' or 'mps' "
+            f"({str(exc).splitlines()[0]})"
+        ) from exc
     if dev.type == "cpu":
         return device
     if dev.type == "meta":
@@ -103,22 +139,17 @@ def check_device(device: Any) -> str | torch.device | None:
     backend = getattr(torch.backends, "mps", None) if dev.type == "mps" else getattr(torch, dev.type, None)
     available = getattr(backend, "is_available", None)
     if available is None or not available():
-        raise ConfigError(f"device {device!r}: this machine has no {dev.type} device that torch can use; "
-                          "use 'cpu' (or install the torch build for your accelerator)")
+        raise ConfigError(
+            f"device {device!r}: this machine has no {dev.type} device that torch can use; "
+            "use 'cpu' (or install the torch build for your accelerator)"
+        )
     count = getattr(getattr(torch, dev.type, None), "device_count", None)
     if dev.index is not None and count is not None and dev.index >= count():
-        raise ConfigError(f"device {device!r}: this machine has {count()} {dev.type} device(s), numbered 0 to "
-                          f"{count() - 1}; pick one of those")
+        raise ConfigError(
+            f"device {device!r}: this machine has {count()} {dev.type} device(s), numbered 0 to "
+            f"{count() - 1}; pick one of those"
+        )
     return device
-
-
-def _check_source(source: Any) -> None:
-    if not isinstance(source, (str, os.PathLike)):
-        raise ConfigError(f"the teacher should be a folder, a .gguf file, a hub id 'org/name' or 'smollm2' (or a "
-                          f"model), got {type(source).__name__} {source!r}")
-    if not str(os.fspath(source)).strip():
-        raise ConfigError(f"the teacher source is empty ({str(source)!r}); give a model folder, a .gguf file, a hub "
-                          "id 'org/name' or 'smollm2' (use './' explicitly for the current folder)")
 
 
 def load_teacher(
@@ -133,7 +164,7 @@ def load_teacher(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    _check_source(source)
+    check_teacher_source(source)
     dtype = check_dtype(dtype)
     check_device(device)
     if str(source) == "smollm2":
@@ -151,7 +182,11 @@ def load_teacher(
             raise CheckpointError(f"{str(path)!r} is not a Hugging Face model folder: it has no config.json")
         if not any(path.glob("*.safetensors")):
             found = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
-            hint = f" (found {found}: pickled checkpoints are refused for safety; convert them to safetensors)" if found else ""
+            hint = (
+                f" (found {found}: pickled checkpoints are refused for safety; convert them to safetensors)"
+                if found
+                else ""
+            )
             raise CheckpointError(f"no *.safetensors weights in {str(path)!r}{hint}")
         from safetensors import safe_open
 
@@ -162,11 +197,13 @@ def load_teacher(
             except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError, ...
                 raise CheckpointError(
                     f"could not load model from {source}: {weights.name} is not a readable safetensors file "
-                    f"({type(exc).__name__}: {exc}); re-download or re-save it") from exc
+                    f"({type(exc).__name__}: {exc}); re-download or re-save it"
+                ) from exc
         if not any((path / name).is_file() for name in TOKENIZER_FILES):
             raise CheckpointError(
                 f"model folder {str(path)!r} has no tokenizer (none of {', '.join(TOKENIZER_FILES[:3])}, ...); save "
-                "the teacher's tokenizer into it (tokenizer.save_pretrained(folder)) or copy its tokenizer files there")
+                "the teacher's tokenizer into it (tokenizer.save_pretrained(folder)) or copy its tokenizer files there"
+            )
         where, extra = str(path), {"use_safetensors": True}
     elif len(str(source).split("/")) == 2 and not str(source).startswith((".", "/")):
         where, extra = str(source), {"use_safetensors": True}
@@ -186,8 +223,14 @@ def load_teacher(
     return model, tokenizer
 
 
-def save_student(model: nn.Module, tokenizer, out_dir: str | Path, *, overwrite: bool = False,
-                 extra_files: dict[str, str] | None = None) -> Path:
+def save_student(
+    model: nn.Module,
+    tokenizer,
+    out_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    extra_files: dict[str, str] | None = None,
+) -> Path:
     """Save ``model`` + ``tokenizer`` as a standard safetensors folder, atomically (all or nothing).
 
     ``overwrite=True`` replaces the whole folder, including files compress did not write; a symlinked
@@ -205,37 +248,53 @@ def save_student(model: nn.Module, tokenizer, out_dir: str | Path, *, overwrite:
 
 def _same_file(a: TextSource, b: TextSource) -> bool:
     try:
-        return isinstance(a, (str, os.PathLike)) and isinstance(b, (str, os.PathLike)) and Path(a).is_file() \
-            and Path(b).is_file() and Path(a).resolve() == Path(b).resolve()
+        return (
+            isinstance(a, (str, os.PathLike))
+            and isinstance(b, (str, os.PathLike))
+            and Path(a).is_file()
+            and Path(b).is_file()
+            and Path(a).resolve() == Path(b).resolve()
+        )
     except (OSError, ValueError):
         return False
 
 
+_UNSET: Any = object()  # "not given": the recipe's default applies (None is a meaningful value for some keywords)
+
+
 def compress(
-    teacher: str | os.PathLike | nn.Module | tuple[nn.Module, Any],
-    target: Any,
+    teacher: str | os.PathLike | nn.Module | tuple[nn.Module, Any] | Recipe = _UNSET,
+    target: Any = None,
     data: TextSource | None = None,
-    out_dir: str | os.PathLike = "compressed",
+    out_dir: str | os.PathLike | None = None,
     *,
     tokenizer=None,
-    strategy: str = "width",
+    strategy: str | None = None,
     plugins: PluginsArg = None,
     calibration: CalibrationConfig | None = None,
     plan: PlanConfig | None = None,
     eval_data: TextSource | None = None,
-    eval_seq_len: int = 512,
-    eval_tokens: int | None = 4096,
+    eval_seq_len: int | None = None,
+    eval_tokens: int | None = _UNSET,
     device: str | torch.device | None = None,
     overwrite: bool = False,
     distill: DistillConfig | None = None,
     distill_data: TextSource | None = None,
-    formats: Sequence[str] | str = "auto",
+    formats: Sequence[str] | str | None = None,
     quantize: str | None = None,
     search: SearchConfig | None = None,
-    reconstruct: str | dict | None = None,
+    reconstruct: str | dict | ReconstructPlugin | None = None,
+    prompt: str | None = _UNSET,
 ) -> Result:
     """Compress ``teacher`` to ``target`` and save the student to ``out_dir``: load, calibrate, score, plan,
-    prune, evaluate, save.
+    prune, (refit, distill,) evaluate, export, report.
+
+    The whole run is one :class:`~compress.recipe.Recipe`: ``compress(recipe)`` runs it (``out_dir=``,
+    ``device=`` and ``overwrite=`` may still be given beside it), and the keywords below are a convenience layer
+    that builds one. Every keyword left out takes the recipe's default, so this call, ``compress run
+    recipe.yaml`` and the ``compress`` command's flags share one set of defaults. The output folder receives
+    ``recipe.yaml`` (replay it with ``compress run OUT/recipe.yaml --out AGAIN``), ``compress_report.json``,
+    ``report.html`` (tables and plots of every stage, one offline file) and ``report/importance.safetensors``.
 
     ``teacher``: a path/hub id/``"smollm2"`` (see :func:`load_teacher`), a model (give ``tokenizer=``), or a
     ``(model, tokenizer)`` pair; a passed-in model is pruned in place. ``data``: calibration text (default: the
@@ -252,6 +311,7 @@ def compress(
     One process only. ``reconstruct``: a reconstruct plugin to run between pruning and distillation, by name
     (``"least_squares"``: refit the output projections to the teacher's outputs on the calibration windows) or
     as ``{name: config}``; the report gains a ``reconstructed`` perplexity and a ``reconstruct`` stage.
+    ``prompt``: each stage's greedy continuation of it is in ``result.samples`` and the report (None: none).
     The student folder appears only when every stage has succeeded. Refused before any work: an ``out_dir``
     that is not empty (unless ``overwrite=True``, which replaces the whole folder, including files compress did
     not write), that holds one of the run's inputs (``data``, ``eval_data``, ``distill_data``, the teacher
@@ -264,29 +324,197 @@ def compress(
     evaluates and writes ``out_dir``. Every rank returns the same result; on the other ranks it has no export
     stage (``stages["export"]["written_by"]`` says which rank wrote).
     """
-    times: dict[str, float] = {}
-    t0 = time.perf_counter()
-    formats = check_export_args(formats, quantize)
+    if isinstance(teacher, Recipe):
+        given = {
+            "target": target,
+            "data": data,
+            "tokenizer": tokenizer,
+            "strategy": strategy,
+            "plugins": plugins,
+            "calibration": calibration,
+            "plan": plan,
+            "eval_data": eval_data,
+            "eval_seq_len": eval_seq_len,
+            "distill": distill,
+            "distill_data": distill_data,
+            "formats": formats,
+            "quantize": quantize,
+            "search": search,
+            "reconstruct": reconstruct,
+        }
+        extra = [k for k, v in given.items() if v is not None] + [
+            k for k, v in (("eval_tokens", eval_tokens), ("prompt", prompt)) if v is not _UNSET
+        ]
+        if extra:
+            raise ConfigError(
+                f"compress(recipe, ...) takes its settings from the recipe; set {', '.join(extra)} "
+                f"on it (recipe.replace(...)) instead of passing them beside it"
+            )
+        recipe = teacher.replace(**{k: str(v) for k, v in (("out_dir", out_dir), ("device", device)) if v is not None})
+        return run_recipe(recipe, overwrite=overwrite)
+    if teacher is _UNSET:
+        raise ConfigError(
+            "compress() needs a teacher (a folder, a .gguf file, a hub id, 'smollm2', a model) or a compress.Recipe"
+        )
+    if target is None:
+        raise ConfigError("compress() needs a target: {'params': 0.5}, {'params': 70_000_000} or an explicit shape")
     if distill is not None and not isinstance(distill, DistillConfig):
         raise DataError(f"distill should be a compress.DistillConfig, got {type(distill).__name__}")
+    if search is not None and not isinstance(search, SearchConfig):
+        raise ConfigError(f"search should be a compress.SearchConfig, got {type(search).__name__}")
+    if calibration is not None and not isinstance(calibration, CalibrationConfig):
+        raise ConfigError(f"calibration should be a compress.CalibrationConfig, got {type(calibration).__name__}")
+    if plan is not None and not isinstance(plan, PlanConfig):
+        raise ConfigError(f"plan should be a compress.PlanConfig, got {type(plan).__name__}")
+    check_device(device)
+    objects = RunObjects(plugins=plugins, reconstruct=reconstruct)
+    in_memory: list[str] = []
+    if isinstance(teacher, (nn.Module, tuple)):
+        objects.teacher, teacher_name = teacher, None
+        objects.tokenizer = tokenizer
+        in_memory.append("teacher")
+    else:
+        check_teacher_source(teacher)
+        teacher_name = os.fspath(teacher)
+    files = {}
+    for key, value in (("calibration", data), ("evaluation", eval_data), ("distillation", distill_data)):
+        if value is None:
+            continue
+        if isinstance(value, (str, os.PathLike)) and _looks_like_path(value):
+            files[key] = os.fspath(value)
+        else:
+            objects.texts[key] = value
+            in_memory.append(f"data.{key}")
+    settings = DataSettings(
+        **files,
+        **{k: v for k, v in (("eval_seq_len", eval_seq_len),) if v is not None},
+        **({} if eval_tokens is _UNSET else {"eval_tokens": eval_tokens}),
+    )
+    recipe_plugins = _describe_plugins(plugins, in_memory)
+    recipe_reconstruct = _describe_reconstruct(reconstruct, in_memory)
+    recipe = Recipe(
+        teacher=teacher_name,
+        target=_describe_target(target),
+        strategy=strategy or Recipe.strategy,
+        plugins=recipe_plugins,
+        calibration=calibration or CalibrationConfig(),
+        plan=plan or PlanConfig(),
+        search=search,
+        reconstruct=recipe_reconstruct,
+        distill=distill,
+        data=settings,
+        export=ExportSettings(formats=ExportSettings.formats if formats is None else formats, quantize=quantize),
+        out_dir=os.fspath(out_dir) if out_dir is not None else Recipe.out_dir,
+        device=str(device) if device is not None else None,
+        inputs_in_memory=in_memory,
+        **({} if prompt is _UNSET else {"prompt": prompt}),
+    )
+    objects.target = target
+    return run_recipe(recipe, objects, overwrite=overwrite)
+
+
+@dataclasses.dataclass
+class RunObjects:
+    """What a run got as Python objects rather than recipe values: a teacher model, in-memory texts, plugin
+    instances. They take the place of the recipe's entries of the same meaning."""
+
+    teacher: Any = None
+    tokenizer: Any = None
+    texts: dict = dataclasses.field(default_factory=dict)
+    plugins: Any = None
+    reconstruct: Any = None
+    target: Any = None
+
+
+def _describe_target(target: Any) -> dict:
+    """The target as recipe values (a mapping; a Target object's own request)."""
+    requested = getattr(target, "requested", None)
+    value = requested if requested is not None else target
+    if not isinstance(value, dict):
+        raise TargetError(
+            f"target should be a dict such as {{'params': 0.5}}, {{'params': 70_000_000}} or an "
+            f"explicit shape {{'hidden_size': 448, ...}}, got {target!r}"
+        )
+    return dict(value)
+
+
+def _describe_plugins(plugins: Any, in_memory: list[str]) -> dict:
+    """``plugins=`` as recipe values; configs that are not plain fields are noted as in-memory inputs."""
+    try:
+        return _plugins_mapping(plugins if not isinstance(plugins, (set, frozenset)) else sorted(plugins))
+    except ConfigError:
+        if plugins is not None:
+            in_memory.append("plugins")
+        return {}
+
+
+def _describe_reconstruct(reconstruct: Any, in_memory: list[str]) -> str | dict | None:
+    if isinstance(reconstruct, ReconstructPlugin):
+        config = getattr(reconstruct, "config", None)
+        if dataclasses.is_dataclass(config) and not isinstance(config, type):
+            return {reconstruct.name: dataclasses.asdict(config)}
+        in_memory.append("reconstruct")
+        return reconstruct.name
+    if isinstance(reconstruct, dict) and len(reconstruct) == 1:
+        ((name, config),) = reconstruct.items()
+        if dataclasses.is_dataclass(config) and not isinstance(config, type):
+            return {name: dataclasses.asdict(config)}
+    return reconstruct if reconstruct is None or isinstance(reconstruct, (str, dict)) else None
+
+
+def run_recipe(recipe: Recipe, objects: RunObjects | None = None, *, overwrite: bool = False) -> Result:
+    """Run ``recipe`` (see :func:`compress`); ``objects`` stand in for the recipe entries that were objects."""
+    if not isinstance(recipe, Recipe):
+        raise ConfigError(f"run_recipe needs a compress.Recipe, got {type(recipe).__name__}")
+    if objects is None and recipe.inputs_in_memory:
+        raise ConfigError(
+            f"this recipe cannot be replayed: {', '.join(recipe.inputs_in_memory)} were Python "
+            "objects in the run that wrote it; put file paths (or a model folder) in their place "
+            "and remove inputs_in_memory"
+        )
+    if recipe.teacher is None and objects.teacher is None:
+        raise ConfigError(
+            "the recipe names no teacher: set teacher: to a model folder, a .gguf file, a hub id or smollm2"
+        )
+    objects = objects or RunObjects()
+    recipe = recipe.replace(compress_version=__version__)
+    from .html_report import IMPORTANCE_FILE, render_report  # matplotlib loads only for a run
+
+    times: dict[str, float] = {}
+    t0 = time.perf_counter()
+    d = recipe.data
+    teacher = objects.teacher if objects.teacher is not None else recipe.teacher
+    tokenizer = objects.tokenizer
+    target = objects.target if objects.target is not None else recipe.target
+    data = objects.texts.get("calibration", d.calibration)
+    eval_data = objects.texts.get("evaluation", d.evaluation)
+    distill_data = objects.texts.get("distillation", d.distillation)
+    plugins = objects.plugins if objects.plugins is not None else (recipe.plugins or None)
+    reconstruct = objects.reconstruct if objects.reconstruct is not None else recipe.reconstruct
+    calibration, distill, search, device = recipe.calibration, recipe.distill, recipe.search, recipe.device
+    out_dir, strategy, plan = recipe.out_dir, recipe.strategy, recipe.plan
+    eval_seq_len, eval_tokens = d.eval_seq_len, d.eval_tokens
+    formats = check_export_args(recipe.export.formats, recipe.export.quantize)
+    quantize = recipe.export.quantize
     recon_plugin = _reconstruct_plugin(reconstruct)
-    if search is not None:
-        if not isinstance(search, SearchConfig):
-            raise ConfigError(f"search should be a compress.SearchConfig, got {type(search).__name__}")
-        if distributed.world_from_env() > 1:
-            raise ConfigError("search=SearchConfig(...) runs in one process (every rank would try every "
-                              "candidate): search first, then pass the winning shape as target under torchrun")
+    if search is not None and distributed.world_from_env() > 1:
+        raise ConfigError(
+            "search=SearchConfig(...) runs in one process (every rank would try every "
+            "candidate): search first, then pass the winning shape as target under torchrun"
+        )
     check_device(device)
     teacher_path = None
     if isinstance(teacher, tuple):
         if len(teacher) != 2 or not isinstance(teacher[0], nn.Module):
-            raise ConfigError(f"a teacher given as a tuple should be (model, tokenizer), got a tuple of "
-                              f"{len(teacher)}: ({', '.join(type(x).__name__ for x in teacher)})")
+            raise ConfigError(
+                f"a teacher given as a tuple should be (model, tokenizer), got a tuple of "
+                f"{len(teacher)}: ({', '.join(type(x).__name__ for x in teacher)})"
+            )
         check_materialized(teacher[0])
     elif isinstance(teacher, nn.Module):
         check_materialized(teacher)
     else:
-        _check_source(teacher)
+        check_teacher_source(teacher)
         teacher_path = teacher
         if str(teacher) == "smollm2":
             try:
@@ -294,9 +522,12 @@ def compress(
             except CheckpointError:
                 teacher_path = None  # load_teacher says so below
     # Every input the run reads must survive the output folder being replaced; checkpoints must not fill it.
-    inputs = {"calibration data": data if data is not None else PYDOCS_TRAIN,
-              "evaluation data": eval_data if eval_data is not None else PYDOCS_VALID,
-              "distillation data": distill_data, "teacher": teacher_path}
+    inputs = {
+        "calibration data": data if data is not None else PYDOCS_TRAIN,
+        "evaluation data": eval_data if eval_data is not None else PYDOCS_VALID,
+        "distillation data": distill_data,
+        "teacher": teacher_path,
+    }
     check_output_dir(out_dir, overwrite, inputs=inputs, checkpoint_dir=distill.output_dir if distill else None)
     data = default_calibration_source() if data is None else data
     eval_data = default_eval_source() if eval_data is None else eval_data
@@ -322,9 +553,11 @@ def compress(
 
         check_plain_logits(model, layout_for(model))
     if recon_plugin is not None and find_adapter(model) is None:
-        raise UnsupportedModelError(f"reconstruct={recon_plugin.name!r} needs a model family with an adapter (it "
-                                    f"finds each layer's output projections through it); {type(model).__name__} "
-                                    f"has none. Supported: {', '.join(supported_families())}")
+        raise UnsupportedModelError(
+            f"reconstruct={recon_plugin.name!r} needs a model family with an adapter (it "
+            f"finds each layer's output projections through it); {type(model).__name__} "
+            f"has none. Supported: {', '.join(supported_families())}"
+        )
     # Before pruning: a format this family or tokenizer cannot be written in is known now.
     resolve_formats(model, formats, quantize, tokenizer)
     rank, _ = distributed.init()
@@ -335,36 +568,61 @@ def compress(
     model.to(device)
     try:
         times["load"] = time.perf_counter() - t0
+        samples: dict[str, str] = {}
 
         def evaluate(stage: str) -> None:  # rank 0 measures, every rank learns the figure
             t = time.perf_counter()
-            value = perplexity(model, tokenizer, eval_data, seq_len=eval_seq_len, max_tokens=eval_tokens) \
-                if rank == 0 else None
+            value = (
+                perplexity(model, tokenizer, eval_data, seq_len=eval_seq_len, max_tokens=eval_tokens)
+                if rank == 0
+                else None
+            )
             ppl[stage] = distributed.broadcast_object(value)
             times[f"evaluate_{stage}"] = time.perf_counter() - t
+            if recipe.prompt is not None and rank == 0:
+                samples[stage] = greedy_continuation(model, tokenizer, recipe.prompt, recipe.sample_tokens)
 
         ppl: dict[str, float] = {}
         evaluate("teacher")
+        _warn_if_slow(calibration, times["evaluate_teacher"], eval_tokens, device)
 
         searched, scores, prune_data = None, None, data
         if search is not None or recon_plugin:  # calibration windows shared by the search, pruning, the refit
             t = time.perf_counter()
-            prune_data = prepare_calibration(model, tokenizer, data, calibration or CalibrationConfig())
+            prune_data = prepare_calibration(model, tokenizer, data, calibration)
             times["calibrate"] = time.perf_counter() - t
         if search is not None:
             t = time.perf_counter()
             same_text = distill_data is None or _same_file(distill_data, data)
-            searched = search_shapes(model, target, prune_data, tokenizer=tokenizer,
-                                     train_data=data if distill_data is None else distill_data, strategy=strategy,
-                                     plugins=plugins, config=search, device=device, plan_config=plan,
-                                     calibration_config=calibration,
-                                     skip_tokens=prune_data.num_tokens if same_text else 0)
+            searched = search_shapes(
+                model,
+                target,
+                prune_data,
+                tokenizer=tokenizer,
+                train_data=data if distill_data is None else distill_data,
+                strategy=strategy,
+                plugins=plugins,
+                config=search,
+                device=device,
+                plan_config=plan,
+                calibration_config=calibration,
+                skip_tokens=prune_data.num_tokens if same_text else 0,
+            )
             target, scores = searched.best_shape, searched.scores
             times["search"] = time.perf_counter() - t
         teacher_copy = copy.deepcopy(model) if distill is not None or recon_plugin else None
         t = time.perf_counter()
-        report = prune(model, target, prune_data, strategy=strategy, plugins=plugins, tokenizer=tokenizer,
-                       calibration_config=calibration, plan_config=plan, importance=scores)
+        report = prune(
+            model,
+            target,
+            prune_data,
+            strategy=strategy,
+            plugins=plugins,
+            tokenizer=tokenizer,
+            calibration_config=calibration,
+            plan_config=plan,
+            importance=scores,
+        )
         times["prune"] = time.perf_counter() - t
 
         evaluate("pruned")
@@ -373,8 +631,9 @@ def compress(
             stages = {"search": searched.to_dict(), **stages}
         if recon_plugin:
             t = time.perf_counter()
-            rebuilt = run_reconstruct(model, teacher_copy, prune_data, kept=report.kept, plugin=recon_plugin,
-                                      calibration_config=calibration)
+            rebuilt = run_reconstruct(
+                model, teacher_copy, prune_data, kept=report.kept, plugin=recon_plugin, calibration_config=calibration
+            )
             times["reconstruct"] = time.perf_counter() - t
             stages["reconstruct"] = rebuilt.to_dict()
             evaluate("reconstructed")
@@ -385,10 +644,18 @@ def compress(
             t = time.perf_counter()
             same_text = distill_data is None or _same_file(distill_data, data)
             skip = report.calibration.get("tokens", 0) if same_text else 0
-            distilled = run_distill(model, teacher_copy, data if distill_data is None else distill_data, distill,
-                                    tokenizer=tokenizer, skip_tokens=skip, kept_layers=report.kept.get("layers"),
-                                    kept_hidden=report.kept.get("hidden"), device=device,
-                                    keep_weights_for_errors=False)
+            distilled = run_distill(
+                model,
+                teacher_copy,
+                data if distill_data is None else distill_data,
+                distill,
+                tokenizer=tokenizer,
+                skip_tokens=skip,
+                kept_layers=report.kept.get("layers"),
+                kept_hidden=report.kept.get("hidden"),
+                device=device,
+                keep_weights_for_errors=False,
+            )
             del teacher_copy
             times["distill"] = time.perf_counter() - t
             stages["distill"] = distilled.to_dict()
@@ -400,27 +667,143 @@ def compress(
             prune=report,
             perplexity=ppl,
             stages=stages,
-            data={"teacher": source, **split, "evaluation": describe_source(eval_data),
-                  "eval_seq_len": eval_seq_len, "eval_tokens": eval_tokens},
+            data={
+                "teacher": source,
+                **split,
+                "evaluation": describe_source(eval_data),
+                "eval_seq_len": eval_seq_len,
+                "eval_tokens": eval_tokens,
+            },
+            samples={"prompt": recipe.prompt, **samples} if samples else {},
         )
         if rank != 0:  # no collective follows: the other ranks are done and leave the writing to rank 0
             result.stages["export"] = {"written_by": 0}
             result.seconds = {k: round(v, 2) for k, v in times.items()}
             return result
         t = time.perf_counter()
-        exported = run_export(model, tokenizer, out_dir, formats, quantize, overwrite=overwrite, eval_data=eval_data,
-                              eval_tokens=eval_tokens or 4096, history=_card_history(result), name=f"{Path(source).name} (compressed)",
-                              extra_files={REPORT_FILE: result.to_json()})
+        exported = run_export(
+            model,
+            tokenizer,
+            out_dir,
+            formats,
+            quantize,
+            overwrite=overwrite,
+            eval_data=eval_data,
+            eval_tokens=eval_tokens or 4096,
+            history=_card_history(result),
+            name=f"{Path(source).name} (compressed)",
+            extra_files={
+                REPORT_FILE: result.to_json(),
+                RECIPE_FILE: recipe.to_yaml(),
+                IMPORTANCE_FILE: importance_file(report),
+            },
+        )
         result.stages["export"] = exported.to_dict()
         times["export"] = time.perf_counter() - t
         result.seconds = {k: round(v, 2) for k, v in times.items()}
         result.seconds["total"] = round(time.perf_counter() - t0, 2)
-        (Path(out_dir) / REPORT_FILE).write_text(result.to_json(), encoding="utf-8")
+        _write_text(Path(out_dir) / REPORT_FILE, result.to_json())
+        try:
+            result.report_html = render_report(out_dir)
+        except Exception as exc:  # noqa: BLE001 - the student is complete; the page can be rebuilt later
+            warnings.warn(
+                f"the student in {out_dir} is complete, but report.html could not be written "
+                f"({type(exc).__name__}: {exc}); rebuild it with `compress report {out_dir}`",
+                stacklevel=2,
+            )
         return result
     except BaseException:
         if len(homes) == 1 and not isinstance(teacher, (str, os.PathLike)):
             model.to(next(iter(homes)))
         raise
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Replace a file whole (a temporary file beside it, then a rename), never leaving half of it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def greedy_continuation(model: nn.Module, tokenizer, prompt: str, new_tokens: int) -> str:
+    """``model``'s greedy continuation of ``prompt`` (``new_tokens`` tokens, decoded), its train/eval mode kept."""
+    was_training = model.training
+    device = next(model.parameters()).device
+    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+            )
+    finally:
+        model.train(was_training)
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def importance_file(report: PruneReport) -> bytes:
+    """The importance scores pruning used and the student's keep masks, as safetensors bytes for the report:
+    ``mlp`` [layers, neurons], ``heads`` [layers, query heads], ``hidden`` [channels], ``layers`` [layers], and
+    ``kept.<name>`` uint8 masks of the same shapes (1 = the student kept it; nothing in a removed layer)."""
+    from safetensors.torch import save
+
+    tensors: dict[str, torch.Tensor] = {}
+    scores = report.scores
+    for name in ("mlp", "heads", "hidden", "layers"):
+        value = getattr(scores, name, None) if scores is not None else None
+        if value is not None:
+            tensors[name] = value.detach().float().cpu().contiguous()
+    before = report.shape_before
+    sizes = {
+        "mlp": (before.get("num_hidden_layers"), before.get("intermediate_size")),
+        "heads": (before.get("num_hidden_layers"), before.get("num_attention_heads")),
+        "hidden": (before.get("hidden_size"),),
+        "layers": (before.get("num_hidden_layers"),),
+    }
+    for name, keep in report.kept.items():
+        shape = sizes.get(name)
+        if shape is None or None in shape:
+            continue
+        mask = torch.zeros(shape, dtype=torch.uint8)
+        if len(shape) == 2:
+            for layer, kept in enumerate(keep[: shape[0]]):
+                mask[layer, torch.as_tensor(kept, dtype=torch.long)] = 1
+        else:
+            mask[torch.as_tensor(keep, dtype=torch.long)] = 1
+        tensors[f"kept.{name}"] = mask
+    if "kept.layers" in tensors:  # a layer depth pruning removed keeps none of its neurons or heads
+        gone = tensors["kept.layers"] == 0
+        for name in ("kept.mlp", "kept.heads"):
+            if name in tensors:
+                tensors[name][gone] = 0
+    return save(tensors, metadata={"format": "pt"})
+
+
+def _warn_if_slow(calibration: CalibrationConfig, eval_seconds: float, eval_tokens: int | None, device) -> None:
+    """Say up front, with an estimate from the teacher's evaluation speed, when calibration will take minutes."""
+    if not eval_tokens or eval_seconds <= 0:
+        return
+    tokens = calibration.num_samples * calibration.seq_len
+    # Scoring runs the same forward pass with hooks that accumulate statistics: about 1.5x an evaluation pass.
+    estimate = 1.5 * tokens * eval_seconds / eval_tokens
+    if estimate < SLOW_CALIBRATION_S:
+        return
+    warnings.warn(
+        f"calibration reads {calibration.num_samples} windows x {calibration.seq_len} tokens "
+        f"({tokens:,} tokens); at the speed the teacher was evaluated here ({eval_tokens / eval_seconds:,.0f}"
+        f" tokens/s on {device}) that is about {estimate / 60:.0f} minutes. For a quicker, noisier "
+        "importance estimate use fewer windows (CalibrationConfig(num_samples=128), --samples 128, or "
+        "calibration: {num_samples: 128} in a recipe)",
+        stacklevel=3,
+    )
 
 
 def _reconstruct_plugin(reconstruct: Any) -> ReconstructPlugin | None:
@@ -431,10 +814,12 @@ def _reconstruct_plugin(reconstruct: Any) -> ReconstructPlugin | None:
     if isinstance(reconstruct, str):
         name, config = reconstruct, None
     elif isinstance(reconstruct, dict) and len(reconstruct) == 1:
-        (name, config), = reconstruct.items()
+        ((name, config),) = reconstruct.items()
     else:
-        raise ConfigError(f"reconstruct should be a reconstruct plugin's name (e.g. 'least_squares'), "
-                          f"{{name: config}} or a ReconstructPlugin, got {reconstruct!r}")
+        raise ConfigError(
+            f"reconstruct should be a reconstruct plugin's name (e.g. 'least_squares'), "
+            f"{{name: config}} or a ReconstructPlugin, got {reconstruct!r}"
+        )
     if not isinstance(name, str):
         raise ConfigError(f"reconstruct should name a reconstruct plugin, got {name!r}")
     get_plugin(name, kind="reconstruct")  # a PluginError lists the registered ones
@@ -442,9 +827,14 @@ def _reconstruct_plugin(reconstruct: Any) -> ReconstructPlugin | None:
 
 
 def _card_history(result: Result) -> dict:
-    return {"teacher": result.data.get("teacher"), "prune": result.stages.get("prune", {}),
-            "perplexity": result.perplexity, "evaluation": result.data.get("evaluation"),
-            "eval_seq_len": result.data.get("eval_seq_len"), "distill": result.stages.get("distill")}
+    return {
+        "teacher": result.data.get("teacher"),
+        "prune": result.stages.get("prune", {}),
+        "perplexity": result.perplexity,
+        "evaluation": result.data.get("evaluation"),
+        "eval_seq_len": result.data.get("eval_seq_len"),
+        "distill": result.stages.get("distill"),
+    }
 
 
 def load_report(out_dir: str | Path) -> dict:

@@ -9,9 +9,9 @@ across ranks (:func:`streamed_pass`, :func:`all_reduce_tensors`).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -69,8 +69,9 @@ def _tokenizer_ids(tokenizer) -> tuple[int, int, str]:
     """(number of tokens, largest id, which token has it) of a tokenizer, without building its whole vocabulary."""
     size = len(tokenizer)
     top, which = size - 1, "its last regular token"
-    for token_id in list(getattr(tokenizer, "all_special_ids", None) or []) + \
-            list((getattr(tokenizer, "added_tokens_decoder", None) or {}).keys()):
+    for token_id in list(getattr(tokenizer, "all_special_ids", None) or []) + list(
+        (getattr(tokenizer, "added_tokens_decoder", None) or {}).keys()
+    ):
         if isinstance(token_id, int) and token_id > top:
             top, which = token_id, f"special/added token {tokenizer.convert_ids_to_tokens(token_id)!r}"
     return size, top, which
@@ -98,8 +99,9 @@ def check_tokenizer_matches(model: nn.Module, tokenizer) -> None:
     try:
         size, top, which = _tokenizer_ids(tokenizer)
     except TypeError as exc:
-        raise DataError(f"tokenizer= should be a Hugging Face tokenizer (len() and ids), got "
-                        f"{type(tokenizer).__name__}") from exc
+        raise DataError(
+            f"tokenizer= should be a Hugging Face tokenizer (len() and ids), got {type(tokenizer).__name__}"
+        ) from exc
     if size > rows:
         raise DataError(
             f"the tokenizer has {size} tokens but the model's embedding has {rows} rows: they do not "
@@ -125,22 +127,30 @@ def check_token_ids(ids, rows: int, where: str = "token ids") -> None:
     if not isinstance(ids, torch.Tensor):
         raise DataError(f"{where} should be a torch.Tensor [N, seq_len], got {type(ids).__name__}")
     if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
-        raise DataError(f"{where} should be an integer tensor [N, seq_len] (torch.long), got dtype {ids.dtype}; "
-                        "token ids are whole numbers: tokenize text first, or use ids.long() if they are")
+        raise DataError(
+            f"{where} should be an integer tensor [N, seq_len] (torch.long), got dtype {ids.dtype}; "
+            "token ids are whole numbers: tokenize text first, or use ids.long() if they are"
+        )
     if ids.dim() != 2:
         raise DataError(f"{where} should be a 2-D [N, seq_len] tensor, got shape {tuple(ids.shape)}")
     if ids.shape[1] < 2:
-        raise DataError(f"{where} has windows of {ids.shape[1]} tokens (shape {tuple(ids.shape)}); at least 2 are "
-                        "needed to predict a next token")
+        raise DataError(
+            f"{where} has windows of {ids.shape[1]} tokens (shape {tuple(ids.shape)}); at least 2 are "
+            "needed to predict a next token"
+        )
     if ids.numel() == 0:
         raise DataError(f"{where} is empty (shape {tuple(ids.shape)})")
     low, high = (int(v) for v in torch.stack([ids.min(), ids.max()]).tolist())
     if low < 0:
-        raise DataError(f"{where} contain the negative id {low}; ids must lie in 0..{rows - 1} (the model's "
-                        f"vocabulary of {rows}). Padding marked with -100 or -1 belongs in labels, not input ids")
+        raise DataError(
+            f"{where} contain the negative id {low}; ids must lie in 0..{rows - 1} (the model's "
+            f"vocabulary of {rows}). Padding marked with -100 or -1 belongs in labels, not input ids"
+        )
     if high >= rows:
-        raise DataError(f"{where} contain the id {high}, outside the model's vocabulary of {rows} (ids 0..{rows - 1}): "
-                        "these ids come from another tokenizer or model")
+        raise DataError(
+            f"{where} contain the id {high}, outside the model's vocabulary of {rows} (ids 0..{rows - 1}): "
+            "these ids come from another tokenizer or model"
+        )
 
 
 def prepare_calibration(
@@ -149,8 +159,10 @@ def prepare_calibration(
     """Turn text (or token ids) into :class:`Calibration` windows, refusing data too short to be meaningful,
     token ids outside the model's vocabulary and a tokenizer that does not fit the model."""
     if not isinstance(config, CalibrationConfig):
-        raise ConfigError(f"calibration_config should be a compress.CalibrationConfig, got {type(config).__name__}"
-                          + ("; build one: compress.CalibrationConfig(**your_dict)" if isinstance(config, dict) else ""))
+        raise ConfigError(
+            f"calibration_config should be a compress.CalibrationConfig, got {type(config).__name__}"
+            + ("; build one: compress.CalibrationConfig(**your_dict)" if isinstance(config, dict) else "")
+        )
     rows = model.get_input_embeddings().num_embeddings
     if isinstance(source, Calibration):
         check_token_ids(source.input_ids, rows, "calibration token ids")

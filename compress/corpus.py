@@ -21,20 +21,29 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence, Union
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from .calibrate import check_tokenizer_matches
-from .data import (TEXT_FIELD, TextSource, _as_path, _check_text_file, derived_seed, describe_source, iter_jsonl_rows,
-                   iter_text, pack_tokens)
+from .data import (
+    TEXT_FIELD,
+    TextSource,
+    _as_path,
+    _check_text_file,
+    derived_seed,
+    describe_source,
+    iter_jsonl_rows,
+    iter_text,
+    pack_tokens,
+)
 from .errors import ConfigError, DataError, OutputExistsError
 
-PromptSource = Union[str, os.PathLike, Sequence[str]]
+PromptSource = str | os.PathLike | Sequence[str]
 META_SUFFIX = ".meta.json"
 META_FORMAT = "compress-corpus/1"
 PROMPT_FIELDS = ("prompt", TEXT_FIELD)
@@ -62,9 +71,11 @@ class CorpusReport:
         return asdict(self)
 
     def __str__(self) -> str:
-        return (f"corpus {self.out_path}: {self.generated} completions generated, {self.skipped} already there "
-                f"({self.prompts} prompts), {self.completion_tokens} tokens in {self.seconds:.1f}s "
-                f"({self.tokens_per_second:.1f} tokens/s)")
+        return (
+            f"corpus {self.out_path}: {self.generated} completions generated, {self.skipped} already there "
+            f"({self.prompts} prompts), {self.completion_tokens} tokens in {self.seconds:.1f}s "
+            f"({self.tokens_per_second:.1f} tokens/s)"
+        )
 
 
 @dataclass
@@ -94,10 +105,13 @@ class SelectionReport:
     def __str__(self) -> str:
         def fmt(v: float | None) -> str:
             return "n/a" if v is None else f"{v:+.4f}"
-        return (f"kept {self.kept} of {self.documents} documents (keep_fraction={self.keep_fraction}; "
-                f"{self.skipped_short} shorter than 2 tokens skipped), threshold {fmt(self.threshold)}, mean score "
-                f"kept {fmt(self.mean_kept)} vs dropped {fmt(self.mean_dropped)}, {self.seconds:.1f}s"
-                + (f" -> {self.out_path}" if self.out_path else ""))
+
+        return (
+            f"kept {self.kept} of {self.documents} documents (keep_fraction={self.keep_fraction}; "
+            f"{self.skipped_short} shorter than 2 tokens skipped), threshold {fmt(self.threshold)}, mean score "
+            f"kept {fmt(self.mean_kept)} vs dropped {fmt(self.mean_dropped)}, {self.seconds:.1f}s"
+            + (f" -> {self.out_path}" if self.out_path else "")
+        )
 
 
 # ---------------------------------------------------------------------------------------------- small helpers
@@ -155,14 +169,16 @@ def _prompts_from_rows(rows: Iterable[object], where: str) -> list[str]:
         if isinstance(row, dict):
             text = next((row[k] for k in PROMPT_FIELDS if isinstance(row.get(k), str)), None)
             if text is None:
-                raise DataError(f"{where}[{position}] has no string field 'prompt' or 'text' (its keys: "
-                                f"{list(row)[:5]})")
+                raise DataError(
+                    f"{where}[{position}] has no string field 'prompt' or 'text' (its keys: {list(row)[:5]})"
+                )
             row = text
         if not isinstance(row, str):
             raise DataError(f"{where}[{position}] is a {type(row).__name__}, not a str: every prompt must be text")
         if not row.strip():
-            raise DataError(f"{where}[{position}] is an empty prompt; remove it (the teacher needs something to "
-                            "continue)")
+            raise DataError(
+                f"{where}[{position}] is an empty prompt; remove it (the teacher needs something to continue)"
+            )
         prompts.append(row)
     return prompts
 
@@ -172,11 +188,16 @@ def _read_prompt_file(path: Path, given: str | os.PathLike) -> list[str]:
     prompts: list[str] = []
     if path.suffix == ".jsonl":
         for number, row in iter_jsonl_rows(path):
-            text = next((row[k] for k in PROMPT_FIELDS if isinstance(row.get(k), str)), None) \
-                if isinstance(row, dict) else None
+            text = (
+                next((row[k] for k in PROMPT_FIELDS if isinstance(row.get(k), str)), None)
+                if isinstance(row, dict)
+                else None
+            )
             if text is None or not text.strip():
-                raise DataError(f"{path}:{number} has no non-empty string field 'prompt' (or 'text'); each line "
-                                'must be {"prompt": "..."}')
+                raise DataError(
+                    f"{path}:{number} has no non-empty string field 'prompt' (or 'text'); each line "
+                    'must be {"prompt": "..."}'
+                )
             prompts.append(text)
     else:
         with path.open(encoding="utf-8-sig") as fh:
@@ -193,13 +214,16 @@ def load_prompts(prompts: PromptSource) -> list[str]:
         if path is None:
             path = Path(prompts)  # a string that does not look like a path is still refused as a missing file
         if not path.exists():
-            raise DataError(f"prompts file {str(prompts)!r} does not exist; pass the path of a text file (one prompt "
-                            "per line) or a .jsonl file with a 'prompt' field, or a list of prompt strings")
+            raise DataError(
+                f"prompts file {str(prompts)!r} does not exist; pass the path of a text file (one prompt "
+                "per line) or a .jsonl file with a 'prompt' field, or a list of prompt strings"
+            )
         result = _read_prompt_file(path, prompts)
         where = str(prompts)
     elif isinstance(prompts, (bytes, bytearray)) or not isinstance(prompts, Iterable) or isinstance(prompts, dict):
-        raise DataError(f"prompts should be a list of strings or the path of a prompts file, got "
-                        f"{type(prompts).__name__}")
+        raise DataError(
+            f"prompts should be a list of strings or the path of a prompts file, got {type(prompts).__name__}"
+        )
     else:
         result = _prompts_from_rows(prompts, "prompts")
         where = "prompts"
@@ -208,8 +232,9 @@ def load_prompts(prompts: PromptSource) -> list[str]:
     return result
 
 
-def prompts_from_documents(source: TextSource, tokenizer, *, prompt_tokens: int = 64, max_prompts: int | None = None,
-                           skip_tokens: int = 0) -> list[str]:
+def prompts_from_documents(
+    source: TextSource, tokenizer, *, prompt_tokens: int = 64, max_prompts: int | None = None, skip_tokens: int = 0
+) -> list[str]:
     """Cut ``source`` (anything :func:`compress.data.iter_text` reads) into consecutive prompts of ``prompt_tokens``
     tokens, after skipping ``skip_tokens`` tokens, decoded back to text — prompts for :func:`generate_corpus` that
     come from the training distribution.
@@ -237,20 +262,30 @@ def _check_generation_args(max_new_tokens, batch_size, do_sample, temperature, t
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ConfigError(f"seed should be a non-negative integer, got seed={seed!r}")
     if do_sample:
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0 \
-                or not math.isfinite(temperature):
-            raise ConfigError(f"temperature should be a positive number when sampling, got temperature={temperature!r}"
-                              "; for greedy decoding pass do_sample=False")
+        if (
+            isinstance(temperature, bool)
+            or not isinstance(temperature, (int, float))
+            or not temperature > 0
+            or not math.isfinite(temperature)
+        ):
+            raise ConfigError(
+                f"temperature should be a positive number when sampling, got temperature={temperature!r}"
+                "; for greedy decoding pass do_sample=False"
+            )
         if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
             raise ConfigError(f"top_p should lie in (0, 1] (1 turns nucleus sampling off), got top_p={top_p!r}")
 
 
 def _chat_texts(tokenizer, prompts: list[str]) -> list[str]:
     if not getattr(tokenizer, "chat_template", None):
-        raise ConfigError("chat=True needs a tokenizer with a chat_template (an instruct model's tokenizer); this one "
-                          "has none. Pass chat=False to generate plain continuations, or the instruct tokenizer")
-    return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                          add_generation_prompt=True) for p in prompts]
+        raise ConfigError(
+            "chat=True needs a tokenizer with a chat_template (an instruct model's tokenizer); this one "
+            "has none. Pass chat=False to generate plain continuations, or the instruct tokenizer"
+        )
+    return [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        for p in prompts
+    ]
 
 
 def _tokenize_prompts(tokenizer, prompts: list[str], chat: bool) -> list[list[int]]:
@@ -273,8 +308,9 @@ def _eos_ids(gen_config, tokenizer) -> set[int]:
     return {int(e) for e in eos}
 
 
-def _settings(teacher, tokenizer, prompts, max_new_tokens, batch_size, do_sample, temperature, top_p, seed,
-              chat) -> dict:
+def _settings(
+    teacher, tokenizer, prompts, max_new_tokens, batch_size, do_sample, temperature, top_p, seed, chat
+) -> dict:
     digest = hashlib.sha256()
     for p in prompts:
         digest.update(p.encode("utf-8", "surrogatepass"))
@@ -313,15 +349,21 @@ def _read_done(out: Path, prompts: list[str]) -> tuple[int, int]:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             if number == len(complete) and not lines[-1]:
                 break  # the last line is damaged: regenerate it
-            raise DataError(f"{out}:{number} is not valid JSON ({exc}); the corpus file is damaged. Delete it (and "
-                            f"{_meta_path(out).name}) to start over") from None
+            raise DataError(
+                f"{out}:{number} is not valid JSON ({exc}); the corpus file is damaged. Delete it (and "
+                f"{_meta_path(out).name}) to start over"
+            ) from None
         if not isinstance(row, dict) or row.get("id") != done:
             held = row.get("id") if isinstance(row, dict) else row
-            raise DataError(f"{out}:{number} should hold id {done} but holds {held!r}: the file was not written by "
-                            "one generate_corpus run. Delete it to start over")
+            raise DataError(
+                f"{out}:{number} should hold id {done} but holds {held!r}: the file was not written by "
+                "one generate_corpus run. Delete it to start over"
+            )
         if done >= len(prompts) or row.get("prompt") != prompts[done]:
-            raise ConfigError(f"{out}:{number} holds a different prompt than prompts[{done}]: these are not the "
-                              "prompts this corpus was generated from. Pass the same prompts, or another out_path")
+            raise ConfigError(
+                f"{out}:{number} holds a different prompt than prompts[{done}]: these are not the "
+                "prompts this corpus was generated from. Pass the same prompts, or another out_path"
+            )
         done += 1
         good_bytes += len(line) + 1
     return done, good_bytes
@@ -331,30 +373,38 @@ def _prepare_output(out: Path, settings: dict, resume: bool, prompts: list[str])
     """Check ``out`` against this call before any generation; returns how many lines are already done."""
     meta = _meta_path(out)
     if out.is_dir():
-        raise OutputExistsError(f"out_path {str(out)!r} is a directory; give a file path such as "
-                                f"{str(out / 'corpus.jsonl')!r}")
+        raise OutputExistsError(
+            f"out_path {str(out)!r} is a directory; give a file path such as {str(out / 'corpus.jsonl')!r}"
+        )
     if not out.exists():
         return 0
     if not resume:
-        raise OutputExistsError(f"{str(out)!r} exists; pass resume=True to continue it (with the same settings), or "
-                                "another out_path, or delete it to start over")
+        raise OutputExistsError(
+            f"{str(out)!r} exists; pass resume=True to continue it (with the same settings), or "
+            "another out_path, or delete it to start over"
+        )
     if not meta.is_file():
         if out.stat().st_size == 0:
             return 0
-        raise OutputExistsError(f"{str(out)!r} exists but has no {meta.name}: it was not written by generate_corpus "
-                                "(or its meta file was deleted), so it cannot be resumed safely. Give another out_path "
-                                "or delete it")
+        raise OutputExistsError(
+            f"{str(out)!r} exists but has no {meta.name}: it was not written by generate_corpus "
+            "(or its meta file was deleted), so it cannot be resumed safely. Give another out_path "
+            "or delete it"
+        )
     try:
         saved = json.loads(meta.read_text(encoding="utf-8"))["settings"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"{meta} is not a readable corpus meta file ({exc}); delete {out.name} and its meta file to "
-                        "start over") from None
+        raise DataError(
+            f"{meta} is not a readable corpus meta file ({exc}); delete {out.name} and its meta file to start over"
+        ) from None
     current = json.loads(json.dumps(settings))
     differ = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
     if differ:
         detail = "; ".join(f"{k}: {saved.get(k)!r} there, {current.get(k)!r} now" for k in differ)
-        raise ConfigError(f"{str(out)!r} was generated with other settings ({detail}). Resume with the same "
-                          "settings, or give another out_path (or resume=False and a new file) to start a new corpus")
+        raise ConfigError(
+            f"{str(out)!r} was generated with other settings ({detail}). Resume with the same "
+            "settings, or give another out_path (or resume=False and a new file) to start a new corpus"
+        )
     done, good_bytes = _read_done(out, prompts)
     if good_bytes != out.stat().st_size:
         os.truncate(out, good_bytes)  # drop a line a kill cut short; it is regenerated
@@ -403,19 +453,24 @@ def generate_corpus(
     prompt_ids = _tokenize_prompts(tokenizer, prompt_list, chat)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
-        raise ConfigError("the tokenizer has neither a pad token nor an EOS token to pad batches with; set "
-                          "tokenizer.pad_token first")
+        raise ConfigError(
+            "the tokenizer has neither a pad token nor an EOS token to pad batches with; set tokenizer.pad_token first"
+        )
 
     out = Path(out_path).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
-    settings = _settings(teacher, tokenizer, prompt_list, max_new_tokens, batch_size, do_sample, temperature, top_p,
-                         seed, chat)
+    settings = _settings(
+        teacher, tokenizer, prompt_list, max_new_tokens, batch_size, do_sample, temperature, top_p, seed, chat
+    )
     done = _prepare_output(out, settings, resume, prompt_list)
     meta = _meta_path(out)
     if done == 0:
         from . import __version__
-        _atomic_write_text(meta, json.dumps({"format": META_FORMAT, "settings": settings,
-                                             "library_version": __version__}, indent=2) + "\n")
+
+        _atomic_write_text(
+            meta,
+            json.dumps({"format": META_FORMAT, "settings": settings, "library_version": __version__}, indent=2) + "\n",
+        )
 
     gen_config = _generation_config(teacher, max_new_tokens, do_sample, temperature, top_p, pad_id)
     eos = _eos_ids(gen_config, tokenizer)
@@ -428,12 +483,15 @@ def generate_corpus(
     was_training = teacher.training
     teacher.eval()
     try:
-        with open(out, "a", encoding="utf-8") as fh, \
-                tqdm(total=batches, initial=first, desc="generating corpus", unit="batch", disable=not progress) as bar:
+        with (
+            open(out, "a", encoding="utf-8") as fh,
+            tqdm(total=batches, initial=first, desc="generating corpus", unit="batch", disable=not progress) as bar,
+        ):
             for b in range(first, batches):
                 ids = list(range(b * batch_size, min(n, (b + 1) * batch_size)))
-                rows = _generate_batch(teacher, [prompt_ids[i] for i in ids], gen_config, pad_id, eos, device,
-                                       _batch_seed(seed, b))
+                rows = _generate_batch(
+                    teacher, [prompt_ids[i] for i in ids], gen_config, pad_id, eos, device, _batch_seed(seed, b)
+                )
                 lines = []
                 for i, new in zip(ids, rows):
                     if i < done:
@@ -441,8 +499,18 @@ def generate_corpus(
                     completion = _completion_text(tokenizer, prompt_ids[i], new, eos)
                     tokens += len(new)
                     written += 1
-                    lines.append(json.dumps({"id": i, "prompt": prompt_list[i], "completion": completion,
-                                             "text": prompt_list[i] + completion}, ensure_ascii=False) + "\n")
+                    lines.append(
+                        json.dumps(
+                            {
+                                "id": i,
+                                "prompt": prompt_list[i],
+                                "completion": completion,
+                                "text": prompt_list[i] + completion,
+                            },
+                            ensure_ascii=False,
+                        )
+                        + "\n"
+                    )
                 fh.write("".join(lines))
                 fh.flush()
                 os.fsync(fh.fileno())
@@ -450,9 +518,17 @@ def generate_corpus(
     finally:
         teacher.train(was_training)
     seconds = time.perf_counter() - start
-    return CorpusReport(prompts=n, generated=written, skipped=done, completion_tokens=tokens,
-                        seconds=round(seconds, 3), tokens_per_second=round(tokens / seconds, 2) if seconds > 0 else 0.0,
-                        out_path=str(out), meta_path=str(meta), settings=settings)
+    return CorpusReport(
+        prompts=n,
+        generated=written,
+        skipped=done,
+        completion_tokens=tokens,
+        seconds=round(seconds, 3),
+        tokens_per_second=round(tokens / seconds, 2) if seconds > 0 else 0.0,
+        out_path=str(out),
+        meta_path=str(meta),
+        settings=settings,
+    )
 
 
 def _generation_config(teacher, max_new_tokens, do_sample, temperature, top_p, pad_id):
@@ -473,20 +549,22 @@ def _generation_config(teacher, max_new_tokens, do_sample, temperature, top_p, p
     return config
 
 
-def _generate_batch(teacher, rows: list[list[int]], gen_config, pad_id: int, eos: set[int], device, seed: int
-                    ) -> list[list[int]]:
+def _generate_batch(
+    teacher, rows: list[list[int]], gen_config, pad_id: int, eos: set[int], device, seed: int
+) -> list[list[int]]:
     """Left-pad ``rows``, generate, and return each row's new tokens up to and including its first EOS."""
     width = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for j, r in enumerate(rows):
-        input_ids[j, width - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[j, width - len(r):] = 1
+        input_ids[j, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+        mask[j, width - len(r) :] = 1
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), torch.no_grad():
         torch.manual_seed(seed)
-        out = teacher.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                               generation_config=gen_config)
+        out = teacher.generate(
+            input_ids=input_ids.to(device), attention_mask=mask.to(device), generation_config=gen_config
+        )
     new_tokens = out[:, width:].tolist()
     result = []
     for row in new_tokens:
@@ -502,7 +580,7 @@ def _completion_text(tokenizer, prompt_ids: list[int], new: list[int], eos: set[
     kw = dict(skip_special_tokens=True, clean_up_tokenization_spaces=False)
     head = tokenizer.decode(prompt_ids, **kw)
     full = tokenizer.decode(list(prompt_ids) + body, **kw)
-    return full[len(head):] if full.startswith(head) else tokenizer.decode(body, **kw)
+    return full[len(head) :] if full.startswith(head) else tokenizer.decode(body, **kw)
 
 
 # --------------------------------------------------------------------------------------- select_by_difference
@@ -546,8 +624,8 @@ def _mean_logprobs(model: nn.Module, batch: list[list[int]]) -> list[float]:
     ids = torch.zeros((len(batch), width), dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
     for j, r in enumerate(batch):
-        ids[j, :len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[j, :len(r)] = 1
+        ids[j, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[j, : len(r)] = 1
     device = _model_device(model)
     ids, mask = ids.to(device), mask.to(device)
     logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
@@ -586,8 +664,10 @@ def select_by_difference(
     if isinstance(keep_fraction, bool) or not isinstance(keep_fraction, (int, float)) or not 0 < keep_fraction <= 1:
         raise ConfigError(f"keep_fraction should lie in (0, 1], got keep_fraction={keep_fraction!r}")
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
-        raise ConfigError(f"seq_len should be an integer of at least 2 (a token to predict from and one to predict), "
-                          f"got seq_len={seq_len!r}")
+        raise ConfigError(
+            f"seq_len should be an integer of at least 2 (a token to predict from and one to predict), "
+            f"got seq_len={seq_len!r}"
+        )
     _positive_int("batch_size", batch_size)
     if max_documents is not None:
         _positive_int("max_documents", max_documents)
@@ -595,8 +675,10 @@ def select_by_difference(
         try:
             check_tokenizer_matches(model, tokenizer)
         except DataError as exc:
-            raise DataError(f"{name}: {exc} (difference sampling compares both models on the same token ids, so "
-                            "they must share the tokenizer's vocabulary)") from None
+            raise DataError(
+                f"{name}: {exc} (difference sampling compares both models on the same token ids, so "
+                "they must share the tokenizer's vocabulary)"
+            ) from None
     out = None
     if out_path is not None:
         if not isinstance(out_path, (str, os.PathLike)) or not str(out_path):
@@ -624,8 +706,10 @@ def select_by_difference(
         scores.extend(a - b for a, b in zip(t, r))
 
     try:
-        with torch.inference_mode(), tqdm(desc="scoring documents", unit="doc", total=max_documents,
-                                          disable=not progress) as bar:
+        with (
+            torch.inference_mode(),
+            tqdm(desc="scoring documents", unit="doc", total=max_documents, disable=not progress) as bar,
+        ):
             pending_texts: list[str] = []
             pending_ids: list[list[int]] = []
             for text, ids in _documents(source, tokenizer, seq_len):
@@ -661,10 +745,21 @@ def select_by_difference(
     def mean(idx: list[int]) -> float | None:
         return sum(scores[i] for i in idx) / len(idx) if idx else None
 
-    return SelectionReport(documents=n, kept=n_keep, skipped_short=skipped, keep_fraction=float(keep_fraction),
-                           threshold=scores[ranked[n_keep - 1]], mean_kept=mean(kept), mean_dropped=mean(dropped),
-                           seq_len=seq_len, seconds=round(seconds, 3), out_path=str(out) if out else None,
-                           source=describe_source(source), scores=scores, kept_indices=kept)
+    return SelectionReport(
+        documents=n,
+        kept=n_keep,
+        skipped_short=skipped,
+        keep_fraction=float(keep_fraction),
+        threshold=scores[ranked[n_keep - 1]],
+        mean_kept=mean(kept),
+        mean_dropped=mean(dropped),
+        seq_len=seq_len,
+        seconds=round(seconds, 3),
+        out_path=str(out) if out else None,
+        source=describe_source(source),
+        scores=scores,
+        kept_indices=kept,
+    )
 
 
 def _write_selection(out: Path, rows: list[tuple[str, float]]) -> None:
@@ -689,5 +784,11 @@ def _write_selection(out: Path, rows: list[tuple[str, float]]) -> None:
         Path(tmp).unlink(missing_ok=True)
 
 
-__all__ = ["CorpusReport", "SelectionReport", "generate_corpus", "load_prompts", "prompts_from_documents",
-           "select_by_difference"]
+__all__ = [
+    "CorpusReport",
+    "SelectionReport",
+    "generate_corpus",
+    "load_prompts",
+    "prompts_from_documents",
+    "select_by_difference",
+]

@@ -14,23 +14,24 @@ from __future__ import annotations
 
 import codecs
 import difflib
+import hashlib
 import importlib
 import inspect
-import hashlib
 import json
 import os
 import re
 import sys
 import warnings
 import zlib
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Union
+from typing import Any
 
 import torch
 
 from .errors import ConfigError, DataError
 
-TextSource = Union[str, os.PathLike, Iterable[str]]
+TextSource = str | os.PathLike | Iterable[str]
 
 SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 PYDOCS_TRAIN = SHARED_DATA / "pydocs" / "train.txt"
@@ -46,10 +47,15 @@ _FILE_SUFFIX = re.compile(r"\.[A-Za-z][A-Za-z0-9_-]{0,9}$")
 _BINARY_HINTS = {
     ".parquet": "load it with datasets.load_dataset('parquet', data_files=...)['train'] and pass the Dataset",
     ".arrow": "load it with datasets.Dataset.from_file(...) and pass the Dataset",
-    ".gz": "decompress it first", ".zip": "extract it first", ".bz2": "decompress it first",
-    ".xz": "decompress it first", ".zst": "decompress it first",
-    ".safetensors": "that is a weights file, not text", ".bin": "that looks like a weights file, not text",
-    ".gguf": "that is a model file, not text", ".pt": "that is a PyTorch file, not text",
+    ".gz": "decompress it first",
+    ".zip": "extract it first",
+    ".bz2": "decompress it first",
+    ".xz": "decompress it first",
+    ".zst": "decompress it first",
+    ".safetensors": "that is a weights file, not text",
+    ".bin": "that looks like a weights file, not text",
+    ".gguf": "that is a model file, not text",
+    ".pt": "that is a PyTorch file, not text",
 }
 # Standard-library modules whose import does something (opens a browser, prints, starts a GUI).
 _SIDE_EFFECT_MODULES = {"antigravity", "this", "idlelib", "turtle", "turtledemo", "tkinter", "pydoc_data"}
@@ -68,8 +74,14 @@ def _as_path(source: str | os.PathLike) -> Path | None:
     """
     if isinstance(source, os.PathLike):
         return Path(source)
-    if not isinstance(source, str) or not source or len(source) >= _MAX_PATH_CHARS or "\x00" in source \
-            or "\n" in source or "\r" in source:
+    if (
+        not isinstance(source, str)
+        or not source
+        or len(source) >= _MAX_PATH_CHARS
+        or "\x00" in source
+        or "\n" in source
+        or "\r" in source
+    ):
         return None
     path = Path(source).expanduser() if source.startswith("~") else Path(source)
     try:
@@ -91,9 +103,11 @@ def _looks_like_path(source: str | os.PathLike) -> bool:
 
 
 TEXT_FIELD = "text"
-_LITERAL_RULE = ("A string without whitespace that has a path separator or a file extension (or one with a path "
-                 "separator and a file extension) is taken as a file name; to pass literal text, give a string with "
-                 "whitespace or a list of strings.")
+_LITERAL_RULE = (
+    "A string without whitespace that has a path separator or a file extension (or one with a path "
+    "separator and a file extension) is taken as a file name; to pass literal text, give a string with "
+    "whitespace or a list of strings."
+)
 
 
 def _missing_file(path: Path, given: str | os.PathLike) -> DataError:
@@ -126,8 +140,9 @@ def _check_text_file(path: Path, given: str | os.PathLike) -> None:
         except OSError:
             inside = []
         example = f" such as {', '.join(repr(str(path / n)) for n in inside)}" if inside else ""
-        raise DataError(f"{str(given)!r} is a directory, not a text file; give a file inside it{example} (or a "
-                        "list of documents)")
+        raise DataError(
+            f"{str(given)!r} is a directory, not a text file; give a file inside it{example} (or a list of documents)"
+        )
     if not path.exists():
         raise _missing_file(path, given)
     if not path.is_file():
@@ -139,12 +154,13 @@ def _check_text_file(path: Path, given: str | os.PathLike) -> None:
         raise DataError(
             f"{str(given)!r} looks like a binary file (NUL bytes in its first {_SNIFF_BYTES} bytes), not UTF-8 "
             f"text{'; ' + hint if hint else ' (or it is UTF-16: convert it to UTF-8)'}. Give a text file, a .jsonl "
-            "file with a 'text' field, a list of strings or a datasets.Dataset")
+            "file with a 'text' field, a list of strings or a datasets.Dataset"
+        )
     try:
         codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
     except UnicodeDecodeError as exc:
         raise DataError(
-            f"{str(given)!r} is not UTF-8 text (undecodable byte {head[exc.start:exc.start + 1]!r} at offset "
+            f"{str(given)!r} is not UTF-8 text (undecodable byte {head[exc.start : exc.start + 1]!r} at offset "
             f"{exc.start}){'; ' + hint if hint else ''}; convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8)"
         ) from None
 
@@ -176,8 +192,9 @@ def iter_jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
 def _iter_jsonl(path: Path) -> Iterator[str]:
     for number, row in iter_jsonl_rows(path):
         if not isinstance(row, dict) or not isinstance(row.get(TEXT_FIELD), str):
-            raise DataError(f"{path}:{number} has no string field {TEXT_FIELD!r}; each line must be "
-                            f'{{"{TEXT_FIELD}": "..."}}')
+            raise DataError(
+                f'{path}:{number} has no string field {TEXT_FIELD!r}; each line must be {{"{TEXT_FIELD}": "..."}}'
+            )
         yield row[TEXT_FIELD]
 
 
@@ -197,8 +214,10 @@ def iter_text(source: TextSource) -> Iterator[str]:
     position and type).
     """
     if isinstance(source, (bytes, bytearray, memoryview)):
-        raise DataError(f"data given as {type(source).__name__} ({len(source)} bytes); decode it to str "
-                        "(e.g. data.decode('utf-8')) or pass the file's path")
+        raise DataError(
+            f"data given as {type(source).__name__} ({len(source)} bytes); decode it to str "
+            "(e.g. data.decode('utf-8')) or pass the file's path"
+        )
     if isinstance(source, (str, os.PathLike)):
         path = _as_path(source)
         if path is None:
@@ -214,21 +233,27 @@ def iter_text(source: TextSource) -> Iterator[str]:
         return
     if isinstance(source, Mapping):
         keys = list(source)[:5]
-        raise DataError(f"data given as a {type(source).__name__} with keys {keys}; give text documents: a list of "
-                        "strings, a datasets.Dataset (for a DatasetDict pick a split, e.g. data['train']) or a path")
+        raise DataError(
+            f"data given as a {type(source).__name__} with keys {keys}; give text documents: a list of "
+            "strings, a datasets.Dataset (for a DatasetDict pick a split, e.g. data['train']) or a path"
+        )
     if not isinstance(source, Iterable):
         raise DataError(f"data should be a path, a string or a list of documents, got {_describe_item(source)}")
     for position, doc in enumerate(source):
         if isinstance(doc, Mapping):
             text = doc.get(TEXT_FIELD)
             if not isinstance(text, str):
-                raise DataError(f"data[{position}] is a row without a string {TEXT_FIELD!r} field (its keys: "
-                                f"{list(doc)[:5]}); every row must hold its document under {TEXT_FIELD!r}")
+                raise DataError(
+                    f"data[{position}] is a row without a string {TEXT_FIELD!r} field (its keys: "
+                    f"{list(doc)[:5]}); every row must hold its document under {TEXT_FIELD!r}"
+                )
             doc = text
         elif not isinstance(doc, str):
-            raise DataError(f"data[{position}] is {_describe_item(doc)}, not text: every document must be a str "
-                            f"(or a {{{TEXT_FIELD!r}: str}} row)"
-                            + ("; decode bytes first" if isinstance(doc, (bytes, bytearray)) else ""))
+            raise DataError(
+                f"data[{position}] is {_describe_item(doc)}, not text: every document must be a str "
+                f"(or a {{{TEXT_FIELD!r}: str}} row)"
+                + ("; decode bytes first" if isinstance(doc, (bytes, bytearray)) else "")
+            )
         yield doc
 
 
@@ -277,8 +302,10 @@ def pack_tokens(
     _check_int("max_windows", max_windows, 1, allow_none=True)
     _check_int("skip_tokens", skip_tokens, 0)
     if tokenizer is None:
-        raise DataError(f"{describe_source(source)} is text, which needs a tokenizer to become token ids; pass "
-                        "the model's tokenizer")
+        raise DataError(
+            f"{describe_source(source)} is text, which needs a tokenizer to become token ids; pass "
+            "the model's tokenizer"
+        )
     need = None if max_windows is None else skip_tokens + max_windows * seq_len
     ids: list[int] = []
     sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []

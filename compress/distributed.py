@@ -9,9 +9,9 @@ helper degrades to the single-process answer, so stage code calls them unconditi
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -35,8 +35,7 @@ def init() -> tuple[int, int]:
     if not dist.is_initialized() and world_from_env() > 1:
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank())
-            dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank()),
-                                    timeout=COLLECTIVE_TIMEOUT)
+            dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank()), timeout=COLLECTIVE_TIMEOUT)
         else:
             dist.init_process_group("gloo", timeout=COLLECTIVE_TIMEOUT)
     return rank_world()
@@ -84,8 +83,11 @@ def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         return tensor
     ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
     backend_cuda = dist.get_backend() == "nccl"
-    work = tensor if (tensor.device.type == "cuda") == backend_cuda else \
-        tensor.to(torch.device("cuda", torch.cuda.current_device()) if backend_cuda else "cpu")
+    work = (
+        tensor
+        if (tensor.device.type == "cuda") == backend_cuda
+        else tensor.to(torch.device("cuda", torch.cuda.current_device()) if backend_cuda else "cpu")
+    )
     dist.all_reduce(work, op=ops[op])
     if work is not tensor:
         tensor.copy_(work)

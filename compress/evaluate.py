@@ -10,16 +10,20 @@ from torch import nn
 from .calibrate import check_token_ids, check_tokenizer_matches
 from .data import TextSource, pack_tokens
 from .errors import ConfigError
+from .progress import bar
 
 
 def _check_args(seq_len, max_tokens, batch_size) -> None:
     """Refuse bad numeric arguments before any work, naming the value."""
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
-        raise ConfigError(f"seq_len should be an integer of at least 2 (a window needs a token to predict from "
-                          f"and one to predict), got seq_len={seq_len!r}")
+        raise ConfigError(
+            f"seq_len should be an integer of at least 2 (a window needs a token to predict from "
+            f"and one to predict), got seq_len={seq_len!r}"
+        )
     if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
-        raise ConfigError(f"max_tokens should be a positive integer, or None to evaluate everything, got "
-                          f"max_tokens={max_tokens!r}")
+        raise ConfigError(
+            f"max_tokens should be a positive integer, or None to evaluate everything, got max_tokens={max_tokens!r}"
+        )
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size should be a positive integer, got batch_size={batch_size!r}")
 
@@ -74,7 +78,7 @@ def windows_perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int 
     nll, count = 0.0, 0
     try:
         with torch.inference_mode():
-            for batch in windows.split(batch_size):
+            for batch in bar(windows.split(batch_size), desc="perplexity", unit="batch"):
                 batch = batch.to(device)
                 logits = model(input_ids=batch, use_cache=False).logits.float()
                 loss = nn.functional.cross_entropy(
@@ -114,7 +118,7 @@ def kl_to_teacher(
     teacher.eval()
     try:
         with torch.inference_mode():
-            for batch in ids.split(batch_size):
+            for batch in bar(ids.split(batch_size), desc="KL to teacher", unit="batch"):
                 batch = batch.to(device)
                 s = student(input_ids=batch, use_cache=False).logits.float().flatten(0, 1)
                 t = teacher(input_ids=batch.to(next(teacher.parameters()).device), use_cache=False).logits.float()

@@ -31,7 +31,8 @@ import gc
 import itertools
 import tempfile
 import time
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import torch_pruning as tp
@@ -81,12 +82,15 @@ class _Structure:
             raise UnsupportedModelError(
                 f"cannot find the decoder layers of {type(model).__name__}: expected one ModuleList of "
                 f"{cfg.num_hidden_layers} layers, each with one child whose class name contains 'Attention'. "
-                f"Register an adapter (compress.models.register_adapter). {_UNCHANGED}")
+                f"Register an adapter (compress.models.register_adapter). {_UNCHANGED}"
+            )
         self.layers, attention = found[0]
         self.embed, self.head = model.get_input_embeddings(), model.get_output_embeddings()
         if not isinstance(self.embed, nn.Embedding):
-            raise UnsupportedModelError(f"the input embedding is a {type(self.embed).__name__}, not an nn.Embedding;"
-                                        f" the generic backend cannot prune it. {_UNCHANGED}")
+            raise UnsupportedModelError(
+                f"the input embedding is a {type(self.embed).__name__}, not an nn.Embedding;"
+                f" the generic backend cannot prune it. {_UNCHANGED}"
+            )
         in_attn = {id(m) for a in attention for m in itertools.chain(a.modules(), a.parameters())}
         self.layer_of = {m: k for k, layer in enumerate(self.layers) for m in layer.modules()}
         self.dg = _trace(model)
@@ -105,7 +109,8 @@ class _Structure:
             raise UnsupportedModelError(
                 f"expected one MLP of {cfg.intermediate_size} neurons per decoder layer (a Linear reading them), "
                 f"found {[len(r) for r in roots]} per layer; the generic backend cannot prune this family. "
-                f"Register an adapter. {_UNCHANGED}")
+                f"Register an adapter. {_UNCHANGED}"
+            )
         self.mlp_roots = [r[0] for r in roots]
         self.mlp_groups = [self.dg.get_pruning_group(r, _IN, list(range(r.in_features))) for r in self.mlp_roots]
         self.hidden_group = self.dg.get_pruning_group(self.embed, _EMBED_OUT, list(range(self.embed.embedding_dim)))
@@ -125,8 +130,10 @@ class _Structure:
             for item in itertools.chain.from_iterable(groups):
                 for param, dim in _pruned_dims(self.dg, item.dep):
                     if roles.setdefault(id(param), {}).setdefault(dim, axis) != axis:
-                        raise UnsupportedModelError(f"a tensor dimension is coupled to both MLP and hidden "
-                                                    f"channels; the generic backend cannot prune it. {_UNCHANGED}")
+                        raise UnsupportedModelError(
+                            f"a tensor dimension is coupled to both MLP and hidden "
+                            f"channels; the generic backend cannot prune it. {_UNCHANGED}"
+                        )
         poly: dict[tuple[int, int], int] = {}
         for p in self.model.parameters():
             dims, coeff, powers = roles.get(id(p), {}), 1, {"hidden": 0, "mlp": 0}
@@ -135,8 +142,9 @@ class _Structure:
                 if dim not in dims:
                     coeff *= size
                 elif size % base:  # a fused projection holds a multiple (gate|up: 2 x intermediate)
-                    raise UnsupportedModelError(f"a {dims[dim]} dimension of size {size} does not match the config "
-                                                f"({base}); {_UNCHANGED}")
+                    raise UnsupportedModelError(
+                        f"a {dims[dim]} dimension of size {size} does not match the config ({base}); {_UNCHANGED}"
+                    )
                 else:
                     coeff, powers[dims[dim]] = coeff * (size // base), powers[dims[dim]] + 1
             key = (powers["hidden"], powers["mlp"])
@@ -144,12 +152,16 @@ class _Structure:
         return poly
 
     def count(self, hidden: int, inter: int) -> int:
-        return sum(c * hidden ** a * inter ** b for (a, b), c in self.poly.items())
+        return sum(c * hidden**a * inter**b for (a, b), c in self.poly.items())
 
     def calibrate(self, calib: Calibration) -> tuple[dict[nn.Module, torch.Tensor], dict]:
         """Mean ``|x|`` per input channel of every in-layer Linear a group reads, from one streamed pass."""
-        readers = {it.dep.target.module for g in [self.hidden_group, *self.mlp_groups] for it in g
-                   if it.dep.handler == _IN and it.dep.target.module in self.layer_of}
+        readers = {
+            it.dep.target.module
+            for g in [self.hidden_group, *self.mlp_groups]
+            for it in g
+            if it.dep.handler == _IN and it.dep.target.module in self.layer_of
+        }
         device = next(self.model.parameters()).device
         dtype = accumulator_dtype(device)
         acc = {m: torch.zeros(m.in_features, dtype=dtype, device=device) for m in readers}
@@ -157,13 +169,13 @@ class _Structure:
         def hook(sums: torch.Tensor):
             def pre(_mod, args):
                 sums.add_(args[0].detach().reshape(-1, args[0].shape[-1]).abs().sum(0, dtype=dtype))
+
             return pre
 
         prefix = getattr(self.model, "base_model_prefix", "")
         base = prefix if prefix and isinstance(getattr(self.model, prefix, None), nn.Module) else None
         with hooks([lambda m=m, s=s: m.register_forward_pre_hook(hook(s)) for m, s in acc.items()]):
-            stats = streamed_pass(self.model, calib, desc="activation importance", base=base,
-                                  reduce=list(acc.values()))
+            stats = streamed_pass(self.model, calib, desc="activation importance", base=base, reduce=list(acc.values()))
         return {m: s.cpu() / calib.num_tokens for m, s in acc.items()}, stats
 
     def apply(self, keep_mlp: list[list[int]] | None, keep_hidden: list[int] | None, head_dim: int) -> None:
@@ -194,12 +206,19 @@ def _pruned_dims(dg: tp.DependencyGraph, dep) -> list[tuple[nn.Parameter, int]]:
     if not isinstance(target, nn.Module) or not target._parameters:
         return []
     fake = copy.copy(target)  # shallow: attributes the handler rewrites land on the copy only
-    fake._parameters = {n: None if p is None else nn.Parameter(torch.empty(p.shape, device="meta"), False)
-                        for n, p in target._parameters.items()}
+    fake._parameters = {
+        n: None if p is None else nn.Parameter(torch.empty(p.shape, device="meta"), False)
+        for n, p in target._parameters.items()
+    }
     fake._buffers = dict(target._buffers)
     dep.handler(fake, [0])
-    return [(p, d) for n, p in target._parameters.items() if p is not None and fake._parameters.get(n) is not None
-            for d in range(p.dim()) if fake._parameters[n].shape[d] != p.shape[d]]
+    return [
+        (p, d)
+        for n, p in target._parameters.items()
+        if p is not None and fake._parameters.get(n) is not None
+        for d in range(p.dim())
+        if fake._parameters[n].shape[d] != p.shape[d]
+    ]
 
 
 def _trace(model: nn.Module) -> tp.DependencyGraph:
@@ -215,7 +234,8 @@ def _trace(model: nn.Module) -> tp.DependencyGraph:
         with torch.enable_grad():  # the graph is read off autograd
             example = torch.arange(1, 9, device=device).unsqueeze(0) % model.get_input_embeddings().num_embeddings
             return tp.DependencyGraph().build_dependency(
-                model, example, forward_fn=lambda m, x: m(input_ids=x, use_cache=False).logits, verbose=False)
+                model, example, forward_fn=lambda m, x: m(input_ids=x, use_cache=False).logits, verbose=False
+            )
     finally:
         for m, before in hooks_before.items():  # Torch-Pruning leaves its hooks behind when the forward fails
             for key in set(m._forward_hooks) - before:
@@ -300,8 +320,11 @@ def _preflight(model: nn.Module, remove_mlp: float, remove_hidden: float) -> Non
                                     it.dep.target.module.weight[:, it.idxs] = 0
                     masked = _logits(tiny, ids)
                     s.apply(keep, None, head_dim)
-                    _check_close("logits of the MLP-pruned model and of the model with those neurons zeroed",
-                                 _logits(tiny, ids), masked)
+                    _check_close(
+                        "logits of the MLP-pruned model and of the model with those neurons zeroed",
+                        _logits(tiny, ids),
+                        masked,
+                    )
                     inter = k
                 else:
                     s.apply(None, sorted(torch.randperm(size, generator=g)[:k].tolist()), head_dim)
@@ -311,8 +334,9 @@ def _preflight(model: nn.Module, remove_mlp: float, remove_hidden: float) -> Non
                 if count_params(tiny) != s.count(hidden, inter):
                     raise AssertionError(f"{count_params(tiny)} parameters, {s.count(hidden, inter)} planned")
                 tiny.save_pretrained(f"{tmp}/{axis}")
-                back = AutoModelForCausalLM.from_pretrained(f"{tmp}/{axis}", attn_implementation="eager",
-                                                            dtype=torch.float32).eval()
+                back = AutoModelForCausalLM.from_pretrained(
+                    f"{tmp}/{axis}", attn_implementation="eager", dtype=torch.float32
+                ).eval()
                 _check_close("logits of the reloaded and the in-memory pruned model", _logits(back, ids), pruned)
             except Exception as exc:  # noqa: BLE001
                 raise _PreflightFailed(axis, exc) from exc
@@ -331,13 +355,16 @@ def _check_hidden_size_not_read_at_runtime(tiny: nn.Module, ids: torch.Tensor, o
         tiny.config.hidden_size = new_hidden
     err = (pruned - as_before).abs().max().item()
     if not err <= 1e-4 * max(1.0, as_before.abs().max().item()):
-        raise AssertionError(f"the model reads config.hidden_size while it runs (logits change by {err:.3g} with "
-                             "it; e.g. an embedding scale of sqrt(hidden_size)), so pruning hidden channels would "
-                             "change what it computes")
+        raise AssertionError(
+            f"the model reads config.hidden_size while it runs (logits change by {err:.3g} with "
+            "it; e.g. an embedding scale of sqrt(hidden_size)), so pruning hidden channels would "
+            "change what it computes"
+        )
 
 
-def _plan(teacher: ModelShape, count: Callable[[int, int], int], budget: int, config: PlanConfig,
-          hidden: bool) -> tuple[int, int, str]:
+def _plan(
+    teacher: ModelShape, count: Callable[[int, int], int], budget: int, config: PlanConfig, hidden: bool
+) -> tuple[int, int, str]:
     """The (hidden, intermediate) grid shape within tolerance below ``budget`` with the lowest damage cost
     (:func:`compress.plan._cost`), or the largest below it; heads and layers are kept."""
     f, m = config.min_fraction, config.multiple_of
@@ -348,7 +375,9 @@ def _plan(teacher: ModelShape, count: Callable[[int, int], int], budget: int, co
         raise TargetError(
             f"target of {budget:,} parameters is below the smallest shape the generic backend allows ({smallest:,}: "
             f"hidden {min(hiddens)}, intermediate {min(inters)}; heads and layers are kept"
-            + ("" if hidden else ", and hidden channels cannot be pruned for this family") + f"). {_UNCHANGED}")
+            + ("" if hidden else ", and hidden channels cannot be pruned for this family")
+            + f"). {_UNCHANGED}"
+        )
     low, best, fallback, n = budget * (1 - config.tolerance), None, None, 0
     for d, i in itertools.product(hiddens, inters):
         p = count(d, i)
@@ -363,52 +392,84 @@ def _plan(teacher: ModelShape, count: Callable[[int, int], int], budget: int, co
     if best is None and fallback is None:
         raise TargetError(f"no (hidden, intermediate) shape on the grid lies below {budget:,} params. {_UNCHANGED}")
     if best is None:
-        return fallback[1], fallback[2], (f"no grid shape (multiples of {m}) lands within {config.tolerance:.0%} "
-                                          f"below {budget:,}; took the largest below it")
-    return best[2], best[3], (f"{n} (hidden, intermediate) shapes on the grid (multiples of {m}) land within "
-                              f"{config.tolerance:.0%} below {budget:,} params; chose the lowest damage cost "
-                              f"sum(w*removed^2) with weights {dict(config.weights)}")
+        return (
+            fallback[1],
+            fallback[2],
+            (
+                f"no grid shape (multiples of {m}) lands within {config.tolerance:.0%} "
+                f"below {budget:,}; took the largest below it"
+            ),
+        )
+    return (
+        best[2],
+        best[3],
+        (
+            f"{n} (hidden, intermediate) shapes on the grid (multiples of {m}) land within "
+            f"{config.tolerance:.0%} below {budget:,} params; chose the lowest damage cost "
+            f"sum(w*removed^2) with weights {dict(config.weights)}"
+        ),
+    )
 
 
-def _check_request(model: nn.Module, family: str, target: Any, calibration: Any, strategy: str, plugins: Any,
-                   importance: Any) -> tuple[ModelShape, Target]:
+def _check_request(
+    model: nn.Module, family: str, target: Any, calibration: Any, strategy: str, plugins: Any, importance: Any
+) -> tuple[ModelShape, Target]:
     """Refuse, before any work, what the generic backend cannot do; returns the teacher shape and the target."""
     cfg = model.config
     if strategy != "width":
-        raise ConfigError(f"{family} has no adapter, and the generic backend prunes widths only (MLP neurons and "
-                          f"hidden channels); strategy={strategy!r} needs an adapter to remove layers. Use "
-                          f"strategy='width', or register one (compress.models.register_adapter). {_UNCHANGED}")
+        raise ConfigError(
+            f"{family} has no adapter, and the generic backend prunes widths only (MLP neurons and "
+            f"hidden channels); strategy={strategy!r} needs an adapter to remove layers. Use "
+            f"strategy='width', or register one (compress.models.register_adapter). {_UNCHANGED}"
+        )
     if plugins:
-        raise ConfigError(f"plugins={plugins!r} given, but {family} has no adapter: the generic Torch-Pruning backend "
-                          f"has its own fixed MLP/hidden path and activation importance. Drop plugins. {_UNCHANGED}")
+        raise ConfigError(
+            f"plugins={plugins!r} given, but {family} has no adapter: the generic Torch-Pruning backend "
+            f"has its own fixed MLP/hidden path and activation importance. Drop plugins. {_UNCHANGED}"
+        )
     if importance is not None:
-        raise ConfigError(f"precomputed importance= cannot be used for {family} (no adapter): the generic backend "
-                          f"scores Torch-Pruning groups itself from calibration data. {_UNCHANGED}")
+        raise ConfigError(
+            f"precomputed importance= cannot be used for {family} (no adapter): the generic backend "
+            f"scores Torch-Pruning groups itself from calibration data. {_UNCHANGED}"
+        )
     if calibration is None:
-        raise ConfigError(f"{family} has no adapter; the generic backend uses activation importance, which needs "
-                          f"calibration data (text with a tokenizer, or token ids). {_UNCHANGED}")
-    missing = [f for f in ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers")
-               if not isinstance(getattr(cfg, f, None), int)]
+        raise ConfigError(
+            f"{family} has no adapter; the generic backend uses activation importance, which needs "
+            f"calibration data (text with a tokenizer, or token ids). {_UNCHANGED}"
+        )
+    missing = [
+        f
+        for f in ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers")
+        if not isinstance(getattr(cfg, f, None), int)
+    ]
     if missing or getattr(cfg, "quantization_config", None) is not None:
         raise UnsupportedModelError(
             f"{family} has no adapter (supported families: {', '.join(supported_families())}) and its config "
-            + (f"has no integer {missing}" if missing else "is quantized") + ", so the generic backend cannot "
-            f"prune it either. To add one: compress.models.register_adapter(DecoderAdapter(...)). {_UNCHANGED}")
+            + (f"has no integer {missing}" if missing else "is quantized")
+            + ", so the generic backend cannot "
+            f"prune it either. To add one: compress.models.register_adapter(DecoderAdapter(...)). {_UNCHANGED}"
+        )
     teacher = ModelShape.from_config(cfg)
     parsed = Target.parse(target, count_params(model))
     if parsed.shape is not None:
-        other = {k: v for k, v in parsed.shape.items()
-                 if k not in ("hidden_size", "intermediate_size") and v != getattr(teacher, k)}
+        other = {
+            k: v
+            for k, v in parsed.shape.items()
+            if k not in ("hidden_size", "intermediate_size") and v != getattr(teacher, k)
+        }
         if other:
-            raise TargetError(f"target changes {sorted(other)}, but {family} has no adapter: the generic backend "
-                              f"keeps attention heads and layers and prunes only hidden_size / intermediate_size. "
-                              f"{_UNCHANGED}")
+            raise TargetError(
+                f"target changes {sorted(other)}, but {family} has no adapter: the generic backend "
+                f"keeps attention heads and layers and prunes only hidden_size / intermediate_size. "
+                f"{_UNCHANGED}"
+            )
         teacher.replace(**parsed.shape).check_within(teacher)
     return teacher, parsed
 
 
-def _choose_shape(model: nn.Module, family: str, s: _Structure, teacher: ModelShape, parsed: Target,
-                  config: PlanConfig) -> tuple[int, int, str]:
+def _choose_shape(
+    model: nn.Module, family: str, s: _Structure, teacher: ModelShape, parsed: Target, config: PlanConfig
+) -> tuple[int, int, str]:
     """(hidden, intermediate, reason) for the target, proven by :func:`_preflight` to survive a reload; a budget
     falls back to MLP neurons only where hidden pruning does not survive it, an explicit hidden target is refused."""
     if parsed.shape is not None:
@@ -424,13 +485,20 @@ def _choose_shape(model: nn.Module, family: str, s: _Structure, teacher: ModelSh
             if failed.axis != "hidden":
                 raise
             if parsed.shape is not None:
-                alt = next((n for n in _grid(teacher.intermediate_size, config.multiple_of, 0.01)
-                            if s.count(teacher.hidden_size, n) <= s.count(d, i)), None)
+                alt = next(
+                    (
+                        n
+                        for n in _grid(teacher.intermediate_size, config.multiple_of, 0.01)
+                        if s.count(teacher.hidden_size, n) <= s.count(d, i)
+                    ),
+                    None,
+                )
                 raise UnsupportedModelError(
                     f"hidden channels of {family} cannot be pruned without an adapter: a tiny model of this class "
                     f"pruned the same way fails its save/reload check ({failed}). Prune MLP neurons only, "
                     + (f"e.g. target={{'intermediate_size': {alt}}} (about the same size), " if alt else "")
-                    + f"or register an adapter. {_UNCHANGED}") from failed
+                    + f"or register an adapter. {_UNCHANGED}"
+                ) from failed
             d, i, reason = _plan(teacher, s.count, parsed.params, config, hidden=False)
             reason += f"; hidden channels kept: they fail the reload preflight for this family ({failed})"
             _preflight(model, 1 - i / teacher.intermediate_size, 0.0)
@@ -438,22 +506,34 @@ def _choose_shape(model: nn.Module, family: str, s: _Structure, teacher: ModelSh
         raise UnsupportedModelError(
             f"the generic Torch-Pruning backend cannot prune {family}: a tiny model of this class, pruned the same "
             f"way, failed at the {failed.axis} step of its save/reload check ({failed}). Register an adapter. "
-            f"{_UNCHANGED}") from failed
+            f"{_UNCHANGED}"
+        ) from failed
     return d, i, reason
 
 
 @torch.inference_mode(False)  # called under inference mode, it still builds autograd graphs and normal weights
-def prune_generic(model: nn.Module, target: Any, calibration: Any, *, strategy: str = "width", plugins: Any = None,
-                  tokenizer=None, calibration_config: CalibrationConfig | None = None,
-                  plan_config: PlanConfig | None = None, importance: Any = None) -> PruneReport:
+def prune_generic(
+    model: nn.Module,
+    target: Any,
+    calibration: Any,
+    *,
+    strategy: str = "width",
+    plugins: Any = None,
+    tokenizer=None,
+    calibration_config: CalibrationConfig | None = None,
+    plan_config: PlanConfig | None = None,
+    importance: Any = None,
+) -> PruneReport:
     """Prune MLP neurons and hidden channels of a model whose family has no adapter, in place (see the module
     docstring). Every check, the reload preflight and the selection happen before the model is modified."""
     start = time.perf_counter()
     family = f"{getattr(model.config, 'model_type', None)!r} ({type(model).__name__})"
     if any(p.is_inference() for p in model.parameters()):
-        raise ConfigError(f"{family}'s weights were created under torch.inference_mode(); Torch-Pruning traces "
-                          "the model with autograd, which inference tensors cannot join. Load the model outside "
-                          f"inference_mode. {_UNCHANGED}")
+        raise ConfigError(
+            f"{family}'s weights were created under torch.inference_mode(); Torch-Pruning traces "
+            "the model with autograd, which inference tensors cannot join. Load the model outside "
+            f"inference_mode. {_UNCHANGED}"
+        )
     teacher, parsed = _check_request(model, family, target, calibration, strategy, plugins, importance)
     params_before = count_params(model)
     calib = prepare_calibration(model, tokenizer, calibration, calibration_config or CalibrationConfig())
@@ -462,8 +542,9 @@ def prune_generic(model: nn.Module, target: Any, calibration: Any, *, strategy: 
     except Exception as exc:  # noqa: BLE001 - a model Torch-Pruning cannot trace is refused with the cause
         if isinstance(exc, UnsupportedModelError):
             raise
-        raise UnsupportedModelError(f"Torch-Pruning could not trace {family} ({type(exc).__name__}: {exc}); "
-                                    f"register an adapter. {_UNCHANGED}") from exc
+        raise UnsupportedModelError(
+            f"Torch-Pruning could not trace {family} ({type(exc).__name__}: {exc}); register an adapter. {_UNCHANGED}"
+        ) from exc
     d, i, reason = _choose_shape(model, family, s, teacher, parsed, plan_config or PlanConfig())
 
     mean_abs, stats = s.calibrate(calib)
@@ -482,23 +563,45 @@ def prune_generic(model: nn.Module, target: Any, calibration: Any, *, strategy: 
     after = teacher.replace(hidden_size=d, intermediate_size=i)
     params_after = count_params(model)
     if params_after != planned or ModelShape.from_config(model.config) != after:
-        raise RuntimeError(f"internal error: planned {planned:,} params at {after}, but the pruned model has "
-                           f"{params_after:,} at {ModelShape.from_config(model.config)}")
-    removed = {axis: {"plugin": "generic", "backend": "torch-pruning", "kept": new, "removed": old - new}
-               for axis, old, new in (("mlp", teacher.intermediate_size, i), ("hidden", teacher.hidden_size, d))
-               if new != old}
-    spread = {name: {"min": float(v.min()), "median": float(v.median()), "max": float(v.max())}
-              for name, v in (("mlp", mlp_scores), ("hidden", hidden_scores))}
+        raise RuntimeError(
+            f"internal error: planned {planned:,} params at {after}, but the pruned model has "
+            f"{params_after:,} at {ModelShape.from_config(model.config)}"
+        )
+    removed = {
+        axis: {"plugin": "generic", "backend": "torch-pruning", "kept": new, "removed": old - new}
+        for axis, old, new in (("mlp", teacher.intermediate_size, i), ("hidden", teacher.hidden_size, d))
+        if new != old
+    }
+    spread = {
+        name: {"min": float(v.min()), "median": float(v.median()), "max": float(v.max())}
+        for name, v in (("mlp", mlp_scores), ("hidden", hidden_scores))
+    }
     return PruneReport(
-        strategy=strategy, importance="activation", target=parsed.requested,
-        plan_reason=(f"generic Torch-Pruning backend ({family} has no adapter): MLP neurons and hidden channels "
-                     f"pruned through torch-pruning's DependencyGraph, attention heads kept; {reason}"),
-        shape_before=teacher.to_dict(), shape_after=after.to_dict(), params_before=params_before,
-        params_after=params_after, removed=removed,
-        importance_summary={"method": "activation", "backend": "torch-pruning",
-                            "statistic": "mean |input| per channel of the group's Linear readers", **stats, **spread},
-        calibration={"source": calib.source, "samples": calib.num_samples, "tokens": calib.num_tokens,
-                     "seq_len": calib.input_ids.shape[1]},
+        strategy=strategy,
+        importance="activation",
+        target=parsed.requested,
+        plan_reason=(
+            f"generic Torch-Pruning backend ({family} has no adapter): MLP neurons and hidden channels "
+            f"pruned through torch-pruning's DependencyGraph, attention heads kept; {reason}"
+        ),
+        shape_before=teacher.to_dict(),
+        shape_after=after.to_dict(),
+        params_before=params_before,
+        params_after=params_after,
+        removed=removed,
+        importance_summary={
+            "method": "activation",
+            "backend": "torch-pruning",
+            "statistic": "mean |input| per channel of the group's Linear readers",
+            **stats,
+            **spread,
+        },
+        calibration={
+            "source": calib.source,
+            "samples": calib.num_samples,
+            "tokens": calib.num_tokens,
+            "seq_len": calib.input_ids.shape[1],
+        },
         seconds=round(time.perf_counter() - start, 3),
         kept={"hidden": keep_hidden} if keep_hidden is not None else {},
     )

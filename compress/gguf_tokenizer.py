@@ -61,8 +61,15 @@ def repair_gguf_tokenizer(tokenizer, gguf_file: str | Path):
         index = meta.get(f"{key}_token_id")
         return vocab.get(index) if isinstance(index, int) else None
 
-    special = {name: token(key) for name, key in
-               (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"), ("pad_token", "padding"))}
+    special = {
+        name: token(key)
+        for name, key in (
+            ("bos_token", "bos"),
+            ("eos_token", "eos"),
+            ("unk_token", "unknown"),
+            ("pad_token", "padding"),
+        )
+    }
     if meta.get("model") == "gpt2":
         from tokenizers import decoders, processors
         from transformers import GPT2TokenizerFast
@@ -72,13 +79,21 @@ def repair_gguf_tokenizer(tokenizer, gguf_file: str | Path):
         post = [processors.ByteLevel(trim_offsets=False)]
         bos = special.get("bos_token")
         if meta.get("add_bos_token", False) and bos is not None:
-            post.append(processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                                      special_tokens=[(bos, meta["bos_token_id"])]))
+            post.append(
+                processors.TemplateProcessing(
+                    single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, meta["bos_token_id"])]
+                )
+            )
         backend.post_processor = processors.Sequence(post) if len(post) > 1 else post[0]
         # A token the GGUF does not name stays unset (None): GPT2TokenizerFast would otherwise fill in
         # "<|endoftext|>" and, if the vocabulary lacks it, add a row the model's embedding does not have.
-        fixed = GPT2TokenizerFast(tokenizer_object=backend, add_prefix_space=False, **special,
-                                  model_max_length=tokenizer.model_max_length, padding_side=tokenizer.padding_side)
+        fixed = GPT2TokenizerFast(
+            tokenizer_object=backend,
+            add_prefix_space=False,
+            **special,
+            model_max_length=tokenizer.model_max_length,
+            padding_side=tokenizer.padding_side,
+        )
         fixed.chat_template = tokenizer.chat_template
         return fixed
     tokenizer.add_special_tokens({k: v for k, v in special.items() if v is not None})

@@ -20,10 +20,10 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping
 
 from .errors import ConfigError, OutputExistsError
 
@@ -46,8 +46,9 @@ def _inside(child: Path, folder: Path) -> bool:
 
 def _input_paths(value) -> list[Path]:
     """The file system paths an input names: a path-like, or a string that is an existing path."""
-    if isinstance(value, os.PathLike) or (isinstance(value, str) and value.strip() and "\n" not in value
-                                         and len(value) < 4096):
+    if isinstance(value, os.PathLike) or (
+        isinstance(value, str) and value.strip() and "\n" not in value and len(value) < 4096
+    ):
         try:
             if os.path.lexists(value):
                 return [Path(os.path.abspath(value)), Path(value).resolve()]
@@ -73,9 +74,13 @@ def _probe_writable(folder: Path) -> str | None:
     return None
 
 
-def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False, *,
-                     inputs: Mapping[str, object] | None = None,
-                     checkpoint_dir: str | os.PathLike | None = None) -> OutputPlan:
+def check_output_dir(
+    out_dir: str | os.PathLike,
+    overwrite: bool = False,
+    *,
+    inputs: Mapping[str, object] | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+) -> OutputPlan:
     """Refuse, before any work, an output folder the run could not write or would damage.
 
     ``inputs`` maps a description ("calibration data", "teacher", ...) to what the run reads; any that is a
@@ -88,8 +93,10 @@ def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False, *,
         raise ConfigError(f"out_dir should be a folder path, got {out_dir!r}; give the folder to write the student to")
     path = Path(out_dir)
     if path.is_symlink() and not path.exists():
-        raise ConfigError(f"output path {str(path)!r} is a symbolic link to {os.readlink(path)!r}, which does not "
-                          "exist; create that folder, remove the link, or give another folder")
+        raise ConfigError(
+            f"output path {str(path)!r} is a symbolic link to {os.readlink(path)!r}, which does not "
+            "exist; create that folder, remove the link, or give another folder"
+        )
     try:
         real = path.resolve()
     except (OSError, RuntimeError) as exc:  # a symlink loop
@@ -105,21 +112,24 @@ def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False, *,
                 raise OutputExistsError(
                     f"output folder {str(path)!r} holds this run's {what} ({str(value)!r}); writing the student "
                     f"there would replace it, {what} included (even with overwrite=True). Write to another folder, "
-                    "or move the input out of it")
+                    "or move the input out of it"
+                )
     if checkpoint_dir is not None:
         ckpt = Path(os.path.abspath(checkpoint_dir))
         if _inside(ckpt, real) or _inside(Path(checkpoint_dir).resolve(), real):
             raise ConfigError(
                 f"DistillConfig.output_dir {str(checkpoint_dir)!r} lies inside the output folder {str(path)!r}: the "
                 "checkpoints would make it non-empty before the student is written (and be replaced with it). "
-                f"Put the checkpoints in a folder beside it, e.g. {str(real) + '-checkpoints'!r}")
+                f"Put the checkpoints in a folder beside it, e.g. {str(real) + '-checkpoints'!r}"
+            )
 
     if real.is_dir():
         if any(real.iterdir()) and not overwrite:
             where = f" (a link to {str(real)!r})" if path.is_symlink() else ""
             raise OutputExistsError(
                 f"output folder {str(path)!r}{where} exists and is not empty; choose another folder or pass "
-                f"overwrite=True ({OVERWRITE_RULE})")
+                f"overwrite=True ({OVERWRITE_RULE})"
+            )
         parent_problem = _probe_writable(real.parent)
         in_place = real == _cwd() or os.path.ismount(real) or parent_problem is not None
         if in_place:
@@ -132,12 +142,16 @@ def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False, *,
     while not ancestor.exists():
         ancestor = ancestor.parent
     if not ancestor.is_dir():
-        raise ConfigError(f"cannot create output folder {str(path)!r}: {str(ancestor)!r} is a file, not a folder; "
-                          "give a path whose parent is a folder")
+        raise ConfigError(
+            f"cannot create output folder {str(path)!r}: {str(ancestor)!r} is a file, not a folder; "
+            "give a path whose parent is a folder"
+        )
     problem = _probe_writable(ancestor)
     if problem:
-        raise ConfigError(f"cannot create output folder {str(path)!r}: {str(ancestor)!r} is not writable "
-                          f"({problem}); give a folder you can write to")
+        raise ConfigError(
+            f"cannot create output folder {str(path)!r}: {str(ancestor)!r} is not writable "
+            f"({problem}); give a folder you can write to"
+        )
     return OutputPlan(path, real, False)
 
 
@@ -190,8 +204,10 @@ def _replace_contents(src: Path, out: Path) -> None:
             except OSError:
                 stuck.append(name)
         if stuck:
-            raise OSError(f"writing into {str(out)!r} failed ({failure}), and {stuck} could not be moved back: "
-                          f"they are safe in {str(old)!r}; move them back by hand") from failure
+            raise OSError(
+                f"writing into {str(out)!r} failed ({failure}), and {stuck} could not be moved back: "
+                f"they are safe in {str(old)!r}; move them back by hand"
+            ) from failure
         _remove(old)
         raise
     _remove(old)
@@ -224,9 +240,13 @@ def _swap(tmp: Path, real: Path) -> None:
 
 
 @contextmanager
-def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False, *,
-                      inputs: Mapping[str, object] | None = None,
-                      checkpoint_dir: str | os.PathLike | None = None) -> Iterator[Path]:
+def atomic_output_dir(
+    out_dir: str | os.PathLike,
+    overwrite: bool = False,
+    *,
+    inputs: Mapping[str, object] | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+) -> Iterator[Path]:
     """Yield a temporary folder; on success its contents become ``out_dir``, on error (or Ctrl-C) it vanishes.
 
     So a crash or a failed check never leaves a half-written folder that looks like a finished one. The

@@ -2,8 +2,9 @@
 
 A target is either a parameter budget — ``{"params": 0.5}`` (a fraction of the teacher) or
 ``{"params": 70_000_000}`` (a count; a float in (0, 1) is a fraction, an integer or integral float a count, and a
-non-integral float above 1 such as ``1.5`` is refused) — or an explicit shape (any of ``hidden_size``, ``intermediate_size``,
-``num_attention_heads``, ``num_key_value_heads``, ``num_hidden_layers``; unnamed fields keep the teacher's value).
+non-integral float above 1 such as ``1.5`` is refused) — or an explicit shape (any of ``hidden_size``,
+``intermediate_size``, ``num_attention_heads``, ``num_key_value_heads``, ``num_hidden_layers``; unnamed fields keep
+the teacher's value).
 
 For a budget, the planner enumerates every shape on a grid of hardware-friendly sizes that the strategy allows,
 keeps those within ``tolerance`` below the budget, and picks the one with the lowest *damage cost*:
@@ -20,8 +21,9 @@ import heapq
 import itertools
 import math
 import numbers
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from .errors import ConfigError, TargetError
 from .shape import SHAPE_FIELDS, ModelShape, ParamFormula
@@ -40,7 +42,7 @@ class Target:
     requested: Any = None
 
     @classmethod
-    def parse(cls, target: Any, teacher_params: int) -> "Target":
+    def parse(cls, target: Any, teacher_params: int) -> Target:
         """Accept ``0.5``, ``{"params": 0.5}``, ``{"params": 70_000_000}``, a shape dict, or a :class:`Target`.
 
         ``params``: a float in (0, 1) is a fraction of the teacher; an integer (or an integral float such as
@@ -58,8 +60,9 @@ class Target:
             )
         unknown = set(target) - set(SHAPE_FIELDS) - {"params"}
         if unknown:
-            raise TargetError(f"unknown target key(s) {sorted(unknown, key=repr)}; use 'params' or "
-                              f"{list(SHAPE_FIELDS)}")
+            raise TargetError(
+                f"unknown target key(s) {sorted(unknown, key=repr)}; use 'params' or {list(SHAPE_FIELDS)}"
+            )
         if "params" in target:
             if len(target) > 1:
                 raise TargetError("give either 'params' or shape fields in a target, not both")
@@ -94,11 +97,14 @@ def _quoted_hint(value: Any) -> str:
 def _params_count(value: Any, teacher_params: int) -> int:
     """The parameter count a ``params`` target asks for (see :meth:`Target.parse`)."""
     if not _is_number(value):
-        raise TargetError(f"target params should be a positive fraction like 0.5 or a count like 70_000_000, "
-                          f"got {value!r}{_quoted_hint(value)}")
+        raise TargetError(
+            f"target params should be a positive fraction like 0.5 or a count like 70_000_000, "
+            f"got {value!r}{_quoted_hint(value)}"
+        )
     if not math.isfinite(float(value)):
-        raise TargetError(f"target params should be a positive fraction or count, got {value!r}: it must be a "
-                          "finite number")
+        raise TargetError(
+            f"target params should be a positive fraction or count, got {value!r}: it must be a finite number"
+        )
     if value <= 0:
         raise TargetError(f"target params should be a positive fraction or count, got {value!r}")
     if isinstance(value, numbers.Integral):
@@ -107,8 +113,10 @@ def _params_count(value: Any, teacher_params: int) -> int:
     if value <= 1:
         return int(value * teacher_params)
     if not value.is_integer():
-        raise TargetError(f"target params={value!r} is neither a fraction nor a count: a fraction must be in "
-                          "(0, 1); a count must be an integer like 70_000_000")
+        raise TargetError(
+            f"target params={value!r} is neither a fraction nor a count: a fraction must be in "
+            "(0, 1); a count must be an integer like 70_000_000"
+        )
     return int(value)  # an integral float such as 7e7 is a count
 
 
@@ -160,11 +168,7 @@ def _grid(size: int, multiple: int, min_fraction: float) -> list[int]:
 
 def _head_options(teacher: ModelShape) -> list[tuple[int, int]]:
     """Every (query heads, KV heads) pair that keeps GQA groups valid."""
-    return [
-        (kv * g, kv)
-        for kv in range(1, teacher.num_key_value_heads + 1)
-        for g in range(1, teacher.group_size + 1)
-    ]
+    return [(kv * g, kv) for kv in range(1, teacher.num_key_value_heads + 1) for g in range(1, teacher.group_size + 1)]
 
 
 def _cost(teacher: ModelShape, s: ModelShape, weights: Mapping[str, float]) -> float:
@@ -178,7 +182,11 @@ def _cost(teacher: ModelShape, s: ModelShape, weights: Mapping[str, float]) -> f
 
 
 def plan_shape(
-    teacher: ModelShape, formula: ParamFormula, target: Target, strategy: str, config: PlanConfig | None = None,
+    teacher: ModelShape,
+    formula: ParamFormula,
+    target: Target,
+    strategy: str,
+    config: PlanConfig | None = None,
     constraint: Callable[[ModelShape], str | None] | None = None,
 ) -> Plan:
     """Resolve ``target`` to a concrete shape for ``strategy``; raises :class:`TargetError` when impossible.
@@ -190,8 +198,13 @@ def plan_shape(
 
 
 def candidate_shapes(
-    teacher: ModelShape, formula: ParamFormula, target: Target, strategy: str, config: PlanConfig | None = None,
-    constraint: Callable[[ModelShape], str | None] | None = None, k: int = 4,
+    teacher: ModelShape,
+    formula: ParamFormula,
+    target: Target,
+    strategy: str,
+    config: PlanConfig | None = None,
+    constraint: Callable[[ModelShape], str | None] | None = None,
+    k: int = 4,
 ) -> list[Plan]:
     """The ``k`` best distinct shapes the planner considers for ``target``, best first (the first is what
     :func:`plan_shape` returns for the same inputs).
@@ -219,9 +232,11 @@ def candidate_shapes(
     plans = []
     for rank, (cost, p, s) in enumerate(ranked):
         if not within:  # nothing on the grid lands within tolerance; took the largest below it
-            reason = (f"no {strategy} shape on the grid (multiples of {config.multiple_of}) lands within "
-                      f"{config.tolerance:.0%} below {target.params:,}; took the "
-                      + ("largest below it" if rank == 0 else f"{_ordinal(rank + 1)} largest below it"))
+            reason = (
+                f"no {strategy} shape on the grid (multiples of {config.multiple_of}) lands within "
+                f"{config.tolerance:.0%} below {target.params:,}; took the "
+                + ("largest below it" if rank == 0 else f"{_ordinal(rank + 1)} largest below it")
+            )
             plans.append(Plan(s, p, reason + _embedding_note(teacher, formula, s), 0))
             continue
         reason = (
@@ -241,8 +256,13 @@ def _ordinal(n: int) -> str:
 
 
 def _ranked_grid(
-    teacher: ModelShape, formula: ParamFormula, target: Target, strategy: str, config: PlanConfig,
-    constraint: Callable[[ModelShape], str | None] | None, k: int,
+    teacher: ModelShape,
+    formula: ParamFormula,
+    target: Target,
+    strategy: str,
+    config: PlanConfig,
+    constraint: Callable[[ModelShape], str | None] | None,
+    k: int,
 ) -> tuple[list[tuple[float, int, ModelShape]], int, bool]:
     """The planner's grid search for a parameter budget: ``(ranked, count, within)``.
 
@@ -287,8 +307,10 @@ def _ranked_grid(
         top = sorted(best, key=lambda item: (-item[0][0], -item[0][1], -item[0][2]))
         return [(-key[0], p, s) for key, s, p in top], count, True
     if not below:
-        raise TargetError(f"no {strategy} shape on the grid below {target.params:,} parameters can be saved for "
-                          f"this model ({constraint(smallest) if constraint else 'none fits'})")
+        raise TargetError(
+            f"no {strategy} shape on the grid below {target.params:,} parameters can be saved for "
+            f"this model ({constraint(smallest) if constraint else 'none fits'})"
+        )
     largest = sorted(below, key=lambda item: (-item[0][0], -item[0][1]))
     return [(_cost(teacher, s, config.weights), key[0], s) for key, s in largest], 0, False
 
@@ -308,17 +330,22 @@ def _embedding_note(teacher: ModelShape, formula: ParamFormula, chosen: ModelSha
     if share < EMBEDDING_HEAVY or chosen.hidden_size == teacher.hidden_size:
         return ""
     what = "embedding holds" if formula.tied else "embedding and LM head hold"
-    return (f". The {what} {share:.0%} of the parameters (vocabulary {formula.vocab_size:,}) and only hidden "
-            "channels shrink them, so parameter budgets are reached mainly through the hidden size "
-            f"({teacher.hidden_size} -> {chosen.hidden_size} here), whatever the damage weights prefer")
+    return (
+        f". The {what} {share:.0%} of the parameters (vocabulary {formula.vocab_size:,}) and only hidden "
+        "channels shrink them, so parameter budgets are reached mainly through the hidden size "
+        f"({teacher.hidden_size} -> {chosen.hidden_size} here), whatever the damage weights prefer"
+    )
 
 
 def _explicit(teacher: ModelShape, formula: ParamFormula, target: Target, strategy: str) -> Plan:
     shape = teacher.replace(**target.shape)
     shape.check_within(teacher)
-    width_changed = (shape.hidden_size, shape.intermediate_size, shape.num_attention_heads,
-                     shape.num_key_value_heads) != (teacher.hidden_size, teacher.intermediate_size,
-                                                    teacher.num_attention_heads, teacher.num_key_value_heads)
+    width_changed = (
+        shape.hidden_size,
+        shape.intermediate_size,
+        shape.num_attention_heads,
+        shape.num_key_value_heads,
+    ) != (teacher.hidden_size, teacher.intermediate_size, teacher.num_attention_heads, teacher.num_key_value_heads)
     depth_changed = shape.num_hidden_layers != teacher.num_hidden_layers
     if depth_changed and strategy == "width":
         raise TargetError("the target shape removes layers but strategy='width'; use 'depth' or 'width+depth'")

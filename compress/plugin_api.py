@@ -103,8 +103,9 @@ class AxisPlugin(Plugin):
 class ReconstructPlugin(Plugin):
     kind = "reconstruct"
 
-    def run(self, student: nn.Module, teacher: nn.Module, adapter: DecoderAdapter, calibration: Calibration,
-            kept: dict) -> dict:
+    def run(
+        self, student: nn.Module, teacher: nn.Module, adapter: DecoderAdapter, calibration: Calibration, kept: dict
+    ) -> dict:
         """Change ``student``'s weights so that it computes more of what ``teacher`` computes; return a JSON-able
         report dict (free keys; ``"modules"`` — a list of one dict per module changed or considered — and
         ``"totals"`` — a dict — are shown by :class:`compress.reconstruct.ReconstructReport` when present).

@@ -7,7 +7,8 @@ from __future__ import annotations
 import copy
 import operator
 import time
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -38,8 +39,10 @@ def _normalize_plugins(plugins: PluginsArg) -> dict[str, Any]:
     elif isinstance(plugins, (list, tuple, set, frozenset)):
         chosen = {name: None for name in plugins}
     else:
-        raise ConfigError(f"plugins should be a plugin name, a list of names or a dict of name -> config, got "
-                          f"{type(plugins).__name__} {plugins!r}")
+        raise ConfigError(
+            f"plugins should be a plugin name, a list of names or a dict of name -> config, got "
+            f"{type(plugins).__name__} {plugins!r}"
+        )
     bad = [name for name in chosen if not isinstance(name, str) or not name]
     if bad:
         raise ConfigError(f"plugin names should be non-empty strings, got {bad[0]!r} in plugins={plugins!r}")
@@ -58,9 +61,11 @@ def resolve_plugins(plugins: PluginsArg, needed_axes: Sequence[str]) -> tuple[Im
     for name, config in chosen.items():
         cls = registry.get_plugin(name)
         if cls.kind not in ("importance", "axis"):
-            raise PluginError(f"{name!r} is a {cls.kind} plugin, which runs after pruning, not during it: pass "
-                              f"reconstruct={name!r} to compress.compress (or call compress.reconstruct) instead of "
-                              "naming it in plugins")
+            raise PluginError(
+                f"{name!r} is a {cls.kind} plugin, which runs after pruning, not during it: pass "
+                f"reconstruct={name!r} to compress.compress (or call compress.reconstruct) instead of "
+                "naming it in plugins"
+            )
         plugin = registry.build_plugin(name, cls.kind, config)
         if cls.kind == "importance":
             if importance is not None:
@@ -70,7 +75,9 @@ def resolve_plugins(plugins: PluginsArg, needed_axes: Sequence[str]) -> tuple[Im
             if plugin.axis not in AXES:
                 raise PluginError(f"axis plugin {name!r} declares axis {plugin.axis!r}; expected one of {AXES}")
             if plugin.axis in axes:
-                raise PluginError(f"two plugins given for the {plugin.axis!r} axis ({axes[plugin.axis].name!r}, {name!r})")
+                raise PluginError(
+                    f"two plugins given for the {plugin.axis!r} axis ({axes[plugin.axis].name!r}, {name!r})"
+                )
             axes[plugin.axis] = plugin
     if importance is None:
         importance = registry.build_plugin(DEFAULT_IMPORTANCE, "importance")
@@ -81,6 +88,7 @@ def resolve_plugins(plugins: PluginsArg, needed_axes: Sequence[str]) -> tuple[Im
 
 
 # -- checks of what plugins hand back --------------------------------------------------------------------------
+
 
 def _who(plugin: Any) -> str:
     return f"{getattr(plugin, 'kind', 'importance')} plugin {getattr(plugin, 'name', type(plugin).__name__)!r}"
@@ -103,9 +111,12 @@ def _call(plugin: Any, method: str, *args: Any) -> Any:
 
 def expected_importance_shapes(shape: ModelShape) -> dict[str, tuple[int, ...]]:
     """The shape of each :class:`Importance` field for a model of ``shape``."""
-    return {"mlp": (shape.num_hidden_layers, shape.intermediate_size),
-            "heads": (shape.num_hidden_layers, shape.num_attention_heads),
-            "hidden": (shape.hidden_size,), "layers": (shape.num_hidden_layers,)}
+    return {
+        "mlp": (shape.num_hidden_layers, shape.intermediate_size),
+        "heads": (shape.num_hidden_layers, shape.num_attention_heads),
+        "hidden": (shape.hidden_size,),
+        "layers": (shape.num_hidden_layers,),
+    }
 
 
 def check_importance(importance: Any, shape: ModelShape, plugin: Any = None) -> None:
@@ -115,8 +126,10 @@ def check_importance(importance: Any, shape: ModelShape, plugin: Any = None) -> 
     ``importance=`` (:class:`ConfigError`)."""
     if plugin is not None:
         who, error = _who(plugin), PluginError
-        fix = ("an importance plugin must return finite floating-point scores of the model's shape (from a "
-               "built-in plugin, non-finite scores mean the model's activations overflowed: score it in float32)")
+        fix = (
+            "an importance plugin must return finite floating-point scores of the model's shape (from a "
+            "built-in plugin, non-finite scores mean the model's activations overflowed: score it in float32)"
+        )
     else:
         method = getattr(importance, "method", None)
         who = "precomputed importance" + (f" (from {method!r})" if isinstance(method, str) else "")
@@ -128,21 +141,29 @@ def check_importance(importance: Any, shape: ModelShape, plugin: Any = None) -> 
         if value is None:
             continue
         if not isinstance(value, torch.Tensor):
-            raise error(f"{who} gave {name!r} scores as {type(value).__name__}; they should be a torch.Tensor of "
-                        f"shape {dims}; {fix}")
+            raise error(
+                f"{who} gave {name!r} scores as {type(value).__name__}; they should be a torch.Tensor of "
+                f"shape {dims}; {fix}"
+            )
         if tuple(value.shape) != dims:
-            raise error(f"{who} gave {name!r} scores of shape {tuple(value.shape)}, but this model needs {dims}: "
-                        f"scores must come from this same unpruned model; {fix}")
+            raise error(
+                f"{who} gave {name!r} scores of shape {tuple(value.shape)}, but this model needs {dims}: "
+                f"scores must come from this same unpruned model; {fix}"
+            )
         if not value.is_floating_point():
-            raise error(f"{who} gave {name!r} scores of dtype {value.dtype}; scores must be floating point "
-                        f"(ties between integer scores make the ranking arbitrary); {fix}")
+            raise error(
+                f"{who} gave {name!r} scores of dtype {value.dtype}; scores must be floating point "
+                f"(ties between integer scores make the ranking arbitrary); {fix}"
+            )
         finite = torch.isfinite(value)
         if not bool(finite.all()):
             bad = (~finite).nonzero()
             first = tuple(bad[0].tolist())
-            raise error(f"{who} gave {name!r} scores with {bad.shape[0]} NaN/inf value(s) (the first at index "
-                        f"{first[0] if len(first) == 1 else first}: {value[first].item()}); scores must be finite "
-                        f"to rank channels; {fix}")
+            raise error(
+                f"{who} gave {name!r} scores with {bad.shape[0]} NaN/inf value(s) (the first at index "
+                f"{first[0] if len(first) == 1 else first}: {value[first].item()}); scores must be finite "
+                f"to rank channels; {fix}"
+            )
 
 
 def _indices(values: Any, count: int, limit: int, what: str, plugin: Any) -> list[int]:
@@ -150,21 +171,28 @@ def _indices(values: Any, count: int, limit: int, what: str, plugin: Any) -> lis
     if isinstance(values, torch.Tensor) and not values.is_floating_point() and values.dtype != torch.bool:
         values = values.tolist()
     if not isinstance(values, (list, tuple, range)):
-        raise PluginError(f"{_who(plugin)} selected {what} as {type(values).__name__}; select() must return a list "
-                          "of integer indices")
+        raise PluginError(
+            f"{_who(plugin)} selected {what} as {type(values).__name__}; select() must return a list of integer indices"
+        )
     if len(values) != count:
-        raise PluginError(f"{_who(plugin)} keeps {len(values)} {what}, but the plan keeps {count}: select() must "
-                          "keep exactly the planned number")
+        raise PluginError(
+            f"{_who(plugin)} keeps {len(values)} {what}, but the plan keeps {count}: select() must "
+            "keep exactly the planned number"
+        )
     out = []
     for v in values:
         if isinstance(v, bool) or not hasattr(v, "__index__"):
-            raise PluginError(f"{_who(plugin)} selected {what} with the index {v!r} of type {type(v).__name__}; "
-                              "indices must be integers")
+            raise PluginError(
+                f"{_who(plugin)} selected {what} with the index {v!r} of type {type(v).__name__}; "
+                "indices must be integers"
+            )
         out.append(operator.index(v))
     outside = [i for i in out if not 0 <= i < limit]
     if outside:
-        raise PluginError(f"{_who(plugin)} selected {what} with the index {outside[0]}, out of range: the teacher "
-                          f"has {limit} (indices 0..{limit - 1})")
+        raise PluginError(
+            f"{_who(plugin)} selected {what} with the index {outside[0]}, out of range: the teacher "
+            f"has {limit} (indices 0..{limit - 1})"
+        )
     if len(set(out)) != len(out):
         seen: set[int] = set()
         dup = next(i for i in out if i in seen or seen.add(i))
@@ -174,19 +202,24 @@ def _indices(values: Any, count: int, limit: int, what: str, plugin: Any) -> lis
 
 def _field(selection: Any, key: str, axis: str, plugin: Any) -> Any:
     if not isinstance(selection, Mapping):
-        raise PluginError(f"{_who(plugin)} returned a selection of type {type(selection).__name__}; select() must "
-                          "return a dict (see compress.AxisPlugin.select)")
+        raise PluginError(
+            f"{_who(plugin)} returned a selection of type {type(selection).__name__}; select() must "
+            "return a dict (see compress.AxisPlugin.select)"
+        )
     if key not in selection:
-        raise PluginError(f"{_who(plugin)} returned a selection without {key!r} (keys: {sorted(map(str, selection))}); "
-                          f"the {axis} axis needs it (see compress.AxisPlugin.select)")
+        raise PluginError(
+            f"{_who(plugin)} returned a selection without {key!r} (keys: {sorted(map(str, selection))}); "
+            f"the {axis} axis needs it (see compress.AxisPlugin.select)"
+        )
     return selection[key]
 
 
 def _per_layer(values: Any, layers: int, what: str, plugin: Any) -> list:
     if not isinstance(values, (list, tuple)) or len(values) != layers:
         got = f"{len(values)} entries" if isinstance(values, (list, tuple)) else type(values).__name__
-        raise PluginError(f"{_who(plugin)} selected {what} as {got}; select() must give one list per layer of the "
-                          f"teacher ({layers})")
+        raise PluginError(
+            f"{_who(plugin)} selected {what} as {got}; select() must give one list per layer of the teacher ({layers})"
+        )
     return list(values)
 
 
@@ -202,27 +235,37 @@ def check_selection(axis: str, selection: Any, before: ModelShape, after: ModelS
         g_before, g_after = before.group_size, after.group_size
         for i, (q, kv) in enumerate(zip(queries, groups)):
             q = _indices(q, after.num_attention_heads, before.num_attention_heads, f"query heads in layer {i}", plugin)
-            kv = set(_indices(kv, after.num_key_value_heads, before.num_key_value_heads, f"KV heads in layer {i}",
-                              plugin))
+            kv = set(
+                _indices(kv, after.num_key_value_heads, before.num_key_value_heads, f"KV heads in layer {i}", plugin)
+            )
             per_group = {k: 0 for k in kv}
             for h in q:
                 if h // g_before not in per_group:
-                    raise PluginError(f"{_who(plugin)} keeps query head {h} in layer {i}, whose KV group "
-                                      f"{h // g_before} it removes; every kept query head must be in a kept group")
+                    raise PluginError(
+                        f"{_who(plugin)} keeps query head {h} in layer {i}, whose KV group "
+                        f"{h // g_before} it removes; every kept query head must be in a kept group"
+                    )
                 per_group[h // g_before] += 1
             uneven = {k: c for k, c in per_group.items() if c != g_after}
             if uneven:
-                raise PluginError(f"{_who(plugin)} keeps {uneven} query heads per KV group in layer {i}; the plan "
-                                  f"keeps {g_after} in each kept group (GQA needs the same number in every group)")
+                raise PluginError(
+                    f"{_who(plugin)} keeps {uneven} query heads per KV group in layer {i}; the plan "
+                    f"keeps {g_after} in each kept group (GQA needs the same number in every group)"
+                )
     elif axis == "hidden":
-        _indices(_field(selection, "keep", axis, plugin), after.hidden_size, before.hidden_size, "hidden channels",
-                 plugin)
+        _indices(
+            _field(selection, "keep", axis, plugin), after.hidden_size, before.hidden_size, "hidden channels", plugin
+        )
     elif axis == "depth":
         _indices(_field(selection, "keep", axis, plugin), after.num_hidden_layers, n, "layers", plugin)
 
 
-_AXIS_FIELDS = {"mlp": ("intermediate_size",), "heads": ("num_attention_heads", "num_key_value_heads"),
-                "hidden": ("hidden_size",), "depth": ("num_hidden_layers",)}
+_AXIS_FIELDS = {
+    "mlp": ("intermediate_size",),
+    "heads": ("num_attention_heads", "num_key_value_heads"),
+    "hidden": ("hidden_size",),
+    "depth": ("num_hidden_layers",),
+}
 
 
 def _structure_problem(model: nn.Module, adapter, shape: ModelShape) -> str | None:
@@ -231,8 +274,9 @@ def _structure_problem(model: nn.Module, adapter, shape: ModelShape) -> str | No
     if len(layers) != shape.num_hidden_layers:
         return f"the model has {len(layers)} layers, but the plan has {shape.num_hidden_layers}"
     hd = shape.head_dim
-    expected = adapter.expected_shapes(shape.hidden_size, shape.intermediate_size, shape.num_attention_heads * hd,
-                                       shape.num_key_value_heads * hd)
+    expected = adapter.expected_shapes(
+        shape.hidden_size, shape.intermediate_size, shape.num_attention_heads * hd, shape.num_key_value_heads * hd
+    )
     for i, layer in enumerate(layers):
         for path, want in expected.items():
             got = tuple(layer.get_submodule(path).weight.shape)
@@ -245,6 +289,7 @@ def _structure_problem(model: nn.Module, adapter, shape: ModelShape) -> str | No
 
 
 # -- undoing a failed prune ------------------------------------------------------------------------------------
+
 
 class _Snapshot:
     """What pruning may change, kept so that a failure can be undone — without copying any weight.
@@ -278,8 +323,10 @@ class _Snapshot:
             if isinstance(cfg, PretrainedConfig) and id(cfg) not in configs:
                 configs[id(cfg)] = cfg
                 stack.extend(v for v in vars(cfg).values() if isinstance(v, PretrainedConfig))
-        self.configs = [(cfg, {k: v if isinstance(v, PretrainedConfig) else _copy(v) for k, v in vars(cfg).items()})
-                        for cfg in configs.values()]
+        self.configs = [
+            (cfg, {k: v if isinstance(v, PretrainedConfig) else _copy(v) for k, v in vars(cfg).items()})
+            for cfg in configs.values()
+        ]
 
     def restore(self) -> list[str]:
         """Put everything back; return the names of parameters whose values were changed in place."""
@@ -317,8 +364,10 @@ class _Snapshot:
             changed = [f"(the restore itself failed: {type(failure).__name__}: {failure})"]
         if changed:
             shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
-            note = (f" The model could not be fully restored: {shown} were written into in place (a plugin must "
-                    "replace parameters, as compress.surgery does); reload the model.")
+            note = (
+                f" The model could not be fully restored: {shown} were written into in place (a plugin must "
+                "replace parameters, as compress.surgery does); reload the model."
+            )
         elif "Nothing was changed" in str(exc):
             return
         else:
@@ -339,19 +388,27 @@ def _copy(value: Any) -> Any:
 
 def _check_arguments(model: Any, strategy: Any, calibration_config: Any, plan_config: Any, importance: Any) -> None:
     if not isinstance(model, nn.Module):
-        raise ConfigError(f"model should be a torch.nn.Module (a Hugging Face causal LM), got "
-                          f"{type(model).__name__} {str(model)[:80]!r}; load one first, e.g. "
-                          "model, tok = compress.load_teacher(...)")
+        raise ConfigError(
+            f"model should be a torch.nn.Module (a Hugging Face causal LM), got "
+            f"{type(model).__name__} {str(model)[:80]!r}; load one first, e.g. "
+            "model, tok = compress.load_teacher(...)"
+        )
     if not isinstance(strategy, str) or strategy not in STRATEGIES:
         raise ConfigError(f"strategy should be one of {STRATEGIES}, got {strategy!r}")
-    for name, value, cls in (("calibration_config", calibration_config, CalibrationConfig),
-                             ("plan_config", plan_config, PlanConfig)):
+    for name, value, cls in (
+        ("calibration_config", calibration_config, CalibrationConfig),
+        ("plan_config", plan_config, PlanConfig),
+    ):
         if value is not None and not isinstance(value, cls):
-            raise ConfigError(f"{name} should be a compress.{cls.__name__} (or None), got {type(value).__name__}"
-                              + (f"; build one: compress.{cls.__name__}(**{name})" if isinstance(value, dict) else ""))
+            raise ConfigError(
+                f"{name} should be a compress.{cls.__name__} (or None), got {type(value).__name__}"
+                + (f"; build one: compress.{cls.__name__}(**{name})" if isinstance(value, dict) else "")
+            )
     if importance is not None and not isinstance(importance, Importance):
-        raise ConfigError(f"importance= should be a compress.Importance (from compress.score_importance), got "
-                          f"{type(importance).__name__}")
+        raise ConfigError(
+            f"importance= should be a compress.Importance (from compress.score_importance), got "
+            f"{type(importance).__name__}"
+        )
 
 
 def prune(
@@ -392,9 +449,17 @@ def prune(
 
         snapshot = _Snapshot(model, sums)
         try:
-            return prune_generic(model, target, calibration, strategy=strategy, plugins=plugins, tokenizer=tokenizer,
-                                 calibration_config=calibration_config, plan_config=plan_config,
-                                 importance=importance)
+            return prune_generic(
+                model,
+                target,
+                calibration,
+                strategy=strategy,
+                plugins=plugins,
+                tokenizer=tokenizer,
+                calibration_config=calibration_config,
+                plan_config=plan_config,
+                importance=importance,
+            )
         except BaseException as exc:
             snapshot.undo(exc)
             raise
@@ -405,8 +470,13 @@ def prune(
     parsed = Target.parse(target, params_before)
     if parsed.shape and "num_key_value_heads" not in parsed.shape and not hasattr(config, "num_key_value_heads"):
         # multi-head attention without a KV-head count in its config (GPT-NeoX): KV heads follow query heads
-        parsed = Target(shape={**parsed.shape, "num_key_value_heads": parsed.shape.get(
-            "num_attention_heads", before.num_attention_heads)}, requested=parsed.requested)
+        parsed = Target(
+            shape={
+                **parsed.shape,
+                "num_key_value_heads": parsed.shape.get("num_attention_heads", before.num_attention_heads),
+            },
+            requested=parsed.requested,
+        )
     plan = plan_shape(before, formula, parsed, strategy, plan_config, adapter.shape_constraint(config))
     after = plan.shape
     importance_plugin, axes = resolve_plugins(plugins, changed_axes(before, after))
@@ -421,10 +491,15 @@ def prune(
     calib = None
     if calibration is not None or wants_data:
         if calibration is None:
-            who = (f"importance plugin {importance_plugin.name!r}" if scoring and importance_plugin.needs_calibration
-                   else "the depth axis's contiguous-block search")
-            raise ConfigError(f"{who} needs calibration data; got None (pass text or token windows, or use "
-                              "plugins={'depth': {'method': 'block_influence'}} with precomputed importance)")
+            who = (
+                f"importance plugin {importance_plugin.name!r}"
+                if scoring and importance_plugin.needs_calibration
+                else "the depth axis's contiguous-block search"
+            )
+            raise ConfigError(
+                f"{who} needs calibration data; got None (pass text or token windows, or use "
+                "plugins={'depth': {'method': 'block_influence'}} with precomputed importance)"
+            )
         calib = prepare_calibration(model, tokenizer, calibration, calibration_config or CalibrationConfig())
     if importance is not None:
         check_importance(importance, before)
@@ -448,16 +523,21 @@ def prune(
             current = current.replace(**{f: getattr(after, f) for f in _AXIS_FIELDS[name]})
             problem = _structure_problem(model, adapter, current) if structured else None
             if problem:
-                raise PluginError(f"after {_who(axis)} applied its selection, {problem}: apply() must slice exactly "
-                                  "what select() chose")
+                raise PluginError(
+                    f"after {_who(axis)} applied its selection, {problem}: apply() must slice exactly "
+                    "what select() chose"
+                )
         after.apply_to_config(config)
         params_after = count_params(model)
         if params_after != plan.params:
-            raise PluginError(f"the pruned model has {params_after:,} parameters, but the plan has {plan.params:,}; "
-                              f"one of the axis plugins {[a.name for a in axes.values()]} changed more than its "
-                              "selection")
-        removed = {name: {"plugin": axes[name].name, **_call(axes[name], "summarize", sel)}
-                   for name, sel in selections.items()}
+            raise PluginError(
+                f"the pruned model has {params_after:,} parameters, but the plan has {plan.params:,}; "
+                f"one of the axis plugins {[a.name for a in axes.values()]} changed more than its "
+                "selection"
+            )
+        removed = {
+            name: {"plugin": axes[name].name, **_call(axes[name], "summarize", sel)} for name, sel in selections.items()
+        }
     except BaseException as exc:
         snapshot.undo(exc)
         raise
@@ -474,19 +554,28 @@ def prune(
         params_after=params_after,
         removed=removed,
         importance_summary=importance.summary() if importance is not None else {},
-        calibration={"source": calib.source, "samples": calib.num_samples, "tokens": calib.num_tokens,
-                     "seq_len": calib.input_ids.shape[1]} if calib is not None else {},
+        calibration={
+            "source": calib.source,
+            "samples": calib.num_samples,
+            "tokens": calib.num_tokens,
+            "seq_len": calib.input_ids.shape[1],
+        }
+        if calib is not None
+        else {},
         seconds=round(time.perf_counter() - start, 3),
         kept=_kept(selections),
+        scores=importance,
     )
 
 
 def _kept(selections: dict) -> dict:
     """What :attr:`PruneReport.kept` holds: teacher indices, per layer of the teacher for "mlp" (kept neurons)
     and "heads" (kept query heads), for the whole model for "hidden" (channels) and "layers"."""
-    kept = {name: [operator.index(i) for i in selections[axis]["keep"]]
-            for name, axis in (("hidden", "hidden"), ("layers", "depth"))
-            if axis in selections and "keep" in selections[axis]}
+    kept = {
+        name: [operator.index(i) for i in selections[axis]["keep"]]
+        for name, axis in (("hidden", "hidden"), ("layers", "depth"))
+        if axis in selections and "keep" in selections[axis]
+    }
     for name, axis, key in (("mlp", "mlp", "keep"), ("heads", "heads", "query_heads")):
         if axis in selections and key in selections[axis]:
             kept[name] = [[operator.index(i) for i in layer] for layer in selections[axis][key]]

@@ -14,11 +14,13 @@ model rather than one per layer.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import operator
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -58,25 +60,32 @@ class ReconstructReport:
     def __str__(self) -> str:
         t = self.totals
         if "held_out_rel_error_before" in t and "held_out_rel_error_after" in t:
-            return (f"reconstructed {t.get('refit', '?')} of {t.get('modules', len(self.modules))} modules with "
-                    f"{self.plugin}: held-out relative error {t['held_out_rel_error_before']:.4g} -> "
-                    f"{t['held_out_rel_error_after']:.4g} ({t.get('backed_off', 0)} backed off) in "
-                    f"{self.seconds:.1f} s")
+            return (
+                f"reconstructed {t.get('refit', '?')} of {t.get('modules', len(self.modules))} modules with "
+                f"{self.plugin}: held-out relative error {t['held_out_rel_error_before']:.4g} -> "
+                f"{t['held_out_rel_error_after']:.4g} ({t.get('backed_off', 0)} backed off) in "
+                f"{self.seconds:.1f} s"
+            )
         return f"reconstructed with {self.plugin} in {self.seconds:.1f} s"
 
 
 # -- input checks ----------------------------------------------------------------------------------------------
 
+
 def _resolve_plugin(plugin: Any, config: Any) -> ReconstructPlugin:
     if isinstance(plugin, ReconstructPlugin):
         if config is not None:
-            raise ConfigError(f"config= is for a plugin given by name; plugin={type(plugin).__name__} instance "
-                              "already has its config (pass plugin='name', config=... instead)")
+            raise ConfigError(
+                f"config= is for a plugin given by name; plugin={type(plugin).__name__} instance "
+                "already has its config (pass plugin='name', config=... instead)"
+            )
         return plugin
     if isinstance(plugin, str):
         return registry.build_plugin(plugin, "reconstruct", config)
-    raise ConfigError(f"plugin should be the name of a reconstruct plugin (e.g. {DEFAULT_PLUGIN!r}) or a "
-                      f"compress.ReconstructPlugin instance, got {type(plugin).__name__} {plugin!r}")
+    raise ConfigError(
+        f"plugin should be the name of a reconstruct plugin (e.g. {DEFAULT_PLUGIN!r}) or a "
+        f"compress.ReconstructPlugin instance, got {type(plugin).__name__} {plugin!r}"
+    )
 
 
 def _indices(values: Any, what: str, count: int, limit: int) -> list[int]:
@@ -90,8 +99,10 @@ def _indices(values: Any, what: str, count: int, limit: int) -> list[int]:
             raise ConfigError(f"kept[{what}] holds {v!r} of type {type(v).__name__}; indices must be integers")
         out.append(operator.index(v))
     if len(out) != count:
-        raise ConfigError(f"kept[{what}] lists {len(out)} indices, but the student has {count}: pass the kept of the "
-                          "PruneReport that made this student from this teacher")
+        raise ConfigError(
+            f"kept[{what}] lists {len(out)} indices, but the student has {count}: pass the kept of the "
+            "PruneReport that made this student from this teacher"
+        )
     outside = [i for i in out if not 0 <= i < limit]
     if outside:
         raise ConfigError(f"kept[{what}] holds {outside[0]}, out of range: the teacher has {limit} (0..{limit - 1})")
@@ -110,28 +121,37 @@ def check_kept(kept: Any, student_shape: ModelShape, teacher_shape: ModelShape) 
     if kept is None:
         kept = {}
     if not isinstance(kept, Mapping):
-        raise ConfigError(f"kept should be the PruneReport's kept dict (report.kept), or {{}} when nothing was "
-                          f"pruned; got {type(kept).__name__}")
+        raise ConfigError(
+            f"kept should be the PruneReport's kept dict (report.kept), or {{}} when nothing was "
+            f"pruned; got {type(kept).__name__}"
+        )
     s, t = student_shape, teacher_shape
     out: dict = {}
-    for key, count, limit, size in (("layers", s.num_hidden_layers, t.num_hidden_layers, "layers"),
-                                    ("hidden", s.hidden_size, t.hidden_size, "hidden channels")):
+    for key, count, limit, size in (
+        ("layers", s.num_hidden_layers, t.num_hidden_layers, "layers"),
+        ("hidden", s.hidden_size, t.hidden_size, "hidden channels"),
+    ):
         if key in kept and kept[key] is not None:
             out[key] = _indices(kept[key], repr(key), count, limit)
         elif count != limit:
-            raise ConfigError(f"kept has no {key!r}, but the student has {count} {size} and the teacher {limit}: "
-                              f"pass the kept of the PruneReport that made this student (report.kept)")
+            raise ConfigError(
+                f"kept has no {key!r}, but the student has {count} {size} and the teacher {limit}: "
+                f"pass the kept of the PruneReport that made this student (report.kept)"
+            )
         else:
             out[key] = list(range(count))
-    for key, count, limit in (("mlp", s.intermediate_size, t.intermediate_size),
-                              ("heads", s.num_attention_heads, t.num_attention_heads)):
+    for key, count, limit in (
+        ("mlp", s.intermediate_size, t.intermediate_size),
+        ("heads", s.num_attention_heads, t.num_attention_heads),
+    ):
         if key not in kept or kept[key] is None:
             continue
         per_layer = kept[key]
         if not isinstance(per_layer, (list, tuple)) or len(per_layer) != t.num_hidden_layers:
             got = f"{len(per_layer)} entries" if isinstance(per_layer, (list, tuple)) else type(per_layer).__name__
-            raise ConfigError(f"kept[{key!r}] should hold one list per teacher layer ({t.num_hidden_layers}), got "
-                              f"{got}")
+            raise ConfigError(
+                f"kept[{key!r}] should hold one list per teacher layer ({t.num_hidden_layers}), got {got}"
+            )
         out[key] = [_indices(v, f"{key!r}][{j}", count, limit) for j, v in enumerate(per_layer)]
     return out
 
@@ -139,29 +159,41 @@ def check_kept(kept: Any, student_shape: ModelShape, teacher_shape: ModelShape) 
 def _check_models(student: Any, teacher: Any) -> tuple[DecoderAdapter, ModelShape, ModelShape]:
     for name, model in (("student", student), ("teacher", teacher)):
         if not isinstance(model, nn.Module):
-            raise ConfigError(f"{name} should be a torch.nn.Module (a Hugging Face causal LM), got "
-                              f"{type(model).__name__}")
+            raise ConfigError(
+                f"{name} should be a torch.nn.Module (a Hugging Face causal LM), got {type(model).__name__}"
+            )
     if student is teacher:
-        raise ConfigError("student and teacher are the same model; reconstruct a pruned copy "
-                          "(student = copy.deepcopy(teacher); compress.prune(student, ...))")
-    teacher_params = {id(p) for p in teacher.parameters()} | {p.data_ptr() for p in teacher.parameters()
-                                                               if p.device.type != "meta" and p.numel()}
-    shared = [n for n, p in student.named_parameters()
-              if id(p) in teacher_params or (p.device.type != "meta" and p.numel() and p.data_ptr() in teacher_params)]
+        raise ConfigError(
+            "student and teacher are the same model; reconstruct a pruned copy "
+            "(student = copy.deepcopy(teacher); compress.prune(student, ...))"
+        )
+    teacher_params = {id(p) for p in teacher.parameters()} | {
+        p.data_ptr() for p in teacher.parameters() if p.device.type != "meta" and p.numel()
+    }
+    shared = [
+        n
+        for n, p in student.named_parameters()
+        if id(p) in teacher_params or (p.device.type != "meta" and p.numel() and p.data_ptr() in teacher_params)
+    ]
     if shared:
         more = " and more" if len(shared) > 1 else ""
-        raise ConfigError(f"student shares weights with the teacher ({shared[0]}{more}); reconstruct a pruned copy "
-                          "(copy.deepcopy(teacher) before pruning)")
+        raise ConfigError(
+            f"student shares weights with the teacher ({shared[0]}{more}); reconstruct a pruned copy "
+            "(copy.deepcopy(teacher) before pruning)"
+        )
     types = [getattr(getattr(m, "config", None), "model_type", None) for m in (student, teacher)]
     if types[0] != types[1]:
-        raise ConfigError(f"student is a {types[0]!r} model but teacher a {types[1]!r} one; the student must be "
-                          "pruned from this teacher")
+        raise ConfigError(
+            f"student is a {types[0]!r} model but teacher a {types[1]!r} one; the student must be "
+            "pruned from this teacher"
+        )
     adapter = find_adapter(student)
     if adapter is None:
         raise UnsupportedModelError(
             f"reconstruction needs a family adapter (where each layer's attention output projection and MLP "
             f"down-projection are), and {types[0]!r} ({type(student).__name__}) has none; supported families: "
-            f"{', '.join(supported_families())}. Nothing was changed.")
+            f"{', '.join(supported_families())}. Nothing was changed."
+        )
     shapes = tuple(ModelShape.from_config(adapter.shape_config(m.config)) for m in (student, teacher))
     return adapter, shapes[0], shapes[1]
 
@@ -206,16 +238,20 @@ def reconstruct(
     try:
         out = _call(chosen, "run", student, teacher, adapter, calib, kept_checked)
         if not isinstance(out, dict):
-            raise PluginError(f"reconstruct plugin {chosen.name!r} returned {type(out).__name__}; run() must return "
-                              "a report dict")
+            raise PluginError(
+                f"reconstruct plugin {chosen.name!r} returned {type(out).__name__}; run() must return a report dict"
+            )
         reshaped = [n for n, p in student.named_parameters() if shapes.get(n) != tuple(p.shape)]
         if reshaped or set(shapes) != {n for n, _ in student.named_parameters()}:
-            raise PluginError(f"reconstruct plugin {chosen.name!r} changed the student's structure "
-                              f"({(reshaped or ['its parameter set'])[0]}); reconstruction must keep every shape")
+            raise PluginError(
+                f"reconstruct plugin {chosen.name!r} changed the student's structure "
+                f"({(reshaped or ['its parameter set'])[0]}); reconstruction must keep every shape"
+            )
         check_finite_weights(student, f"student after reconstruct plugin {chosen.name!r}")
         if weight_sums(teacher) != t_sums:
-            raise PluginError(f"reconstruct plugin {chosen.name!r} changed the teacher's weights; it must only read "
-                              "the teacher")
+            raise PluginError(
+                f"reconstruct plugin {chosen.name!r} changed the teacher's weights; it must only read the teacher"
+            )
     except BaseException as exc:
         try:
             if weight_sums(teacher) != t_sums:
@@ -233,8 +269,12 @@ def reconstruct(
         plugin=chosen.name,
         config=dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else {},
         layer_map={i: t for i, t in enumerate(kept_checked["layers"])},
-        calibration={"source": calib.source, "samples": calib.num_samples, "tokens": calib.num_tokens,
-                     "seq_len": calib.input_ids.shape[1]},
+        calibration={
+            "source": calib.source,
+            "samples": calib.num_samples,
+            "tokens": calib.num_tokens,
+            "seq_len": calib.input_ids.shape[1],
+        },
         modules=modules,
         totals=totals,
         details=details,
@@ -243,6 +283,7 @@ def reconstruct(
 
 
 # -- running decoder layers one at a time ----------------------------------------------------------------------
+
 
 class StopForward(Exception):
     """Raised by a hook to end a forward early (caught by :class:`LayerStream`)."""
@@ -292,19 +333,22 @@ class LayerStream:
 
             try:
                 for j in range(self.upto + 1):
-                    handles.append(self.layers[j].register_forward_pre_hook(
-                        lambda m, a, k, j=j: record(m, a, k, j), with_kwargs=True))
+                    handles.append(
+                        self.layers[j].register_forward_pre_hook(
+                            lambda m, a, k, j=j: record(m, a, k, j), with_kwargs=True
+                        )
+                    )
                 handles.append(self.layers[self.upto].register_forward_hook(stop))
-                try:
+                with contextlib.suppress(StopForward):
                     base(input_ids=batch.to(self.device), use_cache=False)
-                except StopForward:
-                    pass
             finally:
                 for h in handles:
                     h.remove()
         if len(self.hidden) != len(batches) or any(len(c) != len(batches) for c in self.calls):
-            raise UnsupportedModelError(f"{type(model).__name__}'s decoder did not call each of its layers once per "
-                                        "forward; layer-by-layer reconstruction cannot replay it")
+            raise UnsupportedModelError(
+                f"{type(model).__name__}'s decoder did not call each of its layers once per "
+                "forward; layer-by-layer reconstruction cannot replay it"
+            )
 
     def run(self, b: int, hidden: torch.Tensor | None = None, layer: int | None = None) -> torch.Tensor:
         """Layer ``layer`` (default: the current position) on batch ``b``'s stream (or ``hidden``); returns the
@@ -316,8 +360,9 @@ class LayerStream:
             return _first(self.layers[j](h, *rest, **extra))
         return _first(self.layers[j](hidden_states=h, **extra))
 
-    def run_until(self, b: int, module: nn.Module, *, want: str = "input", stop: bool = True
-                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def run_until(
+        self, b: int, module: nn.Module, *, want: str = "input", stop: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run the current layer on batch ``b`` and catch ``module``'s input (``want="input"``, its first
         positional argument) or output (``"output"``). With ``stop`` the layer stops right there; without it the
         layer finishes and its output comes back too: ``(caught, layer_output or None)``."""
@@ -342,8 +387,9 @@ class LayerStream:
         finally:
             handle.remove()
         if len(caught) != 1:
-            raise UnsupportedModelError(f"{type(module).__name__} ran {len(caught)} times in one layer forward; "
-                                        "expected exactly once")
+            raise UnsupportedModelError(
+                f"{type(module).__name__} ran {len(caught)} times in one layer forward; expected exactly once"
+            )
         return caught[0], out
 
     def advance(self) -> None:
@@ -375,4 +421,5 @@ def forward_context(*models: nn.Module) -> Callable:
         finally:
             for m, mode in zip(models, modes):
                 m.train(mode)
+
     return ctx()

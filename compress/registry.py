@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Any, Iterable
+from typing import Any
 
 from .errors import PluginError
 
@@ -149,13 +150,17 @@ def _register_adapter_entry_point(name: str, obj: Any, dist: str) -> bool:
     if not isinstance(obj, DecoderAdapter):
         return False
     if name not in obj.families:
-        raise PluginError(f"entry point {name!r} of {dist} points at an adapter for {list(obj.families)}; the "
-                          "entry-point name must be one of the families it describes")
+        raise PluginError(
+            f"entry point {name!r} of {dist} points at an adapter for {list(obj.families)}; the "
+            "entry-point name must be one of the families it describes"
+        )
     try:
         register_adapter(obj, _from_entry_point=True)
     except Exception as exc:  # noqa: BLE001 - say which package tried to take over which family
-        raise PluginError(f"{dist} declares an adapter for {list(obj.families)}: {exc}. To replace a built-in "
-                          "adapter, call compress.register_adapter(adapter, replace=True) explicitly") from exc
+        raise PluginError(
+            f"{dist} declares an adapter for {list(obj.families)}: {exc}. To replace a built-in "
+            "adapter, call compress.register_adapter(adapter, replace=True) explicitly"
+        ) from exc
     return True
 
 
@@ -204,8 +209,10 @@ def _construct(name: str, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         raise
     except Exception as exc:  # noqa: BLE001 - a third-party plugin's own error, said to be the plugin's
         shown = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
-        raise PluginError(f"plugin {name!r} refused its config{' (' + shown + ')' if shown else ''} in its {what}: "
-                          f"{type(exc).__name__}: {exc}") from exc
+        raise PluginError(
+            f"plugin {name!r} refused its config{' (' + shown + ')' if shown else ''} in its {what}: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def list_plugins(kind: str | None = None) -> list[PluginInfo]:

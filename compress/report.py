@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,8 @@ class PruneReport:
     #: hidden-state projection of distillation), "layers" (to map student layers to teacher layers), and "mlp"
     #: neurons and query "heads" per teacher layer (for the least-squares refit of the output projections).
     kept: dict = field(default_factory=dict)
+    #: The importance scores the selection used (the report's heatmaps); not part of :meth:`to_dict`.
+    scores: Any = field(default=None, repr=False, compare=False)
 
     @property
     def fraction_kept(self) -> float:
@@ -36,7 +38,8 @@ class PruneReport:
     def to_dict(self) -> dict:
         """The report as JSON values; of ``kept``, only hidden channels and layers (the per-layer neuron and head
         lists run to hundreds of thousands of numbers on large models, and stay on the object)."""
-        d = asdict(self)
+        d = asdict(replace(self, scores=None))
+        del d["scores"]
         d["kept"] = {k: v for k, v in d["kept"].items() if k in ("hidden", "layers")}
         return d
 
@@ -58,10 +61,16 @@ class Result:
     stages: dict = field(default_factory=dict)
     data: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)
+    #: Each stage's greedy continuation of the recipe's prompt: {"prompt", "teacher", "pruned", ...}.
+    samples: dict = field(default_factory=dict)
+    #: The run's report page (``report.html`` in the output folder), once written; not part of :meth:`to_dict`.
+    report_html: Path | None = None
 
     def to_dict(self) -> dict:
-        out = asdict(self)
+        out = asdict(replace(self, prune=replace(self.prune, scores=None), report_html=None))
         out["out_dir"] = str(self.out_dir)
+        out["prune"] = self.prune.to_dict()
+        del out["report_html"]
         return out
 
     def to_json(self) -> str:

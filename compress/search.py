@@ -29,15 +29,28 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed, registry
-from .calibrate import Calibration, CalibrationConfig, Importance, check_token_ids, check_tokenizer_matches
-from .calibrate import prepare_calibration
+from .calibrate import (
+    Calibration,
+    CalibrationConfig,
+    Importance,
+    check_token_ids,
+    check_tokenizer_matches,
+    prepare_calibration,
+)
 from .data import TextSource, check_source, describe_source, pack_tokens
 from .distill import DistillConfig, DistillError, distill
 from .errors import ConfigError, DataError, UnsupportedModelError
 from .models import check_plain_logits, find_adapter, layout_for
 from .plan import Plan, PlanConfig, Target, _cost, candidate_shapes
-from .prune import (PluginsArg, _check_arguments, _normalize_plugins, check_importance, prune, resolve_plugins,
-                    score_importance)
+from .prune import (
+    PluginsArg,
+    _check_arguments,
+    _normalize_plugins,
+    check_importance,
+    prune,
+    resolve_plugins,
+    score_importance,
+)
 from .shape import SHAPE_FIELDS, ModelShape, ParamFormula, changed_axes, count_params
 from .validate import check_finite_weights
 
@@ -48,8 +61,9 @@ def default_short_distill(tokens: int, seq_len: int = 256, **changes) -> Distill
     """Small batches (many optimizer steps from few tokens) and a high learning rate, the warm-up a tenth of the
     run (DistillConfig's default): what a few thousand tokens per candidate can use. ``changes`` override."""
     steps = max(1, tokens // (4 * seq_len))
-    settings = dict(max_tokens=tokens, seq_len=seq_len, batch_size=4, lr=5e-4, progress=False,
-                    log_every=max(1, min(10, steps)))
+    settings = dict(
+        max_tokens=tokens, seq_len=seq_len, batch_size=4, lr=5e-4, progress=False, log_every=max(1, min(10, steps))
+    )
     return DistillConfig(**{**settings, **changes})
 
 
@@ -92,28 +106,41 @@ class SearchConfig:
         if self.distill is None:
             self.distill = default_short_distill(self.tokens_per_candidate)
         if not isinstance(self.distill, DistillConfig):
-            raise ConfigError(f"SearchConfig.distill should be a compress.DistillConfig (or None), got "
-                              f"{type(self.distill).__name__}"
-                              + ("; build one: compress.DistillConfig(**your_dict)" if isinstance(self.distill, dict)
-                                 else ""))
+            raise ConfigError(
+                f"SearchConfig.distill should be a compress.DistillConfig (or None), got "
+                f"{type(self.distill).__name__}"
+                + ("; build one: compress.DistillConfig(**your_dict)" if isinstance(self.distill, dict) else "")
+            )
         d = self.distill
-        writes = {"output_dir": d.output_dir, "resume": d.resume, "checkpoint_every": d.checkpoint_every,
-                  "tensorboard": d.tensorboard}
+        writes = {
+            "output_dir": d.output_dir,
+            "resume": d.resume,
+            "checkpoint_every": d.checkpoint_every,
+            "tensorboard": d.tensorboard,
+        }
         for name, value in writes.items():
             if value:
-                raise ConfigError(f"SearchConfig.distill.{name}={value!r}: the short runs of the search write no "
-                                  "files (every candidate would write over the last one's); leave it unset")
+                raise ConfigError(
+                    f"SearchConfig.distill.{name}={value!r}: the short runs of the search write no "
+                    "files (every candidate would write over the last one's); leave it unset"
+                )
         if d.teacher_cache is not None:
-            raise ConfigError(f"SearchConfig.distill.teacher_cache={d.teacher_cache!r}: a cache holds the teacher's "
-                              "scores of other windows than the search's short runs use; leave it unset")
+            raise ConfigError(
+                f"SearchConfig.distill.teacher_cache={d.teacher_cache!r}: a cache holds the teacher's "
+                "scores of other windows than the search's short runs use; leave it unset"
+            )
         if d.teacher_correction_steps:
-            raise ConfigError(f"SearchConfig.distill.teacher_correction_steps={d.teacher_correction_steps!r}: "
-                              "teacher correction trains the teacher in place, and the search gives the teacher "
-                              "back unchanged; correct the teacher first, then search with it")
+            raise ConfigError(
+                f"SearchConfig.distill.teacher_correction_steps={d.teacher_correction_steps!r}: "
+                "teacher correction trains the teacher in place, and the search gives the teacher "
+                "back unchanged; correct the teacher first, then search with it"
+            )
         if self.tokens_per_candidate < d.tokens_per_step:
-            raise ConfigError(f"SearchConfig.tokens_per_candidate={self.tokens_per_candidate} is less than one "
-                              f"optimizer step of SearchConfig.distill ({d.batch_size} x {d.grad_accum} windows of "
-                              f"{d.seq_len} tokens = {d.tokens_per_step}); raise it or shrink the batch")
+            raise ConfigError(
+                f"SearchConfig.tokens_per_candidate={self.tokens_per_candidate} is less than one "
+                f"optimizer step of SearchConfig.distill ({d.batch_size} x {d.grad_accum} windows of "
+                f"{d.seq_len} tokens = {d.tokens_per_step}); raise it or shrink the batch"
+            )
         if d.max_tokens != self.tokens_per_candidate or d.max_steps is not None:
             self.distill = dataclasses.replace(d, max_tokens=self.tokens_per_candidate, max_steps=None)
         self.distill.validate()
@@ -179,12 +206,16 @@ class SearchResult:
         return d
 
     def __str__(self) -> str:
-        lines = [f"shape search ({self.strategy}, score {self.score}, {len(self.candidates)} candidates, "
-                 f"{self.tokens['training']:,} training tokens, {self.seconds:.0f}s):"]
+        lines = [
+            f"shape search ({self.strategy}, score {self.score}, {len(self.candidates)} candidates, "
+            f"{self.tokens['training']:,} training tokens, {self.seconds:.0f}s):"
+        ]
         for i, c in enumerate(self.candidates):
             after = "failed" if c.score is None else f"{c.score:.4f}"
-            lines.append(f"{'*' if i == self.best else ' '} rank {c.rank}: {c.shape} {c.params:,} params, "
-                         f"{self.score} {c.score_before:.4f} -> {after}")
+            lines.append(
+                f"{'*' if i == self.best else ' '} rank {c.rank}: {c.shape} {c.params:,} params, "
+                f"{self.score} {c.score_before:.4f} -> {after}"
+            )
         return "\n".join(lines)
 
 
@@ -201,8 +232,9 @@ def _importance_plugin(plugins: PluginsArg) -> tuple[str, Any]:
     return "activation", None
 
 
-def _split_data(train_data: TextSource | torch.Tensor, tokenizer, config: SearchConfig, skip_tokens: int,
-                rows: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def _split_data(
+    train_data: TextSource | torch.Tensor, tokenizer, config: SearchConfig, skip_tokens: int, rows: int
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """The training windows of the short runs and the held-out windows right after them, from the token stream
     of ``train_data`` after its first ``skip_tokens`` tokens. Fewer training windows than the budget asks for
     (short text) are trained on repeatedly; fewer than one global batch plus the held-out windows are refused."""
@@ -229,15 +261,22 @@ def _split_data(train_data: TextSource | torch.Tensor, tokenizer, config: Search
             f"train_data {where} gives {available} windows of {seq} tokens after skipping {skip_tokens}; the search "
             f"needs {n_train} for its short runs ({config.tokens_per_candidate:,} tokens per candidate) and "
             f"{n_eval} held-out windows after them (at least {global_batch} + {n_eval}). Give more text, or lower "
-            "SearchConfig.tokens_per_candidate, eval_windows or distill.seq_len")
+            "SearchConfig.tokens_per_candidate, eval_windows or distill.seq_len"
+        )
     used = min(n_train, available - n_eval)
     train = stream[: used * seq].view(used, seq).clone()
-    held = stream[used * seq: (used + n_eval) * seq].view(n_eval, seq).clone()
+    held = stream[used * seq : (used + n_eval) * seq].view(n_eval, seq).clone()
     start = skip_tokens
-    info = {"source": where, "seq_len": seq, "skipped_tokens": skip_tokens,
-            "train_windows": used, "train_tokens": [start, start + used * seq],
-            "held_out_windows": n_eval, "held_out_tokens": [start + used * seq, start + (used + n_eval) * seq],
-            "epochs_per_candidate": round(n_train / used, 3)}
+    info = {
+        "source": where,
+        "seq_len": seq,
+        "skipped_tokens": skip_tokens,
+        "train_windows": used,
+        "train_tokens": [start, start + used * seq],
+        "held_out_windows": n_eval,
+        "held_out_tokens": [start + used * seq, start + (used + n_eval) * seq],
+        "epochs_per_candidate": round(n_train / used, 3),
+    }
     return train, held, info
 
 
@@ -250,8 +289,9 @@ def _restore(modes: list[tuple[nn.Module, bool]]) -> None:
         module.training = training
 
 
-def _score_windows(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, kind: str,
-                   batch_size: int = 2) -> float:
+def _score_windows(
+    student: nn.Module, teacher: nn.Module, windows: torch.Tensor, kind: str, batch_size: int = 2
+) -> float:
     """``kind="kl"``: mean over every position of the held-out windows of KL(teacher || student) of the
     next-token distributions; ``"perplexity"``: the student's perplexity on them. Both models run where they
     are; their train/eval modes are restored."""
@@ -318,8 +358,10 @@ def search_shapes(
     t_start = time.perf_counter()
     config = SearchConfig() if config is None else config
     if not isinstance(config, SearchConfig):
-        raise ConfigError(f"config should be a compress.search.SearchConfig, got {type(config).__name__}"
-                          + ("; build one: SearchConfig(**your_dict)" if isinstance(config, dict) else ""))
+        raise ConfigError(
+            f"config should be a compress.search.SearchConfig, got {type(config).__name__}"
+            + ("; build one: SearchConfig(**your_dict)" if isinstance(config, dict) else "")
+        )
     config.validate()
     _check_arguments(teacher, strategy, calibration_config, plan_config, importance)
     if isinstance(skip_tokens, bool) or not isinstance(skip_tokens, int) or skip_tokens < 0:
@@ -332,7 +374,8 @@ def search_shapes(
         raise UnsupportedModelError(
             f"the shape search needs an adapter for {getattr(teacher.config, 'model_type', type(teacher).__name__)!r} "
             "(its candidates are planned over heads, hidden channels and layers); prune families without one with "
-            "compress.prune(..., strategy='width') directly")
+            "compress.prune(..., strategy='width') directly"
+        )
     check_plain_logits(teacher, layout_for(teacher))
     check_finite_weights(teacher, "teacher")
     shape_config = adapter.shape_config(teacher.config)
@@ -341,10 +384,16 @@ def search_shapes(
     params_before = count_params(teacher)
     parsed = Target.parse(target, params_before)
     if parsed.shape and "num_key_value_heads" not in parsed.shape and not hasattr(shape_config, "num_key_value_heads"):
-        parsed = Target(shape={**parsed.shape, "num_key_value_heads": parsed.shape.get(
-            "num_attention_heads", before.num_attention_heads)}, requested=parsed.requested)
-    plans: list[Plan] = candidate_shapes(before, formula, parsed, strategy, plan_config,
-                                         adapter.shape_constraint(shape_config), k=config.candidates)
+        parsed = Target(
+            shape={
+                **parsed.shape,
+                "num_key_value_heads": parsed.shape.get("num_attention_heads", before.num_attention_heads),
+            },
+            requested=parsed.requested,
+        )
+    plans: list[Plan] = candidate_shapes(
+        before, formula, parsed, strategy, plan_config, adapter.shape_constraint(shape_config), k=config.candidates
+    )
     needed_axes = sorted({axis for plan in plans for axis in changed_axes(before, plan.shape)})
     _, axes = resolve_plugins(plugins, needed_axes)  # unknown plugins and bad plugin configs, now
     block_search = "depth" in axes and getattr(axes["depth"].config, "method", None) == "contiguous_block"
@@ -358,11 +407,15 @@ def search_shapes(
     if calibration is not None:
         calib = prepare_calibration(teacher, tokenizer, calibration, calibration_config or CalibrationConfig())
     elif importance is None or block_search:
-        raise ConfigError("calibration is None, but " + ("the depth axis's contiguous-block search runs on it"
-                                                        if importance is not None else
-                                                        "no importance= scores were given: the search scores "
-                                                        "importance on calibration data")
-                          + "; pass calibration text or token windows")
+        raise ConfigError(
+            "calibration is None, but "
+            + (
+                "the depth axis's contiguous-block search runs on it"
+                if importance is not None
+                else "no importance= scores were given: the search scores importance on calibration data"
+            )
+            + "; pass calibration text or token windows"
+        )
     train, held, data_info = _split_data(train_data, tokenizer, config, skip_tokens, rows)
 
     rank = distributed.rank_world()[0]
@@ -377,8 +430,14 @@ def search_shapes(
             teacher.to(run_device)
         if importance is None:
             t = time.perf_counter()
-            importance = score_importance(teacher, calib, tokenizer=tokenizer, plugin=plugin_name,
-                                          config=plugin_config, calibration_config=calibration_config)
+            importance = score_importance(
+                teacher,
+                calib,
+                tokenizer=tokenizer,
+                plugin=plugin_name,
+                config=plugin_config,
+                calibration_config=calibration_config,
+            )
             seconds_importance = time.perf_counter() - t
             calibration_tokens = calib.num_tokens
         else:
@@ -387,13 +446,30 @@ def search_shapes(
         bar = tqdm(total=len(plans), desc="shape search", unit="candidate", disable=not config.progress or rank != 0)
         try:
             for i, plan in enumerate(plans):
-                candidates.append(_try(teacher, plan, i, calib, strategy, plugins, importance, plan_config, train,
-                                       held, config, tokenizer, run_device, before))
+                candidates.append(
+                    _try(
+                        teacher,
+                        plan,
+                        i,
+                        calib,
+                        strategy,
+                        plugins,
+                        importance,
+                        plan_config,
+                        train,
+                        held,
+                        config,
+                        tokenizer,
+                        run_device,
+                        before,
+                    )
+                )
                 done = [c for c in candidates if c.score is not None]
                 if done:
                     last = candidates[-1].score
-                    bar.set_postfix(best=f"{min(c.score for c in done):.4f}",
-                                    last="failed" if last is None else f"{last:.4f}")
+                    bar.set_postfix(
+                        best=f"{min(c.score for c in done):.4f}", last="failed" if last is None else f"{last:.4f}"
+                    )
                 bar.update(1)
         finally:
             bar.close()
@@ -403,45 +479,96 @@ def search_shapes(
         _restore(modes)
     ok = [i for i, c in enumerate(candidates) if c.score is not None and math.isfinite(c.score)]
     if not ok:
-        raise DistillError("every candidate's short distillation failed: "
-                           + "; ".join(f"{c.shape}: {c.error}" for c in candidates))
+        raise DistillError(
+            "every candidate's short distillation failed: " + "; ".join(f"{c.shape}: {c.error}" for c in candidates)
+        )
     best = min(ok, key=lambda i: (candidates[i].score, i))
     training = sum(c.distill_tokens for c in candidates)
     return SearchResult(
-        best_shape=dict(candidates[best].shape), best=best, score=config.score, candidates=candidates,
-        target=parsed.requested, strategy=strategy, params_before=params_before, teacher_perplexity=teacher_ppl,
+        best_shape=dict(candidates[best].shape),
+        best=best,
+        score=config.score,
+        candidates=candidates,
+        target=parsed.requested,
+        strategy=strategy,
+        params_before=params_before,
+        teacher_perplexity=teacher_ppl,
         importance=importance.method,
-        tokens={"calibration": calibration_tokens, "training": training, "held_out": held.numel(),
-                "total": calibration_tokens + training},
-        data=data_info, seconds=round(time.perf_counter() - t_start, 2),
-        seconds_importance=round(seconds_importance, 2), config=config.to_dict(), scores=importance)
+        tokens={
+            "calibration": calibration_tokens,
+            "training": training,
+            "held_out": held.numel(),
+            "total": calibration_tokens + training,
+        },
+        data=data_info,
+        seconds=round(time.perf_counter() - t_start, 2),
+        seconds_importance=round(seconds_importance, 2),
+        config=config.to_dict(),
+        scores=importance,
+    )
 
 
-def _try(teacher: nn.Module, plan: Plan, rank: int, calib: Calibration | None, strategy: str, plugins: PluginsArg,
-         importance: Importance, plan_config: PlanConfig | None, train: torch.Tensor, held: torch.Tensor,
-         config: SearchConfig, tokenizer, device: torch.device, before: ModelShape) -> Candidate:
+def _try(
+    teacher: nn.Module,
+    plan: Plan,
+    rank: int,
+    calib: Calibration | None,
+    strategy: str,
+    plugins: PluginsArg,
+    importance: Importance,
+    plan_config: PlanConfig | None,
+    train: torch.Tensor,
+    held: torch.Tensor,
+    config: SearchConfig,
+    tokenizer,
+    device: torch.device,
+    before: ModelShape,
+) -> Candidate:
     """Prune a copy of the teacher to ``plan``'s shape, score it, distill it briefly, score it again."""
     t = time.perf_counter()
     student = copy.deepcopy(teacher)
     try:
-        report = prune(student, shape_target(plan.shape), calib, strategy=strategy, plugins=plugins,
-                       importance=importance, plan_config=plan_config)
+        report = prune(
+            student,
+            shape_target(plan.shape),
+            calib,
+            strategy=strategy,
+            plugins=plugins,
+            importance=importance,
+            plan_config=plan_config,
+        )
         score_before = _score_windows(student, teacher, held, config.score)
         error, score, d = None, None, None
         try:
-            d = distill(student, teacher, train, config.distill, tokenizer=tokenizer,
-                        kept_layers=report.kept.get("layers"), kept_hidden=report.kept.get("hidden"),
-                        device=device, keep_weights_for_errors=False)
+            d = distill(
+                student,
+                teacher,
+                train,
+                config.distill,
+                tokenizer=tokenizer,
+                kept_layers=report.kept.get("layers"),
+                kept_hidden=report.kept.get("hidden"),
+                device=device,
+                keep_weights_for_errors=False,
+            )
         except DistillError as exc:  # a diverged candidate loses; the others still count
             error = str(exc)
         if d is not None:
             score = _score_windows(student, teacher, held, config.score)
         weights = (plan_config or PlanConfig()).weights
-        return Candidate(rank=rank, shape=shape_target(plan.shape), params=plan.params,
-                         damage_cost=round(_cost(before, plan.shape, weights), 6), score_before=score_before,
-                         score=score, distill_tokens=d.tokens if d else 0, distill_steps=d.steps if d else 0,
-                         final_loss=d.final_loss if d else None, seconds=round(time.perf_counter() - t, 2),
-                         error=error)
+        return Candidate(
+            rank=rank,
+            shape=shape_target(plan.shape),
+            params=plan.params,
+            damage_cost=round(_cost(before, plan.shape, weights), 6),
+            score_before=score_before,
+            score=score,
+            distill_tokens=d.tokens if d else 0,
+            distill_steps=d.steps if d else 0,
+            final_loss=d.final_loss if d else None,
+            seconds=round(time.perf_counter() - t, 2),
+            error=error,
+        )
     finally:
         del student
         gc.collect()

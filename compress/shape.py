@@ -27,7 +27,7 @@ class ModelShape:
     head_dim: int
 
     @classmethod
-    def from_config(cls, config) -> "ModelShape":
+    def from_config(cls, config) -> ModelShape:
         heads = config.num_attention_heads
         kv = getattr(config, "num_key_value_heads", None) or heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -46,7 +46,7 @@ class ModelShape:
         if layer_types is not None and len(layer_types) != self.num_hidden_layers:
             raise TargetError("layer_types must be sliced by the depth axis before the shape is applied")
 
-    def replace(self, **changes) -> "ModelShape":
+    def replace(self, **changes) -> ModelShape:
         return replace(self, **changes)
 
     def to_dict(self) -> dict:
@@ -56,7 +56,7 @@ class ModelShape:
     def group_size(self) -> int:
         return self.num_attention_heads // self.num_key_value_heads
 
-    def check_within(self, teacher: "ModelShape") -> None:
+    def check_within(self, teacher: ModelShape) -> None:
         """Raise a :class:`TargetError` if this shape is not a valid sub-shape of ``teacher``."""
         for name in SHAPE_FIELDS:
             new, old = getattr(self, name), getattr(teacher, name)
@@ -103,7 +103,7 @@ class ParamFormula:
     constant: int = 0  # parameters no axis touches outside the decoder (e.g. a vision tower), measured
 
     @classmethod
-    def from_model(cls, model: nn.Module, adapter: DecoderAdapter) -> "ParamFormula":
+    def from_model(cls, model: nn.Module, adapter: DecoderAdapter) -> ParamFormula:
         layer = adapter.decoder_layers(model)[0]
         final_norm = model.get_submodule(adapter.final_norm)
         embed = model.get_submodule(adapter.embed)
@@ -120,8 +120,9 @@ class ParamFormula:
             q_proj_norm=adapter.q_proj_norm is not None,
             k_proj_norm=adapter.k_proj_norm is not None,
             gated_mlp=adapter.gate is not None,
-            stream_rows=sum(model.get_parameter(p).numel() // model.get_parameter(p).shape[-1]
-                            for p in adapter.stream_inputs),
+            stream_rows=sum(
+                model.get_parameter(p).numel() // model.get_parameter(p).shape[-1] for p in adapter.stream_inputs
+            ),
         )
         shape = ModelShape.from_config(adapter.shape_config(model.config))
         measured = sum(p.numel() for p in layer.parameters())
@@ -147,8 +148,12 @@ class ParamFormula:
         return self.vocab_size * s.hidden_size * (1 if self.tied else 2)
 
     def total(self, s: ModelShape) -> int:
-        return (self.embedding_params(s) + (self.norm_params_per_channel + self.stream_rows) * s.hidden_size
-                + s.num_hidden_layers * self.layer_params(s) + self.constant)
+        return (
+            self.embedding_params(s)
+            + (self.norm_params_per_channel + self.stream_rows) * s.hidden_size
+            + s.num_hidden_layers * self.layer_params(s)
+            + self.constant
+        )
 
 
 def changed_axes(before: ModelShape, after: ModelShape) -> list[str]:
@@ -156,7 +161,10 @@ def changed_axes(before: ModelShape, after: ModelShape) -> list[str]:
     axes = []
     if after.intermediate_size != before.intermediate_size:
         axes.append("mlp")
-    if (after.num_attention_heads, after.num_key_value_heads) != (before.num_attention_heads, before.num_key_value_heads):
+    if (after.num_attention_heads, after.num_key_value_heads) != (
+        before.num_attention_heads,
+        before.num_key_value_heads,
+    ):
         axes.append("heads")
     if after.hidden_size != before.hidden_size:
         axes.append("hidden")

@@ -42,7 +42,11 @@ def slice_embedding_dim(embedding: nn.Embedding, idx: torch.Tensor) -> None:
 
 def head_rows(heads: list[int], head_dim: int) -> torch.Tensor:
     """Row indices of a projection that belong to ``heads`` (each head owns ``head_dim`` consecutive rows)."""
-    return torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in heads]) if heads else torch.empty(0, dtype=torch.long)
+    return (
+        torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in heads])
+        if heads
+        else torch.empty(0, dtype=torch.long)
+    )
 
 
 def top_k_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:

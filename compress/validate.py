@@ -9,7 +9,6 @@ from torch import nn
 
 from .errors import DataError
 
-
 _CPU_CHUNK = 1 << 22  # elements summed at a time on the CPU, where a reduction in a wider dtype copies its input
 
 
@@ -19,8 +18,11 @@ def _sum(t: torch.Tensor) -> torch.Tensor:
     if t.device.type != "cpu":
         return t.sum(dtype=torch.float32)
     flat = t.reshape(-1)
-    return torch.stack([part.sum(dtype=torch.float64) for part in flat.split(_CPU_CHUNK)]).sum() \
-        if flat.numel() else torch.zeros((), dtype=torch.float64)
+    return (
+        torch.stack([part.sum(dtype=torch.float64) for part in flat.split(_CPU_CHUNK)]).sum()
+        if flat.numel()
+        else torch.zeros((), dtype=torch.float64)
+    )
 
 
 def weight_sums(model: nn.Module) -> dict[str, float]:
@@ -46,8 +48,9 @@ def weight_sums(model: nn.Module) -> dict[str, float]:
     return out
 
 
-def check_finite_weights(model: nn.Module, what: str = "model", sums: dict[str, float] | None = None
-                         ) -> dict[str, float]:
+def check_finite_weights(
+    model: nn.Module, what: str = "model", sums: dict[str, float] | None = None
+) -> dict[str, float]:
     """Refuse a model with NaN or infinite weights: pruning would rank channels by garbage and distillation
     would train towards it. One reduction per tensor (:func:`weight_sums`, or ``sums`` computed
     earlier), one host sync per device; returns the sums."""
@@ -60,6 +63,8 @@ def check_finite_weights(model: nn.Module, what: str = "model", sums: dict[str, 
         bad = []
     if bad:
         shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-        raise DataError(f"the {what} has NaN or infinite weights in {shown}; it cannot be pruned or distilled. "
-                        "Load an intact checkpoint. Nothing was changed.")
+        raise DataError(
+            f"the {what} has NaN or infinite weights in {shown}; it cannot be pruned or distilled. "
+            "Load an intact checkpoint. Nothing was changed."
+        )
     return sums

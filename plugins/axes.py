@@ -77,7 +77,9 @@ class HeadsAxis(AxisPlugin):
 
     def apply(self, model: nn.Module, adapter: DecoderAdapter, selection: dict) -> None:
         hd = selection["head_dim"]
-        for layer, q_keep, kv_keep in zip(adapter.decoder_layers(model), selection["query_heads"], selection["kv_heads"]):
+        for layer, q_keep, kv_keep in zip(
+            adapter.decoder_layers(model), selection["query_heads"], selection["kv_heads"]
+        ):
             adapter.slice_heads(layer, head_rows(q_keep, hd), head_rows(kv_keep, hd), hd)
             attn = layer.get_submodule(adapter.attention)
             # transformers' attention modules cache these counts; keep them in step with the weights.

@@ -22,6 +22,7 @@ from compress.distributed import broadcast_object
 from compress.errors import ConfigError
 from compress.models import DecoderAdapter
 from compress.plugin_api import AxisPlugin, PruneContext
+from compress.progress import bar
 from compress.surgery import top_k_sorted
 
 METHODS = ("block_influence", "contiguous_block")
@@ -65,7 +66,9 @@ class DepthAxis(AxisPlugin):
         parent = ctx.model.get_submodule(parent_path) if parent_path else ctx.model
         losses: dict[int, float] = {}
         try:
-            for start in range(n - n_remove + 1):
+            for start in bar(
+                range(n - n_remove + 1), desc=f"depth block search ({n_remove} of {n} layers)", unit="block"
+            ):
                 kept = [layers[i] for i in range(n) if not start <= i < start + n_remove]
                 setattr(parent, attr, nn.ModuleList(kept))
                 losses[start] = calibration_loss(ctx.model, ctx.calibration, limit=self.config.eval_samples)

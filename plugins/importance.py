@@ -49,7 +49,9 @@ class ActivationImportance(ImportancePlugin):
             for field_name in ("seq_agg", "batch_agg"):
                 value = getattr(self, field_name)
                 if value not in _AGGREGATIONS:
-                    raise ConfigError(f"ActivationImportance.{field_name} should be one of {_AGGREGATIONS}, got {value!r}")
+                    raise ConfigError(
+                        f"ActivationImportance.{field_name} should be one of {_AGGREGATIONS}, got {value!r}"
+                    )
 
     def score(self, model: nn.Module, adapter: DecoderAdapter, calibration: Calibration | None) -> Importance:
         if calibration is None:
@@ -82,6 +84,7 @@ class ActivationImportance(ImportancePlugin):
         def mlp_hook(i):
             def hook(_mod, args):
                 acc_mlp[i] += per_sample(args[0])
+
             return hook
 
         def heads_hook(i):
@@ -89,11 +92,13 @@ class ActivationImportance(ImportancePlugin):
                 x = args[0]
                 per_head = x.float().reshape(*x.shape[:-1], heads, -1).norm(dim=-1)  # [B, T, H]
                 acc_heads[i] += per_sample(per_head)
+
             return hook
 
         def norm_hook(j):
             def hook(_mod, _args, out):
                 acc_norms[j] += per_sample(out)
+
             return hook
 
         inputs: dict[int, torch.Tensor] = {}
@@ -101,6 +106,7 @@ class ActivationImportance(ImportancePlugin):
         def layer_pre(i):
             def hook(_mod, args, kwargs):
                 inputs[i] = args[0] if args else kwargs["hidden_states"]
+
             return hook
 
         def layer_post(i):
@@ -111,15 +117,16 @@ class ActivationImportance(ImportancePlugin):
                 if i == 0:
                     counts[0] += out.shape[0]
                     counts[1] += out.shape[0] * out.shape[1]
+
             return hook
 
         registrations = []
         for i, layer in enumerate(layers):
             registrations += [
-                lambda i=i, l=layer: l.get_submodule(adapter.down).register_forward_pre_hook(mlp_hook(i)),
-                lambda i=i, l=layer: l.get_submodule(adapter.o).register_forward_pre_hook(heads_hook(i)),
-                lambda i=i, l=layer: l.register_forward_pre_hook(layer_pre(i), with_kwargs=True),
-                lambda i=i, l=layer: l.register_forward_hook(layer_post(i), with_kwargs=True),
+                lambda i=i, mod=layer: mod.get_submodule(adapter.down).register_forward_pre_hook(mlp_hook(i)),
+                lambda i=i, mod=layer: mod.get_submodule(adapter.o).register_forward_pre_hook(heads_hook(i)),
+                lambda i=i, mod=layer: mod.register_forward_pre_hook(layer_pre(i), with_kwargs=True),
+                lambda i=i, mod=layer: mod.register_forward_hook(layer_post(i), with_kwargs=True),
             ]
         for j, norm in enumerate(norms):
             registrations.append(lambda j=j, n=norm: n.register_forward_hook(norm_hook(j)))
@@ -154,8 +161,12 @@ class MagnitudeImportance(ImportancePlugin):
         p: float = 2.0
 
         def __post_init__(self) -> None:
-            if isinstance(self.p, bool) or not isinstance(self.p, (int, float)) or not math.isfinite(self.p) \
-                    or self.p <= 0:
+            if (
+                isinstance(self.p, bool)
+                or not isinstance(self.p, (int, float))
+                or not math.isfinite(self.p)
+                or self.p <= 0
+            ):
                 raise ConfigError(f"MagnitudeImportance.p should be a positive number, got {self.p!r}")
 
     def _norm(self, w: torch.Tensor, dim: int) -> torch.Tensor:
@@ -170,8 +181,10 @@ class MagnitudeImportance(ImportancePlugin):
         hidden = self._norm(embed, 0)
         for layer in layers:
             get = layer.get_submodule
-            mlp.append(sum(self._norm(w, 1) for w in adapter.mlp_input_weights(layer))
-                       + self._norm(get(adapter.down).weight, 0))
+            mlp.append(
+                sum(self._norm(w, 1) for w in adapter.mlp_input_weights(layer))
+                + self._norm(get(adapter.down).weight, 0)
+            )
             q = self._norm(adapter.query_weight(layer, head_dim), 1).view(heads, -1).sum(1)
             o = self._norm(get(adapter.o).weight, 0).view(heads, -1).sum(1)
             head_scores.append(q + o)

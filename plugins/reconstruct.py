@@ -46,7 +46,7 @@ class _Stats:
         self.C.addmm_(x.T, y)
         self.yy += (y * y).sum()
 
-    def to(self, device: torch.device) -> "_Stats":
+    def to(self, device: torch.device) -> _Stats:
         out = _Stats.__new__(_Stats)
         out.n_in, out.n_out, out.dtype, out.device = self.n_in, self.n_out, torch.float64, device
         out.G, out.C, out.yy = (t.to(device, torch.float64) for t in (self.G, self.C, self.yy))
@@ -130,29 +130,37 @@ class LeastSquaresReconstruct(ReconstructPlugin):
             if isinstance(lams, (int, float)) and not isinstance(lams, bool):
                 lams = (lams,)
             if not isinstance(lams, (list, tuple)) or not lams:
-                raise ConfigError(f"LeastSquaresReconstruct.lambdas should be a non-empty list of numbers >= 0, "
-                                  f"got {self.lambdas!r}")
+                raise ConfigError(
+                    f"LeastSquaresReconstruct.lambdas should be a non-empty list of numbers >= 0, got {self.lambdas!r}"
+                )
             for v in lams:
                 if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                    raise ConfigError(f"LeastSquaresReconstruct.lambdas should hold finite numbers >= 0, got {v!r} "
-                                      f"in {self.lambdas!r}")
+                    raise ConfigError(
+                        f"LeastSquaresReconstruct.lambdas should hold finite numbers >= 0, got {v!r} "
+                        f"in {self.lambdas!r}"
+                    )
             self.lambdas = tuple(float(v) for v in lams)
             f = self.holdout_fraction
             if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f < 1:
-                raise ConfigError(f"LeastSquaresReconstruct.holdout_fraction should be a number strictly between 0 "
-                                  f"and 1, got {f!r}")
+                raise ConfigError(
+                    f"LeastSquaresReconstruct.holdout_fraction should be a number strictly between 0 and 1, got {f!r}"
+                )
             m = self.max_windows
             if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 2):
-                raise ConfigError(f"LeastSquaresReconstruct.max_windows should be None or an integer >= 2 (one "
-                                  f"window to fit, one to hold out), got {m!r}")
+                raise ConfigError(
+                    f"LeastSquaresReconstruct.max_windows should be None or an integer >= 2 (one "
+                    f"window to fit, one to hold out), got {m!r}"
+                )
             mods = self.modules
             if mods == "both":
                 mods = MODULES
             elif isinstance(mods, str):
                 mods = (mods,)
             if not isinstance(mods, (list, tuple)) or not mods or any(x not in MODULES for x in mods):
-                raise ConfigError(f"LeastSquaresReconstruct.modules should be 'attention', 'mlp', 'both' or a list "
-                                  f"of the first two, got {self.modules!r}")
+                raise ConfigError(
+                    f"LeastSquaresReconstruct.modules should be 'attention', 'mlp', 'both' or a list "
+                    f"of the first two, got {self.modules!r}"
+                )
             self.modules = tuple(x for x in MODULES if x in mods)
             d = self.dtype
             if isinstance(d, torch.dtype):
@@ -173,24 +181,30 @@ class LeastSquaresReconstruct(ReconstructPlugin):
                 try:
                     mod = layer.get_submodule(path)
                 except AttributeError as exc:
-                    raise UnsupportedModelError(f"least_squares: the {family!r} adapter names {path!r} as the "
-                                                f"{kind} output projection, but {what} layer {i} has none") from exc
+                    raise UnsupportedModelError(
+                        f"least_squares: the {family!r} adapter names {path!r} as the "
+                        f"{kind} output projection, but {what} layer {i} has none"
+                    ) from exc
                 if not isinstance(mod, nn.Linear):
                     raise UnsupportedModelError(
                         f"least_squares refits nn.Linear output projections; {what} layer {i}'s {path} is a "
                         f"{type(mod).__name__} ({family!r}). Use modules=[...] without {kind!r}, or another "
-                        "reconstruct plugin")
+                        "reconstruct plugin"
+                    )
                 mods[kind] = mod
             out.append(mods)
         return out
 
-    def run(self, student: nn.Module, teacher: nn.Module, adapter: DecoderAdapter, calibration: Calibration,
-            kept: dict) -> dict:
+    def run(
+        self, student: nn.Module, teacher: nn.Module, adapter: DecoderAdapter, calibration: Calibration, kept: dict
+    ) -> dict:
         cfg = self.config
         layer_map = list(kept["layers"])
         if any(b <= a for a, b in zip(layer_map, layer_map[1:])):
-            raise ConfigError(f"least_squares follows the teacher layer by layer and needs kept['layers'] in "
-                              f"increasing order, got {layer_map}")
+            raise ConfigError(
+                f"least_squares follows the teacher layer by layer and needs kept['layers'] in "
+                f"increasing order, got {layer_map}"
+            )
         hidden_idx = torch.tensor(kept["hidden"], dtype=torch.long)
         s_proj = self._projections(student, adapter, "the student's")
         t_proj = self._projections(teacher, adapter, "the teacher's")
@@ -198,15 +212,18 @@ class LeastSquaresReconstruct(ReconstructPlugin):
             for kind, mod in s_proj[i].items():
                 t_mod = t_proj[t][kind]
                 if mod.out_features != len(hidden_idx) or t_mod.out_features <= int(hidden_idx.max()):
-                    raise ConfigError(f"least_squares: student layer {i}'s {kind} projection writes "
-                                      f"{mod.out_features} channels and teacher layer {t}'s {t_mod.out_features}, "
-                                      f"but kept['hidden'] lists {len(hidden_idx)}; kept does not describe these "
-                                      "models")
+                    raise ConfigError(
+                        f"least_squares: student layer {i}'s {kind} projection writes "
+                        f"{mod.out_features} channels and teacher layer {t}'s {t_mod.out_features}, "
+                        f"but kept['hidden'] lists {len(hidden_idx)}; kept does not describe these "
+                        "models"
+                    )
         device = next(student.parameters()).device
         dtype = _DTYPES[cfg.dtype]
         if device.type == "mps" and dtype == torch.float64:
-            raise ConfigError("LeastSquaresReconstruct.dtype='float64' is not available on Apple MPS; use "
-                              "dtype='float32'")
+            raise ConfigError(
+                "LeastSquaresReconstruct.dtype='float64' is not available on Apple MPS; use dtype='float32'"
+            )
         windows = calibration.input_ids
         if cfg.max_windows is not None:
             windows = windows[: cfg.max_windows]
@@ -215,8 +232,8 @@ class LeastSquaresReconstruct(ReconstructPlugin):
         if n - held < 1:
             raise DataError(f"least_squares needs at least 2 calibration windows (one to fit, one held out), got {n}")
         bs = calibration.batch_size
-        batches = list(windows[: n - held].split(bs)) + list(windows[n - held:].split(bs))
-        is_held = [False] * len(windows[: n - held].split(bs)) + [True] * len(windows[n - held:].split(bs))
+        batches = list(windows[: n - held].split(bs)) + list(windows[n - held :].split(bs))
+        is_held = [False] * len(windows[: n - held].split(bs)) + [True] * len(windows[n - held :].split(bs))
 
         records: list[dict] = []
         solve_device = torch.device("cpu") if device.type == "mps" else device
@@ -243,8 +260,15 @@ class LeastSquaresReconstruct(ReconstructPlugin):
                         t_stream.position += 1
                     record = self._refit(s_mod, stats[0].to(solve_device), stats[1].to(solve_device))
                     path = adapter.o if kind == "attention" else adapter.down
-                    records.append({"layer": i, "teacher_layer": t, "module": kind,
-                                    "path": f"{adapter.layers}.{i}.{path}", **record})
+                    records.append(
+                        {
+                            "layer": i,
+                            "teacher_layer": t,
+                            "module": kind,
+                            "path": f"{adapter.layers}.{i}.{path}",
+                            **record,
+                        }
+                    )
                     del stats
                 if not last:
                     s_stream.advance()
@@ -263,21 +287,28 @@ class LeastSquaresReconstruct(ReconstructPlugin):
             "backed_off": sum(r["backed_off"] for r in records),
             "held_out_rel_error_before": err_before / yy if yy > 0 else 0.0,
             "held_out_rel_error_after": err_after / yy if yy > 0 else 0.0,
-            "fit_windows": n - held, "held_out_windows": held,
-            "fit_tokens": fit_tokens, "held_out_tokens": held * windows.shape[1],
+            "fit_windows": n - held,
+            "held_out_windows": held,
+            "fit_tokens": fit_tokens,
+            "held_out_tokens": held * windows.shape[1],
         }
         notes = []
         if adapter.residual_norms:
-            notes.append(f"in this family the norms {list(adapter.residual_norms)} follow the projections; the refit "
-                         "matches the projections' outputs before them")
+            notes.append(
+                f"in this family the norms {list(adapter.residual_norms)} follow the projections; the refit "
+                "matches the projections' outputs before them"
+            )
         return {"modules": records, "totals": totals, "notes": notes}
 
     def _refit(self, module: nn.Linear, fit: _Stats, held: _Stats) -> dict:
         """Choose λ on ``held``, then replace ``module``'s weight (and bias) unless that does worse than now."""
         intercept = module.bias is not None
         w0 = module.weight.detach().to(fit.G.device, torch.float64)
-        b0 = module.bias.detach().to(fit.G.device, torch.float64) if intercept else \
-            torch.zeros(w0.shape[0], dtype=torch.float64, device=fit.G.device)
+        b0 = (
+            module.bias.detach().to(fit.G.device, torch.float64)
+            if intercept
+            else torch.zeros(w0.shape[0], dtype=torch.float64, device=fit.G.device)
+        )
         current = torch.cat([w0.T, b0[None]], dim=0)
         yy = float(held.yy)
         err_before = held.error(current)
@@ -288,21 +319,44 @@ class LeastSquaresReconstruct(ReconstructPlugin):
             if w is not None:
                 errors[lam], solutions[lam] = held.error(w), w
         rel = (lambda e: max(e, 0.0) / yy) if yy > 0 else (lambda e: 0.0)
-        record = {"bias": intercept, "held_out_errors": {str(k): rel(v) for k, v in errors.items()},
-                  "held_out_rel_error_before": rel(err_before), "fit_tokens": fit.tokens,
-                  "held_out_tokens": held.tokens, "_err_before": max(err_before, 0.0), "_yy": yy}
+        record = {
+            "bias": intercept,
+            "held_out_errors": {str(k): rel(v) for k, v in errors.items()},
+            "held_out_rel_error_before": rel(err_before),
+            "fit_tokens": fit.tokens,
+            "held_out_tokens": held.tokens,
+            "_err_before": max(err_before, 0.0),
+            "_yy": yy,
+        }
         best = min(errors, key=errors.get) if errors else None
         if best is None or not errors[best] < err_before:
-            why = ("no λ gave a solution (the inputs carry no signal)" if best is None else
-                   f"the best λ={best:g} does worse on held-out windows ({rel(errors[best]):.4g}) than the current "
-                   f"weights ({rel(err_before):.4g})")
-            return {**record, "lambda": None, "held_out_rel_error_after": rel(err_before), "backed_off": True,
-                    "reason": why, "_err_after": max(err_before, 0.0)}
+            why = (
+                "no λ gave a solution (the inputs carry no signal)"
+                if best is None
+                else f"the best λ={best:g} does worse on held-out windows ({rel(errors[best]):.4g}) than the current "
+                f"weights ({rel(err_before):.4g})"
+            )
+            return {
+                **record,
+                "lambda": None,
+                "held_out_rel_error_after": rel(err_before),
+                "backed_off": True,
+                "reason": why,
+                "_err_after": max(err_before, 0.0),
+            }
         w = solutions[best]
-        module.weight = nn.Parameter(w[:-1].T.to(module.weight.device, module.weight.dtype).contiguous(),
-                                     requires_grad=module.weight.requires_grad)
+        module.weight = nn.Parameter(
+            w[:-1].T.to(module.weight.device, module.weight.dtype).contiguous(),
+            requires_grad=module.weight.requires_grad,
+        )
         if intercept:
-            module.bias = nn.Parameter(w[-1].to(module.bias.device, module.bias.dtype).contiguous(),
-                                       requires_grad=module.bias.requires_grad)
-        return {**record, "lambda": best, "held_out_rel_error_after": rel(errors[best]), "backed_off": False,
-                "_err_after": max(errors[best], 0.0)}
+            module.bias = nn.Parameter(
+                w[-1].to(module.bias.device, module.bias.dtype).contiguous(), requires_grad=module.bias.requires_grad
+            )
+        return {
+            **record,
+            "lambda": best,
+            "held_out_rel_error_after": rel(errors[best]),
+            "backed_off": False,
+            "_err_after": max(errors[best], 0.0),
+        }

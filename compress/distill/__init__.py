@@ -2,7 +2,15 @@
 
 from .config import DistillConfig
 from .losses import chunked_logit_loss, divergence, hidden_state_loss
-from .trainer import DistillError, DistillReport, distill, default_layer_map
+from .trainer import DistillError, DistillReport, default_layer_map, distill
 
-__all__ = ["DistillConfig", "DistillError", "DistillReport", "chunked_logit_loss", "default_layer_map", "distill",
-           "divergence", "hidden_state_loss"]
+__all__ = [
+    "DistillConfig",
+    "DistillError",
+    "DistillReport",
+    "chunked_logit_loss",
+    "default_layer_map",
+    "distill",
+    "divergence",
+    "hidden_state_loss",
+]

@@ -32,8 +32,21 @@ from ..errors import CheckpointError
 CHECKPOINT_PREFIX = "checkpoint-"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 # Fields that change neither the result nor the trajectory of a run: they may differ on resume.
-RESUMABLE_CHANGES = frozenset({"output_dir", "resume", "checkpoint_every", "log_every", "tensorboard", "progress",
-                               "compile", "gradient_checkpointing", "chunk_tokens", "memory_budget_gib", "extra"})
+RESUMABLE_CHANGES = frozenset(
+    {
+        "output_dir",
+        "resume",
+        "checkpoint_every",
+        "log_every",
+        "tensorboard",
+        "progress",
+        "compile",
+        "gradient_checkpointing",
+        "chunk_tokens",
+        "memory_budget_gib",
+        "extra",
+    }
+)
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -97,8 +110,9 @@ def _tmp_path(output_dir: Path, step: int) -> Path:
     return output_dir / f".{CHECKPOINT_PREFIX}{step:08d}.tmp"
 
 
-def save_checkpoint(output_dir: str | Path, engine, optimizer: torch.optim.Optimizer, scheduler,
-                    state: dict, keep: int = 1) -> Path:
+def save_checkpoint(
+    output_dir: str | Path, engine, optimizer: torch.optim.Optimizer, scheduler, state: dict, keep: int = 1
+) -> Path:
     """Write a checkpoint of step ``state["step"]`` (every rank calls this; the engine says who writes what)."""
     out = Path(output_dir)
     step = int(state["step"])
@@ -114,23 +128,30 @@ def save_checkpoint(output_dir: str | Path, engine, optimizer: torch.optim.Optim
         if distributed.is_main():
             rng_tensors, rng_meta = rng_state()
             save_file(rng_tensors, str(tmp / "rng.safetensors"))
-            payload = {**state, "scheduler": scheduler.state_dict(), "rng": rng_meta,
-                       "world_size": distributed.rank_world()[1], "engine": engine.mode}
+            payload = {
+                **state,
+                "scheduler": scheduler.state_dict(),
+                "rng": rng_meta,
+                "world_size": distributed.rank_world()[1],
+                "engine": engine.mode,
+            }
             if engine.mode != "fsdp":
                 payload["optimizer"] = engine.optimizer_meta
             (tmp / "state.json").write_text(json.dumps(payload, indent=1), encoding="utf-8")
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)  # the one step that makes the checkpoint exist
-            for old_step, old in checkpoints(out)[:-keep]:
+            for _, old in checkpoints(out)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
     except Exception as exc:  # noqa: BLE001 - a full disk, a lost mount: say where, and what is left
         if isinstance(exc, CheckpointError):
             raise
         left = [p.name for _, p in checkpoints(out)] if distributed.is_main() else []
-        raise CheckpointError(f"could not write the checkpoint of step {step} to {final} ({type(exc).__name__}: "
-                              f"{exc}); the complete checkpoints left in {out}: {left or 'none'}. Free space or fix "
-                              "the folder, then run again with resume=True.") from exc
+        raise CheckpointError(
+            f"could not write the checkpoint of step {step} to {final} ({type(exc).__name__}: "
+            f"{exc}); the complete checkpoints left in {out}: {left or 'none'}. Free space or fix "
+            "the folder, then run again with resume=True."
+        ) from exc
     finally:
         if distributed.is_main() and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -154,8 +175,9 @@ def earlier_run_files(output_dir: str | Path) -> list[str]:
     return found
 
 
-def check_compatible(saved: dict, config: dict, world: int, mode: str, path: Path,
-                     total_steps: int | None = None) -> None:
+def check_compatible(
+    saved: dict, config: dict, world: int, mode: str, path: Path, total_steps: int | None = None
+) -> None:
     """Refuse to resume a checkpoint made by a run that would not continue the same way."""
     config = json.loads(json.dumps(config))  # as state.json holds it (a layer_map's keys become strings)
     problems = []
@@ -170,17 +192,21 @@ def check_compatible(saved: dict, config: dict, world: int, mode: str, path: Pat
     step = saved.get("step")
     budget_changed = any(old.get(k) != config.get(k) for k in ("max_steps", "max_tokens"))
     if total_steps is not None and isinstance(step, int) and (budget_changed or step > total_steps):
-        problems.append(f"the checkpoint is at step {step}, the budget of this run ends at step {total_steps}; a "
-                        "budget sets the learning-rate schedule, so it cannot change on resume")
+        problems.append(
+            f"the checkpoint is at step {step}, the budget of this run ends at step {total_steps}; a "
+            "budget sets the learning-rate schedule, so it cannot change on resume"
+        )
     if problems:
         raise CheckpointError(
             f"cannot resume from {path}: it was made by a different run ({'; '.join(problems)}). Resuming would not "
             "continue that run. Use the same settings and number of processes, or another output_dir to start "
-            "over (or delete the checkpoint). Nothing was loaded.")
+            "over (or delete the checkpoint). Nothing was loaded."
+        )
 
 
-def find_resumable(output_dir: str | Path, *, config: dict, world: int, mode: str,
-                   total_steps: int) -> tuple[Path, dict] | None:
+def find_resumable(
+    output_dir: str | Path, *, config: dict, world: int, mode: str, total_steps: int
+) -> tuple[Path, dict] | None:
     """The newest checkpoint in ``output_dir`` and its ``state.json``, checked before any work: readable, made
     by the same settings and number of processes, within this run's budget. None when there is none."""
     out = Path(output_dir)
@@ -188,18 +214,23 @@ def find_resumable(output_dir: str | Path, *, config: dict, world: int, mode: st
     stray = [p.name for p in out.iterdir() if p.name.startswith(".checkpoint-")] if out.is_dir() else []
     if not found:
         if (out / "checkpoint").exists() or stray:
-            raise CheckpointError(f"cannot resume from {out}: it holds no complete checkpoint-<step> folder "
-                                  f"(found {sorted(stray) or ['checkpoint']}). Remove them to start over.")
+            raise CheckpointError(
+                f"cannot resume from {out}: it holds no complete checkpoint-<step> folder "
+                f"(found {sorted(stray) or ['checkpoint']}). Remove them to start over."
+            )
         return None
     path = found[-1][1]
     try:
         state = json.loads((path / "state.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot resume from {path}: state.json is unreadable ({exc}). Remove it to start over."
-                              ) from exc
+        raise CheckpointError(
+            f"cannot resume from {path}: state.json is unreadable ({exc}). Remove it to start over."
+        ) from exc
     if not isinstance(state, dict) or not isinstance(state.get("step"), int) or state["step"] < 0:
-        raise CheckpointError(f"cannot resume from {path}: state.json has no step count (step="
-                              f"{state.get('step') if isinstance(state, dict) else state!r}). Remove it to start over.")
+        raise CheckpointError(
+            f"cannot resume from {path}: state.json has no step count (step="
+            f"{state.get('step') if isinstance(state, dict) else state!r}). Remove it to start over."
+        )
     check_compatible(state, config, world, mode, path, total_steps)
     return path, state
 
@@ -211,8 +242,9 @@ def _check_state(path: Path, state: dict) -> dict[str, torch.Tensor]:
     if not isinstance(state.get("scheduler"), dict) or not isinstance(state["scheduler"].get("last_epoch"), int):
         problems.append("no scheduler state")
     data = state.get("data")
-    if not isinstance(data, dict) or not all(isinstance(data.get(k), int) and data[k] >= 0
-                                             for k in ("epoch", "index", "served")):
+    if not isinstance(data, dict) or not all(
+        isinstance(data.get(k), int) and data[k] >= 0 for k in ("epoch", "index", "served")
+    ):
         problems.append(f"no data position (data={data!r})")
     if not isinstance(state.get("history"), list):
         problems.append("no metrics history")
@@ -227,8 +259,10 @@ def _check_state(path: Path, state: dict) -> dict[str, torch.Tensor]:
     if rng and ("torch" not in rng or rng["torch"].dtype != torch.uint8):
         problems.append("rng.safetensors has no torch generator state")
     if problems:
-        raise CheckpointError(f"cannot resume from {path}: state.json is incomplete or damaged ({'; '.join(problems)})."
-                              " Remove it to start over. Nothing was loaded.")
+        raise CheckpointError(
+            f"cannot resume from {path}: state.json is incomplete or damaged ({'; '.join(problems)})."
+            " Remove it to start over. Nothing was loaded."
+        )
     return rng
 
 
@@ -247,25 +281,40 @@ def restore_checkpoint(path: Path, state: dict, engine, optimizer: torch.optim.O
     except CheckpointError:
         raise
     except Exception as exc:  # noqa: BLE001 - any damage means this checkpoint cannot be trusted
-        raise CheckpointError(f"cannot resume from {path}: {type(exc).__name__}: {exc}. Remove it to start over."
-                              ) from exc
+        raise CheckpointError(
+            f"cannot resume from {path}: {type(exc).__name__}: {exc}. Remove it to start over."
+        ) from exc
     return state
 
 
-def load_checkpoint(output_dir: str | Path, engine, optimizer: torch.optim.Optimizer, scheduler, *,
-                    config: dict, world: int, total_steps: int | None = None) -> dict | None:
+def load_checkpoint(
+    output_dir: str | Path,
+    engine,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    *,
+    config: dict,
+    world: int,
+    total_steps: int | None = None,
+) -> dict | None:
     """Restore the newest checkpoint into the engine's student, projections, optimizer and scheduler.
 
     Returns its ``state`` (step, history, data position), or None when ``output_dir`` holds no checkpoint.
     Settings that would change the run (batch size, sequence length, world size, budget, ...) are compared
     first and refused with :class:`~compress.errors.CheckpointError`; the model is not touched then.
     """
-    found = find_resumable(output_dir, config=config, world=world, mode=engine.mode,
-                           total_steps=total_steps if total_steps is not None else 2**62)
+    found = find_resumable(
+        output_dir,
+        config=config,
+        world=world,
+        mode=engine.mode,
+        total_steps=total_steps if total_steps is not None else 2**62,
+    )
     return None if found is None else restore_checkpoint(*found, engine, optimizer, scheduler)
 
 
 # --- replicated (one process, DDP) tensors -------------------------------------------------------------------
+
 
 def save_replicated(path: Path, student: nn.Module, projections: nn.Module, optimizer) -> dict:
     """Rank 0 writes the whole student, projections and optimizer state; returns the optimizer's JSON part."""
@@ -278,9 +327,11 @@ def save_replicated(path: Path, student: nn.Module, projections: nn.Module, opti
     return meta
 
 
-_ANOTHER = ("the checkpoint was made for another student (another shape or vocabulary). Resume with the student "
-            "it was made for, or choose another output_dir (or delete the checkpoint) to start over. Nothing was "
-            "loaded: the student is unchanged.")
+_ANOTHER = (
+    "the checkpoint was made for another student (another shape or vocabulary). Resume with the student "
+    "it was made for, or choose another output_dir (or delete the checkpoint) to start over. Nothing was "
+    "loaded: the student is unchanged."
+)
 
 
 def _check_module_file(path: Path, name: str, module: nn.Module, what: str) -> dict[str, torch.Tensor]:
@@ -290,18 +341,22 @@ def _check_module_file(path: Path, name: str, module: nn.Module, what: str) -> d
     try:
         tensors = load_file(str(where))
     except Exception as exc:  # noqa: BLE001 - missing, truncated, not safetensors
-        raise CheckpointError(f"cannot resume from {path}: {name} is unreadable ({type(exc).__name__}: {exc}). "
-                              "Remove the checkpoint to start over. Nothing was loaded.") from exc
+        raise CheckpointError(
+            f"cannot resume from {path}: {name} is unreadable ({type(exc).__name__}: {exc}). "
+            "Remove the checkpoint to start over. Nothing was loaded."
+        ) from exc
     expected = module.state_dict()
     for key, value in tensors.items():
         if key not in expected:
-            raise CheckpointError(f"cannot resume from {path}: {name} has {key}, which this {what} does not have: "
-                                  + _ANOTHER)
+            raise CheckpointError(
+                f"cannot resume from {path}: {name} has {key}, which this {what} does not have: " + _ANOTHER
+            )
         want = expected[key]
         if tuple(value.shape) != tuple(want.shape) or value.dtype != want.dtype:
-            raise CheckpointError(f"cannot resume from {path}: {name} has {key} of shape {tuple(value.shape)} "
-                                  f"({value.dtype}), this {what} needs {tuple(want.shape)} ({want.dtype}): "
-                                  + _ANOTHER)
+            raise CheckpointError(
+                f"cannot resume from {path}: {name} has {key} of shape {tuple(value.shape)} "
+                f"({value.dtype}), this {what} needs {tuple(want.shape)} ({want.dtype}): " + _ANOTHER
+            )
     stored = {(expected[k].data_ptr(), tuple(expected[k].shape)) for k in tensors}
     missing = [k for k, v in expected.items() if k not in tensors and (v.data_ptr(), tuple(v.shape)) not in stored]
     if missing:
@@ -318,10 +373,15 @@ def _check_optimizer(path: Path, tensors: dict[str, torch.Tensor], meta, optimiz
     def refuse(why: str) -> None:
         raise CheckpointError(f"cannot resume from {path}: optimizer.safetensors {why}: " + _ANOTHER)
 
-    if not isinstance(meta, dict) or not isinstance(meta.get("param_groups"), list) \
-            or not isinstance(meta.get("scalars"), dict):
-        raise CheckpointError(f"cannot resume from {path}: state.json has no optimizer state. Remove the "
-                              "checkpoint to start over. Nothing was loaded.")
+    if (
+        not isinstance(meta, dict)
+        or not isinstance(meta.get("param_groups"), list)
+        or not isinstance(meta.get("scalars"), dict)
+    ):
+        raise CheckpointError(
+            f"cannot resume from {path}: state.json has no optimizer state. Remove the "
+            "checkpoint to start over. Nothing was loaded."
+        )
     groups = [len(g.get("params", [])) if isinstance(g, dict) else -1 for g in meta["param_groups"]]
     trained = [len(g["params"]) for g in optimizer.param_groups]
     if groups != trained:
@@ -332,8 +392,10 @@ def _check_optimizer(path: Path, tensors: dict[str, torch.Tensor], meta, optimiz
             refuse(f"has state {key!r} for a parameter this run does not train")
         param = params[int(idx)]
         if value.dim() > 0 and (tuple(value.shape) != tuple(param.shape) or value.dtype != param.dtype):
-            refuse(f"has {slot} of parameter {idx} with shape {tuple(value.shape)} ({value.dtype}), the parameter "
-                   f"is {tuple(param.shape)} ({param.dtype})")
+            refuse(
+                f"has {slot} of parameter {idx} with shape {tuple(value.shape)} ({value.dtype}), the parameter "
+                f"is {tuple(param.shape)} ({param.dtype})"
+            )
     for idx in meta["scalars"]:
         if not str(idx).isdigit() or int(idx) >= len(params):
             refuse(f"has state for parameter {idx}, which this run does not train")
@@ -348,9 +410,11 @@ def load_replicated(path: Path, student: nn.Module, projections: nn.Module, opti
     try:
         opt_tensors = load_file(str(path / "optimizer.safetensors"))
     except Exception as exc:  # noqa: BLE001
-        raise CheckpointError(f"cannot resume from {path}: optimizer.safetensors is unreadable "
-                              f"({type(exc).__name__}: {exc}). Remove the checkpoint to start over. Nothing was "
-                              "loaded.") from exc
+        raise CheckpointError(
+            f"cannot resume from {path}: optimizer.safetensors is unreadable "
+            f"({type(exc).__name__}: {exc}). Remove the checkpoint to start over. Nothing was "
+            "loaded."
+        ) from exc
     optimizer_state = _check_optimizer(path, opt_tensors, meta, optimizer)
     with torch.no_grad():
         student.load_state_dict(student_tensors, strict=False)  # checked above: only tied copies are absent
@@ -359,6 +423,7 @@ def load_replicated(path: Path, student: nn.Module, projections: nn.Module, opti
 
 
 # --- sharded (FSDP2) tensors ----------------------------------------------------------------------------------
+
 
 def _sharded_state(module: nn.Module, optimizer) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
@@ -378,20 +443,26 @@ def save_sharded(path: Path, module: nn.Module, optimizer) -> None:
     """Every rank writes its own shards (``torch.distributed.checkpoint``, safetensors files + JSON index)."""
     import torch.distributed.checkpoint as dcp
 
-    dcp.save(_sharded_state(module, optimizer),
-             storage_writer=dcp.HuggingFaceStorageWriter(str(path / "sharded"), save_distributed=True))
+    dcp.save(
+        _sharded_state(module, optimizer),
+        storage_writer=dcp.HuggingFaceStorageWriter(str(path / "sharded"), save_distributed=True),
+    )
 
 
 def load_sharded(path: Path, module: nn.Module, optimizer) -> None:
     """Load the shards into the (already sharded) module and an optimizer that has stepped zero times."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
-                                                         set_model_state_dict, set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
     _init_optimizer_state(optimizer)
     flat = _sharded_state(module, optimizer)
     dcp.load(flat, storage_reader=dcp.HuggingFaceStorageReader(str(path / "sharded")))
-    loaded = {k[len("model."):]: v for k, v in flat.items() if k.startswith("model.")}
+    loaded = {k[len("model.") :]: v for k, v in flat.items() if k.startswith("model.")}
     set_model_state_dict(module, loaded, options=StateDictOptions(strict=False))  # tied copies follow
     optim = get_optimizer_state_dict(module, optimizer)
     for fqn, per_param in optim["state"].items():

@@ -121,6 +121,7 @@ class DistillConfig:
         changed since). Raises :class:`~compress.errors.ConfigError` naming the field, its value and what it
         should be. What needs the models (``top_k`` against the vocabulary, ``layer_map`` and
         ``hidden_layers`` against the depths) is checked when training starts."""
+
         def bad(name: str, expected: str) -> None:
             raise ConfigError(f"DistillConfig.{name} should be {expected}, got {getattr(self, name)!r}")
 
@@ -129,7 +130,8 @@ class DistillConfig:
             if optional and value is None:
                 return
             what = ("None or " if optional else "") + (
-                "a positive integer" if low == 1 else "a non-negative integer" if low == 0 else f"an integer >= {low}")
+                "a positive integer" if low == 1 else "a non-negative integer" if low == 0 else f"an integer >= {low}"
+            )
             if high is not None:
                 what += " below 2**63" if high == 2**63 else f" below {high}"
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -138,14 +140,19 @@ class DistillConfig:
                 bad(name, what)
             setattr(self, name, int(value))  # numpy integers -> int (the config is written to JSON)
 
-        def number(name: str, *, positive: bool = False, low: float = 0.0, high: float | None = None,
-                   optional: bool = False) -> None:
+        def number(
+            name: str, *, positive: bool = False, low: float = 0.0, high: float | None = None, optional: bool = False
+        ) -> None:
             value = getattr(self, name)
             if optional and value is None:
                 return
             what = ("None or " if optional else "") + (
-                "a positive finite number" if positive else
-                f"a finite number in [{low:g}, {high:g}]" if high is not None else "a finite number >= 0")
+                "a positive finite number"
+                if positive
+                else f"a finite number in [{low:g}, {high:g}]"
+                if high is not None
+                else "a finite number >= 0"
+            )
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
                 bad(name, what)
             if (positive and not value > 0) or value < low or (high is not None and value > high):
@@ -180,13 +187,16 @@ class DistillConfig:
         if not (self.logit_weight > 0 or self.alpha_ce > 0 or hidden_on):
             raise ConfigError(
                 f"DistillConfig has no objective: logit_weight={self.logit_weight!r}, alpha_ce={self.alpha_ce!r}, "
-                f"hidden_loss={self.hidden_loss!r} (hidden_weight={self.hidden_weight!r}); make one of them non-zero")
+                f"hidden_loss={self.hidden_loss!r} (hidden_weight={self.hidden_weight!r}); make one of them non-zero"
+            )
 
         number("on_policy_fraction", high=1.0)
         if self.on_policy_fraction > 0 and self.logit_weight == 0:
-            raise ConfigError(f"DistillConfig.on_policy_fraction={self.on_policy_fraction} trains on the student's "
-                              "own samples as the teacher scores them, but logit_weight=0 turns the teacher's score "
-                              "off (those batches would teach the student nothing): set logit_weight > 0")
+            raise ConfigError(
+                f"DistillConfig.on_policy_fraction={self.on_policy_fraction} trains on the student's "
+                "own samples as the teacher scores them, but logit_weight=0 turns the teacher's score "
+                "off (those batches would teach the student nothing): set logit_weight > 0"
+            )
         integer("on_policy_prompt_tokens", 1, optional=True)
         number("on_policy_temperature", positive=True)
         if self.teacher_cache is not None:
@@ -194,28 +204,38 @@ class DistillConfig:
                 bad("teacher_cache", "None or the folder of a teacher cache")
             self.teacher_cache = os.fspath(self.teacher_cache)
             if self.on_policy_fraction > 0:
-                raise ConfigError("DistillConfig.teacher_cache holds the teacher's scores of the data windows, but "
-                                  f"on_policy_fraction={self.on_policy_fraction} asks it to score the student's own "
-                                  "samples: use one or the other")
+                raise ConfigError(
+                    "DistillConfig.teacher_cache holds the teacher's scores of the data windows, but "
+                    f"on_policy_fraction={self.on_policy_fraction} asks it to score the student's own "
+                    "samples: use one or the other"
+                )
             if self.hidden_loss is not None or self.temperature != 1.0 or self.top_k is not None:
-                raise ConfigError("DistillConfig.teacher_cache stores top-k log-probabilities at temperature 1: it "
-                                  "cannot serve hidden_loss, temperature != 1 or top_k (the cache's own k applies); "
-                                  f"got hidden_loss={self.hidden_loss!r}, temperature={self.temperature!r}, "
-                                  f"top_k={self.top_k!r}")
+                raise ConfigError(
+                    "DistillConfig.teacher_cache stores top-k log-probabilities at temperature 1: it "
+                    "cannot serve hidden_loss, temperature != 1 or top_k (the cache's own k applies); "
+                    f"got hidden_loss={self.hidden_loss!r}, temperature={self.temperature!r}, "
+                    f"top_k={self.top_k!r}"
+                )
             if self.teacher_correction_steps:
-                raise ConfigError("DistillConfig.teacher_cache was written by the teacher as it is, but "
-                                  f"teacher_correction_steps={self.teacher_correction_steps} would change that "
-                                  "teacher first: correct the teacher, build the cache from it, then distill")
+                raise ConfigError(
+                    "DistillConfig.teacher_cache was written by the teacher as it is, but "
+                    f"teacher_correction_steps={self.teacher_correction_steps} would change that "
+                    "teacher first: correct the teacher, build the cache from it, then distill"
+                )
             if self.logit_loss not in ("forward_kl", "reverse_kl"):
-                raise ConfigError(f"DistillConfig.teacher_cache supports logit_loss 'forward_kl' or 'reverse_kl', "
-                                  f"got {self.logit_loss!r}")
+                raise ConfigError(
+                    f"DistillConfig.teacher_cache supports logit_loss 'forward_kl' or 'reverse_kl', "
+                    f"got {self.logit_loss!r}"
+                )
 
         # Batches and budget.
         self._default_batch_shape()
         integer("seq_len", 2)
         if self.on_policy_prompt_tokens is not None and self.on_policy_prompt_tokens >= self.seq_len:
-            bad("on_policy_prompt_tokens", f"None or fewer than seq_len={self.seq_len} tokens (the student samples "
-                "the rest of each window)")
+            bad(
+                "on_policy_prompt_tokens",
+                f"None or fewer than seq_len={self.seq_len} tokens (the student samples the rest of each window)",
+            )
         for name in ("batch_size", "grad_accum"):
             integer(name, 1)
         integer("max_steps", 1, optional=True)
@@ -223,8 +243,10 @@ class DistillConfig:
         if self.max_steps is None and self.max_tokens is None:
             raise ConfigError("DistillConfig needs a budget: set max_steps or max_tokens")
         if self.max_steps is not None and self.max_tokens is not None:
-            raise ConfigError(f"DistillConfig has two budgets, max_steps={self.max_steps!r} and "
-                              f"max_tokens={self.max_tokens!r}: set only one of them")
+            raise ConfigError(
+                f"DistillConfig has two budgets, max_steps={self.max_steps!r} and "
+                f"max_tokens={self.max_tokens!r}: set only one of them"
+            )
 
         # Optimizer and schedule.
         number("lr", positive=True)
@@ -262,11 +284,14 @@ class DistillConfig:
         try:
             json.dumps(self.extra)
         except (TypeError, ValueError) as exc:
-            raise ConfigError(f"DistillConfig.extra should hold JSON values only (it is saved with checkpoints "
-                              f"and the report), got {self.extra!r} ({exc})") from None
+            raise ConfigError(
+                f"DistillConfig.extra should hold JSON values only (it is saved with checkpoints "
+                f"and the report), got {self.extra!r} ({exc})"
+            ) from None
         if self.checkpoint_every and not self.output_dir:
-            raise ConfigError(f"DistillConfig.checkpoint_every={self.checkpoint_every} needs output_dir (where "
-                              "checkpoints go)")
+            raise ConfigError(
+                f"DistillConfig.checkpoint_every={self.checkpoint_every} needs output_dir (where checkpoints go)"
+            )
         if self.resume and not self.output_dir:
             raise ConfigError("DistillConfig.resume=True needs output_dir (the folder of the run to continue)")
         if self.tensorboard and not self.output_dir:
@@ -274,45 +299,62 @@ class DistillConfig:
 
     def _check_layers(self) -> None:
         """``hidden_layers`` / ``layer_map``: indices only here (against the models when training starts)."""
+
         def index(value) -> bool:
             return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0
 
         if self.hidden_layers is not None:
             value = self.hidden_layers
-            if (not isinstance(value, (list, tuple)) or not value or not all(index(i) for i in value)
-                    or len(set(value)) != len(value)):
-                raise ConfigError(f"DistillConfig.hidden_layers should be None or a non-empty list of distinct "
-                                  f"student layer indices (integers >= 0), got {value!r}")
+            if (
+                not isinstance(value, (list, tuple))
+                or not value
+                or not all(index(i) for i in value)
+                or len(set(value)) != len(value)
+            ):
+                raise ConfigError(
+                    f"DistillConfig.hidden_layers should be None or a non-empty list of distinct "
+                    f"student layer indices (integers >= 0), got {value!r}"
+                )
             self.hidden_layers = [int(i) for i in value]
         if self.layer_map is not None:
             value = self.layer_map
             keys_ok = isinstance(value, dict) and all(
-                index(k) or (isinstance(k, str) and k.isdigit()) for k in value)  # JSON gives "0": ...
+                index(k) or (isinstance(k, str) and k.isdigit()) for k in value
+            )  # JSON gives "0": ...
             if not isinstance(value, dict) or not value or not keys_ok or not all(index(v) for v in value.values()):
-                raise ConfigError(f"DistillConfig.layer_map should be None or a non-empty dict of student layer -> "
-                                  f"teacher layer (integers >= 0), got {value!r}")
+                raise ConfigError(
+                    f"DistillConfig.layer_map should be None or a non-empty dict of student layer -> "
+                    f"teacher layer (integers >= 0), got {value!r}"
+                )
             converted = {int(k): int(v) for k, v in value.items()}
             if len(converted) != len(value):
                 raise ConfigError(f"DistillConfig.layer_map names a student layer twice: {value!r}")
             self.layer_map = converted
         for name in ("hidden_layers", "layer_map"):
             if getattr(self, name) is not None and self.hidden_loss is None:
-                raise ConfigError(f"DistillConfig.{name}={getattr(self, name)!r} only applies to the hidden-state "
-                                  "loss, which is off (hidden_loss=None): set hidden_loss='cosine' or 'mse', or "
-                                  f"leave {name} at None")
+                raise ConfigError(
+                    f"DistillConfig.{name}={getattr(self, name)!r} only applies to the hidden-state "
+                    "loss, which is off (hidden_loss=None): set hidden_loss='cosine' or 'mse', or "
+                    f"leave {name} at None"
+                )
         if self.hidden_layers is not None and self.layer_map is not None:
             missing = [i for i in self.hidden_layers if i not in self.layer_map]
             if missing:
-                raise ConfigError(f"DistillConfig.hidden_layers={self.hidden_layers!r} names student layers "
-                                  f"{missing} that layer_map={self.layer_map!r} does not map to a teacher layer: add "
-                                  "them to layer_map or drop them from hidden_layers")
+                raise ConfigError(
+                    f"DistillConfig.hidden_layers={self.hidden_layers!r} names student layers "
+                    f"{missing} that layer_map={self.layer_map!r} does not map to a teacher layer: add "
+                    "them to layer_map or drop them from hidden_layers"
+                )
 
     def _default_batch_shape(self) -> None:
         """``batch_size``/``seq_len`` left at None: 8 windows of 512 tokens, or 4 of 256 when the token budget
         would give fewer than :data:`MIN_DEFAULT_STEPS` steps of 8 x 512 (measured on SmolLM2 at 32k tokens: 32
         steps of 4 x 256 ended at 0.72x the perplexity of 8 steps of 8 x 512, BENCHMARKS.md)."""
-        small = self.max_steps is None and isinstance(self.max_tokens, numbers.Integral) \
+        small = (
+            self.max_steps is None
+            and isinstance(self.max_tokens, numbers.Integral)
             and self.max_tokens < MIN_DEFAULT_STEPS * 8 * 512
+        )
         if self.seq_len is None:
             self.seq_len = 256 if small else 512
         if self.batch_size is None:
@@ -325,9 +367,11 @@ class DistillConfig:
         if self.warmup_steps is None:
             return by_ratio, None
         if self.warmup_steps >= total and self.warmup_steps > 0:
-            return by_ratio, (f"warmup_steps={self.warmup_steps} is not shorter than the run ({total} steps): the "
-                              f"learning rate would never reach lr={self.lr}; warming up over {by_ratio} steps "
-                              f"(warmup_ratio={self.warmup_ratio}) instead")
+            return by_ratio, (
+                f"warmup_steps={self.warmup_steps} is not shorter than the run ({total} steps): the "
+                f"learning rate would never reach lr={self.lr}; warming up over {by_ratio} steps "
+                f"(warmup_ratio={self.warmup_ratio}) instead"
+            )
         return self.warmup_steps, None
 
     def on_policy_prompt(self) -> int:
@@ -355,13 +399,27 @@ class DistillConfig:
         return asdict(self)
 
 
-_ALIASES = {"learning_rate": "lr", "max_length": "seq_len", "sequence_length": "seq_len", "block_size": "seq_len",
-            "gradient_accumulation_steps": "grad_accum", "warmup": "warmup_steps", "steps": "max_steps",
-            "tokens": "max_tokens", "kd_temperature": "temperature", "clip_grad_norm": "max_grad_norm",
-            "grad_clip": "max_grad_norm", "checkpoint_dir": "output_dir", "save_steps": "checkpoint_every",
-            "logging_steps": "log_every", "precision": "dtype",
-            "beta": "jsd_beta", "lmbda": "on_policy_fraction", "warmup_fraction": "warmup_ratio",
-            "skew": "skew_alpha"}
+_ALIASES = {
+    "learning_rate": "lr",
+    "max_length": "seq_len",
+    "sequence_length": "seq_len",
+    "block_size": "seq_len",
+    "gradient_accumulation_steps": "grad_accum",
+    "warmup": "warmup_steps",
+    "steps": "max_steps",
+    "tokens": "max_tokens",
+    "kd_temperature": "temperature",
+    "clip_grad_norm": "max_grad_norm",
+    "grad_clip": "max_grad_norm",
+    "checkpoint_dir": "output_dir",
+    "save_steps": "checkpoint_every",
+    "logging_steps": "log_every",
+    "precision": "dtype",
+    "beta": "jsd_beta",
+    "lmbda": "on_policy_fraction",
+    "warmup_fraction": "warmup_ratio",
+    "skew": "skew_alpha",
+}
 _generated_init = DistillConfig.__init__
 
 
@@ -372,8 +430,11 @@ def _init(self, *args, **kwargs):
     for name in kwargs:
         if name not in known:
             guess = _ALIASES.get(name) or next(iter(difflib.get_close_matches(name, known, n=1)), None)
-            raise ConfigError(f"DistillConfig has no field {name!r}" + (f"; did you mean {guess!r}?" if guess else ".")
-                              + f" Its fields are: {', '.join(known)}")
+            raise ConfigError(
+                f"DistillConfig has no field {name!r}"
+                + (f"; did you mean {guess!r}?" if guess else ".")
+                + f" Its fields are: {', '.join(known)}"
+            )
     if len(args) > len(known):
         raise ConfigError(f"DistillConfig takes at most {len(known)} values, got {len(args)}: pass them by name")
     _generated_init(self, *args, **kwargs)

@@ -26,12 +26,23 @@ class WindowLoader:
     one trains. (Indexing a pinned tensor would give a new, unpinned tensor: that copy would block.)
     """
 
-    def __init__(self, windows: torch.Tensor, batch_size: int, seed: int = 0, rank: int = 0, world: int = 1,
-                 device: str | torch.device = "cpu", source: str = "<tensor>", skip_tokens: int = 0):
+    def __init__(
+        self,
+        windows: torch.Tensor,
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world: int = 1,
+        device: str | torch.device = "cpu",
+        source: str = "<tensor>",
+        skip_tokens: int = 0,
+    ):
         global_batch = batch_size * world
         if windows.shape[0] < global_batch:
-            raise DataError(f"{windows.shape[0]} training windows are fewer than one global batch of {global_batch}; "
-                            "give more text or lower batch_size / seq_len")
+            raise DataError(
+                f"{windows.shape[0]} training windows are fewer than one global batch of {global_batch}; "
+                "give more text or lower batch_size / seq_len"
+            )
         self.windows = windows
         self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
         self.batches_per_epoch = windows.shape[0] // global_batch
@@ -51,9 +62,18 @@ class WindowLoader:
             self._stream = torch.cuda.Stream(self.device)
 
     @classmethod
-    def from_source(cls, data, tokenizer, config: DistillConfig, *, skip_tokens: int = 0, rank: int = 0,
-                    world: int = 1, device: str | torch.device = "cpu", vocab_size: int | None = None
-                    ) -> "WindowLoader":
+    def from_source(
+        cls,
+        data,
+        tokenizer,
+        config: DistillConfig,
+        *,
+        skip_tokens: int = 0,
+        rank: int = 0,
+        world: int = 1,
+        device: str | torch.device = "cpu",
+        vocab_size: int | None = None,
+    ) -> WindowLoader:
         """Token windows from ``data`` (an integer ``[N, seq_len]`` tensor, or text packed with ``tokenizer``).
 
         Refused with :class:`DataError`: a tensor that is not 2-D, not integer, or whose windows are not
@@ -62,12 +82,16 @@ class WindowLoader:
             if data.dim() != 2:
                 raise DataError(f"token windows must be a [N, seq_len] tensor, got shape {tuple(data.shape)}")
             if data.dtype == torch.bool or data.is_floating_point() or data.is_complex():
-                raise DataError(f"token windows must be an integer tensor of token ids, got dtype {data.dtype}: "
-                                "pass the tokenizer's ids (torch.long)")
+                raise DataError(
+                    f"token windows must be an integer tensor of token ids, got dtype {data.dtype}: "
+                    "pass the tokenizer's ids (torch.long)"
+                )
             if data.shape[1] != config.seq_len:
-                raise DataError(f"token windows are {data.shape[1]} tokens long (shape {tuple(data.shape)}) but "
-                                f"DistillConfig.seq_len={config.seq_len}: pass windows of seq_len tokens or set "
-                                f"seq_len={data.shape[1]}")
+                raise DataError(
+                    f"token windows are {data.shape[1]} tokens long (shape {tuple(data.shape)}) but "
+                    f"DistillConfig.seq_len={config.seq_len}: pass windows of seq_len tokens or set "
+                    f"seq_len={data.shape[1]}"
+                )
             windows, where = data.long().cpu(), "<tensor>"
         else:
             if tokenizer is None:
@@ -87,7 +111,7 @@ class WindowLoader:
             self.epoch, self.index = self.epoch + 1, 0
             self._order = self._permutation(self.epoch)
         start = self.index * self.batch_size * self.world + self.rank * self.batch_size
-        idx = self._order[start:start + self.batch_size]
+        idx = self._order[start : start + self.batch_size]
         self.index += 1
         self.served += 1
         return idx
@@ -144,14 +168,20 @@ class WindowLoader:
 
     def describe(self) -> dict:
         n, seq = self.windows.shape
-        return {"source": self.source, "windows": n, "seq_len": seq, "unique_tokens": n * seq,
-                "skipped_tokens": self.skip_tokens, "epochs_seen": round(self.served / self.batches_per_epoch, 3)}
+        return {
+            "source": self.source,
+            "windows": n,
+            "seq_len": seq,
+            "unique_tokens": n * seq,
+            "skipped_tokens": self.skip_tokens,
+            "epochs_seen": round(self.served / self.batches_per_epoch, 3),
+        }
 
 
-def distillation_windows(data, tokenizer, config: DistillConfig, *, skip_tokens: int = 0, world: int = 1
-                         ) -> torch.Tensor:
+def distillation_windows(
+    data, tokenizer, config: DistillConfig, *, skip_tokens: int = 0, world: int = 1
+) -> torch.Tensor:
     """The token windows ``[N, seq_len]`` that :func:`~compress.distill` trains on for these arguments (``world``:
     the number of processes, as the text needed grows with it): what a teacher cache must be built over."""
     config.validate()
     return WindowLoader.from_source(data, tokenizer, config, skip_tokens=skip_tokens, world=world).windows
-

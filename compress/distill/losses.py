@@ -83,9 +83,15 @@ def _active(transform: LogitTransform | None) -> LogitTransform | None:
     return None if transform.is_identity else transform
 
 
-def divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str = "forward_kl",
-               temperature: float = 1.0, beta: float = 0.5, top_k: int | None = None,
-               skew: float = 0.1) -> torch.Tensor:
+def divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    kind: str = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    top_k: int | None = None,
+    skew: float = 0.1,
+) -> torch.Tensor:
     """Summed over tokens: the per-token divergence between teacher and student distributions.
 
     ``forward_kl`` is KL(teacher || student) (Minitron), ``reverse_kl`` KL(student || teacher), and ``jsd`` the
@@ -135,11 +141,22 @@ def _mix(p_logp: torch.Tensor, q_logp: torch.Tensor, skew: float) -> torch.Tenso
     return torch.logaddexp(p_logp + math.log(skew), q_logp + math.log1p(-skew))
 
 
-def _chunk_loss_and_grad(h_chunk: torch.Tensor, w_s: torch.Tensor, t_logits: torch.Tensor | None,
-                         labels: torch.Tensor | None, kind: str, temperature: float, beta: float, top_k: int | None,
-                         kd_weight: float, ce_weight: float, need_grad: bool = True,
-                         s_transform: LogitTransform | None = None, t_transform: LogitTransform | None = None,
-                         skew: float = 0.1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def _chunk_loss_and_grad(
+    h_chunk: torch.Tensor,
+    w_s: torch.Tensor,
+    t_logits: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    kind: str,
+    temperature: float,
+    beta: float,
+    top_k: int | None,
+    kd_weight: float,
+    ce_weight: float,
+    need_grad: bool = True,
+    s_transform: LogitTransform | None = None,
+    t_transform: LogitTransform | None = None,
+    skew: float = 0.1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """One chunk of tokens: ``(kd_sum, ce_sum, d(kd_weight * kd_sum + ce_weight * ce_sum)/d(student logits))``.
 
     Pure tensor code (no autograd call, no ``.item()``, branches only on the Python arguments), so that
@@ -277,8 +294,25 @@ class _FusedHeadLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h_s, w_s, h_t, w_t, labels, kind, temperature, beta, top_k, kd_weight, ce_weight, chunk_tokens,
-                compiled=False, s_transform=None, t_transform=None, skew=0.1):
+    def forward(
+        ctx,
+        h_s,
+        w_s,
+        h_t,
+        w_t,
+        labels,
+        kind,
+        temperature,
+        beta,
+        top_k,
+        kd_weight,
+        ce_weight,
+        chunk_tokens,
+        compiled=False,
+        s_transform=None,
+        t_transform=None,
+        skew=0.1,
+    ):
         n = h_s.shape[0]
         needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         compute = torch.promote_types(h_s.dtype, torch.float32)
@@ -299,8 +333,22 @@ class _FusedHeadLoss(torch.autograd.Function):
             sl = slice(start, start + chunk_tokens)
             h_chunk = h_s[sl]
             t_logits = h_t[sl] @ w_t.t() if want_kd else None
-            kd, ce, g = chunk_fn(h_chunk, w_s, t_logits, labels[sl] if want_ce else None, kind, temperature, beta,
-                                 top_k, kd_weight, ce_weight, needs_grad, s_transform, t_transform, skew)
+            kd, ce, g = chunk_fn(
+                h_chunk,
+                w_s,
+                t_logits,
+                labels[sl] if want_ce else None,
+                kind,
+                temperature,
+                beta,
+                top_k,
+                kd_weight,
+                ce_weight,
+                needs_grad,
+                s_transform,
+                t_transform,
+                skew,
+            )
             del t_logits
             if needs_grad:
                 grad_h[sl] = g @ w_s
@@ -363,9 +411,24 @@ def chunked_logit_loss(
     if kd_weight == 0 and ce_weight == 0:
         raise ValueError("chunked_logit_loss has nothing to compute: no teacher and no labels")
     n = student_hidden.shape[0]
-    loss, kd, ce = _FusedHeadLoss.apply(student_hidden, student_head, teacher_hidden, teacher_head, labels, kind,
-                                        temperature, beta, top_k, kd_weight, ce_weight, chunk_tokens, compiled,
-                                        _active(student_transform), _active(teacher_transform), float(skew))
+    loss, kd, ce = _FusedHeadLoss.apply(
+        student_hidden,
+        student_head,
+        teacher_hidden,
+        teacher_head,
+        labels,
+        kind,
+        temperature,
+        beta,
+        top_k,
+        kd_weight,
+        ce_weight,
+        chunk_tokens,
+        compiled,
+        _active(student_transform),
+        _active(teacher_transform),
+        float(skew),
+    )
     return loss / n, kd / n, ce / n
 
 

@@ -34,8 +34,11 @@ from .config import DistillConfig
 GIB = 2**30
 HEADROOM = 0.9  # of a GPU's memory that the plan may fill
 # Bytes saved for backward per token and decoder layer, per unit of width (see the module docstring).
-_ACT = {"fp32": {"d": 24, "i": 16, "q": 16, "t": 4}, "autocast": {"d": 26, "i": 8, "q": 8, "t": 2},
-        "bf16": {"d": 18, "i": 8, "q": 8, "t": 2}}
+_ACT = {
+    "fp32": {"d": 24, "i": 16, "q": 16, "t": 4},
+    "autocast": {"d": 26, "i": 8, "q": 8, "t": 2},
+    "bf16": {"d": 18, "i": 8, "q": 8, "t": 2},
+}
 _LOSS_CHUNK_TENSORS = 7  # fp32 [chunk, vocab] tensors alive at once in the fused loss (measured)
 
 
@@ -53,7 +56,7 @@ class _Shape:
     tied: bool
 
     @classmethod
-    def of(cls, model: nn.Module) -> "_Shape":
+    def of(cls, model: nn.Module) -> _Shape:
         adapter = layout_for(model)
         layers = adapter.decoder_layers(model)
         unique = {id(p): p for p in model.parameters()}
@@ -64,11 +67,18 @@ class _Shape:
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         first = next(iter(unique.values()))
         tied = model.get_submodule(adapter.lm_head).weight is model.get_submodule(adapter.embed).weight
-        return cls(params=params, layers=len(layers), layer_params=layer_params, root_params=params - in_layers,
-                   hidden=cfg.hidden_size, intermediate=cfg.intermediate_size,
-                   q_width=cfg.num_attention_heads * head_dim,
-                   vocab=model.get_submodule(adapter.lm_head).weight.shape[0], param_bytes=first.element_size(),
-                   tied=tied)
+        return cls(
+            params=params,
+            layers=len(layers),
+            layer_params=layer_params,
+            root_params=params - in_layers,
+            hidden=cfg.hidden_size,
+            intermediate=cfg.intermediate_size,
+            q_width=cfg.num_attention_heads * head_dim,
+            vocab=model.get_submodule(adapter.lm_head).weight.shape[0],
+            param_bytes=first.element_size(),
+            tied=tied,
+        )
 
 
 @dataclass
@@ -119,8 +129,9 @@ class MemoryPlan:
         n = cfg.batch_size * (cfg.seq_len - 1)
         chunk = min(cfg.chunk_tokens, n)
         embedding_grads = (2 if s.tied else 1) * s.vocab * s.hidden * 4
-        return _LOSS_CHUNK_TENSORS * chunk * s.vocab * 4 + s.vocab * s.hidden * 4 + 2 * n * s.hidden * 4 \
-            + embedding_grads
+        return (
+            _LOSS_CHUNK_TENSORS * chunk * s.vocab * 4 + s.vocab * s.hidden * 4 + 2 * n * s.hidden * 4 + embedding_grads
+        )
 
     def _student_state(self, mode: str) -> int:
         s = self.student
@@ -145,9 +156,13 @@ class MemoryPlan:
     # --- the answers ------------------------------------------------------------------------------------------
 
     def breakdown(self, mode: str, shard_teacher: bool = False) -> dict[str, int]:
-        parts = {"student_state": self._student_state(mode), "teacher": self._teacher_state(shard_teacher),
-                 "activations": self._activations(mode), "teacher_forward": self._teacher_forward(),
-                 "loss": self._loss()}
+        parts = {
+            "student_state": self._student_state(mode),
+            "teacher": self._teacher_state(shard_teacher),
+            "activations": self._activations(mode),
+            "teacher_forward": self._teacher_forward(),
+            "loss": self._loss(),
+        }
         parts["total"] = sum(parts.values())
         return parts
 
@@ -173,8 +188,13 @@ class MemoryPlan:
                 options.append("gradient_checkpointing=True")
         for batch in (self.config.batch_size // 2, self.config.batch_size // 4, 1):
             if 1 <= batch < self.config.batch_size:
-                cfg = DistillConfig(**{**self.config.to_dict(), "batch_size": batch,
-                                       "grad_accum": self.config.grad_accum * max(1, self.config.batch_size // batch)})
+                cfg = DistillConfig(
+                    **{
+                        **self.config.to_dict(),
+                        "batch_size": batch,
+                        "grad_accum": self.config.grad_accum * max(1, self.config.batch_size // batch),
+                    }
+                )
                 if MemoryPlan(**{**self.__dict__, "config": cfg}).fits(mode, shard_teacher):
                     options.append(f"batch_size={batch} with grad_accum={cfg.grad_accum} (same tokens per step)")
                     break
@@ -185,7 +205,8 @@ class MemoryPlan:
             f"distillation would need about {gib:.1f} GiB per device with the {mode} engine ({parts} GiB) but "
             f"{self.budget / GIB:.1f} GiB are available. What would fit: "
             f"{'; '.join(options) if options else 'nothing among fsdp, checkpointing and smaller batches'}. "
-            "(Set DistillConfig.memory_budget_gib to override the budget.)")
+            "(Set DistillConfig.memory_budget_gib to override the budget.)"
+        )
 
     def to_dict(self, mode: str, shard_teacher: bool = False) -> dict:
         out = {k: round(v / 2**20, 1) for k, v in self.breakdown(mode, shard_teacher).items()}
@@ -194,8 +215,9 @@ class MemoryPlan:
         return out
 
 
-def plan_memory(student: nn.Module, teacher: nn.Module, config: DistillConfig, *, world: int,
-                device: torch.device, use_bf16: bool) -> MemoryPlan:
+def plan_memory(
+    student: nn.Module, teacher: nn.Module, config: DistillConfig, *, world: int, device: torch.device, use_bf16: bool
+) -> MemoryPlan:
     """Estimate the distillation step's peak memory per device (see the module docstring for what it counts)."""
     budget = None
     if config.memory_budget_gib is not None:

@@ -16,8 +16,8 @@ own dtype.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
-from typing import Callable
 
 import torch
 from torch import nn
@@ -33,8 +33,9 @@ def _meta_replica(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Mo
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(model.config, attn_implementation=model.config._attn_implementation,
-                                                dtype=dtype)
+        return AutoModelForCausalLM.from_config(
+            model.config, attn_implementation=model.config._attn_implementation, dtype=dtype
+        )
 
 
 def _copy_buffers(src: nn.Module, dst: nn.Module, device: torch.device) -> None:
@@ -70,8 +71,16 @@ class TeacherTrunk(nn.Module):
 class Engine:
     """One of :data:`MODES`, with the device, the process group size and the precision it trains in."""
 
-    def __init__(self, mode: str, device: torch.device, world: int, use_bf16: bool, adapter: DecoderAdapter,
-                 gradient_checkpointing: bool = False, compile_layers: bool = False):
+    def __init__(
+        self,
+        mode: str,
+        device: torch.device,
+        world: int,
+        use_bf16: bool,
+        adapter: DecoderAdapter,
+        gradient_checkpointing: bool = False,
+        compile_layers: bool = False,
+    ):
         if mode not in MODES:
             raise ValueError(f"unknown engine {mode!r}")
         self.mode, self.device, self.world, self.use_bf16 = mode, device, world, use_bf16
@@ -111,8 +120,9 @@ class Engine:
             fully_shard(layer, mesh=self.mesh, mp_policy=self._mp_policy())
         fully_shard(root, mesh=self.mesh, mp_policy=self._mp_policy())
 
-    def _fill(self, root: nn.Module, full_state: dict[str, torch.Tensor], buffers_from: nn.Module,
-              buffers_to: nn.Module) -> None:
+    def _fill(
+        self, root: nn.Module, full_state: dict[str, torch.Tensor], buffers_from: nn.Module, buffers_to: nn.Module
+    ) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         root.to_empty(device=self.device)
@@ -151,8 +161,10 @@ class Engine:
         self.wrapped = module
         if self.mode == "ddp":
             self.wrapped = nn.parallel.DistributedDataParallel(
-                module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                gradient_as_bucket_view=True)
+                module,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                gradient_as_bucket_view=True,
+            )
         student.train()
         return self.wrapped
 
@@ -221,10 +233,11 @@ class Engine:
         """What teacher correction calls: every rank must end with the same corrected teacher."""
         if self.world > 1 and not _is_sharded(trunk):
             return nn.parallel.DistributedDataParallel(
-                trunk, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                trunk, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
         return trunk
 
-    def freeze_teacher(self, trunk: TeacherTrunk, backup: "ModelBackup", corrected: bool = False) -> None:
+    def freeze_teacher(self, trunk: TeacherTrunk, backup: ModelBackup, corrected: bool = False) -> None:
         """Make the teacher ready for no-grad forward passes: bf16 weights on CUDA (the caller's weights are
         kept in host memory first — the corrected ones after teacher correction — and put back at the end)."""
         trunk.eval()
@@ -279,10 +292,12 @@ class ModelBackup:
         if self.snapshots and not again:
             return
         with torch.no_grad():
-            params = {n: p.detach().to("cpu", copy=True) for n, p in self.model.named_parameters()
-                      if p.device.type != "meta"}
-            buffers = {n: b.detach().to("cpu", copy=True) for n, b in self.model.named_buffers()
-                       if b.device.type != "meta"}
+            params = {
+                n: p.detach().to("cpu", copy=True) for n, p in self.model.named_parameters() if p.device.type != "meta"
+            }
+            buffers = {
+                n: b.detach().to("cpu", copy=True) for n, b in self.model.named_buffers() if b.device.type != "meta"
+            }
         self.snapshots.append((params, buffers))
 
     def restore(self, error: bool) -> None:
@@ -291,8 +306,10 @@ class ModelBackup:
         if self.snapshots and (error or self.restore_on_success):
             snapshot = self.snapshots[0] if error else self.snapshots[-1]
         with torch.no_grad():
-            for table, get, values in ((self.params, self.model.get_parameter, snapshot[0]),
-                                       (self.buffers, self.model.get_buffer, snapshot[1])):
+            for table, get, values in (
+                (self.params, self.model.get_parameter, snapshot[0]),
+                (self.buffers, self.model.get_buffer, snapshot[1]),
+            ):
                 for name, (device, dtype, *_rest) in table.items():
                     try:
                         t = get(name)

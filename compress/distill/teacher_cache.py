@@ -54,8 +54,13 @@ VERSION = 1
 CACHED_LOSSES = ("forward_kl", "reverse_kl")
 MANIFEST = "manifest.json"
 _SHARD_RE = re.compile(r"shard-\d{5,}\.safetensors")
-_STORE_DTYPES = {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-                 "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+_STORE_DTYPES = {
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
 # The smallest log-probability a float32 holds as a normal number: where the teacher gives a bucket exactly zero
 # mass, reverse KL (which weighs the teacher's log-probability by the student's mass) uses this instead of -inf.
 _LOG_TINY = math.log(torch.finfo(torch.float32).tiny)
@@ -63,6 +68,7 @@ _FINGERPRINT_SAMPLE = 65536  # elements per weight tensor that enter the teacher
 
 
 # ----------------------------------------------------------------------------------------------- fingerprints
+
 
 def windows_fingerprint(windows: torch.Tensor) -> str:
     """``sha256:<hex>`` of the windows' shape and their ids as int64 (so int32 and int64 copies agree)."""
@@ -81,8 +87,10 @@ def teacher_fingerprint(teacher: nn.Module) -> str:
     or another model changes names or shapes."""
     config = getattr(teacher, "config", None)
     h = hashlib.sha256()
-    h.update(f"{type(teacher).__name__} {getattr(config, 'model_type', None)} "
-             f"{getattr(config, 'vocab_size', None)}\n".encode())
+    h.update(
+        f"{type(teacher).__name__} {getattr(config, 'model_type', None)} "
+        f"{getattr(config, 'vocab_size', None)}\n".encode()
+    )
     with torch.no_grad():
         for name, p in teacher.named_parameters():
             if p.device.type == "meta":
@@ -98,6 +106,7 @@ def teacher_fingerprint(teacher: nn.Module) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- building
+
 
 @dataclass
 class CacheReport:
@@ -181,11 +190,13 @@ def _check_cache_dir(out_dir, overwrite: bool) -> None:
         raise OutputExistsError(
             f"output folder {str(out_dir)!r} is not empty and is not a teacher cache (it holds files "
             f"build_teacher_cache did not write, or no {MANIFEST} of one); overwrite=True only replaces an earlier "
-            "teacher cache. Choose another folder, or empty this one yourself")
+            "teacher cache. Choose another folder, or empty this one yourself"
+        )
 
 
-def _top_k_chunk(hidden: torch.Tensor, head: torch.Tensor, k: int, transform: LogitTransform | None
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _top_k_chunk(
+    hidden: torch.Tensor, head: torch.Tensor, k: int, transform: LogitTransform | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One chunk of final hidden states ``[c, D]`` -> (top-k log-probs ``[c, k]``, their ids ``[c, k]``, log of
     the mass outside them ``[c]``), in float32. One ``[c, V]`` float32 tensor (plus logsumexp's temporary)."""
     logits = (hidden @ head.t()).float()
@@ -200,10 +211,21 @@ def _top_k_chunk(hidden: torch.Tensor, head: torch.Tensor, k: int, transform: Lo
     return logp, idx, rest
 
 
-def build_teacher_cache(teacher: nn.Module, windows: torch.Tensor, out_dir, *, top_k: int = 64,
-                        batch_size: int = 8, shard_windows: int = 1024, device=None, dtype="float16",
-                        transform: LogitTransform | None = None, progress: bool = True, overwrite: bool = False,
-                        chunk_tokens: int = 1024) -> CacheReport:
+def build_teacher_cache(
+    teacher: nn.Module,
+    windows: torch.Tensor,
+    out_dir,
+    *,
+    top_k: int = 64,
+    batch_size: int = 8,
+    shard_windows: int = 1024,
+    device=None,
+    dtype="float16",
+    transform: LogitTransform | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
+    chunk_tokens: int = 1024,
+) -> CacheReport:
     """Run ``teacher`` once over ``windows`` (int ``[N, L]``) and write its top-k cache to ``out_dir``.
 
     For each window, positions ``0 .. L-2`` (those that predict tokens ``1 .. L-1``) keep the teacher's
@@ -227,8 +249,9 @@ def build_teacher_cache(teacher: nn.Module, windows: torch.Tensor, out_dir, *, t
     from .parallel import ModelBackup
 
     if not isinstance(teacher, nn.Module):
-        raise DataError(f"the teacher should be a torch.nn.Module (a Hugging Face causal LM), got "
-                        f"{type(teacher).__name__}")
+        raise DataError(
+            f"the teacher should be a torch.nn.Module (a Hugging Face causal LM), got {type(teacher).__name__}"
+        )
     if next(teacher.parameters(), None) is None:
         raise DataError(f"the teacher ({type(teacher).__name__}) has no parameters")
     _check_int("batch_size", batch_size, 1)
@@ -269,6 +292,7 @@ def build_teacher_cache(teacher: nn.Module, windows: torch.Tensor, out_dir, *, t
             run_device = head.device
             if progress:
                 from tqdm.auto import tqdm
+
                 bar = tqdm(total=n, desc="caching teacher", unit="win", leave=False)
             with torch.no_grad():
                 for s, start in enumerate(range(0, n, shard_windows)):
@@ -283,7 +307,7 @@ def build_teacher_cache(teacher: nn.Module, windows: torch.Tensor, out_dir, *, t
                         flat = hidden.reshape(-1, hidden.shape[-1])
                         offset = (b - start) * positions
                         for c in range(0, flat.shape[0], chunk_tokens):
-                            logp, idx, rest = _top_k_chunk(flat[c:c + chunk_tokens], head, top_k, active)
+                            logp, idx, rest = _top_k_chunk(flat[c : c + chunk_tokens], head, top_k, active)
                             rows = slice(offset + c, offset + c + logp.shape[0])
                             logp_buf[rows] = logp.to(value_dtype).cpu()
                             idx_buf[rows] = _encode_ids(idx, index_name, index_dtype).cpu()
@@ -293,13 +317,18 @@ def build_teacher_cache(teacher: nn.Module, windows: torch.Tensor, out_dir, *, t
                         if bar is not None:
                             bar.update(e - b)
                     name = f"shard-{s:05d}.safetensors"
-                    _save_shard(tmp / name, {
-                        "logp": logp_buf.view(count, positions, top_k),
-                        "idx": idx_buf.view(count, positions, top_k),
-                        "rest": rest_buf.view(count, positions),
-                    }, {"format": FORMAT, "version": str(VERSION), "start": str(start), "windows": str(count)})
-                    shards.append({"file": name, "start": start, "windows": count,
-                                   "bytes": (tmp / name).stat().st_size})
+                    _save_shard(
+                        tmp / name,
+                        {
+                            "logp": logp_buf.view(count, positions, top_k),
+                            "idx": idx_buf.view(count, positions, top_k),
+                            "rest": rest_buf.view(count, positions),
+                        },
+                        {"format": FORMAT, "version": str(VERSION), "start": str(start), "windows": str(count)},
+                    )
+                    shards.append(
+                        {"file": name, "start": start, "windows": count, "bytes": (tmp / name).stat().st_size}
+                    )
                     del logp_buf, idx_buf, rest_buf
         finally:
             if bar is not None:
@@ -310,24 +339,48 @@ def build_teacher_cache(teacher: nn.Module, windows: torch.Tensor, out_dir, *, t
         shard_bytes = sum(sh["bytes"] for sh in shards)
         payload = top_k * (value_dtype.itemsize + index_dtype.itemsize) + 4
         manifest = {
-            "format": FORMAT, "version": VERSION,
-            "top_k": top_k, "vocab_size": vocab, "seq_len": seq_len, "positions_per_window": positions,
-            "windows": n, "tokens": tokens, "temperature": 1.0,
-            "dtype": value_name, "index_dtype": index_name, "index_storage": str(index_dtype).replace("torch.", ""),
-            "rest_dtype": "float32", "transform": transform.to_dict(),
-            "shard_windows": shard_windows, "shards": shards,
-            "windows_fingerprint": w_fp, "teacher_fingerprint": t_fp,
-            "teacher": {"class": type(teacher).__name__, "model_type": getattr(config, "model_type", None),
-                        "name_or_path": getattr(config, "_name_or_path", None) or None},
-            "bytes_per_token": round(shard_bytes / tokens, 3), "payload_bytes_per_token": payload,
+            "format": FORMAT,
+            "version": VERSION,
+            "top_k": top_k,
+            "vocab_size": vocab,
+            "seq_len": seq_len,
+            "positions_per_window": positions,
+            "windows": n,
+            "tokens": tokens,
+            "temperature": 1.0,
+            "dtype": value_name,
+            "index_dtype": index_name,
+            "index_storage": str(index_dtype).replace("torch.", ""),
+            "rest_dtype": "float32",
+            "transform": transform.to_dict(),
+            "shard_windows": shard_windows,
+            "shards": shards,
+            "windows_fingerprint": w_fp,
+            "teacher_fingerprint": t_fp,
+            "teacher": {
+                "class": type(teacher).__name__,
+                "model_type": getattr(config, "model_type", None),
+                "name_or_path": getattr(config, "_name_or_path", None) or None,
+            },
+            "bytes_per_token": round(shard_bytes / tokens, 3),
+            "payload_bytes_per_token": payload,
             "build_seconds": round(seconds, 3),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
         total_bytes = shard_bytes + (tmp / MANIFEST).stat().st_size
-    return CacheReport(path=str(out_dir), windows=n, tokens=tokens, shards=len(shards), top_k=top_k, vocab_size=vocab,
-                       bytes=total_bytes, bytes_per_token=round(total_bytes / tokens, 3),
-                       payload_bytes_per_token=payload, seconds=round(seconds, 3),
-                       tokens_per_second=round(tokens / max(seconds, 1e-9), 1))
+    return CacheReport(
+        path=str(out_dir),
+        windows=n,
+        tokens=tokens,
+        shards=len(shards),
+        top_k=top_k,
+        vocab_size=vocab,
+        bytes=total_bytes,
+        bytes_per_token=round(total_bytes / tokens, 3),
+        payload_bytes_per_token=payload,
+        seconds=round(seconds, 3),
+        tokens_per_second=round(tokens / max(seconds, 1e-9), 1),
+    )
 
 
 def _save_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
@@ -337,6 +390,7 @@ def _save_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str
 
 
 # ----------------------------------------------------------------------------------------------- reading
+
 
 class TeacherCache:
     """A teacher cache written by :func:`build_teacher_cache`, read a batch of windows at a time.
@@ -381,16 +435,25 @@ class TeacherCache:
     def describe(self) -> dict:
         """What a distillation report says about the cache it trained from."""
         m = self.manifest
-        return {"path": str(self.path), "windows": self.num_windows, "seq_len": self.seq_len, "top_k": self.top_k,
-                "dtype": m.get("dtype"), "bytes_per_token": m.get("bytes_per_token")}
+        return {
+            "path": str(self.path),
+            "windows": self.num_windows,
+            "seq_len": self.seq_len,
+            "top_k": self.top_k,
+            "dtype": m.get("dtype"),
+            "bytes_per_token": m.get("bytes_per_token"),
+        }
 
     def __repr__(self) -> str:
-        return (f"TeacherCache({str(self.path)!r}, windows={self.num_windows}, seq_len={self.seq_len}, "
-                f"top_k={self.top_k}, vocab_size={self.vocab_size})")
+        return (
+            f"TeacherCache({str(self.path)!r}, windows={self.num_windows}, seq_len={self.seq_len}, "
+            f"top_k={self.top_k}, vocab_size={self.vocab_size})"
+        )
 
     @classmethod
-    def open(cls, out_dir, *, windows: torch.Tensor | None = None, teacher: nn.Module | None = None,
-             max_open_shards: int = 8) -> "TeacherCache":
+    def open(
+        cls, out_dir, *, windows: torch.Tensor | None = None, teacher: nn.Module | None = None, max_open_shards: int = 8
+    ) -> TeacherCache:
         """Read ``out_dir/manifest.json`` and check that the shard files are there.
 
         Given ``windows`` and/or ``teacher``, also check that the cache was built from them (their
@@ -403,41 +466,53 @@ class TeacherCache:
         try:
             manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
         except FileNotFoundError as exc:
-            raise CheckpointError(f"{where!r} is not a teacher cache: it has no {MANIFEST} (build one with "
-                                  "build_teacher_cache)") from exc
+            raise CheckpointError(
+                f"{where!r} is not a teacher cache: it has no {MANIFEST} (build one with build_teacher_cache)"
+            ) from exc
         except (OSError, ValueError) as exc:
-            raise CheckpointError(f"the teacher cache's {MANIFEST} in {where!r} cannot be read ({exc}); "
-                                  "rebuild the cache") from exc
+            raise CheckpointError(
+                f"the teacher cache's {MANIFEST} in {where!r} cannot be read ({exc}); rebuild the cache"
+            ) from exc
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise CheckpointError(f"{where!r} holds a {MANIFEST} that is not a teacher cache's; rebuild the cache")
         if manifest.get("version") != VERSION:
-            raise CheckpointError(f"the teacher cache in {where!r} has format version {manifest.get('version')!r}; "
-                                  f"this compress reads version {VERSION}: rebuild the cache")
+            raise CheckpointError(
+                f"the teacher cache in {where!r} has format version {manifest.get('version')!r}; "
+                f"this compress reads version {VERSION}: rebuild the cache"
+            )
         for sh in manifest["shards"]:
             f = path / sh["file"]
             if not f.is_file() or f.stat().st_size != sh["bytes"]:
                 state = "is missing" if not f.is_file() else f"has {f.stat().st_size} bytes, not {sh['bytes']}"
-                raise CheckpointError(f"the teacher cache in {where!r} is incomplete: {sh['file']} {state}; "
-                                      "rebuild the cache")
+                raise CheckpointError(
+                    f"the teacher cache in {where!r} is incomplete: {sh['file']} {state}; rebuild the cache"
+                )
         if windows is not None:
             if not isinstance(windows, torch.Tensor) or windows.dim() != 2:
-                raise DataError(f"windows should be the [N, seq_len] token tensor the cache was built from, got "
-                                f"{type(windows).__name__} {tuple(getattr(windows, 'shape', ()))}")
+                raise DataError(
+                    f"windows should be the [N, seq_len] token tensor the cache was built from, got "
+                    f"{type(windows).__name__} {tuple(getattr(windows, 'shape', ()))}"
+                )
             shape = (manifest["windows"], manifest["seq_len"])
             if tuple(windows.shape) != shape:
-                raise DataError(f"the teacher cache in {where!r} was built for {shape[0]} windows of {shape[1]} "
-                                f"tokens, these are {tuple(windows.shape)}: it belongs to other data. Rebuild it "
-                                "(build_teacher_cache) for these windows")
+                raise DataError(
+                    f"the teacher cache in {where!r} was built for {shape[0]} windows of {shape[1]} "
+                    f"tokens, these are {tuple(windows.shape)}: it belongs to other data. Rebuild it "
+                    "(build_teacher_cache) for these windows"
+                )
             if windows_fingerprint(windows) != manifest["windows_fingerprint"]:
-                raise DataError(f"the teacher cache in {where!r} was built for other windows (same shape "
-                                f"{shape}, different tokens or order): rebuild it (build_teacher_cache) for these "
-                                "windows")
-        if teacher is not None:
-            if teacher_fingerprint(teacher) != manifest["teacher_fingerprint"]:
-                built = manifest.get("teacher", {})
-                raise DataError(f"the teacher cache in {where!r} was built with another teacher "
-                                f"({built.get('class')} {built.get('name_or_path') or ''}) or with different weights "
-                                f"(e.g. before teacher correction): rebuild it with this teacher")
+                raise DataError(
+                    f"the teacher cache in {where!r} was built for other windows (same shape "
+                    f"{shape}, different tokens or order): rebuild it (build_teacher_cache) for these "
+                    "windows"
+                )
+        if teacher is not None and teacher_fingerprint(teacher) != manifest["teacher_fingerprint"]:
+            built = manifest.get("teacher", {})
+            raise DataError(
+                f"the teacher cache in {where!r} was built with another teacher "
+                f"({built.get('class')} {built.get('name_or_path') or ''}) or with different weights "
+                f"(e.g. before teacher correction): rebuild it with this teacher"
+            )
         return cls(path, manifest, max_open_shards)
 
     def _shard(self, i: int):
@@ -456,14 +531,15 @@ class TeacherCache:
     def close(self) -> None:
         self._open.clear()
 
-    def __enter__(self) -> "TeacherCache":
+    def __enter__(self) -> TeacherCache:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def lookup(self, indices, device=None, *, renormalize: bool = True
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def lookup(
+        self, indices, device=None, *, renormalize: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The cached teacher for windows ``indices`` (rows of the ``windows`` the cache was built from, any
         order, repeats allowed): ``(logp [B, L-1, k] float32, idx [B, L-1, k] int64, rest [B, L-1] float32)``
         on ``device`` (default CPU). Row ``j`` position ``t`` is the teacher's prediction of token ``t + 1``
@@ -474,13 +550,17 @@ class TeacherCache:
         and the KL gradient ``q - p`` only vanishes at the optimum for a normalized ``p``."""
         idx = torch.as_tensor(indices)
         if idx.dim() != 1 or idx.dtype == torch.bool or idx.is_floating_point() or idx.is_complex():
-            raise DataError(f"indices should be a 1-D integer tensor of window numbers, got dtype {idx.dtype} "
-                            f"shape {tuple(idx.shape)}")
+            raise DataError(
+                f"indices should be a 1-D integer tensor of window numbers, got dtype {idx.dtype} "
+                f"shape {tuple(idx.shape)}"
+            )
         idx = idx.to("cpu", torch.int64)
         n = self.num_windows
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
-            raise DataError(f"window indices must lie in 0..{n - 1} (the cache holds {n} windows), got "
-                            f"{int(idx.min())}..{int(idx.max())}")
+            raise DataError(
+                f"window indices must lie in 0..{n - 1} (the cache holds {n} windows), got "
+                f"{int(idx.min())}..{int(idx.max())}"
+            )
         uniq, inverse = torch.unique(idx, sorted=True, return_inverse=True)
         parts: dict[str, list[torch.Tensor]] = {"logp": [], "idx": [], "rest": []}
         values = uniq.tolist()
@@ -499,8 +579,11 @@ class TeacherCache:
             i = j
         k, positions = self.top_k, self.manifest["positions_per_window"]
         if not values:
-            raw = {"logp": torch.empty(0, positions, k, dtype=torch.float16),
-                   "idx": torch.empty(0, positions, k, dtype=torch.int64), "rest": torch.empty(0, positions)}
+            raw = {
+                "logp": torch.empty(0, positions, k, dtype=torch.float16),
+                "idx": torch.empty(0, positions, k, dtype=torch.int64),
+                "rest": torch.empty(0, positions),
+            }
         else:
             raw = {name: torch.cat(p) if len(p) > 1 else p[0] for name, p in parts.items()}
         if idx.numel() != len(values) or not torch.equal(uniq, idx):
@@ -519,9 +602,18 @@ class TeacherCache:
 
 # ----------------------------------------------------------------------------------------------- the loss
 
-def _cached_chunk_loss_and_grad(h: torch.Tensor, w: torch.Tensor, t_logp: torch.Tensor, t_idx: torch.Tensor,
-                                t_rest: torch.Tensor, kind: str, weight: float, need_grad: bool,
-                                transform: LogitTransform | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+
+def _cached_chunk_loss_and_grad(
+    h: torch.Tensor,
+    w: torch.Tensor,
+    t_logp: torch.Tensor,
+    t_idx: torch.Tensor,
+    t_rest: torch.Tensor,
+    kind: str,
+    weight: float,
+    need_grad: bool,
+    transform: LogitTransform | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One chunk: ``(kd_sum, d(weight * kd_sum)/d(raw student logits))``; see :func:`cached_logit_loss` for the
     math. Memory: the ``[c, V]`` logits, reused in place for the gradient (plus the soft-cap's derivative when
     there is one, and logsumexp's temporary)."""
@@ -536,16 +628,16 @@ def _cached_chunk_loss_and_grad(h: torch.Tensor, w: torch.Tensor, t_logp: torch.
     a_r = t_rest.to(compute)
     idx = t_idx.long()
     lse = torch.logsumexp(z, dim=-1)
-    s = z.gather(-1, idx) - lse.unsqueeze(-1)      # student log q on the teacher's top k
-    z.scatter_(-1, idx, float("-inf"))             # z now: the logits outside the top k
+    s = z.gather(-1, idx) - lse.unsqueeze(-1)  # student log q on the teacher's top k
+    z.scatter_(-1, idx, float("-inf"))  # z now: the logits outside the top k
     lse_rest = torch.logsumexp(z, dim=-1)
-    s_r = lse_rest - lse                           # log q_rest (-inf when k == V)
+    s_r = lse_rest - lse  # log q_rest (-inf when k == V)
     q, q_r = s.exp(), s_r.exp()
     zero = torch.zeros((), dtype=compute, device=z.device)
     if kind == "forward_kl":
         p, r = a.exp(), a_r.exp()
         kd = torch.where(p > 0, p * (a - s), zero).sum() + torch.where(r > 0, r * (a_r - s_r), zero).sum()
-        g, g_r = -p, -r                            # dL/ds, dL/ds_r
+        g, g_r = -p, -r  # dL/ds, dL/ds_r
     else:  # reverse_kl
         a = a.clamp_min(_LOG_TINY)
         a_r = a_r.clamp_min(_LOG_TINY)
@@ -555,7 +647,7 @@ def _cached_chunk_loss_and_grad(h: torch.Tensor, w: torch.Tensor, t_logp: torch.
         g_r = torch.where(q_r > 0, q_r * (s_r - a_r + 1), zero)
     grad = None
     if need_grad:
-        total = g.sum(-1) + g_r                    # G
+        total = g.sum(-1) + g_r  # G
         # Outside the top k: dL/dz_j = (g_r - q_r G) exp(z_j - lse_rest); inside: g_j - q_j G.
         safe = torch.where(torch.isfinite(lse_rest), lse_rest, zero)
         grad = z.sub_(safe.unsqueeze(-1)).exp_().mul_((weight * (g_r - q_r * total)).unsqueeze(-1))
@@ -584,8 +676,9 @@ class _CachedHeadLoss(torch.autograd.Function):
         for start in range(0, n, chunk_tokens):
             sl = slice(start, start + chunk_tokens)
             h_chunk = h[sl]
-            kd, g = _cached_chunk_loss_and_grad(h_chunk, w, t_logp[sl], t_idx[sl], t_rest[sl], kind, weight,
-                                                needs_grad, transform)
+            kd, g = _cached_chunk_loss_and_grad(
+                h_chunk, w, t_logp[sl], t_idx[sl], t_rest[sl], kind, weight, needs_grad, transform
+            )
             if needs_grad:
                 grad_h[sl] = g @ w
                 grad_w += (g.t() @ h_chunk).to(grad_w.dtype)
@@ -604,10 +697,18 @@ class _CachedHeadLoss(torch.autograd.Function):
         return out_h, out_w, None, None, None, None, None, None, None
 
 
-def cached_logit_loss(student_hidden: torch.Tensor, student_head: torch.Tensor, t_logp: torch.Tensor,
-                      t_idx: torch.Tensor, t_rest: torch.Tensor, *, kind: str = "forward_kl",
-                      chunk_tokens: int = 1024, student_transform: LogitTransform | None = None,
-                      weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def cached_logit_loss(
+    student_hidden: torch.Tensor,
+    student_head: torch.Tensor,
+    t_logp: torch.Tensor,
+    t_idx: torch.Tensor,
+    t_rest: torch.Tensor,
+    *,
+    kind: str = "forward_kl",
+    chunk_tokens: int = 1024,
+    student_transform: LogitTransform | None = None,
+    weight: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``weight ×`` the mean over tokens of a divergence between the cached teacher and the student, on the
     ``k + 1`` buckets "each of the teacher's top k tokens" and "everything else"; returns ``(loss, kd)``:
     the differentiable loss and the detached mean divergence for logging.
@@ -648,19 +749,36 @@ def cached_logit_loss(student_hidden: torch.Tensor, student_head: torch.Tensor, 
     loss is float64 too); the gradients come back in the inputs' dtypes.
     """
     if kind not in CACHED_LOSSES:
-        raise ValueError(f"unknown cached divergence {kind!r}; choose one of {CACHED_LOSSES} (JSD and "
-                         "temperatures other than 1 need the teacher's full distribution: use chunked_logit_loss)")
+        raise ValueError(
+            f"unknown cached divergence {kind!r}; choose one of {CACHED_LOSSES} (JSD and "
+            "temperatures other than 1 need the teacher's full distribution: use chunked_logit_loss)"
+        )
     _check_int("chunk_tokens", chunk_tokens, 1)
     if student_hidden.dim() != 2 or student_head.dim() != 2 or student_hidden.shape[1] != student_head.shape[1]:
-        raise ValueError(f"student_hidden [N, D] and student_head [V, D] do not fit: {tuple(student_hidden.shape)} "
-                         f"and {tuple(student_head.shape)}")
+        raise ValueError(
+            f"student_hidden [N, D] and student_head [V, D] do not fit: {tuple(student_hidden.shape)} "
+            f"and {tuple(student_head.shape)}"
+        )
     n = student_hidden.shape[0]
     if t_logp.dim() != 2 or t_logp.shape != t_idx.shape or t_logp.shape[0] != n or tuple(t_rest.shape) != (n,):
-        raise ValueError(f"the cached teacher should be t_logp [N, k], t_idx [N, k], t_rest [N] with N = {n}, got "
-                         f"{tuple(t_logp.shape)}, {tuple(t_idx.shape)}, {tuple(t_rest.shape)}")
+        raise ValueError(
+            f"the cached teacher should be t_logp [N, k], t_idx [N, k], t_rest [N] with N = {n}, got "
+            f"{tuple(t_logp.shape)}, {tuple(t_idx.shape)}, {tuple(t_rest.shape)}"
+        )
     if t_logp.shape[1] > student_head.shape[0]:
-        raise ValueError(f"the cache keeps {t_logp.shape[1]} tokens per position, more than the student's "
-                         f"vocabulary of {student_head.shape[0]}")
-    loss, kd = _CachedHeadLoss.apply(student_hidden, student_head, t_logp, t_idx, t_rest, kind, chunk_tokens,
-                                     _active(student_transform), float(weight))
+        raise ValueError(
+            f"the cache keeps {t_logp.shape[1]} tokens per position, more than the student's "
+            f"vocabulary of {student_head.shape[0]}"
+        )
+    loss, kd = _CachedHeadLoss.apply(
+        student_hidden,
+        student_head,
+        t_logp,
+        t_idx,
+        t_rest,
+        kind,
+        chunk_tokens,
+        _active(student_transform),
+        float(weight),
+    )
     return loss / n, kd / n

@@ -30,8 +30,7 @@ from ..data import derived_seed
 from ..errors import CheckpointError, CompressError, ConfigError, DataError, OutputExistsError
 from ..models import DecoderAdapter, check_plain_logits, layout_for
 from ..validate import check_finite_weights
-from .checkpoint import (earlier_run_files, find_resumable, latest_checkpoint, restore_checkpoint,
-                         save_checkpoint)
+from .checkpoint import earlier_run_files, find_resumable, latest_checkpoint, restore_checkpoint, save_checkpoint
 from .config import DistillConfig
 from .data import WindowLoader
 from .losses import LogitTransform, chunked_logit_loss, hidden_state_loss
@@ -89,6 +88,7 @@ class _LayerOutputs:
     def _hook(self, i: int):
         def hook(_module, _args, out):
             self.outputs[i] = out[0] if isinstance(out, (tuple, list)) else out
+
         return hook
 
     def pop(self) -> dict[int, torch.Tensor]:
@@ -113,9 +113,16 @@ def default_layer_map(n_student: int, n_teacher: int, kept: list[int] | None = N
 class DistillModule(nn.Module):
     """Student + projections + the loss, as one module so DDP/FSDP see (and synchronize) everything trained."""
 
-    def __init__(self, student: nn.Module, adapter: DecoderAdapter, config: DistillConfig,
-                 layer_map: dict[int, int], teacher_width: int, hidden_init: list[int] | None = None,
-                 teacher_transform: LogitTransform | None = None):
+    def __init__(
+        self,
+        student: nn.Module,
+        adapter: DecoderAdapter,
+        config: DistillConfig,
+        layer_map: dict[int, int],
+        teacher_width: int,
+        hidden_init: list[int] | None = None,
+        teacher_transform: LogitTransform | None = None,
+    ):
         super().__init__()
         self.student, self.adapter, self.config, self.layer_map = student, adapter, config, layer_map
         self.hidden_init = hidden_init
@@ -131,8 +138,9 @@ class DistillModule(nn.Module):
             if device.type != "meta":
                 with torch.no_grad():
                     self.projections["hidden"].weight.copy_(self._projection_init())
-        self._captured = _LayerOutputs(adapter.decoder_layers(student), sorted(layer_map)) \
-            if config.hidden_loss else None
+        self._captured = (
+            _LayerOutputs(adapter.decoder_layers(student), sorted(layer_map)) if config.hidden_loss else None
+        )
         self.cached_targets: tuple[torch.Tensor, ...] | None = None
 
     def _projection_init(self) -> torch.Tensor:
@@ -150,9 +158,14 @@ class DistillModule(nn.Module):
         """Initial values of the trained parameters that are not the student's (for a meta-built module)."""
         return {"projections.hidden.weight": self._projection_init()} if "hidden" in self.projections else {}
 
-    def forward(self, input_ids: torch.Tensor, teacher_final: torch.Tensor | None,
-                teacher_layers: dict[int, torch.Tensor], teacher_head: torch.Tensor | None,
-                loss_from: int = 1) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        teacher_final: torch.Tensor | None,
+        teacher_layers: dict[int, torch.Tensor],
+        teacher_head: torch.Tensor | None,
+        loss_from: int = 1,
+    ) -> torch.Tensor:
         """Returns ``[loss, kd, ce, hidden]`` (only the first carries gradients). The logit losses cover the
         tokens from position ``loss_from`` on (1: every predicted token; an on-policy batch starts at its sampled
         part, and has no cross-entropy: its tokens are the student's own). ``self.cached_targets``, when set by
@@ -177,15 +190,27 @@ class DistillModule(nn.Module):
                 teacher_head = teacher_head.to(head.dtype)
         t_head = teacher_head
         loss, kd, ce = chunked_logit_loss(
-            s_flat, head, t_flat, t_head, labels,
-            kind=cfg.logit_loss, temperature=cfg.temperature, beta=cfg.jsd_beta, top_k=cfg.top_k,
-            chunk_tokens=cfg.chunk_tokens, kd_weight=cfg.logit_weight, ce_weight=cfg.alpha_ce,
-            compiled=cfg.compile, student_transform=self.student_transform,
-            teacher_transform=self.teacher_transform, skew=cfg.skew_alpha)
+            s_flat,
+            head,
+            t_flat,
+            t_head,
+            labels,
+            kind=cfg.logit_loss,
+            temperature=cfg.temperature,
+            beta=cfg.jsd_beta,
+            top_k=cfg.top_k,
+            chunk_tokens=cfg.chunk_tokens,
+            kd_weight=cfg.logit_weight,
+            ce_weight=cfg.alpha_ce,
+            compiled=cfg.compile,
+            student_transform=self.student_transform,
+            teacher_transform=self.teacher_transform,
+            skew=cfg.skew_alpha,
+        )
         hid = kd.new_zeros(())
         if self._captured is not None:
             student_layers = self._captured.pop()
-            proj = self.projections["hidden"] if "hidden" in self.projections else None
+            proj = self.projections["hidden"] if "hidden" in self.projections else None  # noqa: SIM401 (ModuleDict)
             for s_idx, t_idx in self.layer_map.items():
                 h_s = student_layers[s_idx]
                 if proj is not None:  # the projection's weight dtype decides (fp32 master, bf16 under FSDP)
@@ -193,32 +218,53 @@ class DistillModule(nn.Module):
                 hid = hid + hidden_state_loss(h_s, teacher_layers[t_idx], cfg.hidden_loss)
             hid = hid / len(self.layer_map)
             loss = loss + cfg.hidden_weight * hid
-        return torch.stack([loss, kd.detach().to(loss.dtype), ce.detach().to(loss.dtype),
-                            hid.detach().to(loss.dtype)])
+        return torch.stack([loss, kd.detach().to(loss.dtype), ce.detach().to(loss.dtype), hid.detach().to(loss.dtype)])
 
-    def _cached_forward(self, s_flat: torch.Tensor, head: torch.Tensor, cached: tuple[torch.Tensor, ...],
-                        labels: torch.Tensor | None) -> torch.Tensor:
+    def _cached_forward(
+        self, s_flat: torch.Tensor, head: torch.Tensor, cached: tuple[torch.Tensor, ...], labels: torch.Tensor | None
+    ) -> torch.Tensor:
         """The logit loss against a teacher cache (plus the cross-entropy, when asked for)."""
         from .teacher_cache import cached_logit_loss
 
         cfg = self.config
         t_logp, t_idx, t_rest = (t.reshape(-1, *t.shape[2:]) for t in cached)
-        loss, kd = cached_logit_loss(s_flat, head, t_logp, t_idx, t_rest, kind=cfg.logit_loss,
-                                     chunk_tokens=cfg.chunk_tokens, student_transform=self.student_transform,
-                                     weight=cfg.logit_weight)
+        loss, kd = cached_logit_loss(
+            s_flat,
+            head,
+            t_logp,
+            t_idx,
+            t_rest,
+            kind=cfg.logit_loss,
+            chunk_tokens=cfg.chunk_tokens,
+            student_transform=self.student_transform,
+            weight=cfg.logit_weight,
+        )
         ce = kd.new_zeros(())
         if labels is not None:
-            ce_loss, _, ce = chunked_logit_loss(s_flat, head, None, None, labels, chunk_tokens=cfg.chunk_tokens,
-                                                ce_weight=cfg.alpha_ce, compiled=cfg.compile,
-                                                student_transform=self.student_transform)
+            ce_loss, _, ce = chunked_logit_loss(
+                s_flat,
+                head,
+                None,
+                None,
+                labels,
+                chunk_tokens=cfg.chunk_tokens,
+                ce_weight=cfg.alpha_ce,
+                compiled=cfg.compile,
+                student_transform=self.student_transform,
+            )
             loss = loss + ce_loss
         zero = kd.new_zeros(())
         return torch.stack([loss, kd.detach().to(loss.dtype), ce.detach().to(loss.dtype), zero.to(loss.dtype)])
 
 
 @torch.no_grad()
-def sample_continuations(model: nn.Module, prompts: torch.Tensor, new_tokens: int, temperature: float,
-                         generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_continuations(
+    model: nn.Module,
+    prompts: torch.Tensor,
+    new_tokens: int,
+    temperature: float,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """``prompts`` ``[B, P]`` followed by ``new_tokens`` tokens sampled from ``model`` at ``temperature`` (the
     whole distribution: no top-k/top-p, as on-policy distillation needs the student's own distribution). Always
     exactly ``new_tokens`` (no stop at EOS), so every rank of a sharded student runs the same number of forward
@@ -258,11 +304,13 @@ def _lr_lambda(config: DistillConfig, total: int):
         progress = (step - warmup) / max(1, total - warmup)
         cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
         return config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine
+
     return fn
 
 
-def _teacher_correction(trainer: nn.Module, params: list[nn.Parameter], loader: WindowLoader,
-                        config: DistillConfig, engine: Engine) -> dict:
+def _teacher_correction(
+    trainer: nn.Module, params: list[nn.Parameter], loader: WindowLoader, config: DistillConfig, engine: Engine
+) -> dict:
     """Briefly fine-tune the teacher with the LM loss on the distillation data (data-parallel across ranks:
     gradients are averaged, so every rank ends with the same corrected teacher)."""
     trainer.train()
@@ -286,8 +334,10 @@ def _summary_writer_class():
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as exc:
-        raise ConfigError("DistillConfig.tensorboard needs the tensorboard package: "
-                          "pip install 'compress-llm[tensorboard]' (or pip install tensorboard)") from exc
+        raise ConfigError(
+            "DistillConfig.tensorboard needs the tensorboard package: "
+            "pip install 'compress-llm[tensorboard]' (or pip install tensorboard)"
+        ) from exc
     return SummaryWriter
 
 
@@ -323,7 +373,7 @@ class _Guard:
 
     def check(self) -> int:
         """The first step (1-based, across all ranks) whose loss or gradients were not finite; 0 if none."""
-        big = 2.0 ** 52
+        big = 2.0**52
         code = torch.where(self.first_bad > 0, big - self.first_bad, torch.zeros_like(self.first_bad)).reshape(1)
         code = distributed.all_reduce_(code.cpu(), "max")
         return 0 if float(code) == 0 else int(big - float(code))
@@ -340,23 +390,30 @@ def _check_models(student: nn.Module, teacher: nn.Module) -> None:
     """The two models themselves: modules, distinct, sharing no weight, materialized, finite."""
     for name, model in (("student", student), ("teacher", teacher)):
         if not isinstance(model, nn.Module):
-            raise DataError(f"the {name} should be a torch.nn.Module (a Hugging Face causal LM), got "
-                            f"{type(model).__name__}")
+            raise DataError(
+                f"the {name} should be a torch.nn.Module (a Hugging Face causal LM), got {type(model).__name__}"
+            )
         if next(model.parameters(), None) is None:
             raise DataError(f"the {name} ({type(model).__name__}) has no parameters")
         meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
         if meta:
-            raise DataError(f"the {name} has weights on the meta device ({', '.join(meta[:3])}"
-                            f"{' ...' if len(meta) > 3 else ''}): load its weights first")
+            raise DataError(
+                f"the {name} has weights on the meta device ({', '.join(meta[:3])}"
+                f"{' ...' if len(meta) > 3 else ''}): load its weights first"
+            )
     if student is teacher:
-        raise DataError("the student and the teacher are the same model object: distillation would train the "
-                        "teacher it imitates. Pass a copy as the student (copy.deepcopy(teacher), then prune it)")
+        raise DataError(
+            "the student and the teacher are the same model object: distillation would train the "
+            "teacher it imitates. Pass a copy as the student (copy.deepcopy(teacher), then prune it)"
+        )
     teacher_storage = {(p.device, p.data_ptr()) for p in teacher.parameters() if p.numel()}
     shared = [n for n, p in student.named_parameters() if p.numel() and (p.device, p.data_ptr()) in teacher_storage]
     if shared:
-        raise DataError(f"the student shares weights with the teacher ({', '.join(shared[:3])}"
-                        f"{' ...' if len(shared) > 3 else ''}): training the student would change the teacher. "
-                        "Pass a deep copy (copy.deepcopy) as the student")
+        raise DataError(
+            f"the student shares weights with the teacher ({', '.join(shared[:3])}"
+            f"{' ...' if len(shared) > 3 else ''}): training the student would change the teacher. "
+            "Pass a deep copy (copy.deepcopy) as the student"
+        )
     check_finite_weights(student, "student")
     check_finite_weights(teacher, "teacher")
 
@@ -365,27 +422,38 @@ def _resolve_layer_map(config: DistillConfig, n_s: int, n_t: int, kept_layers) -
     """The student -> teacher layer map of the hidden loss, checked against both depths."""
     if kept_layers is not None:
         kept = list(kept_layers) if isinstance(kept_layers, (list, tuple, range)) else None
-        if kept is None or any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < n_t for t in kept) \
-                or len(kept) != n_s:
-            raise ConfigError(f"kept_layers={kept_layers!r} should list, for each of the student's {n_s} layers, the "
-                              f"teacher layer (0 to {n_t - 1}) it was kept from")
+        if (
+            kept is None
+            or any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < n_t for t in kept)
+            or len(kept) != n_s
+        ):
+            raise ConfigError(
+                f"kept_layers={kept_layers!r} should list, for each of the student's {n_s} layers, the "
+                f"teacher layer (0 to {n_t - 1}) it was kept from"
+            )
     if config.layer_map is not None:
         wrong = {s: t for s, t in config.layer_map.items() if not (0 <= s < n_s and 0 <= t < n_t)}
         if wrong:
-            raise ConfigError(f"DistillConfig.layer_map={config.layer_map!r} maps {wrong} outside the models: the "
-                              f"student has layers 0 to {n_s - 1}, the teacher 0 to {n_t - 1}")
+            raise ConfigError(
+                f"DistillConfig.layer_map={config.layer_map!r} maps {wrong} outside the models: the "
+                f"student has layers 0 to {n_s - 1}, the teacher 0 to {n_t - 1}"
+            )
         layer_map = dict(config.layer_map)
     else:
         layer_map = default_layer_map(n_s, n_t, kept_layers)
     if config.hidden_layers is not None:
         wrong = [i for i in config.hidden_layers if not 0 <= i < n_s]
         if wrong:
-            raise ConfigError(f"DistillConfig.hidden_layers={config.hidden_layers!r} names layers {wrong} the student "
-                              f"does not have (it has layers 0 to {n_s - 1})")
+            raise ConfigError(
+                f"DistillConfig.hidden_layers={config.hidden_layers!r} names layers {wrong} the student "
+                f"does not have (it has layers 0 to {n_s - 1})"
+            )
         missing = [i for i in config.hidden_layers if i not in layer_map]
         if missing:
-            raise ConfigError(f"DistillConfig.hidden_layers={config.hidden_layers!r} names student layers {missing} "
-                              f"that layer_map={layer_map!r} does not map to a teacher layer: add them to layer_map")
+            raise ConfigError(
+                f"DistillConfig.hidden_layers={config.hidden_layers!r} names student layers {missing} "
+                f"that layer_map={layer_map!r} does not map to a teacher layer: add them to layer_map"
+            )
         layer_map = {i: layer_map[i] for i in config.hidden_layers}
     return layer_map
 
@@ -394,20 +462,34 @@ def _check_output_dir(out_dir: Path, config: DistillConfig) -> None:
     """``output_dir`` must be a folder (or not exist yet), and a new run must not overwrite or mix with the files
     of an earlier one."""
     if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"DistillConfig.output_dir={str(out_dir)!r} is a file, not a folder: choose a folder for "
-                          "the metrics and checkpoints")
+        raise ConfigError(
+            f"DistillConfig.output_dir={str(out_dir)!r} is a file, not a folder: choose a folder for "
+            "the metrics and checkpoints"
+        )
     if not config.resume:
         earlier = earlier_run_files(out_dir)
         if earlier:
             kind = CheckpointError if any(e.startswith("checkpoint-") for e in earlier) else OutputExistsError
-            raise kind(f"DistillConfig.output_dir={str(out_dir)!r} holds an earlier run's {', '.join(earlier)}; a new "
-                       "run would overwrite them. Pass resume=True to continue that run, or choose another "
-                       "output_dir (or delete that one): nothing is overwritten without being asked")
+            raise kind(
+                f"DistillConfig.output_dir={str(out_dir)!r} holds an earlier run's {', '.join(earlier)}; a new "
+                "run would overwrite them. Pass resume=True to continue that run, or choose another "
+                "output_dir (or delete that one): nothing is overwritten without being asked"
+            )
 
 
-def distill(student: nn.Module, teacher: nn.Module, data, config: DistillConfig, *, tokenizer=None,
-            skip_tokens: int = 0, kept_layers: list[int] | None = None, kept_hidden: list[int] | None = None,
-            device: str | torch.device | None = None, keep_weights_for_errors: bool = True) -> DistillReport:
+def distill(
+    student: nn.Module,
+    teacher: nn.Module,
+    data,
+    config: DistillConfig,
+    *,
+    tokenizer=None,
+    skip_tokens: int = 0,
+    kept_layers: list[int] | None = None,
+    kept_hidden: list[int] | None = None,
+    device: str | torch.device | None = None,
+    keep_weights_for_errors: bool = True,
+) -> DistillReport:
     """Train ``student`` (in place) to imitate ``teacher`` on ``data``; returns a :class:`DistillReport`.
 
     ``data``: text (path, ``.jsonl`` with a ``text`` field, documents, a ``datasets.Dataset``; needs
@@ -443,11 +525,15 @@ def distill(student: nn.Module, teacher: nn.Module, data, config: DistillConfig,
     s_vocab = student.get_submodule(s_adapter.lm_head).weight.shape[0]
     t_vocab = teacher.get_submodule(t_adapter.lm_head).weight.shape[0]
     if s_vocab != t_vocab:
-        raise DataError(f"student vocabulary ({s_vocab}) and teacher vocabulary ({t_vocab}) differ: logit "
-                        "distillation needs the same tokenizer for both")
+        raise DataError(
+            f"student vocabulary ({s_vocab}) and teacher vocabulary ({t_vocab}) differ: logit "
+            "distillation needs the same tokenizer for both"
+        )
     if config.top_k is not None and config.top_k > t_vocab:
-        raise ConfigError(f"DistillConfig.top_k={config.top_k} is larger than the vocabulary ({t_vocab} tokens): "
-                          f"use at most {t_vocab}, or None for every logit")
+        raise ConfigError(
+            f"DistillConfig.top_k={config.top_k} is larger than the vocabulary ({t_vocab} tokens): "
+            f"use at most {t_vocab}, or None for every logit"
+        )
     if tokenizer is not None:
         check_tokenizer_matches(student, tokenizer)
     if isinstance(skip_tokens, bool) or not isinstance(skip_tokens, int) or skip_tokens < 0:
@@ -459,11 +545,17 @@ def distill(student: nn.Module, teacher: nn.Module, data, config: DistillConfig,
     student_width = s_adapter.shape_config(student.config).hidden_size
     if kept_hidden is not None:
         kept = list(kept_hidden) if isinstance(kept_hidden, (list, tuple, range)) else None
-        if kept is None or any(isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < teacher_width
-                               for c in kept) or len(set(kept)) != len(kept) or len(kept) != student_width:
-            raise ConfigError(f"kept_hidden should list, for each of the student's {student_width} hidden channels, "
-                              f"the distinct teacher channel (0 to {teacher_width - 1}) it was kept from; got "
-                              f"{kept_hidden!r}")
+        if (
+            kept is None
+            or any(isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < teacher_width for c in kept)
+            or len(set(kept)) != len(kept)
+            or len(kept) != student_width
+        ):
+            raise ConfigError(
+                f"kept_hidden should list, for each of the student's {student_width} hidden channels, "
+                f"the distinct teacher channel (0 to {teacher_width - 1}) it was kept from; got "
+                f"{kept_hidden!r}"
+            )
 
     rank, world = distributed.init()
     device = distributed.resolve_device(device)
@@ -473,9 +565,11 @@ def distill(student: nn.Module, teacher: nn.Module, data, config: DistillConfig,
     mode, shard_teacher = _pick_engine(config, world, plan)
     plan.check(mode, shard_teacher)  # refuses, with what would fit, before any work
     if mode == "fsdp" and config.on_policy_fraction > 0:
-        raise ConfigError(f"DistillConfig.on_policy_fraction={config.on_policy_fraction} samples from the student, "
-                          "which FSDP keeps sharded: on-policy distillation runs in one process or under DDP "
-                          "(parallel='ddp') only")
+        raise ConfigError(
+            f"DistillConfig.on_policy_fraction={config.on_policy_fraction} samples from the student, "
+            "which FSDP keeps sharded: on-policy distillation runs in one process or under DDP "
+            "(parallel='ddp') only"
+        )
     total = config.steps_for(world)
     warmup, schedule_note = config.warmup_for(total)
     schedule = {"total_steps": total, "warmup_steps": warmup, "decay": f"cosine to {config.min_lr_ratio} x lr"}
@@ -490,8 +584,9 @@ def distill(student: nn.Module, teacher: nn.Module, data, config: DistillConfig,
         _check_output_dir(out_dir, config)
         if config.resume:  # state.json, settings and budget now; the tensors once the student is in place
             resumable = find_resumable(out_dir, config=config.to_dict(), world=world, mode=mode, total_steps=total)
-    loader = WindowLoader.from_source(data, tokenizer, config, skip_tokens=skip_tokens, rank=rank, world=world,
-                                      device=device, vocab_size=s_vocab)
+    loader = WindowLoader.from_source(
+        data, tokenizer, config, skip_tokens=skip_tokens, rank=rank, world=world, device=device, vocab_size=s_vocab
+    )
     cache = None
     if config.teacher_cache is not None:  # built for these very windows and this teacher, or refused now
         from .teacher_cache import TeacherCache
@@ -521,8 +616,9 @@ def distill(student: nn.Module, teacher: nn.Module, data, config: DistillConfig,
         if config.teacher_correction_steps:
             for p in t_model.parameters():
                 p.requires_grad_(True)
-            correction = _teacher_correction(engine.teacher_trainer(t_trunk), list(t_model.parameters()), loader,
-                                             config, engine)
+            correction = _teacher_correction(
+                engine.teacher_trainer(t_trunk), list(t_model.parameters()), loader, config, engine
+            )
             if t_model is not teacher:
                 gather_teacher(t_trunk, teacher)
             loader.reset()
@@ -533,28 +629,42 @@ def distill(student: nn.Module, teacher: nn.Module, data, config: DistillConfig,
         engine.freeze_teacher(t_trunk, teacher_state, corrected=bool(config.teacher_correction_steps))
         for p in student.parameters():
             p.requires_grad_(True)
-        wrapped = engine.place_student(student, lambda s: DistillModule(
-            s, s_adapter, config, layer_map if config.hidden_loss else {}, teacher_width, kept_hidden,
-            t_adapter.logit_transform(t_adapter.shape_config(teacher.config))))
+        wrapped = engine.place_student(
+            student,
+            lambda s: DistillModule(
+                s,
+                s_adapter,
+                config,
+                layer_map if config.hidden_loss else {},
+                teacher_width,
+                kept_hidden,
+                t_adapter.logit_transform(t_adapter.shape_config(teacher.config)),
+            ),
+        )
         module = engine.module
         if module._captured is not None:
             hooks.append(module._captured)
         params = [p for p in module.parameters() if p.requires_grad]
         # Fused AdamW on CUDA and CPU alike: one kernel per parameter group per step. (On CPU the peak memory of
         # benchmarks/parallel_cpu.py was the same as with the multi-tensor version.)
-        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95),
-                                      fused=True)
+        optimizer = torch.optim.AdamW(
+            params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95), fused=True
+        )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, total))
 
-        captured_teacher = _LayerOutputs(t_adapter.decoder_layers(t_model), sorted(set(layer_map.values()))) \
-            if config.hidden_loss else None
+        captured_teacher = (
+            _LayerOutputs(t_adapter.decoder_layers(t_model), sorted(set(layer_map.values())))
+            if config.hidden_loss
+            else None
+        )
         if captured_teacher is not None:
             hooks.append(captured_teacher)
         # Plain LM fine-tuning (logit_weight 0, no hidden loss) never runs the teacher, nor does a cached one.
         needs_teacher = (config.logit_weight > 0 or config.hidden_loss is not None) and cache is None
         prompt_len = config.on_policy_prompt()
-        on_policy = {"batches": 0, "sampled_tokens": 0, "sampling_seconds": 0.0} \
-            if config.on_policy_fraction > 0 else {}
+        on_policy = (
+            {"batches": 0, "sampled_tokens": 0, "sampling_seconds": 0.0} if config.on_policy_fraction > 0 else {}
+        )
         start_step, history, resumed = 0, [], None
         if out_dir is not None and rank == 0:
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -571,8 +681,14 @@ def distill(student: nn.Module, teacher: nn.Module, data, config: DistillConfig,
             torch.cuda.reset_peak_memory_stats(device)
         tokens_per_step = config.tokens_per_step * world
         clip = config.max_grad_norm if config.max_grad_norm is not None else float("inf")  # inf: norm only
-        bar = tqdm(range(start_step, total), initial=start_step, total=total, desc="distilling",
-                   disable=not config.progress or rank != 0, leave=False)
+        bar = tqdm(
+            range(start_step, total),
+            initial=start_step,
+            total=total,
+            desc="distilling",
+            disable=not config.progress or rank != 0,
+            leave=False,
+        )
         guard = _Guard(device, start_step)
         t0, last = time.perf_counter(), history[-1]["loss"] if history else float("nan")
         try:
@@ -586,11 +702,16 @@ def distill(student: nn.Module, teacher: nn.Module, data, config: DistillConfig,
                     if _on_policy_now(config, step, micro):  # the student writes the rest of each window
                         t_sample = time.perf_counter()
                         gen = torch.Generator(device).manual_seed(
-                            derived_seed("sample", config.seed, rank, step, micro))
+                            derived_seed("sample", config.seed, rank, step, micro)
+                        )
                         with engine.autocast():
-                            batch = sample_continuations(module.student, batch[:, :prompt_len],
-                                                         batch.shape[1] - prompt_len, config.on_policy_temperature,
-                                                         gen)
+                            batch = sample_continuations(
+                                module.student,
+                                batch[:, :prompt_len],
+                                batch.shape[1] - prompt_len,
+                                config.on_policy_temperature,
+                                gen,
+                            )
                         loss_from = prompt_len
                         on_policy["batches"] += 1
                         on_policy["sampled_tokens"] += batch.shape[0] * (batch.shape[1] - prompt_len) * world
@@ -622,16 +743,24 @@ def distill(student: nn.Module, teacher: nn.Module, data, config: DistillConfig,
                     raise DistillError(
                         f"the loss or the gradients became nan/inf at step {bad}; stopping (every rank). The last "
                         f"good checkpoint is {where or 'none (no checkpoint was written)'}. The student was put "
-                        f"back as it came in. Try a lower lr (now {config.lr}), dtype='fp32', or check the data.")
+                        f"back as it came in. Try a lower lr (now {config.lr}), dtype='fp32', or check the data."
+                    )
                 if log_now:
                     loss, kd, ce, hid = guard.pop_means()
                     last = loss
                     elapsed = time.perf_counter() - t0
                     tps = (done - start_step) * tokens_per_step / max(elapsed, 1e-9)
-                    record = {"step": done, "loss": round(loss, 6), "kd": round(kd, 6), "ce": round(ce, 6),
-                              "hidden": round(hid, 6), "lr": scheduler.get_last_lr()[0],
-                              "tokens": done * tokens_per_step, "tokens_per_s": round(tps, 1),
-                              "elapsed_s": round(elapsed, 3)}
+                    record = {
+                        "step": done,
+                        "loss": round(loss, 6),
+                        "kd": round(kd, 6),
+                        "ce": round(ce, 6),
+                        "hidden": round(hid, 6),
+                        "lr": scheduler.get_last_lr()[0],
+                        "tokens": done * tokens_per_step,
+                        "tokens_per_s": round(tps, 1),
+                        "elapsed_s": round(elapsed, 3),
+                    }
                     history.append(record)
                     if metrics:
                         metrics.write(json.dumps(record) + "\n")
@@ -642,9 +771,13 @@ def distill(student: nn.Module, teacher: nn.Module, data, config: DistillConfig,
                                 board.add_scalar(f"distill/{key}", value, done)
                     bar.set_postfix(loss=f"{last:.4f}", tok_s=f"{tps:,.0f}")
                 if save_now:
-                    save_checkpoint(out_dir, engine, optimizer, scheduler,
-                                    {"step": done, "history": history, "data": loader.state(),
-                                     "config": config.to_dict()})
+                    save_checkpoint(
+                        out_dir,
+                        engine,
+                        optimizer,
+                        scheduler,
+                        {"step": done, "history": history, "data": loader.state(), "config": config.to_dict()},
+                    )
         finally:
             bar.close()
             if metrics:
@@ -672,29 +805,55 @@ def distill(student: nn.Module, teacher: nn.Module, data, config: DistillConfig,
     steps_run = total - start_step
     projection = None
     if "hidden" in module.projections:
-        projection = "learned linear %d -> %d" % (student_width, teacher_width)
+        projection = f"learned linear {student_width} -> {teacher_width}"
     return DistillReport(
-        steps=steps_run, tokens=steps_run * tokens_per_step, seconds=round(elapsed, 2),
+        steps=steps_run,
+        tokens=steps_run * tokens_per_step,
+        seconds=round(elapsed, 2),
         tokens_per_second=round(steps_run * tokens_per_step / max(elapsed, 1e-9), 1) if steps_run else 0.0,
-        final_loss=last, losses=history,
+        final_loss=last,
+        losses=history,
         layer_map={str(k): v for k, v in layer_map.items()} if config.hidden_loss else {},
-        projection=projection, resumed_from_step=resumed, peak_memory_mib=peak,
-        data=loader.describe(), config=config.to_dict(), teacher_correction=correction,
-        engine={"mode": mode, "world_size": world, "shard_teacher": shard_teacher, "device": str(device),
-                "precision": "bf16 compute, fp32 master weights" if use_bf16 else "fp32",
-                "training_state_mib": round(state_bytes / 2**20, 1)},
-        memory_plan=plan.to_dict(mode, shard_teacher), total_steps=total, total_tokens=total * tokens_per_step,
+        projection=projection,
+        resumed_from_step=resumed,
+        peak_memory_mib=peak,
+        data=loader.describe(),
+        config=config.to_dict(),
+        teacher_correction=correction,
+        engine={
+            "mode": mode,
+            "world_size": world,
+            "shard_teacher": shard_teacher,
+            "device": str(device),
+            "precision": "bf16 compute, fp32 master weights" if use_bf16 else "fp32",
+            "training_state_mib": round(state_bytes / 2**20, 1),
+        },
+        memory_plan=plan.to_dict(mode, shard_teacher),
+        total_steps=total,
+        total_tokens=total * tokens_per_step,
         schedule=schedule,
-        objective={"logit_loss": config.logit_loss,
-                   **({"on_policy": {**on_policy, "sampling_seconds": round(on_policy["sampling_seconds"], 2),
-                                     "prompt_tokens": prompt_len}} if on_policy else {}),
-                   **({"teacher_cache": cache.describe()} if cache is not None else {})},
+        objective={
+            "logit_loss": config.logit_loss,
+            **(
+                {
+                    "on_policy": {
+                        **on_policy,
+                        "sampling_seconds": round(on_policy["sampling_seconds"], 2),
+                        "prompt_tokens": prompt_len,
+                    }
+                }
+                if on_policy
+                else {}
+            ),
+            **({"teacher_cache": cache.describe()} if cache is not None else {}),
+        },
     )
 
 
 def _training_state_bytes(params: list[nn.Parameter], optimizer: torch.optim.Optimizer) -> int:
     """Bytes this process holds of the student's training state: its (shard of the) weights, as many bytes of
     gradients, and the optimizer's state tensors — measured on the tensors themselves."""
+
     def size(t: torch.Tensor) -> int:
         t = _local(t)
         return t.numel() * t.element_size()
@@ -723,7 +882,7 @@ def _open_metrics(path: Path, resumed_from: int | None):
                     kept.append(line)
             except ValueError:
                 continue  # a line cut short by the kill
-    fh = open(path, "w", encoding="utf-8")
+    fh = open(path, "w", encoding="utf-8")  # noqa: SIM115 - the caller writes to it and closes it
     fh.writelines(line + "\n" for line in kept)
     fh.flush()
     return fh

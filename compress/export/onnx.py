@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import CompressError
+from ..progress import bar
 
 ONNX_DIR = "onnx"
 INT8_DIR = "onnx-int8"
@@ -33,15 +34,16 @@ def check_onnx_support(model: nn.Module) -> None:
     model_type = getattr(model.config, "model_type", None) or ""
     for name in dict.fromkeys((model_type, model_type.replace("_", "-"))):
         try:
-            tasks = TasksManager.get_supported_tasks_for_model_type(name, exporter="onnx",
-                                                                    library_name="transformers")
+            tasks = TasksManager.get_supported_tasks_for_model_type(name, exporter="onnx", library_name="transformers")
         except KeyError:
             continue
         if TASK in tasks:
             return
-    raise ExportError(f"Optimum's ONNX exporter (optimum-onnx) has no {TASK!r} support for model type "
-                      f"{model_type!r}; export without 'onnx' in formats (the safetensors folder loads with "
-                      "from_pretrained). Nothing was written.")
+    raise ExportError(
+        f"Optimum's ONNX exporter (optimum-onnx) has no {TASK!r} support for model type "
+        f"{model_type!r}; export without 'onnx' in formats (the safetensors folder loads with "
+        "from_pretrained). Nothing was written."
+    )
 
 
 def export_onnx(hf_dir: Path, out: Path, attn_implementation: str | None = None) -> Path:
@@ -60,8 +62,13 @@ def export_onnx(hf_dir: Path, out: Path, attn_implementation: str | None = None)
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
             model = AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation=attn_implementation)
-            onnx_export_from_model(model, output=str(out), task=TASK, do_validation=False,
-                                   preprocessors=[AutoTokenizer.from_pretrained(hf_dir)])
+            onnx_export_from_model(
+                model,
+                output=str(out),
+                task=TASK,
+                do_validation=False,
+                preprocessors=[AutoTokenizer.from_pretrained(hf_dir)],
+            )
     except Exception as exc:  # noqa: BLE001 - surface exporter failures as one error type
         raise ExportError(f"ONNX export of {hf_dir} failed: {type(exc).__name__}: {exc}") from exc
     for graph_file in sorted(out.glob("*.onnx")):
@@ -80,8 +87,11 @@ def _rename_uses(graph, old: str, new: str) -> None:
                 node.input[k] = new
         for attr in node.attribute:
             for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
-                defined = {v.name for v in sub.input} | {t.name for t in sub.initializer} \
+                defined = (
+                    {v.name for v in sub.input}
+                    | {t.name for t in sub.initializer}
                     | {o for n in sub.node for o in n.output}
+                )
                 if old not in defined:
                     _rename_uses(sub, old, new)
 
@@ -109,8 +119,12 @@ def accept_any_empty_past(model_path: str | Path) -> int:
     model_path = Path(model_path)
     model = onnx.load(str(model_path), load_external_data=False)
     graph = model.graph
-    taken = {v.name for v in [*graph.input, *graph.output, *graph.value_info]} \
-        | {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output} | {n.name for n in graph.node}
+    taken = (
+        {v.name for v in [*graph.input, *graph.output, *graph.value_info]}
+        | {t.name for t in graph.initializer}
+        | {o for n in graph.node for o in n.output}
+        | {n.name for n in graph.node}
+    )
 
     def fresh(name: str) -> str:
         while name in taken:
@@ -121,18 +135,23 @@ def accept_any_empty_past(model_path: str | Path) -> int:
     reshapes, shapes = [], {}
     for inp in graph.input:
         dims = inp.type.tensor_type.shape.dim
-        if not inp.name.startswith(PAST_PREFIX) or len(dims) != 4 \
-                or not (dims[1].HasField("dim_value") and dims[3].HasField("dim_value")):
+        if (
+            not inp.name.startswith(PAST_PREFIX)
+            or len(dims) != 4
+            or not (dims[1].HasField("dim_value") and dims[3].HasField("dim_value"))
+        ):
             continue
         heads, size = dims[1].dim_value, dims[3].dim_value
         if (heads, size) not in shapes:
             shapes[heads, size] = fresh(f"past_key_values_shape_{heads}x{size}")
-            graph.initializer.append(numpy_helper.from_array(
-                np.array([0, heads, -1, size], dtype=np.int64), shapes[heads, size]))
+            graph.initializer.append(
+                numpy_helper.from_array(np.array([0, heads, -1, size], dtype=np.int64), shapes[heads, size])
+            )
         cache = fresh(f"{inp.name}.as_cache")
         _rename_uses(graph, inp.name, cache)
-        reshapes.append(helper.make_node("Reshape", [inp.name, shapes[heads, size]], [cache],
-                                         name=fresh(f"/{inp.name}/Reshape")))
+        reshapes.append(
+            helper.make_node("Reshape", [inp.name, shapes[heads, size]], [cache], name=fresh(f"/{inp.name}/Reshape"))
+        )
         dims[1].dim_param = "past_num_key_value_heads"  # replaces the fixed value (a oneof)
         dims[3].dim_param = "past_head_dim"
     if not reshapes:
@@ -192,14 +211,29 @@ def parity_check(model: nn.Module, ort_model, input_ids: torch.Tensor, tolerance
         # Decode path: the ONNX graph with past key values must give the same next-token logits.
         prompt, last = input_ids[:, :-1], input_ids[:, -1:]
         out = ort_model(input_ids=prompt, attention_mask=torch.ones_like(prompt), use_cache=True)
-        step = ort_model(input_ids=last, attention_mask=torch.ones_like(input_ids),
-                         past_key_values=out.past_key_values, use_cache=True).logits[:, -1].float()
+        step = (
+            ort_model(
+                input_ids=last,
+                attention_mask=torch.ones_like(input_ids),
+                past_key_values=out.past_key_values,
+                use_cache=True,
+            )
+            .logits[:, -1]
+            .float()
+        )
         decode = float((ref[:, -1] - step).abs().max())
     worst = max(prefill, decode)
     scale = max(1.0, float(ref.abs().max()))
-    return {"max_abs_diff_prefill": prefill, "max_abs_diff_decode": decode, "max_abs_diff": worst,
-            "max_abs_logit": scale, "relative_diff": worst / scale, "tolerance": tolerance,
-            "passed": worst / scale <= tolerance, "inputs": list(input_ids.shape)}
+    return {
+        "max_abs_diff_prefill": prefill,
+        "max_abs_diff_decode": decode,
+        "max_abs_diff": worst,
+        "max_abs_logit": scale,
+        "relative_diff": worst / scale,
+        "tolerance": tolerance,
+        "passed": worst / scale <= tolerance,
+        "inputs": list(input_ids.shape),
+    }
 
 
 # Blockwise int8 (weights quantized in blocks of this many input channels, each block with its own scale).
@@ -289,10 +323,20 @@ def quantize_int8(onnx_dir: Path, out_dir: Path) -> Path:
         model = onnx.load(str(onnx_dir / "model.onnx"))
         _untie_transposed_weights(model)
         config = nbits.DefaultWeightOnlyQuantConfig(
-            block_size=INT8_BLOCK_SIZE, is_symmetric=True, accuracy_level=INT8_ACCURACY_LEVEL, bits=8,
-            op_types_to_quantize=("MatMul",))
-        quantizer = nbits.MatMulNBitsQuantizer(model, bits=8, block_size=INT8_BLOCK_SIZE, is_symmetric=True,
-                                               accuracy_level=INT8_ACCURACY_LEVEL, algo_config=config)
+            block_size=INT8_BLOCK_SIZE,
+            is_symmetric=True,
+            accuracy_level=INT8_ACCURACY_LEVEL,
+            bits=8,
+            op_types_to_quantize=("MatMul",),
+        )
+        quantizer = nbits.MatMulNBitsQuantizer(
+            model,
+            bits=8,
+            block_size=INT8_BLOCK_SIZE,
+            is_symmetric=True,
+            accuracy_level=INT8_ACCURACY_LEVEL,
+            algo_config=config,
+        )
         quantizer.process()
         # One file unless the protobuf would pass its 2 GiB limit (then weights go to model.onnx.data). Summed
         # per initializer: serializing the whole model to measure it fails past that same limit.
@@ -307,7 +351,7 @@ def ort_perplexity(ort_model, windows: torch.Tensor) -> float:
     """Perplexity with onnxruntime over ``windows`` (``[n, seq_len]`` token ids, e.g. from
     :func:`compress.evaluate.eval_windows`), scored exactly as :func:`compress.evaluate.perplexity` does."""
     nll, count = 0.0, 0
-    for row in windows:
+    for row in bar(windows, desc="perplexity (onnxruntime)", unit="window"):
         batch = row[None]
         logits = _ort_logits(ort_model, batch)
         nll += float(nn.functional.cross_entropy(logits[0, :-1], batch[0, 1:], reduction="sum"))
@@ -317,7 +361,11 @@ def ort_perplexity(ort_model, windows: torch.Tensor) -> float:
 
 def ort_generate(ort_model, tokenizer, prompt: str, max_new_tokens: int = 24) -> str:
     ids = tokenizer(prompt, return_tensors="pt")
-    out = ort_model.generate(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"],
-                             max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    return tokenizer.decode(out[0][ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    out = ort_model.generate(
+        input_ids=ids["input_ids"],
+        attention_mask=ids["attention_mask"],
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+    )
+    return tokenizer.decode(out[0][ids["input_ids"].shape[1] :], skip_special_tokens=True)

@@ -107,12 +107,16 @@ class DecoderAdapter:
         if self.qkv_layout == "per_head" and not self.qkv:
             raise ConfigError("DecoderAdapter.qkv_layout='per_head' describes a fused qkv projection; set qkv too")
         if "layer_types" not in self.layer_lists:
-            raise ConfigError("DecoderAdapter.layer_lists must include 'layer_types': transformers checks its length "
-                             "against num_hidden_layers, so depth pruning has to slice it")
+            raise ConfigError(
+                "DecoderAdapter.layer_lists must include 'layer_types': transformers checks its length "
+                "against num_hidden_layers, so depth pruning has to slice it"
+            )
         if isinstance(self.families, str) or not all(isinstance(f, str) and f for f in self.families):
             raise ConfigError(f"DecoderAdapter.families should be a tuple of model_type names, got {self.families!r}")
         if self.gate is None and self.gate_up:
-            raise ConfigError("DecoderAdapter: gate=None (an MLP without a gate) cannot be combined with a fused gate_up")
+            raise ConfigError(
+                "DecoderAdapter: gate=None (an MLP without a gate) cannot be combined with a fused gate_up"
+            )
 
     def shape_config(self, config):
         """The config that holds the decoder's sizes: ``config`` itself, or its ``sub_config`` attribute."""
@@ -173,10 +177,16 @@ class DecoderAdapter:
 
     def expected_shapes(self, hidden: int, intermediate: int, q_out: int, kv_out: int) -> dict[str, tuple]:
         """Weight shape of every projection of a layer with these sizes (what a standard config describes)."""
-        attn = {self.qkv: (q_out + 2 * kv_out, hidden)} if self.qkv else \
-            {self.q: (q_out, hidden), self.k: (kv_out, hidden), self.v: (kv_out, hidden)}
-        mlp = {self.gate_up: (2 * intermediate, hidden)} if self.gate_up else \
-            {path: (intermediate, hidden) for path in self._mlp_input_paths()}
+        attn = (
+            {self.qkv: (q_out + 2 * kv_out, hidden)}
+            if self.qkv
+            else {self.q: (q_out, hidden), self.k: (kv_out, hidden), self.v: (kv_out, hidden)}
+        )
+        mlp = (
+            {self.gate_up: (2 * intermediate, hidden)}
+            if self.gate_up
+            else {path: (intermediate, hidden) for path in self._mlp_input_paths()}
+        )
         return {**attn, self.o: (hidden, q_out), **mlp, self.down: (hidden, intermediate)}
 
     # -- slicing (the axes call these; fused projections are sliced by row ranges) ----------------------------
@@ -190,8 +200,9 @@ class DecoderAdapter:
                 slice_linear(layer.get_submodule(path), out_idx=keep)
         slice_linear(down, in_idx=keep)
 
-    def slice_heads(self, layer: nn.Module, q_rows: torch.Tensor, kv_rows: torch.Tensor,
-                    head_dim: int | None = None) -> None:
+    def slice_heads(
+        self, layer: nn.Module, q_rows: torch.Tensor, kv_rows: torch.Tensor, head_dim: int | None = None
+    ) -> None:
         """Keep query-projection rows ``q_rows`` and key/value rows ``kv_rows`` (and the matching o columns).
         ``head_dim`` is needed for a per-head fused projection (read from the attention module if not given)."""
         o = layer.get_submodule(self.o)
@@ -225,8 +236,13 @@ class DecoderAdapter:
             owner_path, _, name = path.rpartition(".")
             owner = model.get_submodule(owner_path)
             old = getattr(owner, name)
-            setattr(owner, name, nn.Parameter(old.detach().index_select(-1, keep.to(old.device)).clone(),
-                                              requires_grad=old.requires_grad))
+            setattr(
+                owner,
+                name,
+                nn.Parameter(
+                    old.detach().index_select(-1, keep.to(old.device)).clone(), requires_grad=old.requires_grad
+                ),
+            )
 
     def hidden_norms(self, model: nn.Module) -> list[nn.Module]:
         """Every norm whose weight has one entry per hidden channel, the final norm last."""
@@ -256,7 +272,7 @@ class DecoderAdapter:
                 model.get_parameter(path).mul_(k)
         embed = model.get_submodule(self.embed)
         if isinstance(getattr(embed, "embed_scale", None), torch.Tensor):
-            embed.embed_scale.fill_(new_hidden ** 0.5)
+            embed.embed_scale.fill_(new_hidden**0.5)
 
     def shape_constraint(self, config):
         """A function ``shape -> reason or None`` for shapes this family's config cannot describe, or None.
@@ -269,9 +285,12 @@ class DecoderAdapter:
 
         def check(shape) -> str | None:  # q, k and v share their heads: no grouped-query attention
             if shape.num_key_value_heads != shape.num_attention_heads:
-                return ("this family has no grouped-query attention (q, k and v are fused head by head): "
-                        "num_key_value_heads must equal num_attention_heads")
+                return (
+                    "this family has no grouped-query attention (q, k and v are fused head by head): "
+                    "num_key_value_heads must equal num_attention_heads"
+                )
             return hidden_check(shape) if hidden_check else None
+
         return check
 
     def _hidden_over_heads_check(self, config):
@@ -285,11 +304,15 @@ class DecoderAdapter:
             return None
 
         def check(shape) -> str | None:
-            if shape.hidden_size // shape.num_attention_heads != shape.head_dim \
-                    or (self.head_dim_from_hidden and shape.hidden_size % shape.num_attention_heads):
-                return (f"{why}, which must stay {shape.head_dim} (got {shape.hidden_size} / "
-                        f"{shape.num_attention_heads}); prune hidden channels and heads together, or keep both")
+            if shape.hidden_size // shape.num_attention_heads != shape.head_dim or (
+                self.head_dim_from_hidden and shape.hidden_size % shape.num_attention_heads
+            ):
+                return (
+                    f"{why}, which must stay {shape.head_dim} (got {shape.hidden_size} / "
+                    f"{shape.num_attention_heads}); prune hidden channels and heads together, or keep both"
+                )
             return None
+
         return check
 
     def attention_implementation(self, config) -> str | None:
@@ -309,12 +332,21 @@ class DecoderAdapter:
 
 LLAMA_LIKE = DecoderAdapter(families=("llama", "mistral", "qwen2"))
 QWEN3 = DecoderAdapter(families=("qwen3",), head_norms=("self_attn.q_norm", "self_attn.k_norm"))
-_GEMMA_NORMS = dict(layer_norms=("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
-                                 "post_feedforward_layernorm"),
-                    residual_norms=("post_attention_layernorm", "post_feedforward_layernorm"), norm_offset=1.0,
-                    embed_scale="sqrt_hidden", logit_softcap="final_logit_softcapping")
-GEMMA3_TEXT = DecoderAdapter(families=("gemma3_text",), head_norms=("self_attn.q_norm", "self_attn.k_norm"),
-                             **_GEMMA_NORMS)
+_GEMMA_NORMS = dict(
+    layer_norms=(
+        "input_layernorm",
+        "post_attention_layernorm",
+        "pre_feedforward_layernorm",
+        "post_feedforward_layernorm",
+    ),
+    residual_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
+    norm_offset=1.0,
+    embed_scale="sqrt_hidden",
+    logit_softcap="final_logit_softcapping",
+)
+GEMMA3_TEXT = DecoderAdapter(
+    families=("gemma3_text",), head_norms=("self_attn.q_norm", "self_attn.k_norm"), **_GEMMA_NORMS
+)
 # Gemma-2 also soft-caps attention logits, which only eager attention applies (SDPA ignores the softcap).
 GEMMA2 = DecoderAdapter(families=("gemma2",), eager_attention_if="attn_logit_softcapping", **_GEMMA_NORMS)
 # Granite's embedding, residual and attention multipliers are constants that pruning leaves valid; its logits
@@ -322,34 +354,60 @@ GEMMA2 = DecoderAdapter(families=("gemma2",), eager_attention_if="attn_logit_sof
 GRANITE = DecoderAdapter(families=("granite",), logit_divisor="logits_scaling")
 # OLMo-2: norms after the sublayers (no input norm), and q/k norms over the whole projection width. Removing
 # heads changes the RMS those norms divide by, so head pruning is not exact for OLMo-2 (the others are).
-OLMO2 = DecoderAdapter(families=("olmo2",), layer_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
-                       q_proj_norm="self_attn.q_norm", k_proj_norm="self_attn.k_norm")
+OLMO2 = DecoderAdapter(
+    families=("olmo2",),
+    layer_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
+    q_proj_norm="self_attn.q_norm",
+    k_proj_norm="self_attn.k_norm",
+)
 # Phi-3 / Phi-3.5 / Phi-4-mini: fused q|k|v and gate|up projections.
-PHI3 = DecoderAdapter(families=("phi3",), qkv="self_attn.qkv_proj", gate_up="mlp.gate_up_proj",
-                      rope_checks_hidden_over_heads=("longrope",))
+PHI3 = DecoderAdapter(
+    families=("phi3",),
+    qkv="self_attn.qkv_proj",
+    gate_up="mlp.gate_up_proj",
+    rope_checks_hidden_over_heads=("longrope",),
+)
 # GPT-NeoX / Pythia: q, k, v fused and interleaved head by head, an MLP without a gate, LayerNorms with biases,
 # parallel residual (nothing to do for pruning), and a head size always computed as hidden_size // heads.
-GPT_NEOX = DecoderAdapter(families=("gpt_neox",), base="gpt_neox", layers="gpt_neox.layers",
-                          embed="gpt_neox.embed_in", final_norm="gpt_neox.final_layer_norm", lm_head="embed_out",
-                          attention="attention", qkv="attention.query_key_value", qkv_layout="per_head",
-                          o="attention.dense", gate=None, up="mlp.dense_h_to_4h", down="mlp.dense_4h_to_h",
-                          head_dim_from_hidden=True)
+GPT_NEOX = DecoderAdapter(
+    families=("gpt_neox",),
+    base="gpt_neox",
+    layers="gpt_neox.layers",
+    embed="gpt_neox.embed_in",
+    final_norm="gpt_neox.final_layer_norm",
+    lm_head="embed_out",
+    attention="attention",
+    qkv="attention.query_key_value",
+    qkv_layout="per_head",
+    o="attention.dense",
+    gate=None,
+    up="mlp.dense_h_to_4h",
+    down="mlp.dense_4h_to_h",
+    head_dim_from_hidden=True,
+)
 # Multimodal Gemma-3 (Gemma3ForConditionalGeneration): the text decoder is pruned, its sizes live in text_config;
 # the vision tower is kept whole, and the projection of image features into the residual stream follows the
 # hidden channels. Unlike Gemma3ForCausalLM, it applies no final-logit soft-capping, whatever text_config says.
-GEMMA3 = DecoderAdapter(families=("gemma3",), base="model.language_model", layers="model.language_model.layers",
-                        embed="model.language_model.embed_tokens", final_norm="model.language_model.norm",
-                        head_norms=("self_attn.q_norm", "self_attn.k_norm"), sub_config="text_config",
-                        stream_inputs=("model.multi_modal_projector.mm_input_projection_weight",),
-                        **{**_GEMMA_NORMS, "logit_softcap": None})
+GEMMA3 = DecoderAdapter(
+    families=("gemma3",),
+    base="model.language_model",
+    layers="model.language_model.layers",
+    embed="model.language_model.embed_tokens",
+    final_norm="model.language_model.norm",
+    head_norms=("self_attn.q_norm", "self_attn.k_norm"),
+    sub_config="text_config",
+    stream_inputs=("model.multi_modal_projector.mm_input_projection_weight",),
+    **{**_GEMMA_NORMS, "logit_softcap": None},
+)
 # SmolLM3 turns RoPE off in every 4th layer: no_rope_layers has one entry per layer.
 SMOLLM3 = DecoderAdapter(families=("smollm3",), layer_lists=("layer_types", "no_rope_layers"))
 
 _ADAPTERS: dict[str, DecoderAdapter] = {}
 
 
-def register_adapter(adapter: DecoderAdapter, *, replace: bool = False, _from_entry_point: bool = False
-                     ) -> DecoderAdapter:
+def register_adapter(
+    adapter: DecoderAdapter, *, replace: bool = False, _from_entry_point: bool = False
+) -> DecoderAdapter:
     """Make ``adapter`` the one used for each of its ``families`` (config ``model_type`` values).
 
     A family that already has an adapter (a built-in one included) is only taken over with ``replace=True``:
@@ -398,13 +456,18 @@ def find_adapter(model: nn.Module) -> DecoderAdapter | None:
         raise UnsupportedModelError(
             f"{model_type!r} ({type(model).__name__}) is a mixture-of-experts model ({experts} experts per layer): "
             "compress prunes dense decoders only (uniform MLP neurons, heads, hidden channels and layers); expert "
-            "pruning does not exist yet. Nothing was changed.")
-    per_layer = [f for f in ("num_attention_heads", "num_key_value_heads", "intermediate_size")
-                 if isinstance(getattr(config, f, None), (list, tuple))]
+            "pruning does not exist yet. Nothing was changed."
+        )
+    per_layer = [
+        f
+        for f in ("num_attention_heads", "num_key_value_heads", "intermediate_size")
+        if isinstance(getattr(config, f, None), (list, tuple))
+    ]
     if per_layer:
         raise UnsupportedModelError(
             f"{model_type!r} has per-layer {per_layer} in its config; compress prunes models with one size per axis "
-            "for all layers (what a standard config describes). Nothing was changed.")
+            "for all layers (what a standard config describes). Nothing was changed."
+        )
     adapter = _ADAPTERS.get(model_type)
     if adapter is None:
         _load_declared_adapters()
@@ -431,15 +494,23 @@ def discovered_layout(model: nn.Module) -> DecoderAdapter | None:
     get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
     embed = _path_of(model, get_in() if get_in else None)
     lm_head = _path_of(model, get_out() if get_out else None)
-    layers = [name for name, m in model.named_modules()
-              if isinstance(m, nn.ModuleList) and n_layers and len(m) == n_layers]
+    layers = [
+        name for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and n_layers and len(m) == n_layers
+    ]
     sizes = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers")
     if not all(isinstance(getattr(config, f, None), int) for f in sizes):
         return None  # the stages that use a layout read these sizes
     if not (base and hasattr(model, base) and embed and lm_head and len(layers) == 1):
         return None
-    return DecoderAdapter(families=(getattr(config, "model_type", None) or type(model).__name__,), base=base,
-                          layers=layers[0], embed=embed, lm_head=lm_head, final_norm="", paths_only=True)
+    return DecoderAdapter(
+        families=(getattr(config, "model_type", None) or type(model).__name__,),
+        base=base,
+        layers=layers[0],
+        embed=embed,
+        lm_head=lm_head,
+        final_norm="",
+        paths_only=True,
+    )
 
 
 def check_plain_logits(model: nn.Module, layout: DecoderAdapter) -> None:
@@ -465,7 +536,8 @@ def check_plain_logits(model: nn.Module, layout: DecoderAdapter) -> None:
             f"{getattr(model.config, 'model_type', type(model).__name__)!r} has no adapter, and its logits are not "
             f"its LM head applied to its decoder's output (they differ by {err:.3g}: a logit transform such as "
             "Cohere's logit_scale). Distillation would train against the wrong logits; register an adapter that "
-            "declares the transform (logit_divisor / logit_softcap). Nothing was changed.")
+            "declares the transform (logit_divisor / logit_softcap). Nothing was changed."
+        )
 
 
 def layout_for(model: nn.Module) -> DecoderAdapter:

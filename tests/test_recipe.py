@@ -1,0 +1,208 @@
+"""Recipes: one schema for a whole run, one set of defaults, saved with every student and replayable."""
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+import compress
+from compress import api
+from compress.cli import build_parser, main, recipe_from_args
+from compress.errors import ConfigError
+from compress.recipe import RECIPE_FILE, DataSettings, ExportSettings, Recipe
+
+from conftest import SAMPLE_TEXT, tiny_model
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "recipes"
+
+
+def test_yaml_round_trip_writes_every_field_and_builds_nested_configs():
+    recipe = Recipe(teacher="some/folder", target={"hidden_size": 448}, strategy="width+depth",
+                    plugins={"magnitude": None, "depth": {"method": "block_influence"}},
+                    calibration={"num_samples": 64, "seq_len": 128},
+                    distill={"max_tokens": 40_000, "lr": 1e-3, "hidden_loss": "cosine"},
+                    search={"candidates": 2, "tokens_per_candidate": 4096},
+                    reconstruct="least_squares", export={"formats": ["safetensors", "onnx"], "quantize": "int8"})
+    assert isinstance(recipe.distill, compress.DistillConfig) and isinstance(recipe.search, compress.SearchConfig)
+    text = recipe.to_yaml()
+    plain = yaml.safe_load(text)  # what any YAML reader sees, checked by hand
+    assert plain["target"] == {"hidden_size": 448} and plain["strategy"] == "width+depth"
+    assert plain["plugins"] == {"magnitude": None, "depth": {"method": "block_influence"}}
+    assert plain["calibration"] == {"num_samples": 64, "seq_len": 128, "batch_size": 8, "min_samples": 8}
+    assert plain["distill"]["lr"] == 1e-3 and plain["distill"]["max_tokens"] == 40_000
+    assert plain["distill"]["warmup_ratio"] == 0.1  # defaults are written out too: replays do not drift
+    assert plain["export"] == {"formats": ["safetensors", "onnx"], "quantize": "int8"}
+    again = Recipe.from_yaml(text)
+    assert again == recipe and again.to_yaml() == text
+
+
+@pytest.mark.parametrize("text, named", [
+    ("teacher: x\nfoo: 1\n", "unknown field foo"),
+    ("distill: {max_tokens: 1000, lrr: 0.1}\n", "recipe.distill: unknown field lrr"),
+    ("calibration: {num_samples: 0}\n", "recipe.calibration: CalibrationConfig.num_samples"),
+    ("distill: {max_tokens: 1000, lr: -1}\n", "recipe.distill"),
+    ("strategy: deep\n", "strategy should be one of"),
+    ("target: 0.5\n", "target should be a mapping"),
+    ("export: {formats: [safetensors, tflite]}\n", "recipe export: unknown export format"),
+    ("data: {evaluation: [a, b]}\n", "data.evaluation should be a file path"),
+    ("- teacher\n", "should be a YAML mapping"),
+    ("teacher: [unclosed\n", "not valid YAML"),
+])
+def test_bad_recipes_are_refused_naming_the_key(text, named):
+    with pytest.raises(ConfigError, match=named.replace("[", r"\[").replace(".", r"\.")):
+        Recipe.from_yaml(text)
+
+
+def test_one_set_of_defaults_for_the_api_the_cli_and_the_recipe(monkeypatch):
+    # The values the issue found disagreeing, written down here by hand as the reference.
+    defaults = Recipe()
+    assert defaults.calibration.num_samples == 1024 and defaults.export.formats == "auto"
+    assert defaults.data.eval_tokens == 4096 and defaults.out_dir == "compressed" and defaults.distill is None
+    # The command line with no flags makes exactly the default recipe.
+    assert recipe_from_args(build_parser().parse_args([])) == defaults
+    # So does the keyword API (captured before any work).
+    seen = []
+    monkeypatch.setattr(api, "run_recipe", lambda recipe, objects=None, overwrite=False: seen.append(recipe))
+    compress.compress("smollm2", {"params": 0.5})
+    assert seen[0] == defaults
+    # And a distillation from the CLI takes DistillConfig's own learning rate and schedule.
+    args = build_parser().parse_args(["--distill-tokens", "32768"])
+    assert recipe_from_args(args).distill == compress.DistillConfig(max_tokens=32768)
+    args = build_parser().parse_args(["--distill-tokens", "32768", "--lr", "1e-3", "--checkpoint-dir", "ck"])
+    cfg = recipe_from_args(args).distill
+    assert cfg.lr == 1e-3 and cfg.output_dir == "ck"
+
+
+def test_compress_recipe_refuses_settings_beside_it_and_unreplayable_recipes(tmp_path, tokenizer):
+    with pytest.raises(ConfigError, match="set strategy on it"):
+        compress.compress(Recipe(), strategy="depth")
+    recipe = Recipe(teacher=None, inputs_in_memory=["teacher", "data.calibration"])
+    with pytest.raises(ConfigError, match="teacher, data.calibration were Python objects"):
+        compress.compress(recipe, out_dir=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+def _tiny_run(tmp_path: Path, tokenizer, **extra) -> tuple[Path, compress.Result]:
+    teacher = tmp_path / "teacher"
+    tiny_model("llama").save_pretrained(teacher)
+    tokenizer.save_pretrained(teacher)
+    (tmp_path / "train.txt").write_text(SAMPLE_TEXT * 3)
+    (tmp_path / "valid.txt").write_text(SAMPLE_TEXT[:3000])
+    out = tmp_path / "first"
+    result = compress.compress(teacher, {"params": 0.5}, tmp_path / "train.txt", out, eval_data=tmp_path / "valid.txt",
+                               eval_seq_len=32, eval_tokens=256, formats=["safetensors"], prompt="The quick",
+                               calibration=compress.CalibrationConfig(seq_len=32, num_samples=8), **extra)
+    return out, result
+
+
+def test_every_output_holds_its_recipe_and_compress_run_replays_it(tmp_path, tokenizer, capsys):
+    distill = compress.DistillConfig(max_steps=2, batch_size=2, seq_len=32, progress=False, log_every=1)
+    out, first = _tiny_run(tmp_path, tokenizer, distill=distill)
+    saved = Recipe.load(out / RECIPE_FILE)
+    assert saved.compress_version == compress.__version__ and saved.inputs_in_memory == []
+    assert saved.distill == distill and saved.teacher == str(tmp_path / "teacher")
+    assert main(["run", str(out / RECIPE_FILE), "--out", str(tmp_path / "again"), "--json"]) == 0
+    second = json.loads(capsys.readouterr().out)
+    assert second["prune"]["shape_after"] == first.prune.shape_after
+    for stage, value in first.perplexity.items():  # the same run again: the same numbers
+        assert second["perplexity"][stage] == pytest.approx(value, rel=1e-5)
+    assert second["samples"] == first.samples
+    assert Recipe.load(tmp_path / "again" / RECIPE_FILE) == saved.replace(out_dir=str(tmp_path / "again"))
+    # An existing, non-empty folder is refused as with flags.
+    assert main(["run", str(out / RECIPE_FILE), "--out", str(tmp_path / "again")]) == 2
+    assert "overwrite" in capsys.readouterr().err
+    assert main(["run", str(tmp_path / "missing.yaml")]) == 2
+    assert "cannot read recipe" in capsys.readouterr().err
+
+
+def test_samples_importance_file_and_report_rebuild(tmp_path, tokenizer, capsys):
+    out, result = _tiny_run(tmp_path, tokenizer)
+    # The teacher's sample, against transformers' own greedy generation on a fresh load of the teacher folder.
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "teacher").eval()
+    tok = AutoTokenizer.from_pretrained(tmp_path / "teacher")
+    ids = tok("The quick", return_tensors="pt").input_ids
+    reference = model.generate(ids, max_new_tokens=Recipe.sample_tokens, do_sample=False,
+                               pad_token_id=tok.eos_token_id)
+    assert result.samples["prompt"] == "The quick"
+    assert result.samples["teacher"] == tok.decode(reference[0, ids.shape[1]:], skip_special_tokens=True)
+    assert set(result.samples) == {"prompt", "teacher", "pruned"}
+    # The keep masks agree with the saved student's own config, layer by layer.
+    tensors = load_file(out / "report" / "importance.safetensors")
+    student = AutoConfig.from_pretrained(out)
+    teacher = AutoConfig.from_pretrained(tmp_path / "teacher")
+    assert tensors["mlp"].shape == (teacher.num_hidden_layers, teacher.intermediate_size)
+    assert torch.equal(tensors["kept.mlp"].sum(1), torch.full((teacher.num_hidden_layers,), student.intermediate_size))
+    if "kept.heads" in tensors:
+        assert (tensors["kept.heads"].sum(1) == student.num_attention_heads).all()
+    # `compress report` rebuilds the page from the folder alone.
+    (out / "report.html").unlink()
+    assert main(["report", str(out)]) == 0
+    assert (out / "report.html").is_file() and "report.html" in capsys.readouterr().out
+    assert main(["report", str(tmp_path / "nowhere")]) == 1
+
+
+def test_slow_calibration_is_announced_up_front_with_an_estimate(tmp_path, tokenizer, monkeypatch):
+    monkeypatch.setattr(api, "SLOW_CALIBRATION_S", 0.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _tiny_run(tmp_path, tokenizer)
+    said = [str(w.message) for w in caught if "calibration reads 8 windows x 32 tokens" in str(w.message)]
+    assert said and "minutes" in said[0] and "num_samples=128" in said[0]
+
+
+def test_flags_print_the_recipe_they_make(capsys):
+    assert main(["some/teacher", "--params", "0.4", "--samples", "64", "--distill-tokens", "10000",
+                 "--print-recipe"]) == 0
+    recipe = Recipe.from_yaml(capsys.readouterr().out)
+    assert recipe.teacher == "some/teacher" and recipe.target == {"params": 0.4}
+    assert recipe.calibration.num_samples == 64 and recipe.distill.max_tokens == 10000
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
+def test_example_recipes_load(path):
+    recipe = Recipe.load(path)
+    assert recipe.teacher and not recipe.inputs_in_memory
+    assert isinstance(recipe.data, DataSettings) and isinstance(recipe.export, ExportSettings)
+
+
+def test_there_are_example_recipes():
+    assert {"width-50.yaml", "depth-50.yaml", "width-distill-int8.yaml", "demo.yaml"} <= \
+        {p.name for p in EXAMPLES.glob("*.yaml")}
+
+
+def test_a_run_from_objects_saves_a_recipe_that_names_them_and_is_not_replayed(tmp_path, tokenizer, capsys):
+    out = tmp_path / "o"
+    compress.compress((tiny_model("llama"), tokenizer), {"params": 0.5}, [SAMPLE_TEXT * 2], out,
+                      eval_data=[SAMPLE_TEXT[:3000]], eval_seq_len=32, eval_tokens=256, formats=["safetensors"],
+                      calibration=compress.CalibrationConfig(seq_len=32, num_samples=8), prompt=None)
+    saved = yaml.safe_load((out / RECIPE_FILE).read_text())
+    assert saved["teacher"] is None and saved["inputs_in_memory"] == ["teacher", "data.calibration", "data.evaluation"]
+    assert main(["run", str(out / RECIPE_FILE), "--out", str(tmp_path / "again")]) == 2
+    assert "teacher, data.calibration, data.evaluation were Python objects" in capsys.readouterr().err
+    assert not (tmp_path / "again").exists()
+
+
+def test_importance_file_masks_follow_the_kept_layers():
+    from compress.report import PruneReport
+
+    shape = {"hidden_size": 4, "intermediate_size": 3, "num_attention_heads": 2, "num_hidden_layers": 3}
+    scores = compress.Importance(mlp=torch.rand(3, 3), heads=torch.rand(3, 2), layers=torch.rand(3), method="x")
+    report = PruneReport(strategy="width+depth", importance="x", target={}, plan_reason="", shape_before=shape,
+                         shape_after=shape, params_before=1, params_after=1, scores=scores,
+                         kept={"mlp": [[0, 2], [1, 2], [0, 1]], "heads": [[1], [0], [0]], "layers": [0, 2]})
+    tensors = load_file_bytes(api.importance_file(report))
+    assert tensors["kept.mlp"].tolist() == [[1, 0, 1], [0, 0, 0], [1, 1, 0]]  # layer 1 was removed whole
+    assert tensors["kept.heads"].tolist() == [[0, 1], [0, 0], [1, 0]]
+    assert tensors["kept.layers"].tolist() == [1, 0, 1]
+    assert torch.equal(tensors["mlp"], scores.mlp) and "hidden" not in tensors
+
+
+def load_file_bytes(data: bytes) -> dict:
+    from safetensors.torch import load
+
+    return load(data)
