@@ -16,7 +16,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -171,6 +171,7 @@ def load_teacher(
         source = smollm2_gguf_path()
     path = Path(source)
     kwargs: dict[str, Any] = {"dtype": dtype} if dtype is not None else {}
+    extra: dict[str, Any]
     if str(source).endswith(".gguf"):
         if not path.is_file():
             raise CheckpointError(f"GGUF file {str(path)!r} does not exist")
@@ -209,7 +210,7 @@ def load_teacher(
         where, extra = str(source), {"use_safetensors": True}
     else:
         raise CheckpointError(f"{str(source)!r} is neither an existing folder or .gguf file nor a hub id 'org/name'")
-    tok_extra = {"gguf_file": extra["gguf_file"]} if "gguf_file" in extra else {}
+    tok_extra: dict[str, Any] = {"gguf_file": extra["gguf_file"]} if "gguf_file" in extra else {}
     # The tokenizer first: it is cheap, so a broken one is reported before the weights are read.
     tokenizer = _wrap_load(f"tokenizer from {source}", AutoTokenizer.from_pretrained, where, **tok_extra)
     if tok_extra:
@@ -238,7 +239,7 @@ def save_student(
     """
     check_materialized(model)
     with atomic_output_dir(out_dir, overwrite) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        cast(Any, model).save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, text in (extra_files or {}).items():
@@ -386,10 +387,14 @@ def compress(
             objects.texts[key] = value
             in_memory.append(f"data.{key}")
     settings = DataSettings(
-        **files,
-        **{k: v for k, v in (("eval_seq_len", eval_seq_len),) if v is not None},
-        **({} if eval_tokens is _UNSET else {"eval_tokens": eval_tokens}),
+        calibration=files.get("calibration"),
+        evaluation=files.get("evaluation"),
+        distillation=files.get("distillation"),
+        eval_seq_len=DataSettings.eval_seq_len if eval_seq_len is None else eval_seq_len,
+        eval_tokens=DataSettings.eval_tokens if eval_tokens is _UNSET else eval_tokens,
     )
+    if formats is not None:  # the export's own message for a bad value, before it becomes a recipe field
+        formats = check_export_args(formats, quantize) if not isinstance(formats, str) else formats
     recipe_plugins = _describe_plugins(plugins, in_memory)
     recipe_reconstruct = _describe_reconstruct(reconstruct, in_memory)
     recipe = Recipe(
@@ -403,11 +408,18 @@ def compress(
         reconstruct=recipe_reconstruct,
         distill=distill,
         data=settings,
-        export=ExportSettings(formats=ExportSettings.formats if formats is None else formats, quantize=quantize),
+        export=ExportSettings(
+            formats=ExportSettings.formats
+            if formats is None
+            else formats
+            if isinstance(formats, str)
+            else list(formats),
+            quantize=quantize,
+        ),
         out_dir=os.fspath(out_dir) if out_dir is not None else Recipe.out_dir,
         device=str(device) if device is not None else None,
         inputs_in_memory=in_memory,
-        **({} if prompt is _UNSET else {"prompt": prompt}),
+        prompt=Recipe.prompt if prompt is _UNSET else prompt,
     )
     objects.target = target
     return run_recipe(recipe, objects, overwrite=overwrite)
@@ -472,11 +484,11 @@ def run_recipe(recipe: Recipe, objects: RunObjects | None = None, *, overwrite: 
             "objects in the run that wrote it; put file paths (or a model folder) in their place "
             "and remove inputs_in_memory"
         )
+    objects = objects or RunObjects()
     if recipe.teacher is None and objects.teacher is None:
         raise ConfigError(
             "the recipe names no teacher: set teacher: to a model folder, a .gguf file, a hub id or smollm2"
         )
-    objects = objects or RunObjects()
     recipe = recipe.replace(compress_version=__version__)
     from .html_report import IMPORTANCE_FILE, render_report  # matplotlib loads only for a run
 
@@ -491,7 +503,8 @@ def run_recipe(recipe: Recipe, objects: RunObjects | None = None, *, overwrite: 
     distill_data = objects.texts.get("distillation", d.distillation)
     plugins = objects.plugins if objects.plugins is not None else (recipe.plugins or None)
     reconstruct = objects.reconstruct if objects.reconstruct is not None else recipe.reconstruct
-    calibration, distill, search, device = recipe.calibration, recipe.distill, recipe.search, recipe.device
+    calibration, distill, search = recipe.calibration, recipe.distill, recipe.search
+    device: Any = recipe.device
     out_dir, strategy, plan = recipe.out_dir, recipe.strategy, recipe.plan
     eval_seq_len, eval_tokens = d.eval_seq_len, d.eval_tokens
     formats = check_export_args(recipe.export.formats, recipe.export.quantize)
@@ -544,6 +557,7 @@ def run_recipe(recipe: Recipe, objects: RunObjects | None = None, *, overwrite: 
     elif isinstance(teacher, nn.Module):
         model, source = teacher, type(teacher).__name__
     else:
+        assert teacher is not None  # the recipe names one (checked above)
         model, tokenizer = load_teacher(teacher)
         source = str(teacher)
     if tokenizer is None:
@@ -586,7 +600,7 @@ def run_recipe(recipe: Recipe, objects: RunObjects | None = None, *, overwrite: 
         evaluate("teacher")
         _warn_if_slow(calibration, times["evaluate_teacher"], eval_tokens, device)
 
-        searched, scores, prune_data = None, None, data
+        searched, scores, prune_data = None, None, cast(Any, data)
         if search is not None or recon_plugin:  # calibration windows shared by the search, pruning, the refit
             t = time.perf_counter()
             prune_data = prepare_calibration(model, tokenizer, data, calibration)
@@ -631,6 +645,7 @@ def run_recipe(recipe: Recipe, objects: RunObjects | None = None, *, overwrite: 
             stages = {"search": searched.to_dict(), **stages}
         if recon_plugin:
             t = time.perf_counter()
+            assert teacher_copy is not None
             rebuilt = run_reconstruct(
                 model, teacher_copy, prune_data, kept=report.kept, plugin=recon_plugin, calibration_config=calibration
             )
@@ -644,6 +659,7 @@ def run_recipe(recipe: Recipe, objects: RunObjects | None = None, *, overwrite: 
             t = time.perf_counter()
             same_text = distill_data is None or _same_file(distill_data, data)
             skip = report.calibration.get("tokens", 0) if same_text else 0
+            assert teacher_copy is not None
             distilled = run_distill(
                 model,
                 teacher_copy,
@@ -734,7 +750,7 @@ def greedy_continuation(model: nn.Module, tokenizer, prompt: str, new_tokens: in
     model.eval()
     try:
         with torch.no_grad():
-            out = model.generate(
+            out = cast(Any, model).generate(
                 ids,
                 attention_mask=torch.ones_like(ids),
                 max_new_tokens=new_tokens,
@@ -769,9 +785,10 @@ def importance_file(report: PruneReport) -> bytes:
         "layers": (before.get("num_hidden_layers"),),
     }
     for name, keep in report.kept.items():
-        shape = sizes.get(name)
-        if shape is None or None in shape:
+        sized = sizes.get(name)
+        if sized is None or any(n is None for n in sized):
             continue
+        shape = tuple(int(cast(int, n)) for n in sized)
         mask = torch.zeros(shape, dtype=torch.uint8)
         if len(shape) == 2:
             for layer, kept in enumerate(keep[: shape[0]]):

@@ -441,7 +441,7 @@ def _run(args: argparse.Namespace) -> int:
         for stage in ("teacher", "pruned", "reconstructed", "distilled"):
             if stage in result.samples:
                 print(f"  {stage:<13} -> {result.samples[stage]!r}")
-        sample = _sample(result.out_dir, export, recipe.prompt)
+        sample = _sample(result.out_dir, export, recipe.prompt) if recipe.prompt else None
         if sample:
             print(f"sample   ({sample[0]}, greedy) {recipe.prompt!r} -> {sample[1]!r}")
     if result.report_html:

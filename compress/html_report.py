@@ -333,7 +333,7 @@ def _perplexity_section(result: dict) -> str:
             f"tokens of {_e(source)} in windows of {_e(_fmt_value(data.get('eval_seq_len')))}. Exports are measured "
             "on the export stage's own windows; compare them with the reference in their note.</p>"
         )
-    plotted = [(r, _num(r["ppl"])) for r in rows if (_num(r["ppl"]) or 0) > 0]
+    plotted = [(r, float(_num(r["ppl"]) or 0)) for r in rows if (_num(r["ppl"]) or 0) > 0]
     if plotted:
         fig = _figure(3.6, min(WIDTH_IN, 2.5 + 1.1 * len(plotted)))
         ax = fig.add_subplot()
@@ -390,28 +390,27 @@ def _shape_section(result: dict) -> str:
     )
     removed = _dict(prune.get("removed"))
     if removed:
-        rows = []
+        per_axis = []
         for axis, what in removed.items():
-            what = _dict(what)
-            brief = {k: v for k, v in what.items() if k not in ("block_influence", "block_losses", "keep")}
-            rows.append((axis, _fmt_value(brief)))
-        body += "<p>Removed per axis (changed rows above are highlighted):</p>" + _table(("axis", "detail"), rows)
+            brief = {k: v for k, v in _dict(what).items() if k not in ("block_influence", "block_losses", "keep")}
+            per_axis.append((axis, _fmt_value(brief)))
+        body += "<p>Removed per axis (changed rows above are highlighted):</p>" + _table(("axis", "detail"), per_axis)
     return _section("shape", "Shape: teacher → student", body)
 
 
 def _time_section(result: dict) -> str:
-    seconds = {k: v for k, v in _dict(result.get("seconds")).items() if _num(v) is not None}
+    seconds = {k: float(v) for k, v in _dict(result.get("seconds")).items() if _num(v) is not None}
     if not seconds:
         return ""
     total = _num(seconds.get("total"))
-    rows = [(k, f"{_num(v):.2f}", f"{_num(v) / total:.1%}" if total else "—") for k, v in seconds.items()]
+    rows = [(k, f"{v:.2f}", f"{v / total:.1%}" if total else "—") for k, v in seconds.items()]
     body = _table(
         ("stage", "seconds", "share of total"),
         rows,
         numeric=(1, 2),
         row_classes=["changed" if k == "total" else "" for k in seconds],
     )
-    parts = [(k, _num(v)) for k, v in seconds.items() if k != "total"]
+    parts = [(k, v) for k, v in seconds.items() if k != "total"]
     if parts:
         fig = _figure(0.9 + 0.32 * len(parts))
         ax = fig.add_subplot()

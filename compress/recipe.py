@@ -260,11 +260,9 @@ def _plugins_mapping(plugins: Any) -> dict:
 
 def _dataclass_in(hint: Any) -> type | None:
     """The dataclass a field's type names (``X`` or ``X | None``), if any."""
-    if dataclasses.is_dataclass(hint):
-        return hint
-    for arg in typing.get_args(hint):
-        if dataclasses.is_dataclass(arg):
-            return arg
+    for candidate in (hint, *typing.get_args(hint)):
+        if isinstance(candidate, type) and dataclasses.is_dataclass(candidate):
+            return candidate
     return None
 
 
