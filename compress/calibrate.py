@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
@@ -20,6 +21,9 @@ from tqdm.auto import tqdm
 from .data import TextSource, describe_source, pack_tokens
 from .distributed import all_reduce_, rank_world, shard_range
 from .errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 @dataclass
@@ -77,6 +81,11 @@ def _tokenizer_ids(tokenizer) -> tuple[int, int, str]:
     return size, top, which
 
 
+def _embedding_rows(model: nn.Module) -> int:
+    """Rows of the model's input embedding table (``get_input_embeddings()`` of a transformers model)."""
+    return cast(nn.Embedding, cast("PreTrainedModel", model).get_input_embeddings()).num_embeddings
+
+
 def check_tokenizer_matches(model: nn.Module, tokenizer) -> None:
     """Refuse a tokenizer that does not belong to ``model``, whichever way the sizes disagree.
 
@@ -95,7 +104,7 @@ def check_tokenizer_matches(model: nn.Module, tokenizer) -> None:
     """
     if tokenizer is None:
         raise DataError("no tokenizer given; text needs the model's tokenizer (pass tokenizer=...)")
-    rows = model.get_input_embeddings().num_embeddings
+    rows = _embedding_rows(model)
     try:
         size, top, which = _tokenizer_ids(tokenizer)
     except TypeError as exc:
@@ -163,7 +172,7 @@ def prepare_calibration(
             f"calibration_config should be a compress.CalibrationConfig, got {type(config).__name__}"
             + ("; build one: compress.CalibrationConfig(**your_dict)" if isinstance(config, dict) else "")
         )
-    rows = model.get_input_embeddings().num_embeddings
+    rows = _embedding_rows(model)
     if isinstance(source, Calibration):
         check_token_ids(source.input_ids, rows, "calibration token ids")
         ids, where = source.input_ids.long(), source.source
@@ -226,7 +235,7 @@ class Importance:
 
 
 @contextmanager
-def hooks(registrations: list[Callable[[], torch.utils.hooks.RemovableHandle]]):
+def hooks(registrations: list[Callable[..., torch.utils.hooks.RemovableHandle]]):  # each called with no arguments
     handles = [register() for register in registrations]
     try:
         yield

@@ -24,6 +24,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
@@ -689,7 +690,7 @@ def select_by_difference(
         if not out.parent.is_dir():
             raise ConfigError(f"the folder of out_path {str(out)!r} does not exist; create it first")
     if isinstance(source, (str, os.PathLike)) and _as_path(source) is not None:
-        _check_text_file(_as_path(source), source)
+        _check_text_file(cast(Path, _as_path(source)), source)  # not None: checked just above
 
     start = time.perf_counter()
     texts: list[str] = []

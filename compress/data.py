@@ -221,6 +221,7 @@ def iter_text(source: TextSource) -> Iterator[str]:
     if isinstance(source, (str, os.PathLike)):
         path = _as_path(source)
         if path is None:
+            assert isinstance(source, str)  # _as_path gives a Path for every os.PathLike
             yield source
             return
         _check_text_file(path, source)
@@ -277,7 +278,10 @@ def check_source(source: TextSource) -> None:
 
 def describe_source(source: TextSource) -> str:
     if isinstance(source, (str, os.PathLike)):
-        return str(source) if _looks_like_path(source) else f"<text, {len(source)} chars>"
+        if _looks_like_path(source):
+            return str(source)
+        assert isinstance(source, str)  # every os.PathLike is a path
+        return f"<text, {len(source)} chars>"
     return f"<{type(source).__name__} of documents>"
 
 

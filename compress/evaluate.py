@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from .calibrate import check_token_ids, check_tokenizer_matches
+from .calibrate import _embedding_rows, check_token_ids, check_tokenizer_matches
 from .data import TextSource, pack_tokens
 from .errors import ConfigError
 from .progress import bar
@@ -38,7 +38,7 @@ def eval_windows(tokenizer, text_or_path: TextSource, seq_len: int, max_tokens: 
 def _model_rows(model: nn.Module) -> int:
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model should be a torch.nn.Module (a causal LM), got {type(model).__name__}")
-    return model.get_input_embeddings().num_embeddings
+    return _embedding_rows(model)
 
 
 def perplexity(

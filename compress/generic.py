@@ -32,19 +32,30 @@ import itertools
 import tempfile
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch_pruning as tp
 from torch import nn
 
-from .calibrate import Calibration, CalibrationConfig, accumulator_dtype, hooks, prepare_calibration, streamed_pass
+from .calibrate import (
+    Calibration,
+    CalibrationConfig,
+    _embedding_rows,
+    accumulator_dtype,
+    hooks,
+    prepare_calibration,
+    streamed_pass,
+)
 from .errors import ConfigError, TargetError, UnsupportedModelError
 from .models import supported_families
 from .plan import PlanConfig, Target, _cost, _grid
 from .report import PruneReport
 from .shape import ModelShape, count_params
 from .surgery import top_k_sorted
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 _IN, _EMBED_OUT = tp.prune_linear_in_channels, tp.prune_embedding_out_channels
 _UNCHANGED = "Nothing was changed."
@@ -74,10 +85,11 @@ class _Structure:
     count of any (hidden, intermediate) shape, activation statistics, and the in-place pruning."""
 
     def __init__(self, model: nn.Module):
-        cfg, self.model = model.config, model
+        hf = cast("PreTrainedModel", model)  # a transformers model: the generic backend reads its config
+        cfg, self.model = hf.config, hf
         lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == cfg.num_hidden_layers]
-        found = [[[c for c in layer.children() if "Attention" in type(c).__name__] for layer in ml] for ml in lists]
-        found = [(ml, [a[0] for a in att]) for ml, att in zip(lists, found) if all(len(a) == 1 for a in att)]
+        children = [[[c for c in layer.children() if "Attention" in type(c).__name__] for layer in ml] for ml in lists]
+        found = [(ml, [a[0] for a in att]) for ml, att in zip(lists, children) if all(len(a) == 1 for a in att)]
         if len(found) != 1:
             raise UnsupportedModelError(
                 f"cannot find the decoder layers of {type(model).__name__}: expected one ModuleList of "
@@ -85,12 +97,13 @@ class _Structure:
                 f"Register an adapter (compress.models.register_adapter). {_UNCHANGED}"
             )
         self.layers, attention = found[0]
-        self.embed, self.head = model.get_input_embeddings(), model.get_output_embeddings()
-        if not isinstance(self.embed, nn.Embedding):
+        embed, self.head = hf.get_input_embeddings(), hf.get_output_embeddings()
+        if not isinstance(embed, nn.Embedding):
             raise UnsupportedModelError(
-                f"the input embedding is a {type(self.embed).__name__}, not an nn.Embedding;"
+                f"the input embedding is a {type(embed).__name__}, not an nn.Embedding;"
                 f" the generic backend cannot prune it. {_UNCHANGED}"
             )
+        self.embed = embed
         in_attn = {id(m) for a in attention for m in itertools.chain(a.modules(), a.parameters())}
         self.layer_of = {m: k for k, layer in enumerate(self.layers) for m in layer.modules()}
         self.dg = _trace(model)
@@ -217,7 +230,7 @@ def _pruned_dims(dg: tp.DependencyGraph, dep) -> list[tuple[nn.Parameter, int]]:
         for n, p in target._parameters.items()
         if p is not None and fake._parameters.get(n) is not None
         for d in range(p.dim())
-        if fake._parameters[n].shape[d] != p.shape[d]
+        if cast(nn.Parameter, fake._parameters[n]).shape[d] != p.shape[d]  # not None: checked above
     ]
 
 
@@ -232,7 +245,7 @@ def _trace(model: nn.Module) -> tp.DependencyGraph:
         for p, _ in flags:
             p.requires_grad_(True)
         with torch.enable_grad():  # the graph is read off autograd
-            example = torch.arange(1, 9, device=device).unsqueeze(0) % model.get_input_embeddings().num_embeddings
+            example = torch.arange(1, 9, device=device).unsqueeze(0) % _embedding_rows(model)
             return tp.DependencyGraph().build_dependency(
                 model, example, forward_fn=lambda m, x: m(input_ids=x, use_cache=False).logits, verbose=False
             )
@@ -251,10 +264,11 @@ class _PreflightFailed(Exception):
         self.axis, self.cause = axis, cause
 
 
-def _tiny_like(model: nn.Module) -> nn.Module:
+def _tiny_like(model: nn.Module) -> PreTrainedModel:
     """A 2-layer float32 random model of the same class: hidden 64, at most 2 KV heads and 2 query heads per
     KV head, head_dim kept equal to hidden/heads where the teacher's is (so families that derive it agree)."""
-    cfg, d = model.config, model.config.to_dict()
+    hf = cast("PreTrainedModel", model)  # a transformers model (the generic backend's input)
+    cfg, d = hf.config, hf.config.to_dict()
     heads, shape = cfg.num_attention_heads, ModelShape.from_config(cfg)
     kv = min(shape.num_key_value_heads, 2)
     q = kv * min(heads // shape.num_key_value_heads, 2)
@@ -272,7 +286,7 @@ def _tiny_like(model: nn.Module) -> nn.Module:
     tiny_cfg = type(cfg).from_dict({**d, **new})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        tiny = type(model)._from_config(tiny_cfg, attn_implementation="eager", dtype=torch.float32)
+        tiny = type(hf)._from_config(tiny_cfg, attn_implementation="eager", dtype=torch.float32)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # weights large enough that a wrong slice changes the logits visibly
         for p in tiny.parameters():
@@ -342,7 +356,7 @@ def _preflight(model: nn.Module, remove_mlp: float, remove_hidden: float) -> Non
                 raise _PreflightFailed(axis, exc) from exc
 
 
-def _check_hidden_size_not_read_at_runtime(tiny: nn.Module, ids: torch.Tensor, old_hidden: int) -> None:
+def _check_hidden_size_not_read_at_runtime(tiny: PreTrainedModel, ids: torch.Tensor, old_hidden: int) -> None:
     """A family that reads ``config.hidden_size`` while it runs (Gemma scales its embeddings by √hidden_size)
     computes something else once hidden channels are gone, in memory and after a reload alike: the sliced
     weights must give the same logits whatever ``hidden_size`` the config says."""
@@ -392,6 +406,7 @@ def _plan(
     if best is None and fallback is None:
         raise TargetError(f"no (hidden, intermediate) shape on the grid lies below {budget:,} params. {_UNCHANGED}")
     if best is None:
+        assert fallback is not None  # refused above when both are None
         return (
             fallback[1],
             fallback[2],
@@ -477,6 +492,7 @@ def _choose_shape(
         i = parsed.shape.get("intermediate_size", teacher.intermediate_size)
         reason = f"explicit shape {dict(parsed.shape)} requested"
     else:
+        assert parsed.params is not None  # a budget target: params is set when shape is not
         d, i, reason = _plan(teacher, s.count, parsed.params, config, hidden=True)
     try:
         try:
@@ -499,6 +515,7 @@ def _choose_shape(
                     + (f"e.g. target={{'intermediate_size': {alt}}} (about the same size), " if alt else "")
                     + f"or register an adapter. {_UNCHANGED}"
                 ) from failed
+            assert parsed.params is not None  # a budget target (an explicit shape was refused just above)
             d, i, reason = _plan(teacher, s.count, parsed.params, config, hidden=False)
             reason += f"; hidden channels kept: they fail the reload preflight for this family ({failed})"
             _preflight(model, 1 - i / teacher.intermediate_size, 0.0)

@@ -24,6 +24,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from .errors import ConfigError, OutputExistsError
 
@@ -188,12 +189,13 @@ def _replace_contents(src: Path, out: Path) -> None:
                 os.rename(entry, old / entry.name)
                 moved_aside.append(entry.name)
         for entry in list(src.iterdir()):
-            moving = entry.name
+            moving: str | None = entry.name
             shutil.move(str(entry), str(out / entry.name))
             moved_in.append(entry.name)
             moving = None
     except BaseException as failure:
-        partial = [moving] if locals().get("moving") else []  # a copy cut short (another file system)
+        # a copy cut short (another file system); `moving` is a name (str) whenever it is set and truthy
+        partial = [cast(str, moving)] if locals().get("moving") else []
         for name in moved_in + partial:  # what came in so far goes; nothing else in `out` is touched
             if os.path.lexists(out / name):
                 _clear(out / name)

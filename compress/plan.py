@@ -271,6 +271,7 @@ def _ranked_grid(
     were); when none is within tolerance, the ``k`` largest below the budget, largest first (``within`` False,
     ``count`` 0; their cost is still given).
     """
+    assert target.params is not None  # a budget target (a Target has params or a shape, exactly one)
     width = strategy in ("width", "width+depth")
     depth = strategy in ("depth", "width+depth")
     f = config.min_fraction
@@ -338,6 +339,7 @@ def _embedding_note(teacher: ModelShape, formula: ParamFormula, chosen: ModelSha
 
 
 def _explicit(teacher: ModelShape, formula: ParamFormula, target: Target, strategy: str) -> Plan:
+    assert target.shape is not None  # called for a shape target only
     shape = teacher.replace(**target.shape)
     shape.check_within(teacher)
     width_changed = (

@@ -48,7 +48,8 @@ class Plugin:
         pass
 
     def __init__(self, config: Any = None) -> None:
-        self.config = config if config is not None else self.Config()
+        # each plugin's own Config dataclass (or a compatible object the caller passed)
+        self.config: Any = config if config is not None else self.Config()
 
 
 class ImportancePlugin(Plugin):

@@ -8,7 +8,7 @@ import copy
 import operator
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -124,6 +124,7 @@ def check_importance(importance: Any, shape: ModelShape, plugin: Any = None) -> 
     tensor, of the wrong shape, not floating point, or with NaN/inf. ``plugin``: the importance plugin that
     computed them (errors are then :class:`PluginError` naming it), or None for scores passed in as
     ``importance=`` (:class:`ConfigError`)."""
+    error: type[CompressError]
     if plugin is not None:
         who, error = _who(plugin), PluginError
         fix = (
@@ -195,7 +196,10 @@ def _indices(values: Any, count: int, limit: int, what: str, plugin: Any) -> lis
         )
     if len(set(out)) != len(out):
         seen: set[int] = set()
-        dup = next(i for i in out if i in seen or seen.add(i))
+        for dup in out:  # the first index met a second time
+            if dup in seen:
+                break
+            seen.add(dup)
         raise PluginError(f"{_who(plugin)} keeps index {dup} of the {what} more than once; indices must be distinct")
     return out
 
@@ -282,7 +286,7 @@ def _structure_problem(model: nn.Module, adapter, shape: ModelShape) -> str | No
             got = tuple(layer.get_submodule(path).weight.shape)
             if got != want:
                 return f"layer {i}'s {path} has weight shape {got}, but the plan needs {want}"
-    width = model.get_submodule(adapter.embed).weight.shape[-1]
+    width = cast(nn.Embedding, model.get_submodule(adapter.embed)).weight.shape[-1]
     if width != shape.hidden_size:
         return f"the embedding has {width} channels, but the plan has {shape.hidden_size}"
     return None
@@ -375,7 +379,7 @@ class _Snapshot:
         if isinstance(exc, CompressError) and len(exc.args) == 1 and isinstance(exc.args[0], str):
             message = exc.args[0].rstrip()
             exc.args = (message + ("" if message.endswith((".", "!", "?")) else ".") + note,)
-        elif isinstance(exc, Exception):
+        elif isinstance(exc, Exception) and hasattr(exc, "add_note"):  # Python 3.11+; 3.10 keeps the error bare
             exc.add_note(note.strip())
 
 
@@ -571,7 +575,7 @@ def prune(
 def _kept(selections: dict) -> dict:
     """What :attr:`PruneReport.kept` holds: teacher indices, per layer of the teacher for "mlp" (kept neurons)
     and "heads" (kept query heads), for the whole model for "hidden" (channels) and "layers"."""
-    kept = {
+    kept: dict[str, list] = {
         name: [operator.index(i) for i in selections[axis]["keep"]]
         for name, axis in (("hidden", "hidden"), ("layers", "depth"))
         if axis in selections and "keep" in selections[axis]

@@ -18,15 +18,15 @@ import contextlib
 import dataclasses
 import operator
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
 
 from . import registry
-from .calibrate import Calibration, CalibrationConfig, check_token_ids, prepare_calibration
+from .calibrate import Calibration, CalibrationConfig, _embedding_rows, check_token_ids, prepare_calibration
 from .data import TextSource
 from .errors import ConfigError, PluginError, UnsupportedModelError
 from .models import DecoderAdapter, find_adapter, supported_families
@@ -35,6 +35,9 @@ from .prune import _call, _Snapshot
 from .report import PruneReport
 from .shape import ModelShape
 from .validate import check_finite_weights, weight_sums
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 DEFAULT_PLUGIN = "least_squares"
 
@@ -231,7 +234,7 @@ def reconstruct(
     s_sums = check_finite_weights(student, "student")
     t_sums = check_finite_weights(teacher, "teacher")
     calib = prepare_calibration(teacher, tokenizer, calibration, calibration_config or CalibrationConfig(min_samples=2))
-    check_token_ids(calib.input_ids, student.get_input_embeddings().num_embeddings, "calibration token ids (student)")
+    check_token_ids(calib.input_ids, _embedding_rows(student), "calibration token ids (student)")
 
     shapes = {n: tuple(p.shape) for n, p in student.named_parameters()}
     s_snapshot, t_snapshot = _Snapshot(student, s_sums), _Snapshot(teacher, t_sums)
@@ -267,7 +270,8 @@ def reconstruct(
     cfg = chosen.config
     return ReconstructReport(
         plugin=chosen.name,
-        config=dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else {},
+        # a plugin's config is a Config instance (build_plugin makes one), never the class
+        config=dataclasses.asdict(cast("DataclassInstance", cfg)) if dataclasses.is_dataclass(cfg) else {},
         layer_map={i: t for i, t in enumerate(kept_checked["layers"])},
         calibration={
             "source": calib.source,
@@ -406,7 +410,7 @@ class LayerStream:
             self.advance()
 
 
-def forward_context(*models: nn.Module) -> Callable:
+def forward_context(*models: nn.Module) -> contextlib.AbstractContextManager[None]:
     """A context manager: the models in eval mode under ``torch.no_grad()``, modes put back afterwards."""
     from contextlib import contextmanager
 

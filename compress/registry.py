@@ -23,9 +23,12 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from .errors import PluginError
+
+if TYPE_CHECKING:
+    from .plugin_api import Plugin
 
 ENTRY_POINT_GROUP = "compress.plugins"
 DISTRIBUTION = "compress-llm"
@@ -40,7 +43,7 @@ class PluginInfo:
     name: str
     kind: str
     source: str  # "builtin", "entry-point:<distribution>" or "local"
-    cls: type
+    cls: type[Plugin]  # a Plugin subclass, or a class with the same name, kind and Config
 
 
 _REGISTRY: dict[str, PluginInfo] = {}
@@ -67,15 +70,16 @@ def register_plugin(cls: type | None = None, *, source: str = "local"):
 
     def _register(plugin_cls: type) -> type:
         _validate_plugin_class(plugin_cls)
-        existing = _REGISTRY.get(plugin_cls.name)
+        checked = cast("type[Plugin]", plugin_cls)  # validated: it has a name, a kind and a Config, as a Plugin
+        existing = _REGISTRY.get(checked.name)
         if existing is not None:
             if existing.cls is plugin_cls:
                 return plugin_cls
             raise PluginError(
-                f"a plugin named {plugin_cls.name!r} is already registered (from {existing.source}: "
+                f"a plugin named {checked.name!r} is already registered (from {existing.source}: "
                 f"{existing.cls.__module__}.{existing.cls.__qualname__}); choose another name"
             )
-        _REGISTRY[plugin_cls.name] = PluginInfo(plugin_cls.name, plugin_cls.kind, source, plugin_cls)
+        _REGISTRY[checked.name] = PluginInfo(checked.name, checked.kind, source, checked)
         return plugin_cls
 
     return _register(cls) if cls is not None else _register
@@ -164,7 +168,7 @@ def _register_adapter_entry_point(name: str, obj: Any, dist: str) -> bool:
     return True
 
 
-def get_plugin(name: str, kind: str | None = None) -> type:
+def get_plugin(name: str, kind: str | None = None) -> type[Plugin]:
     """Return the plugin class registered as ``name`` (loading entry points on first use)."""
     load_entry_point_plugins()
     info = _REGISTRY.get(name)

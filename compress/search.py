@@ -33,6 +33,7 @@ from .calibrate import (
     Calibration,
     CalibrationConfig,
     Importance,
+    _embedding_rows,
     check_token_ids,
     check_tokenizer_matches,
     prepare_calibration,
@@ -147,6 +148,7 @@ class SearchConfig:
 
     def to_dict(self) -> dict:
         out = asdict(self)
+        assert self.distill is not None  # set by validate()
         out["distill"] = self.distill.to_dict()
         return out
 
@@ -239,6 +241,7 @@ def _split_data(
     of ``train_data`` after its first ``skip_tokens`` tokens. Fewer training windows than the budget asks for
     (short text) are trained on repeatedly; fewer than one global batch plus the held-out windows are refused."""
     d = config.distill
+    assert d is not None and d.seq_len is not None and d.batch_size is not None  # set by the configs' validate()
     seq, world = d.seq_len, distributed.rank_world()[1]
     global_batch = d.batch_size * d.grad_accum * world
     n_train = d.steps_for(world) * global_batch
@@ -398,7 +401,7 @@ def search_shapes(
     _, axes = resolve_plugins(plugins, needed_axes)  # unknown plugins and bad plugin configs, now
     block_search = "depth" in axes and getattr(axes["depth"].config, "method", None) == "contiguous_block"
     plugin_name, plugin_config = _importance_plugin(plugins)
-    rows = teacher.get_input_embeddings().num_embeddings
+    rows = _embedding_rows(teacher)
     if tokenizer is not None:
         check_tokenizer_matches(teacher, tokenizer)
     if importance is not None:
@@ -429,6 +432,7 @@ def search_shapes(
         if moved:
             teacher.to(run_device)
         if importance is None:
+            assert calib is not None  # refused above without calibration when importance is None
             t = time.perf_counter()
             importance = score_importance(
                 teacher,
@@ -464,12 +468,10 @@ def search_shapes(
                         before,
                     )
                 )
-                done = [c for c in candidates if c.score is not None]
+                done = [c.score for c in candidates if c.score is not None]
                 if done:
                     last = candidates[-1].score
-                    bar.set_postfix(
-                        best=f"{min(c.score for c in done):.4f}", last="failed" if last is None else f"{last:.4f}"
-                    )
+                    bar.set_postfix(best=f"{min(done):.4f}", last="failed" if last is None else f"{last:.4f}")
                 bar.update(1)
         finally:
             bar.close()
@@ -525,6 +527,7 @@ def _try(
     before: ModelShape,
 ) -> Candidate:
     """Prune a copy of the teacher to ``plan``'s shape, score it, distill it briefly, score it again."""
+    assert config.distill is not None  # set by SearchConfig.validate()
     t = time.perf_counter()
     student = copy.deepcopy(teacher)
     try:

@@ -8,7 +8,9 @@ which is what lets the planner search thousands of shapes in milliseconds.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
+from typing import cast
 
+import torch
 from torch import nn
 
 from .errors import TargetError
@@ -106,7 +108,7 @@ class ParamFormula:
     def from_model(cls, model: nn.Module, adapter: DecoderAdapter) -> ParamFormula:
         layer = adapter.decoder_layers(model)[0]
         final_norm = model.get_submodule(adapter.final_norm)
-        embed = model.get_submodule(adapter.embed)
+        embed = cast(nn.Embedding, model.get_submodule(adapter.embed))
         lm_head = model.get_submodule(adapter.lm_head)
         formula = cls(
             vocab_size=embed.weight.shape[0],
@@ -115,7 +117,9 @@ class ParamFormula:
             o_bias=layer.get_submodule(adapter.o).bias is not None,
             mlp_bias=layer.get_submodule(adapter.down).bias is not None,
             norms_per_layer=len(adapter.layer_norms),
-            norm_params_per_channel=sum(p.numel() for p in final_norm.parameters()) // final_norm.weight.shape[0],
+            norm_params_per_channel=(
+                sum(p.numel() for p in final_norm.parameters()) // cast(torch.Tensor, final_norm.weight).shape[0]
+            ),
             per_layer_constant=0,
             q_proj_norm=adapter.q_proj_norm is not None,
             k_proj_norm=adapter.k_proj_norm is not None,

@@ -5,6 +5,8 @@ Modules keep their identity (only their parameters are replaced), so references 
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -27,11 +29,12 @@ def slice_linear(linear: nn.Linear, out_idx: torch.Tensor | None = None, in_idx:
 
 def slice_norm(norm: nn.Module, idx: torch.Tensor) -> None:
     """Keep channels ``idx`` of an RMSNorm/LayerNorm (weight and optional bias)."""
-    norm.weight = _index(norm.weight, idx, 0)
+    norm.weight = _index(cast(torch.Tensor, norm.weight), idx, 0)
     if getattr(norm, "bias", None) is not None:
-        norm.bias = _index(norm.bias, idx, 0)
+        norm.bias = _index(cast(torch.Tensor, norm.bias), idx, 0)
     if hasattr(norm, "normalized_shape"):
-        norm.normalized_shape = (len(idx),)
+        # torch types Module.__setattr__'s value as Tensor | Module; any attribute can be set
+        norm.normalized_shape = (len(idx),)  # type: ignore[assignment]
 
 
 def slice_embedding_dim(embedding: nn.Embedding, idx: torch.Tensor) -> None:

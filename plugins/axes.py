@@ -7,6 +7,7 @@ important ones), so the pruned model is described by a standard config.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -25,6 +26,7 @@ class MLPAxis(AxisPlugin):
     needs = ("mlp",)
 
     def select(self, ctx: PruneContext) -> dict:
+        assert ctx.importance is not None  # compress.prune scores importance for an axis with `needs`
         scores = ctx.importance.require("mlp", self.name)
         k = ctx.shape_after.intermediate_size
         keep = [top_k_sorted(layer_scores, k).tolist() for layer_scores in scores]
@@ -57,6 +59,7 @@ class HeadsAxis(AxisPlugin):
                 raise ConfigError(f"HeadsAxis.group_score should be 'sum' or 'max', got {self.group_score!r}")
 
     def select(self, ctx: PruneContext) -> dict:
+        assert ctx.importance is not None  # compress.prune scores importance for an axis with `needs`
         scores = ctx.importance.require("heads", self.name)
         before, after = ctx.shape_before, ctx.shape_after
         g, kv_keep, g_keep = before.group_size, after.num_key_value_heads, after.group_size
@@ -83,12 +86,13 @@ class HeadsAxis(AxisPlugin):
             adapter.slice_heads(layer, head_rows(q_keep, hd), head_rows(kv_keep, hd), hd)
             attn = layer.get_submodule(adapter.attention)
             # transformers' attention modules cache these counts; keep them in step with the weights.
+            # (type: ignore: torch types Module.__setattr__'s value as Tensor | Module; any attribute can be set)
             if hasattr(attn, "num_heads"):
-                attn.num_heads = len(q_keep)
+                attn.num_heads = len(q_keep)  # type: ignore[assignment]
             if hasattr(attn, "num_key_value_heads"):
-                attn.num_key_value_heads = len(kv_keep)
+                attn.num_key_value_heads = len(kv_keep)  # type: ignore[assignment]
             if hasattr(attn, "num_key_value_groups"):
-                attn.num_key_value_groups = len(q_keep) // len(kv_keep)
+                attn.num_key_value_groups = len(q_keep) // len(kv_keep)  # type: ignore[assignment]
 
 
 class HiddenAxis(AxisPlugin):
@@ -103,14 +107,15 @@ class HiddenAxis(AxisPlugin):
     needs = ("hidden",)
 
     def select(self, ctx: PruneContext) -> dict:
+        assert ctx.importance is not None  # compress.prune scores importance for an axis with `needs`
         scores = ctx.importance.require("hidden", self.name)
         keep = top_k_sorted(scores, ctx.shape_after.hidden_size).tolist()
         return {"keep": keep, "kept": len(keep), "removed": ctx.shape_before.hidden_size - len(keep)}
 
     def apply(self, model: nn.Module, adapter: DecoderAdapter, selection: dict) -> None:
         idx = torch.tensor(selection["keep"], dtype=torch.long)
-        embed = model.get_submodule(adapter.embed)
-        lm_head = model.get_submodule(adapter.lm_head)
+        embed = cast(nn.Embedding, model.get_submodule(adapter.embed))
+        lm_head = cast(nn.Linear, model.get_submodule(adapter.lm_head))
         tied = lm_head.weight is embed.weight
         slice_embedding_dim(embed, idx)
         if tied:

@@ -50,8 +50,10 @@ class DepthAxis(AxisPlugin):
     def select(self, ctx: PruneContext) -> dict:
         n_before, n_after = ctx.shape_before.num_hidden_layers, ctx.shape_after.num_hidden_layers
         if self.config.method == "block_influence":
-            keep = top_k_sorted(ctx.importance.require("layers", self.name), n_after).tolist()
-            detail = {"block_influence": [round(float(v), 6) for v in ctx.importance.layers]}
+            assert ctx.importance is not None  # compress.prune scores importance for an axis with `needs`
+            layer_scores = ctx.importance.require("layers", self.name)  # ctx.importance.layers, checked set
+            keep = top_k_sorted(layer_scores, n_after).tolist()
+            detail = {"block_influence": [round(float(v), 6) for v in layer_scores]}
         else:
             if ctx.calibration is None:
                 raise ConfigError("DepthAxis(method='contiguous_block') needs calibration data")
@@ -65,6 +67,7 @@ class DepthAxis(AxisPlugin):
         parent_path, _, attr = ctx.adapter.layers.rpartition(".")
         parent = ctx.model.get_submodule(parent_path) if parent_path else ctx.model
         losses: dict[int, float] = {}
+        assert ctx.calibration is not None  # select() refuses a missing calibration before the search
         try:
             for start in bar(
                 range(n - n_remove + 1), desc=f"depth block search ({n_remove} of {n} layers)", unit="block"
@@ -78,7 +81,7 @@ class DepthAxis(AxisPlugin):
         # windows, then sums are all-reduced); rank 0's losses are still made authoritative, so that no float
         # difference between ranks can ever make two ranks remove different layers.
         losses = broadcast_object(losses)
-        best = min(losses, key=losses.get)
+        best = min(losses, key=losses.__getitem__)
         keep = [i for i in range(n) if not best <= i < best + n_remove]
         return keep, {"block_start": best, "block_losses": {str(k): round(v, 5) for k, v in losses.items()}}
 
@@ -92,7 +95,8 @@ class DepthAxis(AxisPlugin):
             # The KV cache is indexed by layer_idx; it must be dense after removal.
             for module in layer.modules():
                 if hasattr(module, "layer_idx"):
-                    module.layer_idx = new_idx
+                    # torch types Module.__setattr__'s value as Tensor | Module; any attribute can be set
+                    module.layer_idx = new_idx  # type: ignore[assignment]
         config = adapter.shape_config(model.config)
         for name in adapter.layer_lists:  # per-layer config lists (layer_types, no_rope_layers, ...)
             values = getattr(config, name, None)

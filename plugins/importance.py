@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -61,8 +63,8 @@ class ActivationImportance(ImportancePlugin):
         n_layers = len(layers)
         heads = adapter.shape_config(model.config).num_attention_heads
         norms = adapter.hidden_norms(model)
-        inter = layers[0].get_submodule(adapter.down).in_features
-        hidden = norms[-1].weight.shape[0]
+        inter = cast(nn.Linear, layers[0].get_submodule(adapter.down)).in_features
+        hidden = cast(torch.Tensor, norms[-1].weight).shape[0]
         device = next(model.parameters()).device
         dtype = accumulator_dtype(device)
         # Sums over samples (mlp/heads/norms) and tokens (Block Influence), kept on the device: a hook that moved
@@ -120,7 +122,8 @@ class ActivationImportance(ImportancePlugin):
 
             return hook
 
-        registrations = []
+        # each called with no arguments (the defaults bind the loop variables)
+        registrations: list[Callable[..., torch.utils.hooks.RemovableHandle]] = []
         for i, layer in enumerate(layers):
             registrations += [
                 lambda i=i, mod=layer: mod.get_submodule(adapter.down).register_forward_pre_hook(mlp_hook(i)),
@@ -169,7 +172,7 @@ class MagnitudeImportance(ImportancePlugin):
             ):
                 raise ConfigError(f"MagnitudeImportance.p should be a positive number, got {self.p!r}")
 
-    def _norm(self, w: torch.Tensor, dim: int) -> torch.Tensor:
+    def _norm(self, w: torch.Tensor, dim: int | tuple[int, ...]) -> torch.Tensor:
         return w.detach().float().abs().pow(self.config.p).sum(dim)
 
     def score(self, model: nn.Module, adapter: DecoderAdapter, calibration: Calibration | None) -> Importance:
@@ -177,23 +180,26 @@ class MagnitudeImportance(ImportancePlugin):
         heads = adapter.shape_config(model.config).num_attention_heads
         head_dim = ModelShape.from_config(adapter.shape_config(model.config)).head_dim
         mlp, head_scores, layer_scores = [], [], []
-        embed = model.get_submodule(adapter.embed).weight
+        embed = cast(torch.Tensor, model.get_submodule(adapter.embed).weight)
         hidden = self._norm(embed, 0)
         for layer in layers:
             get = layer.get_submodule
             mlp.append(
                 sum(self._norm(w, 1) for w in adapter.mlp_input_weights(layer))
-                + self._norm(get(adapter.down).weight, 0)
+                + self._norm(cast(torch.Tensor, get(adapter.down).weight), 0)
             )
             q = self._norm(adapter.query_weight(layer, head_dim), 1).view(heads, -1).sum(1)
-            o = self._norm(get(adapter.o).weight, 0).view(heads, -1).sum(1)
+            o = self._norm(cast(torch.Tensor, get(adapter.o).weight), 0).view(heads, -1).sum(1)
             head_scores.append(q + o)
             for lin in adapter.hidden_in_linears(layer):
                 hidden = hidden + self._norm(lin.weight, 0)
             for lin in adapter.hidden_out_linears(layer):
                 hidden = hidden + self._norm(lin.weight, 1)
-            layer_scores.append(sum(self._norm(p, tuple(range(p.dim()))) for p in layer.parameters()))
-        lm_head = model.get_submodule(adapter.lm_head).weight
+            # a decoder layer has parameters: the sum is a tensor, never sum()'s start value 0
+            layer_scores.append(
+                cast(torch.Tensor, sum(self._norm(p, tuple(range(p.dim()))) for p in layer.parameters()))
+            )
+        lm_head = cast(torch.Tensor, model.get_submodule(adapter.lm_head).weight)
         if lm_head is not embed:
             hidden = hidden + self._norm(lm_head, 0)
         root = 1.0 / self.config.p

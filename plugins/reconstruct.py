@@ -253,6 +253,7 @@ class LeastSquaresReconstruct(ReconstructPlugin):
                     for b in range(len(batches)):
                         y, out = t_stream.run_until(b, t_mod, want="output", stop=not finish)
                         if finish:
+                            assert out is not None  # stop=False: the layer ran to its end
                             t_stream.hidden[b] = out
                         a, _ = s_stream.run_until(b, s_mod, want="input", stop=True)
                         stats[is_held[b]].add(a, y.index_select(-1, hidden_idx.to(y.device)))
@@ -328,7 +329,7 @@ class LeastSquaresReconstruct(ReconstructPlugin):
             "_err_before": max(err_before, 0.0),
             "_yy": yy,
         }
-        best = min(errors, key=errors.get) if errors else None
+        best = min(errors, key=errors.__getitem__) if errors else None
         if best is None or not errors[best] < err_before:
             why = (
                 "no λ gave a solution (the inputs carry no signal)"

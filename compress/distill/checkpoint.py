@@ -20,7 +20,7 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from safetensors.torch import load_file, save_file, save_model
@@ -28,6 +28,9 @@ from torch import nn
 
 from .. import distributed
 from ..errors import CheckpointError
+
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint.state_dict import ValueType
 
 CHECKPOINT_PREFIX = "checkpoint-"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -402,7 +405,7 @@ def _check_optimizer(path: Path, tensors: dict[str, torch.Tensor], meta, optimiz
     return _unflatten_optimizer(tensors, meta)
 
 
-def load_replicated(path: Path, student: nn.Module, projections: nn.Module, optimizer, meta: dict) -> None:
+def load_replicated(path: Path, student: nn.Module, projections: nn.Module, optimizer, meta: dict | None) -> None:
     """Check every tensor first (student, projections, optimizer: names, shapes, dtypes), then load: a
     checkpoint of another student fails before any tensor is copied."""
     student_tensors = _check_module_file(path, "student.safetensors", student, "student")
@@ -431,9 +434,11 @@ def _sharded_state(module: nn.Module, optimizer) -> dict[str, torch.Tensor]:
     unique = {name for name, _ in module.named_parameters()}
     tied = {name for name, _ in module.named_parameters(remove_duplicate=False)} - unique
     # A tied weight (embedding = LM head) is stored once, under the name named_parameters() gives it.
-    flat = {f"model.{k}": v for k, v in get_model_state_dict(module).items() if k not in tied}
+    # (a model's state dict holds tensors, DTensors under FSDP2; the library types every value it may hold)
+    flat = {f"model.{k}": cast(torch.Tensor, v) for k, v in get_model_state_dict(module).items() if k not in tied}
     optim = get_optimizer_state_dict(module, optimizer)
-    for fqn, per_param in optim["state"].items():
+    state = cast("dict[str, dict[str, Any]]", optim["state"])  # parameter fqn -> {name: tensor or number}
+    for fqn, per_param in state.items():
         for name, value in per_param.items():
             flat[f"optim.{fqn}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
     return flat
@@ -462,10 +467,11 @@ def load_sharded(path: Path, module: nn.Module, optimizer) -> None:
     _init_optimizer_state(optimizer)
     flat = _sharded_state(module, optimizer)
     dcp.load(flat, storage_reader=dcp.HuggingFaceStorageReader(str(path / "sharded")))
-    loaded = {k[len("model.") :]: v for k, v in flat.items() if k.startswith("model.")}
+    loaded: dict[str, ValueType] = {k[len("model.") :]: v for k, v in flat.items() if k.startswith("model.")}
     set_model_state_dict(module, loaded, options=StateDictOptions(strict=False))  # tied copies follow
     optim = get_optimizer_state_dict(module, optimizer)
-    for fqn, per_param in optim["state"].items():
+    state = cast("dict[str, dict[str, Any]]", optim["state"])  # parameter fqn -> {name: tensor or number}
+    for fqn, per_param in state.items():
         for name in list(per_param):
             value = flat[f"optim.{fqn}.{name}"]
             per_param[name] = value if torch.is_tensor(per_param[name]) else type(per_param[name])(value.item())

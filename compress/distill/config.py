@@ -9,7 +9,7 @@ import math
 import numbers
 import os
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, cast
 
 from ..errors import ConfigError
 from .losses import HIDDEN_LOSSES, LOGIT_LOSSES
@@ -231,6 +231,7 @@ class DistillConfig:
         # Batches and budget.
         self._default_batch_shape()
         integer("seq_len", 2)
+        assert self.seq_len is not None  # set by _default_batch_shape, checked by integer()
         if self.on_policy_prompt_tokens is not None and self.on_policy_prompt_tokens >= self.seq_len:
             bad(
                 "on_policy_prompt_tokens",
@@ -301,10 +302,11 @@ class DistillConfig:
         """``hidden_layers`` / ``layer_map``: indices only here (against the models when training starts)."""
 
         def index(value) -> bool:
-            return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0
+            # (numbers.Integral declares no >=; the values here are ints or numpy integers)
+            return isinstance(value, numbers.Integral) and not isinstance(value, bool) and cast(int, value) >= 0
 
         if self.hidden_layers is not None:
-            value = self.hidden_layers
+            value: Any = self.hidden_layers  # anything a caller set: this checks it
             if (
                 not isinstance(value, (list, tuple))
                 or not value
@@ -376,18 +378,21 @@ class DistillConfig:
 
     def on_policy_prompt(self) -> int:
         """Tokens of each window kept as the prompt of an on-policy batch (the rest is sampled)."""
+        assert self.seq_len is not None  # set by validate()
         prompt = self.on_policy_prompt_tokens if self.on_policy_prompt_tokens is not None else self.seq_len // 2
         return max(1, min(prompt, self.seq_len - 1))
 
     @property
     def tokens_per_step(self) -> int:
         """Tokens one process trains on per optimizer step."""
+        assert self.batch_size is not None and self.seq_len is not None  # set by validate()
         return self.batch_size * self.grad_accum * self.seq_len
 
     def steps_for(self, world: int = 1) -> int:
         """Optimizer steps of a run over ``world`` processes (``max_tokens`` is the budget of all of them)."""
         if self.max_steps is not None:
             return self.max_steps
+        assert self.max_tokens is not None  # validate(): max_steps or max_tokens is set
         return max(1, self.max_tokens // (self.tokens_per_step * world))
 
     @property
@@ -440,4 +445,4 @@ def _init(self, *args, **kwargs):
     _generated_init(self, *args, **kwargs)
 
 
-DistillConfig.__init__ = _init
+DistillConfig.__init__ = _init  # type: ignore[method-assign]  # deliberate: wraps the generated __init__

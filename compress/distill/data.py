@@ -78,6 +78,7 @@ class WindowLoader:
 
         Refused with :class:`DataError`: a tensor that is not 2-D, not integer, or whose windows are not
         ``config.seq_len`` tokens long, and (given ``vocab_size``) token ids outside ``[0, vocab_size)``."""
+        assert config.seq_len is not None and config.batch_size is not None  # set by DistillConfig.validate()
         if isinstance(data, torch.Tensor):
             if data.dim() != 2:
                 raise DataError(f"token windows must be a [N, seq_len] tensor, got shape {tuple(data.shape)}")
@@ -123,8 +124,9 @@ class WindowLoader:
         if self._stream is None:
             return self.windows.index_select(0, idx).to(self.device), idx
         slot = self.served % 2
-        if self._copy_done[slot] is not None:
-            self._copy_done[slot].synchronize()  # the copy out of this buffer, two batches ago, has finished
+        done = self._copy_done[slot]
+        if done is not None:
+            done.synchronize()  # the copy out of this buffer, two batches ago, has finished
         buf = self._staging[slot]
         torch.index_select(self.windows, 0, idx, out=buf)
         with torch.cuda.stream(self._stream):

@@ -184,6 +184,7 @@ def _chunk_loss_and_grad(
     Math runs in fp32 (fp64 for fp64 inputs); the gradient comes back in the hidden states' dtype.
     """
     compute = torch.promote_types(h_chunk.dtype, torch.float32)
+    logits: torch.Tensor | None  # set to None below once no longer needed
     logits = (h_chunk @ w_s.t()).to(compute)
     if s_transform is not None:
         logits = s_transform.apply(logits)
@@ -261,6 +262,7 @@ def _chunk_loss_and_grad(
     if grad is not None and s_transform is not None:  # chain rule through the transform, back to the raw logits
         if s_transform.softcap is not None:
             # d(c tanh(u / c))/du = 1 - tanh(u / c)**2 = 1 - (logits / c)**2, in place: logits is not needed again
+            assert logits is not None  # kept above when there is a soft-cap
             grad = grad.mul_(logits.div_(s_transform.softcap).square_().neg_().add_(1))
         if s_transform.scale != 1.0:
             grad = grad.mul_(s_transform.scale)

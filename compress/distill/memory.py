@@ -23,6 +23,7 @@ BENCHMARKS.md compares it with measured peaks.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import nn
@@ -75,7 +76,7 @@ class _Shape:
             hidden=cfg.hidden_size,
             intermediate=cfg.intermediate_size,
             q_width=cfg.num_attention_heads * head_dim,
-            vocab=model.get_submodule(adapter.lm_head).weight.shape[0],
+            vocab=cast(torch.Tensor, model.get_submodule(adapter.lm_head).weight).shape[0],
             param_bytes=first.element_size(),
             tied=tied,
         )
@@ -101,6 +102,7 @@ class MemoryPlan:
 
     def _activations(self, mode: str) -> int:
         s, cfg = self.student, self.config
+        assert cfg.batch_size is not None and cfg.seq_len is not None  # set by DistillConfig.validate()
         n = cfg.batch_size * cfg.seq_len
         kind = "fp32" if not self.use_bf16 else ("bf16" if mode == "fsdp" else "autocast")
         c = _ACT[kind]
@@ -113,6 +115,7 @@ class MemoryPlan:
 
     def _teacher_forward(self) -> int:
         t, s, cfg = self.teacher, self.student, self.config
+        assert cfg.batch_size is not None and cfg.seq_len is not None  # set by DistillConfig.validate()
         n = cfg.batch_size * cfg.seq_len
         a = self._compute_bytes()
         transient = n * (4 * t.hidden + 3 * t.intermediate) * a
@@ -126,6 +129,7 @@ class MemoryPlan:
         """The fused loss's chunk tensors and its fp32 LM-head gradient buffer, plus the embedding's dense
         gradient (and, with a tied LM head, the sum of the two gradients) made in backward."""
         s, cfg = self.student, self.config
+        assert cfg.batch_size is not None and cfg.seq_len is not None  # set by DistillConfig.validate()
         n = cfg.batch_size * (cfg.seq_len - 1)
         chunk = min(cfg.chunk_tokens, n)
         embedding_grads = (2 if s.tied else 1) * s.vocab * s.hidden * 4
@@ -176,6 +180,8 @@ class MemoryPlan:
         """Refuse, saying what would fit, when the chosen engine's estimate exceeds the device's memory."""
         if self.fits(mode, shard_teacher):
             return
+        assert self.budget is not None  # fits() is True without a budget
+        assert self.config.batch_size is not None  # set by DistillConfig.validate()
         gib = self.total(mode, shard_teacher) / GIB
         options = []
         if mode != "fsdp" and self.world > 1 and self.fits("fsdp", True):
@@ -209,7 +215,7 @@ class MemoryPlan:
         )
 
     def to_dict(self, mode: str, shard_teacher: bool = False) -> dict:
-        out = {k: round(v / 2**20, 1) for k, v in self.breakdown(mode, shard_teacher).items()}
+        out: dict[str, float | None] = {k: round(v / 2**20, 1) for k, v in self.breakdown(mode, shard_teacher).items()}
         out = {f"{k}_mib": v for k, v in out.items()}
         out["budget_mib"] = None if self.budget is None else round(self.budget / 2**20, 1)
         return out

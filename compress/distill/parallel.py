@@ -18,12 +18,20 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import nullcontext
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
 
 from ..models import DecoderAdapter
 from . import checkpoint as ckpt
+
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint.state_dict import ValueType
+    from torch.distributed.fsdp import FSDPModule
+    from transformers import PreTrainedModel
+
+    from .trainer import DistillModule
 
 MODES = ("single", "ddp", "fsdp")
 
@@ -33,9 +41,8 @@ def _meta_replica(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Mo
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(
-            model.config, attn_implementation=model.config._attn_implementation, dtype=dtype
-        )
+        config = cast("PreTrainedModel", model).config
+        return AutoModelForCausalLM.from_config(config, attn_implementation=config._attn_implementation, dtype=dtype)
 
 
 def _copy_buffers(src: nn.Module, dst: nn.Module, device: torch.device) -> None:
@@ -65,7 +72,7 @@ class TeacherTrunk(nn.Module):
 
     def head_weight(self) -> torch.Tensor:
         """The LM head's weight; for a sharded teacher, valid after a forward call (the gathered tensor)."""
-        return self.model.get_submodule(self._head).weight
+        return cast(torch.Tensor, self.model.get_submodule(self._head).weight)
 
 
 class Engine:
@@ -91,11 +98,12 @@ class Engine:
             from torch.distributed.device_mesh import init_device_mesh
 
             self.mesh = init_device_mesh(device.type, (world,))
-        self.module: nn.Module | None = None
+        self.module: DistillModule | None = None
         self.wrapped: nn.Module | None = None
         self._caller_student: nn.Module | None = None
         self._enabled_checkpointing = False  # gradient checkpointing switched on by this run (to switch off)
-        self._compiled: list[tuple[nn.Module, object]] = []  # (layer, its compiled call before this run)
+        # (layer, its compiled call before this run)
+        self._compiled: list[tuple[nn.Module, Callable[..., Any] | None]] = []
         self.optimizer_meta: dict = {}
 
     # --- precision ------------------------------------------------------------------------------------------
@@ -128,12 +136,15 @@ class Engine:
         root.to_empty(device=self.device)
         dtype = next(root.parameters()).dtype
         full_state = {k: v.detach().to(dtype) for k, v in full_state.items()}
-        set_model_state_dict(root, full_state, options=StateDictOptions(full_state_dict=True))
+        # (dict is invariant: a dict of tensors is a dict of the library's ValueType)
+        set_model_state_dict(
+            root, cast("dict[str, ValueType]", full_state), options=StateDictOptions(full_state_dict=True)
+        )
         _copy_buffers(buffers_from, buffers_to, self.device)
 
     # --- student --------------------------------------------------------------------------------------------
 
-    def place_student(self, student: nn.Module, make_module: Callable[[nn.Module], nn.Module]) -> nn.Module:
+    def place_student(self, student: nn.Module, make_module: Callable[[nn.Module], DistillModule]) -> nn.Module:
         """Return the module to train (student + projections + loss), wrapped for this engine.
 
         ``make_module(student)`` builds the ``DistillModule`` around a student. Its parameters' initial values
@@ -170,7 +181,9 @@ class Engine:
 
     def _prepare_layers(self, student: nn.Module) -> None:
         if self.gradient_checkpointing and not getattr(student, "is_gradient_checkpointing", False):
-            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            cast("PreTrainedModel", student).gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
             self._enabled_checkpointing = student is self._caller_student
         if self.compile_layers:
             for layer in self.adapter.decoder_layers(student):
@@ -181,14 +194,15 @@ class Engine:
     def no_sync(self, last_micro_batch: bool):
         """Skip the gradient all-reduce on all but the last micro-batch of a step (DDP)."""
         if self.mode == "ddp" and not last_micro_batch:
-            return self.wrapped.no_sync()
+            return cast(nn.parallel.DistributedDataParallel, self.wrapped).no_sync()  # place_student wrapped it
         if self.mode == "fsdp":
-            self.module.set_requires_gradient_sync(last_micro_batch)
+            cast("FSDPModule", self.module).set_requires_gradient_sync(last_micro_batch)  # sharded by _shard
         return nullcontext()
 
     def finish_student(self) -> None:
         """Hand the trained weights back to the caller's student (every rank calls this); the caller's dtypes,
         devices and flags are put back by its :class:`ModelBackup`."""
+        assert self.module is not None and self._caller_student is not None  # set by place_student
         if self.mode == "fsdp":
             _gather_into(self.module.student, self._caller_student)
         self.undo_student_changes()
@@ -201,7 +215,7 @@ class Engine:
             layer._compiled_call_impl = before
         self._compiled = []
         if self._enabled_checkpointing and self._caller_student is not None:
-            self._caller_student.gradient_checkpointing_disable()
+            cast("PreTrainedModel", self._caller_student).gradient_checkpointing_disable()
             self._enabled_checkpointing = False
 
     # --- teacher --------------------------------------------------------------------------------------------
@@ -249,12 +263,14 @@ class Engine:
     # --- checkpoint tensors ---------------------------------------------------------------------------------
 
     def save_tensors(self, path, optimizer) -> None:
+        assert self.module is not None  # set by place_student
         if self.mode == "fsdp":
             ckpt.save_sharded(path, self.module, optimizer)
         else:
             self.optimizer_meta = ckpt.save_replicated(path, self.module.student, self.module.projections, optimizer)
 
     def load_tensors(self, path, optimizer, optimizer_meta: dict | None) -> None:
+        assert self.module is not None  # set by place_student
         if self.mode == "fsdp":
             ckpt.load_sharded(path, self.module, optimizer)
         else:
@@ -302,7 +318,7 @@ class ModelBackup:
 
     def restore(self, error: bool) -> None:
         """Put back devices, dtypes, flags, gradients and modes, and the weights of a snapshot (see the class)."""
-        snapshot = ({}, {})
+        snapshot: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] = ({}, {})
         if self.snapshots and (error or self.restore_on_success):
             snapshot = self.snapshots[0] if error else self.snapshots[-1]
         with torch.no_grad():

@@ -40,6 +40,7 @@ import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -74,7 +75,8 @@ def windows_fingerprint(windows: torch.Tensor) -> str:
     """``sha256:<hex>`` of the windows' shape and their ids as int64 (so int32 and int64 copies agree)."""
     t = windows.detach().to("cpu", torch.int64).contiguous()
     h = hashlib.sha256(f"windows {tuple(t.shape)}\n".encode())
-    h.update(t.numpy())
+    # ndarray has the buffer protocol; numpy's stubs declare __buffer__ for Python >= 3.12 only
+    h.update(t.numpy())  # type: ignore[arg-type]
     return "sha256:" + h.hexdigest()
 
 
@@ -261,7 +263,7 @@ def build_teacher_cache(
     if transform is not None and not isinstance(transform, LogitTransform):
         raise ConfigError(f"transform should be a LogitTransform or None, got {type(transform).__name__}")
     adapter = layout_for(teacher)
-    vocab = teacher.get_submodule(adapter.lm_head).weight.shape[0]
+    vocab = cast(torch.Tensor, teacher.get_submodule(adapter.lm_head).weight).shape[0]
     _check_int("top_k", top_k, 1)
     if top_k > vocab:
         raise ConfigError(f"top_k={top_k} is larger than the teacher's vocabulary ({vocab} tokens)")
@@ -280,7 +282,7 @@ def build_teacher_cache(
     config = getattr(teacher, "config", None)
     backup = ModelBackup(teacher)
     t0 = time.perf_counter()
-    shards = []
+    shards: list[dict[str, Any]] = []
     bar = None
     with atomic_output_dir(out_dir, overwrite) as tmp:
         try:
@@ -288,7 +290,7 @@ def build_teacher_cache(
             if device is not None:
                 teacher.to(device)
             base = teacher.get_submodule(adapter.base)
-            head = teacher.get_submodule(adapter.lm_head).weight
+            head = cast(torch.Tensor, teacher.get_submodule(adapter.lm_head).weight)
             run_device = head.device
             if progress:
                 from tqdm.auto import tqdm

@@ -19,6 +19,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
@@ -137,7 +138,7 @@ class DistillModule(nn.Module):
             self.projections["hidden"] = nn.Linear(width, teacher_width, bias=False, device=device)
             if device.type != "meta":
                 with torch.no_grad():
-                    self.projections["hidden"].weight.copy_(self._projection_init())
+                    cast(nn.Linear, self.projections["hidden"]).weight.copy_(self._projection_init())
         self._captured = (
             _LayerOutputs(adapter.decoder_layers(student), sorted(layer_map)) if config.hidden_loss else None
         )
@@ -146,7 +147,7 @@ class DistillModule(nn.Module):
     def _projection_init(self) -> torch.Tensor:
         """Start from the channel selection pruning made, when known (exact at step 0), else orthogonal (seeded:
         every engine and every rank starts from the same matrix)."""
-        out_f, in_f = self.projections["hidden"].weight.shape
+        out_f, in_f = cast(nn.Linear, self.projections["hidden"]).weight.shape
         weight = torch.zeros(out_f, in_f)
         if self.hidden_init is not None and len(self.hidden_init) == in_f:
             weight[torch.tensor(self.hidden_init), torch.arange(in_f)] = 1.0
@@ -175,7 +176,7 @@ class DistillModule(nn.Module):
         cached = self.cached_targets
         base = self.student.get_submodule(self.adapter.base)
         hidden = base(input_ids=input_ids, use_cache=False).last_hidden_state
-        head = self.student.get_submodule(self.adapter.lm_head).weight
+        head = cast(torch.Tensor, self.student.get_submodule(self.adapter.lm_head).weight)
         start = loss_from - 1  # the hidden state at position p predicts token p + 1
         labels = input_ids[:, 1:].reshape(-1) if cfg.alpha_ce > 0 and loss_from == 1 else None
         d_s = hidden.shape[-1]
@@ -209,12 +210,13 @@ class DistillModule(nn.Module):
         )
         hid = kd.new_zeros(())
         if self._captured is not None:
+            assert cfg.hidden_loss is not None  # _captured is made only with a hidden loss
             student_layers = self._captured.pop()
             proj = self.projections["hidden"] if "hidden" in self.projections else None  # noqa: SIM401 (ModuleDict)
             for s_idx, t_idx in self.layer_map.items():
                 h_s = student_layers[s_idx]
                 if proj is not None:  # the projection's weight dtype decides (fp32 master, bf16 under FSDP)
-                    h_s = proj(h_s.to(proj.weight.dtype))
+                    h_s = proj(h_s.to(cast(torch.Tensor, proj.weight).dtype))
                 hid = hid + hidden_state_loss(h_s, teacher_layers[t_idx], cfg.hidden_loss)
             hid = hid / len(self.layer_map)
             loss = loss + cfg.hidden_weight * hid
@@ -442,10 +444,10 @@ def _resolve_layer_map(config: DistillConfig, n_s: int, n_t: int, kept_layers) -
     else:
         layer_map = default_layer_map(n_s, n_t, kept_layers)
     if config.hidden_layers is not None:
-        wrong = [i for i in config.hidden_layers if not 0 <= i < n_s]
-        if wrong:
+        outside = [i for i in config.hidden_layers if not 0 <= i < n_s]
+        if outside:
             raise ConfigError(
-                f"DistillConfig.hidden_layers={config.hidden_layers!r} names layers {wrong} the student "
+                f"DistillConfig.hidden_layers={config.hidden_layers!r} names layers {outside} the student "
                 f"does not have (it has layers 0 to {n_s - 1})"
             )
         missing = [i for i in config.hidden_layers if i not in layer_map]
@@ -522,8 +524,8 @@ def distill(
     s_adapter, t_adapter = layout_for(student), layout_for(teacher)
     check_plain_logits(student, s_adapter)
     check_plain_logits(teacher, t_adapter)
-    s_vocab = student.get_submodule(s_adapter.lm_head).weight.shape[0]
-    t_vocab = teacher.get_submodule(t_adapter.lm_head).weight.shape[0]
+    s_vocab = cast(torch.Tensor, student.get_submodule(s_adapter.lm_head).weight).shape[0]
+    t_vocab = cast(torch.Tensor, teacher.get_submodule(t_adapter.lm_head).weight).shape[0]
     if s_vocab != t_vocab:
         raise DataError(
             f"student vocabulary ({s_vocab}) and teacher vocabulary ({t_vocab}) differ: logit "
@@ -642,6 +644,7 @@ def distill(
             ),
         )
         module = engine.module
+        assert module is not None  # set by place_student
         if module._captured is not None:
             hooks.append(module._captured)
         params = [p for p in module.parameters() if p.requires_grad]
@@ -676,7 +679,10 @@ def distill(
         metrics = None
         if out_dir is not None and rank == 0:
             metrics = _open_metrics(out_dir / "metrics.jsonl", resumed)
-        board = writer_class(log_dir=str(out_dir / "tensorboard")) if config.tensorboard and rank == 0 else None
+        board = None
+        if config.tensorboard and rank == 0:
+            assert writer_class is not None and out_dir is not None  # both set with tensorboard (and validate())
+            board = writer_class(log_dir=str(out_dir / "tensorboard"))
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
         tokens_per_step = config.tokens_per_step * world
@@ -771,6 +777,7 @@ def distill(
                                 board.add_scalar(f"distill/{key}", value, done)
                     bar.set_postfix(loss=f"{last:.4f}", tok_s=f"{tps:,.0f}")
                 if save_now:
+                    assert out_dir is not None  # save_now requires it
                     save_checkpoint(
                         out_dir,
                         engine,

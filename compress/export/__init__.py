@@ -16,6 +16,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
@@ -30,6 +31,9 @@ from ..shape import ModelShape, count_params
 from .card import model_card
 from .genai import GENAI_FORMATS
 from .onnx import INT8_DIR, ONNX_DIR, ExportError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 # Each format other than safetensors is a folder of its own name; "onnx-genai*" are onnxruntime-genai folders
 # (fp32, int8, int4), the fastest on CPU (see compress/export/genai.py).
@@ -157,7 +161,7 @@ def check_exportable(model: nn.Module) -> ModelShape:
     for i, layer in enumerate([] if adapter.paths_only else layers):
         expected = adapter.expected_shapes(shape.hidden_size, shape.intermediate_size, q_out, kv_out)
         for path, dims in expected.items():
-            got = tuple(layer.get_submodule(path).weight.shape)
+            got = tuple(cast(torch.Tensor, layer.get_submodule(path).weight).shape)
             if got != dims:
                 raise ExportError(
                     f"layer {i} {path} has weight shape {got}, but the config describes {dims} for every layer. "
@@ -440,7 +444,7 @@ def export(
         bar(total=1 + len(set(formats) - {"safetensors"}), desc="export safetensors", unit="format") as steps,
     ):
         hf_dir = tmp if "safetensors" in formats else Path(scratch)
-        model.save_pretrained(hf_dir, safe_serialization=True)
+        cast("PreTrainedModel", model).save_pretrained(hf_dir, safe_serialization=True)  # check_exportable
         tokenizer.save_pretrained(hf_dir)
         steps.update(1)
         text = default_eval_source() if eval_data is None else eval_data

@@ -35,12 +35,18 @@ A new family with the same roles under other names is one ``register_adapter(Dec
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError, UnsupportedModelError
 from ..surgery import head_rows, slice_linear, slice_norm
+
+
+def _linear(module: nn.Module, path: str) -> nn.Linear:
+    """The projection at ``path`` under ``module`` (get_submodule is typed as returning any Module)."""
+    return cast(nn.Linear, module.get_submodule(path))
 
 
 @dataclass(frozen=True)
@@ -124,15 +130,15 @@ class DecoderAdapter:
 
     # -- module access -------------------------------------------------------------------------------------
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
-        return model.get_submodule(self.layers)
+        return cast(nn.ModuleList, model.get_submodule(self.layers))
 
     def attention_inputs(self, layer: nn.Module) -> list[nn.Linear]:
         """The q, k, v projections (or the one fused q|k|v projection)."""
-        return [layer.get_submodule(p) for p in ((self.qkv,) if self.qkv else (self.q, self.k, self.v))]
+        return [_linear(layer, p) for p in ((self.qkv,) if self.qkv else (self.q, self.k, self.v))]
 
     def mlp_inputs(self, layer: nn.Module) -> list[nn.Linear]:
         """The gate and up projections (or the one fused gate|up projection, or up alone without a gate)."""
-        return [layer.get_submodule(p) for p in self._mlp_input_paths()]
+        return [_linear(layer, p) for p in self._mlp_input_paths()]
 
     def _mlp_input_paths(self) -> tuple[str, ...]:
         if self.gate_up:
@@ -163,16 +169,16 @@ class DecoderAdapter:
         ``head_dim`` is needed for a per-head fused projection (read from the attention module if not given)."""
         if self.qkv and self.qkv_layout == "per_head":
             head_dim = self._head_dim(layer, head_dim)
-            width = layer.get_submodule(self.o).in_features
-            return layer.get_submodule(self.qkv).weight[self._per_head_rows(torch.arange(width), head_dim, 0)]
+            width = _linear(layer, self.o).in_features
+            return _linear(layer, self.qkv).weight[self._per_head_rows(torch.arange(width), head_dim, 0)]
         if self.qkv:
-            return layer.get_submodule(self.qkv).weight[: layer.get_submodule(self.o).in_features]
-        return layer.get_submodule(self.q).weight
+            return _linear(layer, self.qkv).weight[: _linear(layer, self.o).in_features]
+        return _linear(layer, self.q).weight
 
     def mlp_input_weights(self, layer: nn.Module) -> list[torch.Tensor]:
         """The gate and up weights, ``[intermediate, hidden]`` each (halves of the fused one, if fused)."""
         if self.gate_up:
-            return list(layer.get_submodule(self.gate_up).weight.chunk(2, dim=0))
+            return list(_linear(layer, self.gate_up).weight.chunk(2, dim=0))
         return [lin.weight for lin in self.mlp_inputs(layer)]
 
     def expected_shapes(self, hidden: int, intermediate: int, q_out: int, kv_out: int) -> dict[str, tuple]:
@@ -192,12 +198,12 @@ class DecoderAdapter:
     # -- slicing (the axes call these; fused projections are sliced by row ranges) ----------------------------
     def slice_mlp(self, layer: nn.Module, keep: torch.Tensor) -> None:
         """Keep MLP neurons ``keep``: rows of gate and up, columns of down."""
-        down = layer.get_submodule(self.down)
+        down = _linear(layer, self.down)
         if self.gate_up:
-            slice_linear(layer.get_submodule(self.gate_up), out_idx=torch.cat([keep, keep + down.in_features]))
+            slice_linear(_linear(layer, self.gate_up), out_idx=torch.cat([keep, keep + down.in_features]))
         else:
             for path in self._mlp_input_paths():
-                slice_linear(layer.get_submodule(path), out_idx=keep)
+                slice_linear(_linear(layer, path), out_idx=keep)
         slice_linear(down, in_idx=keep)
 
     def slice_heads(
@@ -205,22 +211,23 @@ class DecoderAdapter:
     ) -> None:
         """Keep query-projection rows ``q_rows`` and key/value rows ``kv_rows`` (and the matching o columns).
         ``head_dim`` is needed for a per-head fused projection (read from the attention module if not given)."""
-        o = layer.get_submodule(self.o)
+        o = _linear(layer, self.o)
         if self.qkv_layout == "per_head":  # no grouped-query attention: q, k and v keep the same heads
             if not torch.equal(q_rows, kv_rows):
                 raise ConfigError("a per-head fused qkv projection keeps the same heads for q, k and v")
             head_dim = self._head_dim(layer, head_dim)
             heads = q_rows.view(-1, head_dim)[:, 0] // head_dim  # the kept heads, in order
-            slice_linear(layer.get_submodule(self.qkv), out_idx=head_rows(heads.tolist(), 3 * head_dim))
+            assert self.qkv is not None  # __post_init__: qkv_layout="per_head" requires qkv
+            slice_linear(_linear(layer, self.qkv), out_idx=head_rows(heads.tolist(), 3 * head_dim))
         elif self.qkv:
-            qkv = layer.get_submodule(self.qkv)
+            qkv = _linear(layer, self.qkv)
             q_width = o.in_features
             kv_width = (qkv.out_features - q_width) // 2
             slice_linear(qkv, out_idx=torch.cat([q_rows, q_width + kv_rows, q_width + kv_width + kv_rows]))
         else:
-            slice_linear(layer.get_submodule(self.q), out_idx=q_rows)
-            slice_linear(layer.get_submodule(self.k), out_idx=kv_rows)
-            slice_linear(layer.get_submodule(self.v), out_idx=kv_rows)
+            slice_linear(_linear(layer, self.q), out_idx=q_rows)
+            slice_linear(_linear(layer, self.k), out_idx=kv_rows)
+            slice_linear(_linear(layer, self.v), out_idx=kv_rows)
         slice_linear(o, in_idx=q_rows)
         for path, rows in ((self.q_proj_norm, q_rows), (self.k_proj_norm, kv_rows)):
             if path:
@@ -228,7 +235,7 @@ class DecoderAdapter:
 
     def hidden_out_linears(self, layer: nn.Module) -> list[nn.Linear]:
         """Linears that write the residual stream (their output dim is the hidden size)."""
-        return [layer.get_submodule(p) for p in (self.o, self.down)]
+        return [_linear(layer, p) for p in (self.o, self.down)]
 
     def slice_stream_inputs(self, model: nn.Module, keep: torch.Tensor) -> None:
         """Keep hidden channels ``keep`` of the ``stream_inputs`` (their last dimension)."""
@@ -264,15 +271,15 @@ class DecoderAdapter:
         k = (new_hidden / old_hidden) ** 0.5
         for layer in self.decoder_layers(model):
             for name in self.residual_norms:
-                norm = layer.get_submodule(name)
+                weight = cast(torch.Tensor, layer.get_submodule(name).weight)
                 with torch.no_grad():
-                    norm.weight.copy_((norm.weight.float() + self.norm_offset) * k - self.norm_offset)
+                    weight.copy_((weight.float() + self.norm_offset) * k - self.norm_offset)
         with torch.no_grad():
             for path in self.stream_inputs:
                 model.get_parameter(path).mul_(k)
-        embed = model.get_submodule(self.embed)
-        if isinstance(getattr(embed, "embed_scale", None), torch.Tensor):
-            embed.embed_scale.fill_(new_hidden**0.5)
+        embed_scale = getattr(model.get_submodule(self.embed), "embed_scale", None)
+        if isinstance(embed_scale, torch.Tensor):
+            embed_scale.fill_(new_hidden**0.5)
 
     def shape_constraint(self, config):
         """A function ``shape -> reason or None`` for shapes this family's config cannot describe, or None.
@@ -332,7 +339,7 @@ class DecoderAdapter:
 
 LLAMA_LIKE = DecoderAdapter(families=("llama", "mistral", "qwen2"))
 QWEN3 = DecoderAdapter(families=("qwen3",), head_norms=("self_attn.q_norm", "self_attn.k_norm"))
-_GEMMA_NORMS = dict(
+_GEMMA_NORMS: dict[str, Any] = dict(
     layer_norms=(
         "input_layernorm",
         "post_attention_layernorm",
@@ -468,10 +475,10 @@ def find_adapter(model: nn.Module) -> DecoderAdapter | None:
             f"{model_type!r} has per-layer {per_layer} in its config; compress prunes models with one size per axis "
             "for all layers (what a standard config describes). Nothing was changed."
         )
-    adapter = _ADAPTERS.get(model_type)
+    adapter = _ADAPTERS.get(model_type) if model_type is not None else None
     if adapter is None:
         _load_declared_adapters()
-        adapter = _ADAPTERS.get(model_type)
+        adapter = _ADAPTERS.get(model_type) if model_type is not None else None
     return adapter
 
 
@@ -520,7 +527,9 @@ def check_plain_logits(model: nn.Module, layout: DecoderAdapter) -> None:
     if not layout.paths_only:
         return
     param = next(model.parameters())
-    ids = (torch.arange(1, 9, device=param.device) % model.get_submodule(layout.embed).num_embeddings)[None]
+    ids = (
+        torch.arange(1, 9, device=param.device) % cast(nn.Embedding, model.get_submodule(layout.embed)).num_embeddings
+    )[None]
     was_training = model.training
     model.eval()
     try:
