@@ -10,7 +10,7 @@ the export's own gates run: parity, tokenizer agreement, int8/int4 perplexity ch
 * ``genai-fp32`` / ``genai-int8`` / ``genai-int4``: the onnxruntime-genai folders through its own C++
   generator loop (``onnxruntime_genai`` Model / GeneratorParams / Generator, greedy);
 * ``gguf-f16`` / ``gguf-q8_0``: llama.cpp through its Python bindings (``llama_cpp``), only when those bindings
-  import and ``compress.export.gguf.export_gguf`` exists; otherwise recorded as not runnable, with the reason.
+  import and ``compress.exporters.gguf.export_gguf`` exists; otherwise recorded as not runnable, with the reason.
 
 For each model × format, at 1 thread and at all cores: prefill time of a 512-token prompt (pydocs valid) and
 decode tokens/s of 128 greedy tokens, every one of them generated (no early stop), median of ``--runs`` runs.
@@ -57,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import compress  # noqa: E402
 from compress.data import PYDOCS_TRAIN, PYDOCS_VALID  # noqa: E402
 from compress.evaluate import perplexity  # noqa: E402
-from compress.export.onnx import INT8_DIR, ONNX_DIR  # noqa: E402
+from compress.exporters.onnx import INT8_DIR, ONNX_DIR  # noqa: E402
 
 from _common import machine  # noqa: E402
 
@@ -266,9 +266,9 @@ def gguf_status() -> tuple[bool, str]:
     except Exception as exc:  # noqa: BLE001
         return False, f"llama.cpp's Python bindings do not import ({type(exc).__name__}: {exc})"
     try:
-        from compress.export.gguf import export_gguf  # noqa: F401
+        from compress.exporters.gguf import export_gguf  # noqa: F401
     except Exception as exc:  # noqa: BLE001
-        return False, f"no GGUF writer (compress.export.gguf.export_gguf: {type(exc).__name__}: {exc})"
+        return False, f"no GGUF writer (compress.exporters.gguf.export_gguf: {type(exc).__name__}: {exc})"
     return True, "runnable"
 
 
@@ -494,7 +494,7 @@ def main() -> None:
             print(f"{name}: PPL fp32 {ppl_fp32:.3f} ({time.perf_counter() - t:.0f} s with export)", flush=True)
             gguf_files: dict = {}
             if gguf_fmts and not results["not_runnable"]:
-                from compress.export.gguf import export_gguf
+                from compress.exporters.gguf import export_gguf
 
                 try:
                     gguf_files = export_gguf(out, out / "gguf", [GGUF_TYPES[f] for f in gguf_fmts])

@@ -90,7 +90,7 @@ def n_params(model) -> int:
 def throughput(mode: str, compile_: bool, checkpointing: bool, parallel: str, peak: float | None) -> dict:
     """One configuration of the distillation step; every rank runs it, rank 0's figures are returned."""
     from compress import distributed
-    from compress.distill import DistillConfig, distill
+    from compress.distillation import DistillConfig, distill
 
     rank, world = distributed.init()
     device = distributed.resolve_device(None)
@@ -143,8 +143,8 @@ def throughput(mode: str, compile_: bool, checkpointing: bool, parallel: str, pe
 def invariants(mode: str) -> dict:
     """Pinned staging buffers and LOCAL_RANK device choice (CUDA only; reported as skipped on CPU)."""
     from compress import distributed
-    from compress.distill import DistillConfig
-    from compress.distill.data import WindowLoader
+    from compress.distillation import DistillConfig
+    from compress.distillation.data import WindowLoader
 
     device = distributed.resolve_device(None)
     if device.type != "cuda":
@@ -166,7 +166,7 @@ def agreement(mode: str, teacher_source: str | None, device_type: str) -> dict:
     import copy
 
     import compress
-    from compress.distill import DistillConfig, distill
+    from compress.distillation import DistillConfig, distill
 
     if teacher_source:
         from compress.data import default_calibration_source, pack_tokens

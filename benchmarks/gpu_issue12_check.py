@@ -20,8 +20,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import compress
-from compress.distill import DistillConfig, distill
-from compress.distill.teacher_cache import build_teacher_cache
+from compress.distillation import DistillConfig, distill
+from compress.distillation.teacher_cache import build_teacher_cache
 
 
 def teacher_model(device, tiny: bool = False) -> torch.nn.Module:

@@ -20,7 +20,7 @@ import gpu_check  # noqa: E402
 
 
 def run(batch: int, steps: int, compile_: bool) -> dict:
-    from compress.distill import DistillConfig, distill
+    from compress.distillation import DistillConfig, distill
 
     spec = dict(gpu_check.SHAPES["gpu"])
     device = torch.device("cuda")
@@ -84,7 +84,7 @@ def profile(batch: int = 4, steps: int = 4) -> str:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    from compress.distill import DistillConfig, distill
+    from compress.distillation import DistillConfig, distill
 
     spec = gpu_check.SHAPES["gpu"]
     torch.manual_seed(0)

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compress.api import load_teacher  # noqa: E402
 from compress.data import PYDOCS_VALID  # noqa: E402
 from compress.evaluate import eval_windows, windows_perplexity  # noqa: E402
-from compress.export import genai  # noqa: E402
+from compress.exporters import genai  # noqa: E402
 
 from _common import machine  # noqa: E402
 

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import compress  # noqa: E402
-from compress.distill import DistillConfig, chunked_logit_loss  # noqa: E402
-from compress.distill.trainer import DistillModule  # noqa: E402
+from compress.distillation import DistillConfig, chunked_logit_loss  # noqa: E402
+from compress.distillation.trainer import DistillModule  # noqa: E402
 from compress.models import adapter_for  # noqa: E402
 
 from _common import machine, peak_memory  # noqa: E402

@@ -51,7 +51,7 @@ def worker(student_dir: str, parallel: str, shard_teacher: bool, checkpointing: 
     import compress
     from compress import distributed
     from compress.data import default_calibration_source, pack_tokens
-    from compress.distill import DistillConfig, distill
+    from compress.distillation import DistillConfig, distill
 
     rank, world = distributed.init()
     torch.set_num_threads(2 if world == 1 else 1)

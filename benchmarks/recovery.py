@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import compress  # noqa: E402
 from compress.data import PYDOCS_TRAIN, PYDOCS_VALID, SHAKESPEARE  # noqa: E402
-from compress.distill import DistillConfig  # noqa: E402
+from compress.distillation import DistillConfig  # noqa: E402
 from compress.evaluate import kl_to_teacher, perplexity  # noqa: E402
 
 from _common import machine  # noqa: E402
@@ -147,8 +147,8 @@ def main() -> None:
             d = compress.distill(student, teacher, PYDOCS_TRAIN, base_config(), tokenizer=tok,
                                  skip_tokens=calib_tokens, kept_hidden=report.kept.get("hidden"))
         elif arm == "cache+kd":  # the teacher's top-k log-probs stored once, then KD without the teacher forward
-            from compress.distill.data import WindowLoader
-            from compress.distill.teacher_cache import TeacherCache, build_teacher_cache
+            from compress.distillation.data import WindowLoader
+            from compress.distillation.teacher_cache import TeacherCache, build_teacher_cache
 
             cfg = base_config()
             windows = WindowLoader.from_source(PYDOCS_TRAIN, tok, cfg, skip_tokens=calib_tokens,

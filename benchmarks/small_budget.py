@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import compress  # noqa: E402
 from compress.data import PYDOCS_TRAIN, PYDOCS_VALID, SHAKESPEARE  # noqa: E402
-from compress.distill import DistillConfig  # noqa: E402
+from compress.distillation import DistillConfig  # noqa: E402
 from compress.evaluate import kl_to_teacher, perplexity  # noqa: E402
 
 from _common import machine  # noqa: E402

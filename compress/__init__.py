@@ -7,14 +7,13 @@ recover quality by distilling from the teacher, and export a standard student (s
 
 __version__ = "0.1.0"
 
-from . import distill as distillation
 from . import evaluate
 from .api import compress, load_report, load_teacher, save_student, smollm2_gguf_path
 from .calibrate import Calibration, CalibrationConfig, Importance
 from .corpus import CorpusReport, SelectionReport, generate_corpus, select_by_difference
-from .distill import DistillConfig, DistillError, DistillReport, distill
-from .distill.data import distillation_windows
-from .distill.teacher_cache import CacheReport, TeacherCache, build_teacher_cache
+from .distillation import DistillConfig, DistillError, DistillReport, distill
+from .distillation.data import distillation_windows
+from .distillation.teacher_cache import CacheReport, TeacherCache, build_teacher_cache
 from .errors import (
     CheckpointError,
     CompressError,
@@ -25,7 +24,7 @@ from .errors import (
     TargetError,
     UnsupportedModelError,
 )
-from .export import ExportError, ExportReport, export
+from .exporters import ExportError, ExportReport, export
 from .models import DecoderAdapter, register_adapter, supported_families
 from .plan import PlanConfig, Target
 from .plugin_api import AxisPlugin, ImportancePlugin, PruneContext, ReconstructPlugin
@@ -82,6 +81,7 @@ __all__ = [
     "compress",
     "distill",
     "distillation",
+    "exporters",
     "evaluate",
     "export",
     "get_plugin",

@@ -33,12 +33,12 @@ from .data import (
     default_eval_source,
     describe_source,
 )
-from .distill import DistillConfig
-from .distill import distill as run_distill
+from .distillation import DistillConfig
+from .distillation import distill as run_distill
 from .errors import CheckpointError, ConfigError, DataError, TargetError, UnsupportedModelError
 from .evaluate import perplexity
-from .export import check_export_args, check_materialized, resolve_formats
-from .export import export as run_export
+from .exporters import check_export_args, check_materialized, resolve_formats
+from .exporters import export as run_export
 from .io import atomic_output_dir, check_output_dir
 from .models import find_adapter, supported_families
 from .plan import PlanConfig
@@ -301,9 +301,9 @@ def compress(
     ``(model, tokenizer)`` pair; a passed-in model is pruned in place. ``data``: calibration text (default: the
     pydocs train split when present, else stdlib docstrings). ``eval_data``: held-out text for perplexity
     (default: pydocs valid, else held-out docstrings); it must not be the calibration file.
-    ``distill``: a :class:`~compress.distill.DistillConfig` to recover quality from the teacher after pruning, on
+    ``distill``: a :class:`~compress.distillation.DistillConfig` to recover quality from the teacher after pruning, on
     ``distill_data`` (default: ``data`` after the tokens calibration used, so the two never overlap).
-    ``formats``/``quantize``: what :func:`compress.export.export` writes: by default (``"auto"``) safetensors plus
+    ``formats``/``quantize``: what :func:`compress.exporters.export` writes: by default (``"auto"``) safetensors plus
     the fastest deployment format that passes its checks against PyTorch (onnxruntime-genai, else Optimum ONNX);
     or a list of names (``["safetensors"]`` alone skips ONNX). ``quantize="int8"`` adds int8 versions.
     ``search``: a :class:`~compress.search.SearchConfig` to try the planner's best few shapes for ``target``,

@@ -16,12 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from . import api, registry
 from .calibrate import CalibrationConfig
-from .distill import DistillConfig
-from .distill.losses import LOGIT_LOSSES
+from .distillation import DistillConfig
+from .distillation.losses import LOGIT_LOSSES
 from .errors import CompressError, ConfigError, OutputExistsError, PluginError, TargetError
 from .recipe import STRATEGIES, DataSettings, ExportSettings, Recipe
 from .search import SearchConfig, default_short_distill
@@ -47,6 +48,11 @@ class _UsageError(Exception):
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse prints usage + exits; one line and no SystemExit from main()
         raise _UsageError(f"{message} (see compress --help)")
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line each, like errors (``compress: warning: ...``), without the source line."""
+    print(f"compress: warning: {' '.join(str(message).split())}", file=sys.stderr)
 
 
 def _error(message: object, code: int) -> int:
@@ -282,7 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help / --version
         return exc.code if isinstance(exc.code, int) else 0
     try:
-        return _run(args)
+        with warnings.catch_warnings():  # restores the caller's warning display afterwards
+            warnings.showwarning = _show_warning
+            return _run(args)
     except KeyboardInterrupt:
         done, out = getattr(args, "written", False), getattr(args, "out_dir", None) or getattr(args, "out", None)
         print(
@@ -311,13 +319,13 @@ def _formats(text: str) -> list[str] | str:
 def _sample(out_dir: Path, export: dict, prompt: str) -> tuple[str, str] | None:
     """A greedy continuation of ``prompt`` from the fastest exported fp32 ONNX model, run as a user would."""
     if "onnx-genai" in export.get("genai", {}):
-        from .export import genai
+        from .exporters import genai
 
         return "onnxruntime-genai", genai.generate(genai.load(out_dir / "onnx-genai"), prompt)
     if export.get("parity"):
         from transformers import AutoTokenizer
 
-        from .export.onnx import load_ort, ort_generate
+        from .exporters.onnx import load_ort, ort_generate
 
         tok = AutoTokenizer.from_pretrained(out_dir)
         return "onnxruntime", ort_generate(load_ort(out_dir / "onnx"), tok, prompt)

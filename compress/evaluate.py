@@ -102,7 +102,7 @@ def kl_to_teacher(
 ) -> float:
     """Mean per-token KL(teacher || student) over non-overlapping windows of held-out text: how faithfully the
     student reproduces the teacher's next-token distributions (0 = identical)."""
-    from .distill.losses import divergence
+    from .distillation.losses import divergence
 
     _check_args(seq_len, max_tokens, batch_size)
     rows = _model_rows(student)

@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from .calibrate import CalibrationConfig
-from .distill.config import DistillConfig
+from .distillation.config import DistillConfig
 from .errors import CompressError, ConfigError
-from .export import check_export_args
+from .exporters import check_export_args
 from .plan import PlanConfig
 from .search import SearchConfig
 

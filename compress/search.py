@@ -39,7 +39,7 @@ from .calibrate import (
     prepare_calibration,
 )
 from .data import TextSource, check_source, describe_source, pack_tokens
-from .distill import DistillConfig, DistillError, distill
+from .distillation import DistillConfig, DistillError, distill
 from .errors import ConfigError, DataError, UnsupportedModelError
 from .models import check_plain_logits, find_adapter, layout_for
 from .plan import Plan, PlanConfig, Target, _cost, candidate_shapes

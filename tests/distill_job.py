@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from conftest import tiny_model  # noqa: E402
 
 import compress  # noqa: E402
-from compress.distill import DistillConfig, distill  # noqa: E402
+from compress.distillation import DistillConfig, distill  # noqa: E402
 
 
 def make_pair():

@@ -20,8 +20,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from distill_job import make_pair  # noqa: E402
 
 from compress import distributed  # noqa: E402
-from compress.distill import DistillConfig, distill  # noqa: E402
-from compress.distill.parallel import Engine  # noqa: E402
+from compress.distillation import DistillConfig, distill  # noqa: E402
+from compress.distillation.parallel import Engine  # noqa: E402
 from compress.errors import CompressError  # noqa: E402
 
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from compress.distill import DistillConfig, DistillError, distill
+from compress.distillation import DistillConfig, DistillError, distill
 from compress.errors import CheckpointError, CompressError, ConfigError, DataError, OutputExistsError
 
 from conftest import VOCAB, tiny_model
@@ -326,7 +326,7 @@ def test_nan_stop_restores_the_models_and_a_resume_reports_only_its_own_tokens(t
 
 
 def test_a_failed_checkpoint_write_is_a_checkpoint_error_and_restores_the_models(tmp_path, monkeypatch):
-    from compress.distill import checkpoint as ckpt
+    from compress.distillation import checkpoint as ckpt
 
     teacher, student = _pair()
     real = ckpt.save_file
@@ -451,7 +451,7 @@ def test_a_tokenizer_of_another_model(tokenizer):
 def test_host_copies_for_errors_can_be_skipped(keep, monkeypatch):
     """keep_weights_for_errors=False (what compress() passes) takes no host copy of the student or of a teacher
     trained by teacher correction; the default takes both."""
-    from compress.distill import parallel
+    from compress.distillation import parallel
 
     saved = []
     real = parallel.ModelBackup.save_weights

@@ -16,7 +16,7 @@ import compress.api
 import compress.io
 from compress.cli import main
 from compress.errors import CheckpointError, ConfigError, DataError, OutputExistsError
-from compress.export import ExportError
+from compress.exporters import ExportError
 
 from conftest import SAMPLE_TEXT, cli_run_args, tiny_config, tiny_model
 
@@ -375,7 +375,7 @@ def test_failed_parity_leaves_callers_model_and_disk_unchanged(tmp_path, tokeniz
 
 
 def test_onnx_refusal_leaves_callers_model_unchanged(tmp_path, tokenizer, monkeypatch):
-    ox = importlib.import_module("compress.export.onnx")
+    ox = importlib.import_module("compress.exporters.onnx")
 
     def refuse(model):
         raise ExportError(f"no ONNX support for {model.config.model_type!r}")
@@ -576,7 +576,7 @@ def test_cli_ctrl_c_exits_130_and_leaves_no_output(cli_setup, capsys, monkeypatc
 
     def card(*a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr(importlib.import_module("compress.export"), "model_card", card)
+    monkeypatch.setattr(importlib.import_module("compress.exporters"), "model_card", card)
     assert main(args + ["--overwrite"]) == 130
     assert "nothing half-written" in capsys.readouterr().err
     assert tree(tmp_path) == disk and no_strays(tmp_path) and (out / "notes.txt").exists()

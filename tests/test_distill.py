@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import compress
-from compress.distill import DistillConfig, DistillError, default_layer_map, distill, divergence
-from compress.distill.checkpoint import checkpoints
+from compress.distillation import DistillConfig, DistillError, default_layer_map, distill, divergence
+from compress.distillation.checkpoint import checkpoints
 from compress.errors import CheckpointError, ConfigError, DataError
 
 from conftest import tiny_model

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from compress.distill import chunked_logit_loss, divergence, hidden_state_loss
-from compress.distill.losses import _chunk_loss_and_grad
+from compress.distillation import chunked_logit_loss, divergence, hidden_state_loss
+from compress.distillation.losses import _chunk_loss_and_grad
 
 
 def _naive(h_s, w_s, h_t, w_t, labels, kind, temperature, beta, top_k):

@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from compress.distill import DistillConfig, distill
-from compress.distill import trainer as trainer_module
-from compress.distill.data import WindowLoader
-from compress.distill.losses import chunked_logit_loss, divergence
+from compress.distillation import DistillConfig, distill
+from compress.distillation import trainer as trainer_module
+from compress.distillation.data import WindowLoader
+from compress.distillation.losses import chunked_logit_loss, divergence
 from compress.errors import ConfigError
 
 from distill_job import make_pair
@@ -165,7 +165,7 @@ def test_on_policy_fraction_mixes_batches_and_repeats_exactly():
 
 
 def test_distilling_from_a_full_teacher_cache_matches_online_distillation(tmp_path):
-    from compress.distill.teacher_cache import build_teacher_cache
+    from compress.distillation.teacher_cache import build_teacher_cache
 
     teacher, student, data = make_pair()
     online_student = make_pair()[1]
@@ -186,7 +186,7 @@ def test_distilling_from_a_full_teacher_cache_matches_online_distillation(tmp_pa
 
 
 def test_a_cache_of_other_windows_is_refused_before_training(tmp_path):
-    from compress.distill.teacher_cache import build_teacher_cache
+    from compress.distillation.teacher_cache import build_teacher_cache
     from compress.errors import DataError
 
     teacher, student, data = make_pair()

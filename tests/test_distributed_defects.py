@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from compress import distributed
-from compress.distill import DistillConfig, distill
-from compress.distill.checkpoint import checkpoints, latest_checkpoint
+from compress.distillation import DistillConfig, distill
+from compress.distillation.checkpoint import checkpoints, latest_checkpoint
 from compress.errors import CheckpointError
 
 from distill_job import make_pair
@@ -57,8 +57,8 @@ def test_a_checkpoint_save_killed_at_any_step_leaves_one_to_resume(tmp_path, mon
                         progress=False)
     calls = {"n": 0, "saves": 0}
     real_rename, real_rmtree = Path.rename, shutil.rmtree
-    ckpt = importlib.import_module("compress.distill.checkpoint")
-    trainer = importlib.import_module("compress.distill.trainer")
+    ckpt = importlib.import_module("compress.distillation.checkpoint")
+    trainer = importlib.import_module("compress.distillation.trainer")
 
     real_save = ckpt.save_checkpoint
 

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaModel
 
 import compress
 from compress.errors import ConfigError, OutputExistsError
-from compress.export import ExportError
+from compress.exporters import ExportError
 
 from conftest import FAMILIES, SAMPLE_TEXT, tiny_model
 
@@ -45,7 +45,7 @@ def test_export_onnx_matches_pytorch(family, calib_ids, tokenizer, tmp_path):
     if family == "gemma3":  # the exported graph is the text decoder: no image input
         inputs = {i.name for i in onnxruntime.InferenceSession(str(out / "onnx" / "model.onnx")).get_inputs()}
         assert "input_ids" in inputs and "pixel_values" not in inputs
-    from compress.export.onnx import load_ort
+    from compress.exporters.onnx import load_ort
     ort = load_ort(out / "onnx")
     hf = AutoModelForCausalLM.from_pretrained(out)
     prompt = calib_ids[:1, :5]
@@ -107,7 +107,7 @@ def test_untie_transposed_weights_keeps_other_consumers():
     import onnx
     from onnx import helper, numpy_helper
 
-    from compress.export.onnx import _untie_transposed_weights
+    from compress.exporters.onnx import _untie_transposed_weights
 
     w = np.arange(12, dtype=np.float32).reshape(3, 4)
     graph = helper.make_graph(

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 import compress
 from compress.errors import ConfigError
-from compress.export import ExportError, genai
+from compress.exporters import ExportError, genai
 
 from conftest import SAMPLE_TEXT, tiny_model
 

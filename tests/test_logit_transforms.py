@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from compress.distill.losses import LogitTransform, _chunk_loss_and_grad, _compiled_chunk_fn, chunked_logit_loss, \
+from compress.distillation.losses import LogitTransform, _chunk_loss_and_grad, _compiled_chunk_fn, chunked_logit_loss, \
     divergence
 
 SOFTCAP = LogitTransform(softcap=5.0)

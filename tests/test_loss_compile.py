@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from compress.distill import chunked_logit_loss
-from compress.distill.losses import _chunk_loss_and_grad, _compiled_chunk_fn
+from compress.distillation import chunked_logit_loss
+from compress.distillation.losses import _chunk_loss_and_grad, _compiled_chunk_fn
 
 
 def _inputs(n=11, ds=6, dt=8, v=24, seed=0):

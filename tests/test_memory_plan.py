@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from compress.distill import DistillConfig, distill
-from compress.distill.memory import plan_memory
-from compress.distill.trainer import _pick_engine
+from compress.distillation import DistillConfig, distill
+from compress.distillation.memory import plan_memory
+from compress.distillation.trainer import _pick_engine
 from compress.errors import ConfigError
 
 from distill_job import make_pair

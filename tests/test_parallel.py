@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from compress.distill.checkpoint import checkpoints
+from compress.distillation.checkpoint import checkpoints
 
 JOB = Path(__file__).with_name("parallel_job.py")
 TIMEOUT = 240

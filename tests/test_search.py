@@ -15,7 +15,7 @@ import torch
 
 import compress
 from compress import search
-from compress.distill import DistillConfig
+from compress.distillation import DistillConfig
 from compress.errors import ConfigError, DataError, PluginError, TargetError
 from compress.models import adapter_for
 from compress.plan import PlanConfig, Target, _cost, candidate_shapes, plan_shape

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from compress.distill import teacher_cache as tc
-from compress.distill.losses import LogitTransform, divergence
-from compress.distill.teacher_cache import TeacherCache, build_teacher_cache, cached_logit_loss
+from compress.distillation import teacher_cache as tc
+from compress.distillation.losses import LogitTransform, divergence
+from compress.distillation.teacher_cache import TeacherCache, build_teacher_cache, cached_logit_loss
 from compress.errors import DataError, OutputExistsError
 
 from conftest import tiny_model

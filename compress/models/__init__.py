@@ -330,7 +330,7 @@ class DecoderAdapter:
 
     def logit_transform(self, config):
         """The transform this family applies to its logits, read from ``config`` (see losses.LogitTransform)."""
-        from ..distill.losses import LogitTransform
+        from ..distillation.losses import LogitTransform
 
         softcap = getattr(config, self.logit_softcap, None) if self.logit_softcap else None
         divisor = getattr(config, self.logit_divisor, None) if self.logit_divisor else None

@@ -12,7 +12,7 @@ The checks use a reader that shares no code with the converter: transformers' GG
 (``from_pretrained(folder, gguf_file=...)``) rebuilds a PyTorch model and tokenizer from the file, and
 :func:`verify_gguf` / :func:`gguf_perplexity` compare them with the in-memory student.
 
-Kept in one module on purpose, like :mod:`compress.export.onnx`: the converter's API is a script's internals
+Kept in one module on purpose, like :mod:`compress.exporters.onnx`: the converter's API is a script's internals
 (``ModelBase.prepare_tensors``, ``prepare_metadata``, ``gguf_writer``), and when it moves, this is the only
 file that should need to.
 """
@@ -397,7 +397,7 @@ def verify_gguf(
 
     Logits on ``windows`` (``[n, seq]`` token ids; default: ``n_windows`` windows of ``seq_len`` tokens of a
     sample text) give ``max_abs_diff`` and ``relative_diff`` (relative to the largest logit magnitude, at least
-    1, as in :func:`compress.export.onnx.parity_check`) and ``argmax_agreement`` (share of positions whose top
+    1, as in :func:`compress.exporters.onnx.parity_check`) and ``argmax_agreement`` (share of positions whose top
     token is the same). The tokenizer transformers builds from the file encodes a sample text:
     ``tokenizer_match`` says whether it gives ``tokenizer``'s ids (without special tokens). ``special_ids`` holds
     the file's bos/eos/pad ids next to the model config's. With ``tolerance``, ``passed`` says whether

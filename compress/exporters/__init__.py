@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 # Each format other than safetensors is a folder of its own name; "onnx-genai*" are onnxruntime-genai folders
-# (fp32, int8, int4), the fastest on CPU (see compress/export/genai.py).
+# (fp32, int8, int4), the fastest on CPU (see compress/exporters/genai.py).
 FORMATS = ("safetensors", "onnx", *GENAI_FORMATS, "gguf")
 GGUF_DIR = "gguf"
 # f16 GGUF read back by transformers vs the fp32 model: fp16 rounding of the weights alone moves logits by
@@ -399,10 +399,10 @@ def export(
     ``formats``: ``"auto"`` (the default: safetensors plus the fastest deployment format that passes its gates,
     onnxruntime-genai first, then Optimum ONNX; see :func:`resolve_formats`), a list such as
     ``["safetensors", "onnx", "onnx-genai"]``, or one name as a string. ``"onnx-genai"``, ``"onnx-genai-int8"``
-    and ``"onnx-genai-int4"`` are onnxruntime-genai folders (:mod:`compress.export.genai`): the fp32 one must match
+    and ``"onnx-genai-int4"`` are onnxruntime-genai folders (:mod:`compress.exporters.genai`): the fp32 one must match
     PyTorch's logits, the quantized ones have their perplexity change measured. ``quantize="int8"`` adds a
     blockwise int8 version of each ONNX model (int8 weights and int8 compute on CPU; see
-    :func:`compress.export.onnx.quantize_int8`) and measures the perplexity it costs on
+    :func:`compress.exporters.onnx.quantize_int8`) and measures the perplexity it costs on
     ``eval_data`` (default: held-out pydocs or stdlib docstrings). ``history`` (a :class:`compress.Result` as a
     dict) feeds the model card; ``extra_files`` (name -> text or bytes; a name may hold a subfolder) are written
     into the folder with the rest. Raises :class:`ExportError` — and leaves no folder behind — when the model

@@ -229,7 +229,7 @@ def prefill_logits(og_model, ids: list[int]) -> np.ndarray:
 
 def parity_check(model: nn.Module, og_model, input_ids: torch.Tensor, tolerance: float) -> dict:
     """Max |logit difference| between PyTorch and onnxruntime-genai on a prefill and one cached decode step,
-    judged relative to the largest logit magnitude (at least 1), as :func:`compress.export.onnx.parity_check`."""
+    judged relative to the largest logit magnitude (at least 1), as :func:`compress.exporters.onnx.parity_check`."""
     model = model.to("cpu").eval()
     prefill = decode = 0.0
     scale = 1.0

@@ -2,10 +2,10 @@
 
 :func:`build_teacher_cache` runs the teacher over the distillation windows and stores, for every position that
 predicts a next token (positions ``0 .. L-2`` of each ``[L]`` window), the teacher's ``top_k`` log-probabilities
-at temperature 1 (after the family's :class:`~compress.distill.losses.LogitTransform`), their token ids, and the
+at temperature 1 (after the family's :class:`~compress.distillation.losses.LogitTransform`), their token ids, and the
 log of the probability mass left outside them, ``log(1 - sum(top-k p))``. :class:`TeacherCache` reads it back
 for any batch of windows, and :func:`cached_logit_loss` distills a student from it with the fused, chunked
-treatment of :mod:`compress.distill.losses`: the missing mass is an explicit "everything else" bucket, so the
+treatment of :mod:`compress.distillation.losses`: the missing mass is an explicit "everything else" bucket, so the
 losses compare two proper distributions over ``k + 1`` outcomes.
 
 Folder format (version 1)::
@@ -665,7 +665,7 @@ def _cached_chunk_loss_and_grad(
 
 class _CachedHeadLoss(torch.autograd.Function):
     """The cached-teacher loss and its gradient, computed together chunk by chunk in the forward pass (as
-    :class:`compress.distill.losses._FusedHeadLoss`); backward only scales the stored gradients."""
+    :class:`compress.distillation.losses._FusedHeadLoss`); backward only scales the stored gradients."""
 
     @staticmethod
     def forward(ctx, h, w, t_logp, t_idx, t_rest, kind, chunk_tokens, transform, weight):
@@ -719,7 +719,7 @@ def cached_logit_loss(
     ``student_head`` ``[V, D]`` (LM-head weight), differentiable; the cache's ``t_logp`` ``[N, k]``, ``t_idx``
     ``[N, k]`` (distinct ids per token) and ``t_rest`` ``[N]`` (:meth:`TeacherCache.lookup`, reshaped).
     ``student_transform`` is what the student's family does to its raw logits (as in
-    :func:`~compress.distill.losses.chunked_logit_loss`). Temperature is 1: the cache holds the teacher at T = 1.
+    :func:`~compress.distillation.losses.chunked_logit_loss`). Temperature is 1: the cache holds the teacher at T = 1.
 
     The buckets. Teacher: ``p_i = exp(t_logp_i)`` on the top k, ``r = exp(t_rest)`` for the rest. Student, with
     logits ``z``: ``s_i = z_{idx_i} - LSE(z)`` (``q_i = exp(s_i)``) and, computed stably,
