@@ -14,7 +14,7 @@ import json
 import os
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -35,16 +35,25 @@ from .data import (
 )
 from .distillation import DistillConfig
 from .distillation import distill as run_distill
-from .errors import CheckpointError, ConfigError, DataError, TargetError, UnsupportedModelError
+from .errors import CheckpointError, CompressError, ConfigError, DataError, UnsupportedModelError
 from .evaluate import perplexity
 from .exporters import check_export_args, check_materialized, resolve_formats
 from .exporters import export as run_export
 from .io import atomic_output_dir, check_output_dir
 from .models import find_adapter, supported_families
-from .plan import PlanConfig
+from .plan import PlanConfig, Target
 from .plugin_api import ReconstructPlugin
 from .prune import PluginsArg, prune
-from .recipe import RECIPE_FILE, DataSettings, ExportSettings, Recipe, _plugins_mapping, check_teacher_source
+from .recipe import (
+    RECIPE_FILE,
+    DataSettings,
+    ExportSettings,
+    Recipe,
+    _plain,
+    _plugins_mapping,
+    check_teacher_source,
+    default_plugin_config,
+)
 from .reconstruct import reconstruct as run_reconstruct
 from .registry import build_plugin, get_plugin
 from .report import PruneReport, Result
@@ -292,7 +301,7 @@ def compress(
 
     The whole run is one :class:`~compress.recipe.Recipe`: ``compress(recipe)`` runs it (``out_dir=``,
     ``device=`` and ``overwrite=`` may still be given beside it), and the keywords below are a convenience layer
-    that builds one. Every keyword left out takes the recipe's default, so this call, ``compress run
+    that builds one. Every keyword left out (or None) takes the recipe's default, so this call, ``compress run
     recipe.yaml`` and the ``compress`` command's flags share one set of defaults. The output folder receives
     ``recipe.yaml`` (replay it with ``compress run OUT/recipe.yaml --out AGAIN``), ``compress_report.json``,
     ``report.html`` (tables and plots of every stage, one offline file) and ``report/importance.safetensors``.
@@ -400,7 +409,7 @@ def compress(
     recipe = Recipe(
         teacher=teacher_name,
         target=_describe_target(target),
-        strategy=strategy or Recipe.strategy,
+        strategy=Recipe.strategy if strategy is None else strategy,
         plugins=recipe_plugins,
         calibration=calibration or CalibrationConfig(),
         plan=plan or PlanConfig(),
@@ -438,16 +447,16 @@ class RunObjects:
     target: Any = None
 
 
-def _describe_target(target: Any) -> dict:
-    """The target as recipe values (a mapping; a Target object's own request)."""
-    requested = getattr(target, "requested", None)
-    value = requested if requested is not None else target
-    if not isinstance(value, dict):
-        raise TargetError(
-            f"target should be a dict such as {{'params': 0.5}}, {{'params': 70_000_000}} or an "
-            f"explicit shape {{'hidden_size': 448, ...}}, got {target!r}"
-        )
-    return dict(value)
+def _describe_target(target: Any) -> Any:
+    """The target as recipe values: a bare number is a parameter budget; a Target object gives its request, else
+    its parameter count or shape. Anything else is left for the recipe to refuse with the planner's message."""
+    if isinstance(target, Target):
+        if target.requested is not None:
+            return _plain(dict(target.requested))
+        return {"params": target.params} if target.params is not None else dict(target.shape or {})
+    if isinstance(target, (int, float)) and not isinstance(target, bool):
+        return {"params": target}
+    return _plain(dict(target)) if isinstance(target, Mapping) else target
 
 
 def _describe_plugins(plugins: Any, in_memory: list[str]) -> dict:
@@ -463,9 +472,13 @@ def _describe_plugins(plugins: Any, in_memory: list[str]) -> dict:
 def _describe_reconstruct(reconstruct: Any, in_memory: list[str]) -> str | dict | None:
     if isinstance(reconstruct, ReconstructPlugin):
         config = getattr(reconstruct, "config", None)
-        if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        try:
+            registered = get_plugin(reconstruct.name, kind="reconstruct") is type(reconstruct)
+        except CompressError:
+            registered = False
+        if registered and dataclasses.is_dataclass(config) and not isinstance(config, type):
             return {reconstruct.name: dataclasses.asdict(config)}
-        in_memory.append("reconstruct")
+        in_memory.append("reconstruct")  # another class than the one registered under its name: not replayable
         return reconstruct.name
     if isinstance(reconstruct, dict) and len(reconstruct) == 1:
         ((name, config),) = reconstruct.items()
@@ -550,6 +563,19 @@ def run_recipe(recipe: Recipe, objects: RunObjects | None = None, *, overwrite: 
     for name, text in (("calibration", data), ("distillation", distill_data)):
         if text is not None and _same_file(text, eval_data):
             raise DataError(f"{name} and evaluation data are the same file ({text}); evaluate on held-out text")
+    if distill is not None and distill.output_dir is not None:  # an earlier run's checkpoints: refused now
+        from .distillation.trainer import _check_output_dir
+
+        _check_output_dir(Path(distill.output_dir), distill)
+    # The recipe as it will be saved, written now so that a value YAML cannot hold is refused before any work.
+    saved = _as_run(recipe, data, eval_data)
+    try:
+        saved.to_yaml()
+    except Exception as exc:  # noqa: BLE001 - yaml's RepresenterError and friends
+        raise ConfigError(
+            f"the recipe cannot be written as YAML ({type(exc).__name__}: {exc}); use plain "
+            "numbers, strings, lists and dicts in configs"
+        ) from exc
 
     if isinstance(teacher, tuple):
         model, tokenizer = teacher
@@ -593,12 +619,18 @@ def run_recipe(recipe: Recipe, objects: RunObjects | None = None, *, overwrite: 
             )
             ppl[stage] = distributed.broadcast_object(value)
             times[f"evaluate_{stage}"] = time.perf_counter() - t
-            if recipe.prompt is not None and rank == 0:
-                samples[stage] = greedy_continuation(model, tokenizer, recipe.prompt, recipe.sample_tokens)
+            if recipe.prompt is not None:
+                text = (
+                    _sample_or_warn(model, tokenizer, recipe.prompt, recipe.sample_tokens, stage) if rank == 0 else None
+                )
+                text = distributed.broadcast_object(text)
+                if text is not None:
+                    samples[stage] = text
 
         ppl: dict[str, float] = {}
         evaluate("teacher")
-        _warn_if_slow(calibration, times["evaluate_teacher"], eval_tokens, device)
+        if rank == 0:
+            _warn_if_slow(calibration, times["evaluate_teacher"], eval_tokens, device)
 
         searched, scores, prune_data = None, None, cast(Any, data)
         if search is not None or recon_plugin:  # calibration windows shared by the search, pruning, the refit
@@ -710,7 +742,7 @@ def run_recipe(recipe: Recipe, objects: RunObjects | None = None, *, overwrite: 
             name=f"{Path(source).name} (compressed)",
             extra_files={
                 REPORT_FILE: result.to_json(),
-                RECIPE_FILE: recipe.to_yaml(),
+                RECIPE_FILE: saved.replace(device=str(device)).to_yaml(),
                 IMPORTANCE_FILE: importance_file(report),
             },
         )
@@ -732,6 +764,42 @@ def run_recipe(recipe: Recipe, objects: RunObjects | None = None, *, overwrite: 
         if len(homes) == 1 and not isinstance(teacher, (str, os.PathLike)):
             model.to(next(iter(homes)))
         raise
+
+
+def _as_run(recipe: Recipe, data: Any, eval_data: Any) -> Recipe:
+    """The recipe to save beside the student: what ran, spelled out so that a replay does not depend on today's
+    defaults or working folder. Local files become absolute paths, the default texts the files they were, and
+    plugins named without a config get their full default config."""
+
+    def absolute(value: Any) -> Any:
+        if isinstance(value, (str, os.PathLike)) and _looks_like_path(value) and Path(value).exists():
+            return str(Path(value).resolve())
+        return value
+
+    d = recipe.data
+    settings = dataclasses.replace(
+        d,
+        calibration=absolute(data) if isinstance(data, (str, os.PathLike)) else d.calibration,
+        evaluation=absolute(eval_data) if isinstance(eval_data, (str, os.PathLike)) else d.evaluation,
+        distillation=absolute(d.distillation),
+    )
+    plugins = {name: default_plugin_config(name, config) for name, config in recipe.plugins.items()}
+    reconstruct = recipe.reconstruct
+    if isinstance(reconstruct, str):
+        reconstruct = {reconstruct: None}
+    if isinstance(reconstruct, Mapping) and "reconstruct" not in recipe.inputs_in_memory:
+        reconstruct = {name: default_plugin_config(name, cfg, "reconstruct") for name, cfg in reconstruct.items()}
+    teacher = recipe.teacher if recipe.teacher == "smollm2" else absolute(recipe.teacher)
+    return recipe.replace(teacher=teacher, data=settings, plugins=plugins, reconstruct=reconstruct)
+
+
+def _sample_or_warn(model: nn.Module, tokenizer, prompt: str, new_tokens: int, stage: str) -> str | None:
+    """A stage's greedy sample for the report; a model that cannot generate costs the sample, not the run."""
+    try:
+        return greedy_continuation(model, tokenizer, prompt, new_tokens)
+    except Exception as exc:  # noqa: BLE001 - custom models without generate(), families whose generate() breaks
+        warnings.warn(f"no sample of the {stage} model ({type(exc).__name__}: {exc}); the run goes on", stacklevel=2)
+        return None
 
 
 def _write_text(path: Path, text: str) -> None:

@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .data import TextSource, describe_source, pack_tokens
 from .distributed import all_reduce_, rank_world, shard_range
 from .errors import ConfigError, DataError
+from .progress import bar
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -324,7 +324,7 @@ def streamed_pass(
     mine = _shard(batches) if shard else batches
     try:
         with torch.inference_mode():
-            for batch in tqdm(mine, desc=desc, leave=False, disable=rank != 0):
+            for batch in bar(mine, desc=desc, unit="batch"):
                 runner(input_ids=batch.to(device, non_blocking=True), use_cache=False)
     finally:
         model.train(was_training)

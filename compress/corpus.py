@@ -28,7 +28,6 @@ from typing import cast
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .calibrate import check_tokenizer_matches
 from .data import (
@@ -43,6 +42,7 @@ from .data import (
     pack_tokens,
 )
 from .errors import ConfigError, DataError, OutputExistsError
+from .progress import bar as progress_bar
 
 PromptSource = str | os.PathLike | Sequence[str]
 META_SUFFIX = ".meta.json"
@@ -486,7 +486,7 @@ def generate_corpus(
     try:
         with (
             open(out, "a", encoding="utf-8") as fh,
-            tqdm(total=batches, initial=first, desc="generating corpus", unit="batch", disable=not progress) as bar,
+            progress_bar(total=batches, initial=first, desc="generating corpus", unit="batch", show=progress) as bar,
         ):
             for b in range(first, batches):
                 ids = list(range(b * batch_size, min(n, (b + 1) * batch_size)))
@@ -709,7 +709,7 @@ def select_by_difference(
     try:
         with (
             torch.inference_mode(),
-            tqdm(desc="scoring documents", unit="doc", total=max_documents, disable=not progress) as bar,
+            progress_bar(desc="scoring documents", unit="doc", total=max_documents, show=progress) as bar,
         ):
             pending_texts: list[str] = []
             pending_ids: list[list[int]] = []

@@ -24,10 +24,24 @@ def enabled() -> bool:
 
 
 def bar(
-    iterable: Iterable | None = None, *, desc: str, unit: str = "it", total: int | None = None, show: bool = True
+    iterable: Iterable | None = None,
+    *,
+    desc: str,
+    unit: str = "it",
+    total: int | None = None,
+    show: bool = True,
+    initial: int = 0,
 ) -> Any:
     """A tqdm bar over ``iterable`` (or one updated by hand with ``total`` steps) with an ETA. It appears only
-    once the stage has run for :data:`DELAY_S` seconds, so quick stages print nothing."""
+    once the stage has run for :data:`DELAY_S` seconds, so quick stages print nothing; ``show=False`` (a
+    config's ``progress=False``) keeps it off."""
     return tqdm(
-        iterable, desc=desc, unit=unit, total=total, leave=False, delay=DELAY_S, disable=not (show and enabled())
+        iterable,
+        desc=desc,
+        unit=unit,
+        total=total,
+        initial=initial,
+        leave=False,
+        delay=DELAY_S,
+        disable=not (show and enabled()),
     )

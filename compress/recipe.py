@@ -26,13 +26,15 @@ from .calibrate import CalibrationConfig
 from .distillation.config import DistillConfig
 from .errors import CompressError, ConfigError
 from .exporters import check_export_args
-from .plan import PlanConfig
+from .plan import PlanConfig, Target
 from .search import SearchConfig
 
 RECIPE_FILE = "recipe.yaml"
 STRATEGIES = ("width", "depth", "width+depth")
 # What the run prints and the report shows: each stage's greedy continuation of this prompt.
 DEFAULT_PROMPT = "A Python list is"
+# The parameter count targets are checked against before the teacher is known: large enough to accept any count.
+_NO_TEACHER_YET = 10**18
 
 
 @dataclass
@@ -134,15 +136,18 @@ class Recipe:
         if self.teacher is not None:
             check_teacher_source(self.teacher)
             self.teacher = os.fspath(self.teacher)
-        if not isinstance(self.target, Mapping) or not self.target:
-            raise ConfigError(
-                f"recipe target should be a mapping such as {{params: 0.5}} or an explicit shape "
-                f"{{hidden_size: 448, intermediate_size: 608}}, got {self.target!r}"
-            )
+        # Keys and value types as the planner checks them (a budget's size against the teacher: once it loads).
+        if isinstance(self.target, (int, float)) and not isinstance(self.target, bool):
+            self.target = {"params": self.target}  # target: 0.5 is a parameter budget, as in compress()
+        Target.parse(self.target, _NO_TEACHER_YET)
+        if not isinstance(self.target, Mapping):
+            raise ConfigError(f"recipe target should be a mapping such as {{params: 0.5}}, got {self.target!r}")
         self.target = dict(self.target)
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"recipe strategy should be one of {STRATEGIES}, got {self.strategy!r}")
         self.plugins = _plugins_mapping(self.plugins)
+        for name, config in self.plugins.items():  # unknown names and bad config fields: refused now
+            default_plugin_config(name, config)
         if self.reconstruct is not None and not isinstance(self.reconstruct, (str, Mapping)):
             raise ConfigError(
                 f"recipe reconstruct should be a reconstruct plugin's name (e.g. least_squares) or "
@@ -231,6 +236,18 @@ def check_teacher_source(source: Any) -> None:
         )
 
 
+def default_plugin_config(name: str, config: Any = None, kind: str | None = None) -> dict | None:
+    """The full config fields of plugin ``name`` built with ``config`` (refused with a :class:`PluginError`
+    or :class:`ConfigError` naming the field when the name or a field is wrong); None for a plugin without one."""
+    from .registry import build_plugin, get_plugin
+
+    cls = get_plugin(name, kind)
+    built = getattr(build_plugin(name, cls.kind, config), "config", None)
+    if dataclasses.is_dataclass(built) and not isinstance(built, type):
+        return _plain(dataclasses.asdict(built))
+    return None
+
+
 def _check_int(name: str, value: Any, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ConfigError(f"recipe {name} should be an integer of at least {low}, got {value!r}")
@@ -300,4 +317,6 @@ def _plain(value: Any) -> Any:
         return [_plain(v) for v in value]
     if isinstance(value, os.PathLike):
         return os.fspath(value)
+    if type(value).__module__ == "numpy" and hasattr(value, "item"):  # numpy scalars: YAML writes plain numbers
+        return value.item()
     return value

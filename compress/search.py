@@ -26,7 +26,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from . import distributed, registry
 from .calibrate import (
@@ -43,6 +42,7 @@ from .distillation import DistillConfig, DistillError, distill
 from .errors import ConfigError, DataError, UnsupportedModelError
 from .models import check_plain_logits, find_adapter, layout_for
 from .plan import Plan, PlanConfig, Target, _cost, candidate_shapes
+from .progress import bar as progress_bar
 from .prune import (
     PluginsArg,
     _check_arguments,
@@ -421,7 +421,6 @@ def search_shapes(
         )
     train, held, data_info = _split_data(train_data, tokenizer, config, skip_tokens, rows)
 
-    rank = distributed.rank_world()[0]
     run_device = distributed.resolve_device(device)
     homes = {p.device for p in teacher.parameters()} | {b.device for b in teacher.buffers()}
     moved = len(homes) == 1 and next(iter(homes)) != run_device
@@ -447,7 +446,7 @@ def search_shapes(
         else:
             calibration_tokens = 0
         teacher_ppl = _score_windows(teacher, teacher, held, "perplexity")
-        bar = tqdm(total=len(plans), desc="shape search", unit="candidate", disable=not config.progress or rank != 0)
+        bar = progress_bar(total=len(plans), desc="shape search", unit="candidate", show=config.progress)
         try:
             for i, plan in enumerate(plans):
                 candidates.append(

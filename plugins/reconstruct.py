@@ -16,12 +16,12 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from compress.calibrate import Calibration
 from compress.errors import ConfigError, DataError, UnsupportedModelError
 from compress.models import DecoderAdapter
 from compress.plugin_api import ReconstructPlugin
+from compress.progress import bar
 from compress.reconstruct import LayerStream, forward_context
 
 MODULES = ("attention", "mlp")
@@ -241,7 +241,7 @@ class LeastSquaresReconstruct(ReconstructPlugin):
             t_stream = LayerStream(teacher, adapter, batches, upto=layer_map[-1])
             s_stream = LayerStream(student, adapter, batches)
             n_s = len(layer_map)
-            for i in tqdm(range(n_s), desc="reconstructing", leave=False):
+            for i in bar(range(n_s), desc="reconstructing", unit="layer"):
                 t = layer_map[i]
                 t_stream.advance_to(t)
                 last = i == n_s - 1

@@ -228,9 +228,8 @@ def test_report_numbers_and_figures_match_the_run(run):
     for stage in ("prompt", "teacher", "pruned", "distilled"):
         assert _shown_as_text(samples[stage]) in page.pres
         assert html.escape(_shown_as_text(samples[stage])) in text
-    recipe = (out / "recipe.yaml")
-    if recipe.is_file():  # compress writes it (since recipes exist); shown verbatim
-        assert recipe.read_text() in page.pres
+    recipe = out / "recipe.yaml"  # compress writes it; the page shows it verbatim
+    assert recipe.read_text() in page.pres
     assert f"compress {compress.__version__}" in text
     # One file that opens offline: every source is inline.
     assert all(v.startswith("data:") for v in re.findall(r'(?:src|href)="([^"]*)"', text))

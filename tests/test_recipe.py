@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 import compress
 from compress import api
 from compress.cli import build_parser, main, recipe_from_args
-from compress.errors import ConfigError
+from compress.errors import CompressError, ConfigError
 from compress.recipe import RECIPE_FILE, DataSettings, ExportSettings, Recipe
 
 from conftest import SAMPLE_TEXT, tiny_model
@@ -47,14 +47,17 @@ def test_yaml_round_trip_writes_every_field_and_builds_nested_configs():
     ("calibration: {num_samples: 0}\n", "recipe.calibration: CalibrationConfig.num_samples"),
     ("distill: {max_tokens: 1000, lr: -1}\n", "recipe.distill"),
     ("strategy: deep\n", "strategy should be one of"),
-    ("target: 0.5\n", "target should be a mapping"),
+    ("target: half\n", "target should be a dict like"),
+    ("target: {params: 0.5, hidden_size: 448}\n", "not both"),
+    ("plugins: {nonexistent: null}\n", "unknown plugin 'nonexistent'"),
+    ("plugins: {depth: {method: fastest}}\n", "DepthAxis.method should be one of"),
     ("export: {formats: [safetensors, tflite]}\n", "recipe export: unknown export format"),
     ("data: {evaluation: [a, b]}\n", "data.evaluation should be a file path"),
     ("- teacher\n", "should be a YAML mapping"),
     ("teacher: [unclosed\n", "not valid YAML"),
 ])
 def test_bad_recipes_are_refused_naming_the_key(text, named):
-    with pytest.raises(ConfigError, match=named.replace("[", r"\[").replace(".", r"\.")):
+    with pytest.raises(CompressError, match=named.replace("[", r"\[").replace(".", r"\.")):
         Recipe.from_yaml(text)
 
 
@@ -71,8 +74,8 @@ def test_one_set_of_defaults_for_the_api_the_cli_and_the_recipe(monkeypatch):
     compress.compress("smollm2", {"params": 0.5})
     assert seen[0] == defaults
     # And a distillation from the CLI takes DistillConfig's own learning rate and schedule.
-    args = build_parser().parse_args(["--distill-tokens", "32768"])
-    assert recipe_from_args(args).distill == compress.DistillConfig(max_tokens=32768)
+    cfg = recipe_from_args(build_parser().parse_args(["--distill-tokens", "32768"])).distill
+    assert (cfg.lr, cfg.batch_size, cfg.seq_len, cfg.warmup_ratio, cfg.output_dir) == (5e-4, 4, 256, 0.1, None)
     args = build_parser().parse_args(["--distill-tokens", "32768", "--lr", "1e-3", "--checkpoint-dir", "ck"])
     cfg = recipe_from_args(args).distill
     assert cfg.lr == 1e-3 and cfg.output_dir == "ck"
@@ -215,3 +218,59 @@ def test_the_command_line_shows_the_estimate_as_one_line(tmp_path, tokenizer, ca
     assert main(cli_run_args(tmp_path, tokenizer) + ["--formats", "safetensors"]) == 0
     lines = [x for x in capsys.readouterr().err.splitlines() if "calibration reads" in x]
     assert len(lines) == 1 and lines[0].startswith("compress: warning: calibration reads 8 windows x 32 tokens")
+
+
+def test_targets_as_numbers_and_target_objects_still_work(monkeypatch):
+    seen = []
+    monkeypatch.setattr(api, "run_recipe", lambda recipe, objects=None, overwrite=False: seen.append((recipe, objects)))
+    compress.compress("smollm2", 0.5)
+    compress.compress("smollm2", compress.Target(params=70_000_000))
+    compress.compress("smollm2", compress.Target.parse({"hidden_size": 448}, 10**9))
+    assert [r.target for r, _ in seen] == [{"params": 0.5}, {"params": 70_000_000}, {"hidden_size": 448}]
+    assert seen[1][1].target == compress.Target(params=70_000_000)  # the object itself is what prunes
+
+
+def test_numpy_values_are_written_as_plain_numbers():
+    import numpy as np
+
+    weights = {"mlp": np.float64(1.0), "hidden": 32.0, "heads": 2.0, "depth": 8.0}
+    recipe = Recipe(target={"params": np.float64(0.5)}, plan={"weights": weights})
+    plain = yaml.safe_load(recipe.to_yaml())
+    assert plain["target"] == {"params": 0.5} and plain["plan"]["weights"]["mlp"] == 1.0
+
+
+def test_saved_recipe_spells_out_paths_and_plugin_configs_and_checkpoints_are_checked_first(
+    tmp_path, tokenizer, monkeypatch, capsys
+):
+    teacher = tmp_path / "teacher"
+    tiny_model("llama").save_pretrained(teacher)
+    tokenizer.save_pretrained(teacher)
+    (tmp_path / "train.txt").write_text(SAMPLE_TEXT * 3)
+    (tmp_path / "valid.txt").write_text(SAMPLE_TEXT[:3000])
+    monkeypatch.chdir(tmp_path)  # relative paths, as a user types them
+    compress.compress("teacher", {"params": 0.5}, "train.txt", "out", eval_data="valid.txt", eval_seq_len=32,
+                      eval_tokens=256, formats=["safetensors"], plugins={"magnitude": None}, prompt=None,
+                      calibration=compress.CalibrationConfig(seq_len=32, num_samples=8))
+    saved = yaml.safe_load((tmp_path / "out" / RECIPE_FILE).read_text())
+    assert saved["teacher"] == str(teacher.resolve())
+    assert saved["data"]["calibration"] == str((tmp_path / "train.txt").resolve())
+    assert saved["data"]["evaluation"] == str((tmp_path / "valid.txt").resolve())
+    assert saved["plugins"] == {"magnitude": {"p": 2.0}}  # MagnitudeImportance.Config's default, written out
+    assert saved["device"] == "cpu"
+    # Replayed from another folder, it finds the same files.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["run", str(tmp_path / "out" / RECIPE_FILE), "--out", "again", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["data"]["evaluation"] == str((tmp_path / "valid.txt").resolve())
+    # A distillation folder an earlier run filled is refused before the teacher is even loaded.
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "metrics.jsonl").write_text('{"step": 1}\n')
+    loads = []
+    monkeypatch.setattr(api, "load_teacher", lambda *a, **k: loads.append(1))
+    recipe = Recipe.load(tmp_path / "out" / RECIPE_FILE).replace(
+        out_dir=str(tmp_path / "third"), distill=compress.DistillConfig(max_steps=1, output_dir=str(ckpt)))
+    with pytest.raises(compress.OutputExistsError, match="metrics.jsonl"):
+        compress.compress(recipe)
+    assert not loads and not (tmp_path / "third").exists()

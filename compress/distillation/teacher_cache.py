@@ -48,6 +48,7 @@ from torch import nn
 from ..calibrate import check_token_ids
 from ..errors import CheckpointError, ConfigError, DataError, OutputExistsError
 from ..io import atomic_output_dir, check_output_dir
+from ..progress import bar as progress_bar
 from .losses import LogitTransform, _active
 
 FORMAT = "compress-teacher-cache"
@@ -293,9 +294,7 @@ def build_teacher_cache(
             head = cast(torch.Tensor, teacher.get_submodule(adapter.lm_head).weight)
             run_device = head.device
             if progress:
-                from tqdm.auto import tqdm
-
-                bar = tqdm(total=n, desc="caching teacher", unit="win", leave=False)
+                bar = progress_bar(total=n, desc="caching teacher", unit="win")
             with torch.no_grad():
                 for s, start in enumerate(range(0, n, shard_windows)):
                     count = min(shard_windows, n - start)

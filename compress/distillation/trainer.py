@@ -23,13 +23,13 @@ from typing import cast
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .. import distributed
 from ..calibrate import check_tokenizer_matches
 from ..data import derived_seed
 from ..errors import CheckpointError, CompressError, ConfigError, DataError, OutputExistsError
 from ..models import DecoderAdapter, check_plain_logits, layout_for
+from ..progress import bar as progress_bar
 from ..validate import check_finite_weights
 from .checkpoint import earlier_run_files, find_resumable, latest_checkpoint, restore_checkpoint, save_checkpoint
 from .config import DistillConfig
@@ -687,13 +687,13 @@ def distill(
             torch.cuda.reset_peak_memory_stats(device)
         tokens_per_step = config.tokens_per_step * world
         clip = config.max_grad_norm if config.max_grad_norm is not None else float("inf")  # inf: norm only
-        bar = tqdm(
+        bar = progress_bar(
             range(start_step, total),
             initial=start_step,
             total=total,
             desc="distilling",
-            disable=not config.progress or rank != 0,
-            leave=False,
+            unit="step",
+            show=config.progress,
         )
         guard = _Guard(device, start_step)
         t0, last = time.perf_counter(), history[-1]["loss"] if history else float("nan")
