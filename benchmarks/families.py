@@ -68,7 +68,7 @@ def run_case(family: str, target: dict, strategy: str, generic: bool = False) ->
             if hasattr(model.config, "vision_config"):  # multimodal Gemma-3: a prompt with an image as well
                 images = _image_prompt(model.config)
                 diff = max(diff, (reloaded(**images).logits - model(**images).logits).abs().max().item())
-        reloaded_params = compress.shape.count_params(reloaded)
+        reloaded_params = compress.pruning.shape.count_params(reloaded)
     return {"params_before": report.params_before, "params_after": report.params_after,
             "reloaded_params": reloaded_params, "seconds": round(seconds, 3), "reload_max_logit_diff": diff,
             "shape_after": report.shape_after}

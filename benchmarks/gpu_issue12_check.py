@@ -77,7 +77,7 @@ def main() -> int:
         run("cache_kd", cache)
 
     def refit():
-        from compress.reconstruct import reconstruct
+        from compress.pruning.reconstruct import reconstruct
 
         student = copy.deepcopy(base)
         r = reconstruct(student, teacher, calib, kept=report.kept)

@@ -128,7 +128,7 @@ def run_arm(arm: str, args) -> dict:
     teacher, _ = compress.load_teacher("smollm2")
     student = copy.deepcopy(teacher)
     compress.prune(student, {"params": 0.5}, None, plugins=["magnitude"])
-    params = compress.shape.count_params(student)
+    params = compress.pruning.shape.count_params(student)
     teacher.to(device)
     student.to(device).train()
     batch = torch.randint(0, 49152, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(0)).to(device)
@@ -145,7 +145,7 @@ def run_arm(arm: str, args) -> dict:
     out = {"seconds_per_step": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1),
            "student_params": params, **mem}
     if device.type == "cuda":
-        flops = 6 * params * tokens + 2 * compress.shape.count_params(teacher) * tokens
+        flops = 6 * params * tokens + 2 * compress.pruning.shape.count_params(teacher) * tokens
         out["mfu"] = round(flops / seconds / H100_BF16_FLOPS, 3)
     return out
 

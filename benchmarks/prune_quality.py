@@ -29,11 +29,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import compress  # noqa: E402
-from compress.calibrate import prepare_calibration  # noqa: E402
+from compress.pruning.calibrate import prepare_calibration  # noqa: E402
 from compress.data import PYDOCS_TRAIN, PYDOCS_VALID  # noqa: E402
 from compress.models import adapter_for  # noqa: E402
-from compress.plan import PlanConfig, Target, plan_shape  # noqa: E402
-from compress.shape import ModelShape, ParamFormula, count_params  # noqa: E402
+from compress.pruning.plan import PlanConfig, Target, plan_shape  # noqa: E402
+from compress.pruning.shape import ModelShape, ParamFormula, count_params  # noqa: E402
 
 from _common import machine, peak_memory  # noqa: E402
 from tp_baseline import tp_prune  # noqa: E402
@@ -98,7 +98,7 @@ def main() -> None:
                 if method.startswith("torch-pruning"):
                     tp_prune(student, shape["hidden_size"], shape["intermediate_size"])
                     label, extra = method, {}
-                elif method == "generic":  # as if Llama had no adapter: compress.generic through Torch-Pruning
+                elif method == "generic":  # as if Llama had no adapter: compress.pruning.generic through Torch-Pruning
                     student.config.model_type = "llama-without-adapter"  # saved configs still say "llama"
                     report = compress.prune(student, {k: shape[k] for k in ("hidden_size", "intermediate_size")},
                                             calib)

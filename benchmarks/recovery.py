@@ -84,12 +84,12 @@ def main() -> None:
         if same:
             results["arms"] = earlier.get("arms", {})
             results["earlier_runs"] = earlier.get("earlier_runs", []) + [earlier.get("date")]
-    results["teacher"] = {**measure(teacher), "params": compress.shape.count_params(teacher)}
+    results["teacher"] = {**measure(teacher), "params": compress.pruning.shape.count_params(teacher)}
     results["teacher"].pop("kl_to_teacher")
     print("teacher", results["teacher"], flush=True)
 
     calib_cfg = compress.CalibrationConfig(num_samples=args.calib_samples, seq_len=512)
-    calib = compress.calibrate.prepare_calibration(teacher, tok, PYDOCS_TRAIN, calib_cfg)
+    calib = compress.pruning.calibrate.prepare_calibration(teacher, tok, PYDOCS_TRAIN, calib_cfg)
     scores = compress.score_importance(teacher, calib)
     calib_tokens = calib.num_tokens
 
@@ -119,7 +119,7 @@ def main() -> None:
         """Issue 12's arms that change the student or the data; every trained arm ends on base_config's KD."""
         extra: dict = {}
         if arm == "search+kd":  # K candidate shapes, a short KD each, the best one gets the rest of the budget
-            from compress.search import SearchConfig, search_shapes
+            from compress.pruning.search import SearchConfig, search_shapes
 
             scfg = SearchConfig(candidates=args.search_candidates, tokens_per_candidate=args.search_tokens)
             found = search_shapes(teacher, {"params": 0.5}, calib, tokenizer=tok, train_data=PYDOCS_TRAIN,
@@ -136,7 +136,7 @@ def main() -> None:
         student, report = pruned("width")
         entry = {"shape": report.shape_after, "params": report.params_after}
         if arm.startswith("recon"):  # least-squares refit of the output projections before any training
-            from compress.reconstruct import reconstruct
+            from compress.pruning.reconstruct import reconstruct
 
             t = time.perf_counter()
             r = reconstruct(student, teacher, calib, kept=report.kept)

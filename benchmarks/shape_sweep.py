@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import compress  # noqa: E402
 from compress.data import PYDOCS_TRAIN, PYDOCS_VALID  # noqa: E402
 from compress.models import adapter_for  # noqa: E402
-from compress.plan import PlanConfig, Target, plan_shape  # noqa: E402
-from compress.shape import ModelShape, ParamFormula, count_params  # noqa: E402
+from compress.pruning.plan import PlanConfig, Target, plan_shape  # noqa: E402
+from compress.pruning.shape import ModelShape, ParamFormula, count_params  # noqa: E402
 
 from _common import machine  # noqa: E402
 

@@ -54,7 +54,7 @@ def main() -> None:
                 "kl_to_teacher": kl_to_teacher(model, teacher, tok, PYDOCS_VALID, seq_len=512,
                                                max_tokens=args.eval_tokens)}
 
-    calib = compress.calibrate.prepare_calibration(teacher, tok, PYDOCS_TRAIN,
+    calib = compress.pruning.calibrate.prepare_calibration(teacher, tok, PYDOCS_TRAIN,
                                                    compress.CalibrationConfig(num_samples=64, seq_len=512))
     scores = compress.score_importance(teacher, calib)
     grid = GRID if args.only is None else [GRID[int(i)] for i in args.only.split(",")]

@@ -9,7 +9,6 @@ __version__ = "0.1.0"
 
 from . import evaluate
 from .api import compress, load_report, load_teacher, save_student, smollm2_gguf_path
-from .calibrate import Calibration, CalibrationConfig, Importance
 from .corpus import CorpusReport, SelectionReport, generate_corpus, select_by_difference
 from .distillation import DistillConfig, DistillError, DistillReport, distill
 from .distillation.data import distillation_windows
@@ -26,15 +25,18 @@ from .errors import (
 )
 from .exporters import ExportError, ExportReport, export
 from .models import DecoderAdapter, register_adapter, supported_families
-from .plan import PlanConfig, Target
 from .plugin_api import AxisPlugin, ImportancePlugin, PruneContext, ReconstructPlugin
-from .prune import prune, score_importance
+from .pruning.calibrate import Calibration, CalibrationConfig, Importance
+from .pruning.plan import PlanConfig, Target
+from .pruning.prune import prune, score_importance
+from .pruning.reconstruct import (
+    ReconstructReport,
+)  # the function stays compress.pruning.reconstruct.reconstruct (no shadowing)
+from .pruning.search import SearchConfig, SearchResult, search_shapes
+from .pruning.shape import ModelShape
 from .recipe import DataSettings, ExportSettings, Recipe
-from .reconstruct import ReconstructReport  # the function stays compress.reconstruct.reconstruct (no shadowing)
 from .registry import get_plugin, list_plugins, register_plugin
 from .report import PruneReport, Result
-from .search import SearchConfig, SearchResult, search_shapes
-from .shape import ModelShape
 
 __all__ = [
     "AxisPlugin",

@@ -1,6 +1,6 @@
 """The public calls: load a teacher, and compress it end to end in one call.
 
-``compress()`` is the composition of plain stage functions (:func:`load_teacher`, :func:`compress.prune.prune`,
+``compress()`` is the composition of plain stage functions (:func:`load_teacher`, :func:`compress.pruning.prune.prune`,
 :func:`compress.evaluate.perplexity`, :func:`save_student`); each is callable on its own. Later stages
 (distillation, export) join as keyword-only arguments, so existing calls keep working.
 """
@@ -22,7 +22,6 @@ import torch
 from torch import nn
 
 from . import __version__, distributed
-from .calibrate import CalibrationConfig, prepare_calibration
 from .data import (
     PYDOCS_TRAIN,
     PYDOCS_VALID,
@@ -41,9 +40,12 @@ from .exporters import check_export_args, check_materialized, resolve_formats
 from .exporters import export as run_export
 from .io import atomic_output_dir, check_output_dir
 from .models import find_adapter, supported_families
-from .plan import PlanConfig, Target
 from .plugin_api import ReconstructPlugin
-from .prune import PluginsArg, prune
+from .pruning.calibrate import CalibrationConfig, prepare_calibration
+from .pruning.plan import PlanConfig, Target
+from .pruning.prune import PluginsArg, prune
+from .pruning.reconstruct import reconstruct as run_reconstruct
+from .pruning.search import SearchConfig, search_shapes
 from .recipe import (
     RECIPE_FILE,
     DataSettings,
@@ -54,10 +56,8 @@ from .recipe import (
     check_teacher_source,
     default_plugin_config,
 )
-from .reconstruct import reconstruct as run_reconstruct
 from .registry import build_plugin, get_plugin
 from .report import PruneReport, Result
-from .search import SearchConfig, search_shapes
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 REPORT_FILE = "compress_report.json"
@@ -315,7 +315,7 @@ def compress(
     ``formats``/``quantize``: what :func:`compress.exporters.export` writes: by default (``"auto"``) safetensors plus
     the fastest deployment format that passes its checks against PyTorch (onnxruntime-genai, else Optimum ONNX);
     or a list of names (``["safetensors"]`` alone skips ONNX). ``quantize="int8"`` adds int8 versions.
-    ``search``: a :class:`~compress.search.SearchConfig` to try the planner's best few shapes for ``target``,
+    ``search``: a :class:`~compress.pruning.search.SearchConfig` to try the planner's best few shapes for ``target``,
     each with a short distillation, and keep the one with the lowest held-out score (taken on training text
     after the short runs' tokens, never on ``eval_data``); the report's ``search`` stage lists every candidate.
     One process only. ``reconstruct``: a reconstruct plugin to run between pruning and distillation, by name

@@ -20,12 +20,12 @@ import warnings
 from pathlib import Path
 
 from . import api, registry
-from .calibrate import CalibrationConfig
 from .distillation import DistillConfig
 from .distillation.losses import LOGIT_LOSSES
 from .errors import CompressError, ConfigError, OutputExistsError, PluginError, TargetError
+from .pruning.calibrate import CalibrationConfig
+from .pruning.search import SearchConfig, default_short_distill
 from .recipe import STRATEGIES, DataSettings, ExportSettings, Recipe
-from .search import SearchConfig, default_short_distill
 
 # Errors in what the command line asked for (exit 2, like argparse's own); every other refusal exits 1.
 USAGE_ERRORS = (ConfigError, TargetError, PluginError, OutputExistsError)

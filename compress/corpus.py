@@ -29,7 +29,6 @@ from typing import cast
 import torch
 from torch import nn
 
-from .calibrate import check_tokenizer_matches
 from .data import (
     TEXT_FIELD,
     TextSource,
@@ -43,6 +42,7 @@ from .data import (
 )
 from .errors import ConfigError, DataError, OutputExistsError
 from .progress import bar as progress_bar
+from .pruning.calibrate import check_tokenizer_matches
 
 PromptSource = str | os.PathLike | Sequence[str]
 META_SUFFIX = ".meta.json"

@@ -7,10 +7,10 @@ import math
 import torch
 from torch import nn
 
-from .calibrate import _embedding_rows, check_token_ids, check_tokenizer_matches
 from .data import TextSource, pack_tokens
 from .errors import ConfigError
 from .progress import bar
+from .pruning.calibrate import _embedding_rows, check_token_ids, check_tokenizer_matches
 
 
 def _check_args(seq_len, max_tokens, batch_size) -> None:

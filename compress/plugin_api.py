@@ -8,7 +8,7 @@ Three kinds exist:
   selection (:meth:`AxisPlugin.apply`). Selecting every axis before applying any means each one sees the
   teacher's importance, not a half-pruned model's;
 * a **reconstruct** plugin repairs a pruned student's weights from calibration activations, between pruning and
-  distillation (:meth:`ReconstructPlugin.run`, called by :func:`compress.reconstruct.reconstruct`; the
+  distillation (:meth:`ReconstructPlugin.run`, called by :func:`compress.pruning.reconstruct.reconstruct`; the
   built-in ``least_squares`` refits the output projections to the teacher's outputs).
 """
 
@@ -19,9 +19,9 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from .calibrate import Calibration, Importance
 from .models import DecoderAdapter
-from .shape import ModelShape
+from .pruning.calibrate import Calibration, Importance
+from .pruning.shape import ModelShape
 
 #: Axes in the order they are applied (depth last: width selections index the teacher's layers).
 AXES = ("mlp", "heads", "hidden", "depth")
@@ -91,7 +91,7 @@ class AxisPlugin(Plugin):
 
     def apply(self, model: nn.Module, adapter: DecoderAdapter, selection: dict) -> None:
         """Slice the weights according to ``selection``: **replace** parameters with sliced copies (as
-        :mod:`compress.surgery` does) rather than writing into them, so that a failure can be undone —
+        :mod:`compress.pruning.surgery` does) rather than writing into them, so that a failure can be undone —
         :func:`compress.prune` puts the original parameter objects back when any axis fails (raises, or leaves
         shapes other than the plan's), and reports weights edited in place, which it cannot restore."""
         raise NotImplementedError
@@ -109,7 +109,7 @@ class ReconstructPlugin(Plugin):
     ) -> dict:
         """Change ``student``'s weights so that it computes more of what ``teacher`` computes; return a JSON-able
         report dict (free keys; ``"modules"`` — a list of one dict per module changed or considered — and
-        ``"totals"`` — a dict — are shown by :class:`compress.reconstruct.ReconstructReport` when present).
+        ``"totals"`` — a dict — are shown by :class:`compress.pruning.reconstruct.ReconstructReport` when present).
 
         ``student`` was pruned from ``teacher`` (same family; ``adapter`` describes both), ``calibration`` holds
         the token windows to fit on, and ``kept`` says what pruning kept, as teacher indices (Python ints):
@@ -120,8 +120,8 @@ class ReconstructPlugin(Plugin):
 
         Read the teacher, never change it. **Replace** the student's parameters with new tensors (a new
         ``nn.Parameter``) rather than writing into them, so a failure can be undone:
-        :func:`compress.reconstruct.reconstruct` checks every input before calling this method and, if it raises,
-        puts the student's original parameter objects back (and says which weights were written in place, which
-        it cannot restore). An exception raised here becomes a :class:`~compress.PluginError` naming the plugin
+        :func:`compress.pruning.reconstruct.reconstruct` checks every input before calling this method and, if it
+        raises, puts the student's original parameter objects back (and says which weights were written in place,
+        which it cannot restore). An exception raised here becomes a :class:`~compress.PluginError` naming the plugin
         (a :class:`~compress.CompressError` keeps its type, prefixed with the plugin's name)."""
         raise NotImplementedError

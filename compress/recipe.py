@@ -22,12 +22,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .calibrate import CalibrationConfig
 from .distillation.config import DistillConfig
 from .errors import CompressError, ConfigError
 from .exporters import check_export_args
-from .plan import PlanConfig, Target
-from .search import SearchConfig
+from .pruning.calibrate import CalibrationConfig
+from .pruning.plan import PlanConfig, Target
+from .pruning.search import SearchConfig
 
 RECIPE_FILE = "recipe.yaml"
 STRATEGIES = ("width", "depth", "width+depth")

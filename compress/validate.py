@@ -31,7 +31,7 @@ def weight_sums(model: nn.Module) -> dict[str, float]:
 
     A sum is finite exactly when every element is (NaN and ±inf propagate; a float32 sum of finite weights
     that overflows is checked element by element), so the sums serve both :func:`check_finite_weights` and as a cheap
-    fingerprint that notices weights edited in place (:func:`compress.prune.prune` restores a model after a
+    fingerprint that notices weights edited in place (:func:`compress.pruning.prune.prune` restores a model after a
     failed plugin and checks it this way).
     """
     by_device: dict[torch.device, tuple[list[str], list[torch.Tensor]]] = {}

@@ -26,7 +26,7 @@ from conftest import tiny_model  # noqa: E402
 
 import compress  # noqa: E402
 from compress import distributed  # noqa: E402
-from compress.calibrate import Calibration, CalibrationConfig, calibration_loss  # noqa: E402
+from compress.pruning.calibrate import Calibration, CalibrationConfig, calibration_loss  # noqa: E402
 
 #: name -> (windows, batch size). With 2 ranks: 3+3, 2+1 and 1+1 batches; with 3 ranks: 2+2+2, 1+1+1 and
 #: 1+1+0 (a rank with no batch at all, which must still join every collective).

@@ -12,9 +12,9 @@ import torch
 
 import compress
 from compress import data, registry
-from compress.calibrate import Calibration
+from compress.pruning.calibrate import Calibration
 from compress.errors import ConfigError, DataError, PluginError, TargetError
-from compress.surgery import top_k_sorted
+from compress.pruning.surgery import top_k_sorted
 from compress.plugins.axes import HiddenAxis
 from compress.plugins.depth import DepthAxis
 
@@ -561,7 +561,7 @@ def test_tokenizer_special_ids_beyond_the_embedding(calib_ids):
 
 def test_slightly_padded_embedding_is_accepted(tokenizer):
     model = tiny_model("llama", vocab_size=384)  # rounded up to a multiple of 128
-    compress.calibrate.check_tokenizer_matches(model, tokenizer)
+    compress.pruning.calibrate.check_tokenizer_matches(model, tokenizer)
 
 
 @pytest.mark.parametrize("make, match", [

@@ -32,7 +32,7 @@ def test_compress_end_to_end(tmp_path, tokenizer):
 
     student = AutoModelForCausalLM.from_pretrained(out)
     tok = AutoTokenizer.from_pretrained(out)
-    assert compress.shape.count_params(student) == result.prune.params_after
+    assert compress.pruning.shape.count_params(student) == result.prune.params_after
     ppl = compress.evaluate.perplexity(student, tok, [SAMPLE_TEXT[:3000]], seq_len=32)
     assert abs(ppl - result.perplexity["pruned"]) / ppl < 1e-4
     ids = tok("The quick brown", return_tensors="pt").input_ids
@@ -75,7 +75,7 @@ def test_compress_with_distillation_stage(tmp_path, tokenizer):
     assert result.data["distillation"]["skipped_tokens"] == result.data["calibration"]["tokens"] == 8 * 32
     assert result.data["distillation"]["tokens_trained"] == 3 * 2 * 32
     student = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
-    assert compress.shape.count_params(student) == result.prune.params_after
+    assert compress.pruning.shape.count_params(student) == result.prune.params_after
 
 
 def test_compress_with_shape_search_keeps_the_best_candidate_and_scores_importance_once(tmp_path, tokenizer,
@@ -100,7 +100,7 @@ def test_compress_with_shape_search_keeps_the_best_candidate_and_scores_importan
     best = min(range(3), key=lambda i: scores[i])
     assert result.prune.shape_after == {**result.prune.shape_after, **found["candidates"][best]["shape"]}
     student = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
-    assert compress.shape.count_params(student) == found["candidates"][best]["params"]
+    assert compress.pruning.shape.count_params(student) == found["candidates"][best]["params"]
     # The search trained on text after the calibration windows and scored on text after that.
     assert found["data"]["train_tokens"][0] >= result.data["calibration"]["tokens"]
 

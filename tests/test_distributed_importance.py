@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import compress
-from compress.calibrate import accumulator_dtype, all_reduce_tensors
+from compress.pruning.calibrate import accumulator_dtype, all_reduce_tensors
 
 JOB = os.path.join(os.path.dirname(__file__), "importance_job.py")
 CASES = {"even": (24, 4), "odd": (10, 4), "few": (8, 4)}  # as in importance_job.CASES
@@ -97,7 +97,7 @@ def test_importance_hooks_do_not_sync_with_the_host(monkeypatch, calib_ids):
     """Host round trips from the importance code must not grow with the number of batches (one copy at the end)."""
     from conftest import tiny_model
 
-    import compress.calibrate as calibrate_module
+    import compress.pruning.calibrate as calibrate_module
     from compress.registry import get_plugin
 
     watched = {os.path.abspath(inspect.getfile(get_plugin("activation"))), os.path.abspath(calibrate_module.__file__)}
@@ -122,7 +122,7 @@ def test_importance_hooks_do_not_sync_with_the_host(monkeypatch, calib_ids):
             num_samples=16, batch_size=batch_size, min_samples=1))
         counted.append(len(calls))
         calls.clear()
-        compress.calibrate.calibration_loss(model, compress.calibrate.Calibration(calib_ids, batch_size=batch_size))
+        compress.pruning.calibrate.calibration_loss(model, compress.pruning.calibrate.Calibration(calib_ids, batch_size=batch_size))
         counted.append(len(calls))
     assert counted[:2] == counted[2:], f"host syncs per run grow with the batch count: {counted}"
     assert counted[1] <= 1

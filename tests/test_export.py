@@ -136,7 +136,7 @@ def test_refusals(calib_ids, tokenizer, tmp_path):
         compress.export(LlamaModel(LlamaConfig(vocab_size=320, hidden_size=32, intermediate_size=64,
                                                num_attention_heads=2, num_hidden_layers=1)), tokenizer, tmp_path / "a")
     uneven = tiny_model("llama")
-    compress.surgery.slice_linear(uneven.model.layers[1].mlp.up_proj, out_idx=torch.arange(48))
+    compress.pruning.surgery.slice_linear(uneven.model.layers[1].mlp.up_proj, out_idx=torch.arange(48))
     with pytest.raises(ExportError, match="per-layer shapes cannot be exported"):
         compress.export(uneven, tokenizer, tmp_path / "b")
     with pytest.raises(ConfigError, match="unknown export format"):

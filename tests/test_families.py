@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 import compress
 from compress import registry
 from compress.models import adapter_for
-from compress.shape import ModelShape
+from compress.pruning.shape import ModelShape
 
 from conftest import FAMILIES, NO_GQA, tiny_model
 
@@ -122,7 +122,7 @@ def test_multimodal_gemma3_reloads_with_images_and_keeps_its_vision_tower(calib_
     assert all(torch.equal(v, vision[k]) for k, v in model.model.vision_tower.state_dict().items())
     model.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
-    assert type(reloaded) is type(model) and compress.shape.count_params(reloaded) == report.params_after
+    assert type(reloaded) is type(model) and compress.pruning.shape.count_params(reloaded) == report.params_after
     assert len(reloaded.config.text_config.layer_types) == report.shape_after["num_hidden_layers"]
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**_image_inputs(reloaded)).logits, model(**_image_inputs(model)).logits,
@@ -163,7 +163,7 @@ def test_gpt_neox_magnitude_head_scores_read_the_query_rows_of_each_head():
 def test_the_planner_says_when_the_embedding_holds_most_parameters(calib_ids):
     """Gemma-sized vocabularies: only hidden pruning shrinks the embedding, and the plan says so."""
     model = tiny_model("gemma3_text", vocab_size=4096)
-    share = 4096 * 64 / compress.shape.count_params(model)  # tied: one vocab x hidden table
+    share = 4096 * 64 / compress.pruning.shape.count_params(model)  # tied: one vocab x hidden table
     report = compress.prune(model, {"params": 0.5}, calib_ids,
                             calibration_config=compress.CalibrationConfig(min_samples=4))
     assert f"embedding holds {share:.0%} of the parameters" in report.plan_reason

@@ -17,7 +17,7 @@ from transformers import (ArceeConfig, AutoModelForCausalLM, CohereConfig, Gemma
 
 import compress
 from compress.errors import ConfigError, TargetError, UnsupportedModelError
-from compress.shape import count_params
+from compress.pruning.shape import count_params
 
 from conftest import VOCAB, randomized
 

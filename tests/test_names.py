@@ -8,7 +8,7 @@ import compress
 
 def test_functions_and_modules_import_side_by_side():
     assert inspect.isfunction(compress.distill) and inspect.isfunction(compress.export)
-    assert inspect.isfunction(compress.compress) and inspect.ismodule(compress.reconstruct)
+    assert inspect.isfunction(compress.compress) and inspect.ismodule(compress.pruning.reconstruct)
     onnx = importlib.import_module("compress.exporters.onnx")
     trainer = importlib.import_module("compress.distillation.trainer")
     assert compress.exporters.onnx is onnx and compress.distillation.trainer is trainer

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 import compress
 from compress.models import adapter_for
-from compress.shape import ModelShape
+from compress.pruning.shape import ModelShape
 
 from conftest import FAMILIES, tiny_model
 
@@ -48,7 +48,7 @@ def test_prune_roundtrip(family, case, calib_ids, tmp_path):
     adapter = adapter_for(model)
     report = compress.prune(model, target, calib_ids, strategy=strategy, plugins=plugins,
                             calibration_config=compress.CalibrationConfig(min_samples=4))
-    assert report.params_after == compress.shape.count_params(model) < report.params_before
+    assert report.params_after == compress.pruning.shape.count_params(model) < report.params_before
     if "params" in target:
         frac = target["params"]
         assert report.params_after <= frac * report.params_before
@@ -63,7 +63,7 @@ def test_prune_roundtrip(family, case, calib_ids, tmp_path):
 
     reloaded = _reload(model, tmp_path)
     assert type(reloaded) is type(model)
-    assert compress.shape.count_params(reloaded) == report.params_after
+    assert compress.pruning.shape.count_params(reloaded) == report.params_after
     if model.config.tie_word_embeddings:
         assert reloaded.get_submodule(adapter.lm_head).weight is reloaded.get_submodule(adapter.embed).weight
     ids = calib_ids[:2, :16]
@@ -136,7 +136,7 @@ def test_identity_layer_is_removed_first(method, calib_ids):
 
 def test_activation_importance_is_streamed_exactly(calib_ids):
     """Accumulating batch by batch gives the same scores as one big batch, and matches a direct computation."""
-    from compress.calibrate import Calibration
+    from compress.pruning.calibrate import Calibration
     from compress.models import adapter_for
 
     model = tiny_model("llama")

@@ -1,4 +1,4 @@
-"""Least-squares reconstruction after pruning (compress.reconstruct, plugin "least_squares"), checked against a
+"""Least-squares reconstruction after pruning (compress.pruning.reconstruct, plugin "least_squares"), checked against a
 naive reference written here: activations collected with this file's own hooks on whole-model forwards, one module
 at a time, and the ridge solved by torch.linalg.lstsq on the explicitly stacked activations."""
 
@@ -13,7 +13,7 @@ import compress
 from compress import registry
 from compress.errors import ConfigError, DataError, PluginError, UnsupportedModelError
 from compress.plugin_api import ReconstructPlugin
-from compress.reconstruct import reconstruct
+from compress.pruning.reconstruct import reconstruct
 
 from conftest import VOCAB, tiny_model
 

@@ -14,13 +14,13 @@ import pytest
 import torch
 
 import compress
-from compress import search
+from compress.pruning import search
 from compress.distillation import DistillConfig
 from compress.errors import ConfigError, DataError, PluginError, TargetError
 from compress.models import adapter_for
-from compress.plan import PlanConfig, Target, _cost, candidate_shapes, plan_shape
-from compress.search import SearchConfig, search_shapes
-from compress.shape import SHAPE_FIELDS, ModelShape, ParamFormula, count_params
+from compress.pruning.plan import PlanConfig, Target, _cost, candidate_shapes, plan_shape
+from compress.pruning.search import SearchConfig, search_shapes
+from compress.pruning.shape import SHAPE_FIELDS, ModelShape, ParamFormula, count_params
 
 from conftest import SAMPLE_TEXT, tiny_model
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from ..calibrate import check_token_ids
 from ..data import describe_source, pack_tokens
 from ..errors import DataError
+from ..pruning.calibrate import check_token_ids
 from .config import DistillConfig
 
 

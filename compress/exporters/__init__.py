@@ -27,7 +27,7 @@ from ..evaluate import eval_windows, windows_perplexity
 from ..io import atomic_output_dir, check_output_dir
 from ..models import layout_for
 from ..progress import bar
-from ..shape import ModelShape, count_params
+from ..pruning.shape import ModelShape, count_params
 from .card import model_card
 from .genai import GENAI_FORMATS
 from .onnx import INT8_DIR, ONNX_DIR, ExportError

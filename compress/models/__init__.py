@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, UnsupportedModelError
-from ..surgery import head_rows, slice_linear, slice_norm
+from ..pruning.surgery import head_rows, slice_linear, slice_norm
 
 
 def _linear(module: nn.Module, path: str) -> nn.Linear:
@@ -493,7 +493,7 @@ def discovered_layout(model: nn.Module) -> DecoderAdapter | None:
 
     That is what distillation and export need (they run the decoder stack and the head). The pruning axes need
     every role inside a layer, which only an adapter gives; without one, ``compress.prune`` prunes MLP and
-    hidden widths through Torch-Pruning's dependency graph (:mod:`compress.generic`).
+    hidden widths through Torch-Pruning's dependency graph (:mod:`compress.pruning.generic`).
     """
     config = getattr(model, "config", None)
     n_layers = getattr(config, "num_hidden_layers", None)

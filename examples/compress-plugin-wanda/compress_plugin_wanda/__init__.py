@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from compress import Calibration, ConfigError, Importance, ImportancePlugin
-from compress.calibrate import hooks, streamed_pass
+from compress.pruning.calibrate import hooks, streamed_pass
 
 
 class WandaImportance(ImportancePlugin):

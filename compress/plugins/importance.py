@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress.calibrate import Calibration, Importance, accumulator_dtype, hooks, streamed_pass
 from compress.errors import ConfigError
 from compress.models import DecoderAdapter
 from compress.plugin_api import ImportancePlugin
-from compress.shape import ModelShape
+from compress.pruning.calibrate import Calibration, Importance, accumulator_dtype, hooks, streamed_pass
+from compress.pruning.shape import ModelShape
 
 _AGGREGATIONS = ("mean", "l2")
 

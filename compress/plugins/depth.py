@@ -17,13 +17,13 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from compress.calibrate import calibration_loss
 from compress.distributed import broadcast_object
 from compress.errors import ConfigError
 from compress.models import DecoderAdapter
 from compress.plugin_api import AxisPlugin, PruneContext
 from compress.progress import bar
-from compress.surgery import top_k_sorted
+from compress.pruning.calibrate import calibration_loss
+from compress.pruning.surgery import top_k_sorted
 
 METHODS = ("block_influence", "contiguous_block")
 

@@ -25,16 +25,16 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import nn
 
-from . import registry
+from .. import registry
+from ..data import TextSource
+from ..errors import ConfigError, PluginError, UnsupportedModelError
+from ..models import DecoderAdapter, find_adapter, supported_families
+from ..plugin_api import ReconstructPlugin
+from ..report import PruneReport
+from ..validate import check_finite_weights, weight_sums
 from .calibrate import Calibration, CalibrationConfig, _embedding_rows, check_token_ids, prepare_calibration
-from .data import TextSource
-from .errors import ConfigError, PluginError, UnsupportedModelError
-from .models import DecoderAdapter, find_adapter, supported_families
-from .plugin_api import ReconstructPlugin
 from .prune import _call, _Snapshot
-from .report import PruneReport
 from .shape import ModelShape
-from .validate import check_finite_weights, weight_sums
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance

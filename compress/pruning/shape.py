@@ -13,8 +13,8 @@ from typing import cast
 import torch
 from torch import nn
 
-from .errors import TargetError
-from .models import DecoderAdapter
+from ..errors import TargetError
+from ..models import DecoderAdapter
 
 SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers")
 

@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, cast
 import torch
 from torch import nn
 
-from .data import TextSource, describe_source, pack_tokens
-from .distributed import all_reduce_, rank_world, shard_range
-from .errors import ConfigError, DataError
-from .progress import bar
+from ..data import TextSource, describe_source, pack_tokens
+from ..distributed import all_reduce_, rank_world, shard_range
+from ..errors import ConfigError, DataError
+from ..progress import bar
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel

@@ -17,12 +17,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from compress.calibrate import Calibration
 from compress.errors import ConfigError, DataError, UnsupportedModelError
 from compress.models import DecoderAdapter
 from compress.plugin_api import ReconstructPlugin
 from compress.progress import bar
-from compress.reconstruct import LayerStream, forward_context
+from compress.pruning.calibrate import Calibration
+from compress.pruning.reconstruct import LayerStream, forward_context
 
 MODULES = ("attention", "mlp")
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -101,7 +101,7 @@ class LeastSquaresReconstruct(ReconstructPlugin):
 
     Sequential: layer by layer, attention before MLP, each module's statistics come from the student as refit so
     far. The decoder layers run one at a time over recorded residual streams
-    (:class:`compress.reconstruct.LayerStream`): one forward of each model to record them, then about two
+    (:class:`compress.pruning.reconstruct.LayerStream`): one forward of each model to record them, then about two
     layer passes of the teacher and three of the student per layer, stopped early after the module of interest.
 
     Memory: the statistics of one module at a time — fit and held-out each ``(in+1)² + (in+1)·out`` numbers in

@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ConfigError, TargetError
+from ..errors import ConfigError, TargetError
 from .shape import SHAPE_FIELDS, ModelShape, ParamFormula
 
 STRATEGIES = ("width", "depth", "width+depth")

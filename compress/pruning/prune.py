@@ -13,16 +13,16 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from . import registry
+from .. import registry
+from ..data import TextSource
+from ..errors import CompressError, ConfigError, PluginError
+from ..models import adapter_for, find_adapter
+from ..plugin_api import AXES, AxisPlugin, ImportancePlugin, PruneContext
+from ..report import PruneReport
+from ..validate import check_finite_weights, weight_sums
 from .calibrate import Calibration, CalibrationConfig, Importance, prepare_calibration
-from .data import TextSource
-from .errors import CompressError, ConfigError, PluginError
-from .models import adapter_for, find_adapter
 from .plan import STRATEGIES, PlanConfig, Target, plan_shape
-from .plugin_api import AXES, AxisPlugin, ImportancePlugin, PruneContext
-from .report import PruneReport
 from .shape import ModelShape, ParamFormula, changed_axes, count_params
-from .validate import check_finite_weights, weight_sums
 
 PluginsArg = Mapping[str, Any] | Sequence[str] | None
 DEFAULT_IMPORTANCE = "activation"
@@ -63,7 +63,7 @@ def resolve_plugins(plugins: PluginsArg, needed_axes: Sequence[str]) -> tuple[Im
         if cls.kind not in ("importance", "axis"):
             raise PluginError(
                 f"{name!r} is a {cls.kind} plugin, which runs after pruning, not during it: pass "
-                f"reconstruct={name!r} to compress.compress (or call compress.reconstruct) instead of "
+                f"reconstruct={name!r} to compress.compress (or call compress.pruning.reconstruct) instead of "
                 "naming it in plugins"
             )
         plugin = registry.build_plugin(name, cls.kind, config)
@@ -298,7 +298,7 @@ def _structure_problem(model: nn.Module, adapter, shape: ModelShape) -> str | No
 class _Snapshot:
     """What pruning may change, kept so that a failure can be undone — without copying any weight.
 
-    :mod:`compress.surgery` (and a well-behaved axis plugin) *replaces* parameters rather than writing into
+    :mod:`compress.pruning.surgery` (and a well-behaved axis plugin) *replaces* parameters rather than writing into
     them, so keeping every module's attributes (its ``_parameters``/``_buffers``/``_modules`` dicts, sizes such
     as ``in_features``, train/eval mode), every parameter object with its ``.data``, ``requires_grad`` and
     ``.grad``, and every config's fields is enough to put the model back: the old parameter objects are put back
@@ -370,7 +370,7 @@ class _Snapshot:
             shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
             note = (
                 f" The model could not be fully restored: {shown} were written into in place (a plugin must "
-                "replace parameters, as compress.surgery does); reload the model."
+                "replace parameters, as compress.pruning.surgery does); reload the model."
             )
         elif "Nothing was changed" in str(exc):
             return
@@ -429,7 +429,7 @@ def prune(
 ) -> PruneReport:
     """Prune ``model`` **in place** to ``target`` and return a :class:`PruneReport`.
 
-    ``target``: ``{"params": 0.5}``, ``{"params": 70_000_000}`` or an explicit shape (see :mod:`compress.plan`).
+    ``target``: ``{"params": 0.5}``, ``{"params": 70_000_000}`` or an explicit shape (see :mod:`compress.pruning.plan`).
     ``calibration``: text (path, string or documents; needs ``tokenizer``), token ids ``[N, seq_len]`` or a
     :class:`Calibration`; may be None only with a data-free importance plugin. ``strategy``: ``"width"``,
     ``"depth"`` or ``"width+depth"``. ``plugins``: plugin names → configs (see :func:`resolve_plugins`).

@@ -15,7 +15,7 @@ from torch import nn
 from compress.errors import ConfigError
 from compress.models import DecoderAdapter
 from compress.plugin_api import AxisPlugin, PruneContext
-from compress.surgery import head_rows, slice_embedding_dim, slice_linear, slice_norm, top_k_sorted
+from compress.pruning.surgery import head_rows, slice_embedding_dim, slice_linear, slice_norm, top_k_sorted
 
 
 class MLPAxis(AxisPlugin):

@@ -38,6 +38,9 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from ..errors import ConfigError, TargetError, UnsupportedModelError
+from ..models import supported_families
+from ..report import PruneReport
 from .calibrate import (
     Calibration,
     CalibrationConfig,
@@ -47,10 +50,7 @@ from .calibrate import (
     prepare_calibration,
     streamed_pass,
 )
-from .errors import ConfigError, TargetError, UnsupportedModelError
-from .models import supported_families
 from .plan import PlanConfig, Target, _cost, _grid
-from .report import PruneReport
 from .shape import ModelShape, count_params
 from .surgery import top_k_sorted
 
@@ -380,7 +380,7 @@ def _plan(
     teacher: ModelShape, count: Callable[[int, int], int], budget: int, config: PlanConfig, hidden: bool
 ) -> tuple[int, int, str]:
     """The (hidden, intermediate) grid shape within tolerance below ``budget`` with the lowest damage cost
-    (:func:`compress.plan._cost`), or the largest below it; heads and layers are kept."""
+    (:func:`compress.pruning.plan._cost`), or the largest below it; heads and layers are kept."""
     f, m = config.min_fraction, config.multiple_of
     hiddens = _grid(teacher.hidden_size, m, f) if hidden else [teacher.hidden_size]
     inters = _grid(teacher.intermediate_size, m, f)

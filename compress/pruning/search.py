@@ -1,14 +1,14 @@
 """Candidate-shape search: Minitron's "top candidates, a short distillation each, keep the best".
 
 The planner ranks the shapes near a parameter budget by a damage cost that is a guess about which axes hurt
-least (:func:`compress.plan.candidate_shapes`). The search tests its ``K`` best guesses instead: importance is
+least (:func:`compress.pruning.plan.candidate_shapes`). The search tests its ``K`` best guesses instead: importance is
 scored once on the teacher; each candidate is pruned from a copy of the teacher with those scores, distilled
 briefly on the training text, and scored on held-out windows of that same training text taken *after* every
 token the short runs train on (never on the evaluation set, which stays the user's own test); the candidate with
 the lowest score wins. The search returns shapes and scores only: prune the winning shape afresh
 (``target=result.best_shape``) and run the full distillation on it.
 
-    result = compress.search.search_shapes(teacher, {"params": 0.5}, "train.txt", tokenizer=tok,
+    result = compress.pruning.search.search_shapes(teacher, {"params": 0.5}, "train.txt", tokenizer=tok,
                                            train_data="train.txt", skip_tokens=calibration_tokens)
     compress.prune(student, result.best_shape, "train.txt", tokenizer=tok)
 """
@@ -27,7 +27,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import distributed, registry
+from .. import distributed, registry
+from ..data import TextSource, check_source, describe_source, pack_tokens
+from ..distillation import DistillConfig, DistillError, distill
+from ..errors import ConfigError, DataError, UnsupportedModelError
+from ..models import check_plain_logits, find_adapter, layout_for
+from ..progress import bar as progress_bar
+from ..validate import check_finite_weights
 from .calibrate import (
     Calibration,
     CalibrationConfig,
@@ -37,12 +43,7 @@ from .calibrate import (
     check_tokenizer_matches,
     prepare_calibration,
 )
-from .data import TextSource, check_source, describe_source, pack_tokens
-from .distillation import DistillConfig, DistillError, distill
-from .errors import ConfigError, DataError, UnsupportedModelError
-from .models import check_plain_logits, find_adapter, layout_for
 from .plan import Plan, PlanConfig, Target, _cost, candidate_shapes
-from .progress import bar as progress_bar
 from .prune import (
     PluginsArg,
     _check_arguments,
@@ -53,7 +54,6 @@ from .prune import (
     score_importance,
 )
 from .shape import SHAPE_FIELDS, ModelShape, ParamFormula, changed_axes, count_params
-from .validate import check_finite_weights
 
 SCORES = ("kl", "perplexity")
 
@@ -155,7 +155,7 @@ class SearchConfig:
 
 @dataclass
 class Candidate:
-    """One tested shape. ``rank`` is the planner's (0 = what :func:`compress.plan.plan_shape` picks);
+    """One tested shape. ``rank`` is the planner's (0 = what :func:`compress.pruning.plan.plan_shape` picks);
     ``shape`` can be passed as a pruning target; ``score_before`` is the score right after pruning, ``score``
     after the short distillation (None, with ``error``, when that run failed)."""
 
@@ -222,7 +222,7 @@ class SearchResult:
 
 
 def shape_target(shape: ModelShape) -> dict:
-    """An explicit pruning target for ``shape`` (every field :class:`compress.plan.Target` accepts)."""
+    """An explicit pruning target for ``shape`` (every field :class:`compress.pruning.plan.Target` accepts)."""
     return {name: int(getattr(shape, name)) for name in SHAPE_FIELDS}
 
 
@@ -362,14 +362,14 @@ def search_shapes(
     config = SearchConfig() if config is None else config
     if not isinstance(config, SearchConfig):
         raise ConfigError(
-            f"config should be a compress.search.SearchConfig, got {type(config).__name__}"
+            f"config should be a compress.pruning.search.SearchConfig, got {type(config).__name__}"
             + ("; build one: SearchConfig(**your_dict)" if isinstance(config, dict) else "")
         )
     config.validate()
     _check_arguments(teacher, strategy, calibration_config, plan_config, importance)
     if isinstance(skip_tokens, bool) or not isinstance(skip_tokens, int) or skip_tokens < 0:
         raise ConfigError(f"skip_tokens should be a non-negative integer, got {skip_tokens!r}")
-    from .api import check_device  # api imports this module
+    from ..api import check_device  # api imports this module
 
     check_device(device)
     adapter = find_adapter(teacher)
