@@ -5,8 +5,6 @@ recover quality by distilling from the teacher, and export a standard student (s
 ``AutoModelForCausalLM.from_pretrained`` loads with no custom code, and ONNX that onnxruntime runs).
 """
 
-__version__ = "0.1.0"
-
 from . import evaluate
 from .api import compress, load_report, load_teacher, save_student, smollm2_gguf_path
 from .corpus import CorpusReport, SelectionReport, generate_corpus, select_by_difference
@@ -37,6 +35,7 @@ from .pruning.shape import ModelShape
 from .recipe import DataSettings, ExportSettings, Recipe
 from .registry import get_plugin, list_plugins, register_plugin
 from .report import PruneReport, Result
+from .version import __version__
 
 __all__ = [
     "AxisPlugin",

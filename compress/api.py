@@ -21,7 +21,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from . import __version__, distributed
+from . import distributed
 from .data import (
     PYDOCS_TRAIN,
     PYDOCS_VALID,
@@ -36,9 +36,9 @@ from .distillation import DistillConfig
 from .distillation import distill as run_distill
 from .errors import CheckpointError, CompressError, ConfigError, DataError, UnsupportedModelError
 from .evaluate import perplexity
-from .exporters import check_export_args, check_materialized, resolve_formats
+from .exporters import check_export_args, resolve_formats
 from .exporters import export as run_export
-from .io import atomic_output_dir, check_output_dir
+from .io import atomic_output_dir, check_output_dir, write_text_atomic
 from .models import find_adapter, supported_families
 from .plugin_api import ReconstructPlugin
 from .pruning.calibrate import CalibrationConfig, prepare_calibration
@@ -58,6 +58,8 @@ from .recipe import (
 )
 from .registry import build_plugin, get_plugin
 from .report import PruneReport, Result
+from .validate import check_device, check_dtype, check_materialized
+from .version import __version__
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 REPORT_FILE = "compress_report.json"
@@ -85,18 +87,6 @@ def _wrap_load(what: str, fn, *args, **kwargs):
         raise CheckpointError(f"could not load {what}: {type(exc).__name__}: {exc}") from exc
 
 
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "float64": torch.float64,
-    "double": torch.float64,
-}
 # Any one of these in a local model folder means it carries a tokenizer (fast, sentencepiece, BPE or WordPiece).
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -108,57 +98,6 @@ TOKENIZER_FILES = (
     "sentencepiece.bpe.model",
     "tokenizer.tiktoken",
 )
-
-
-def check_dtype(dtype: Any) -> torch.dtype | str | None:
-    """``None``, ``"auto"``, a floating-point ``torch.dtype`` or one of :data:`DTYPES`' names; anything else is a
-    :class:`ConfigError` naming the value."""
-    if dtype is None or (isinstance(dtype, str) and dtype.strip().lower() == "auto"):
-        return dtype if dtype is None else "auto"
-    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
-        return dtype
-    if isinstance(dtype, str) and dtype.strip().lower() in DTYPES:
-        return DTYPES[dtype.strip().lower()]
-    raise ConfigError(
-        f"dtype {dtype!r} is not a floating-point dtype a model can be loaded in; use torch.bfloat16, "
-        f"torch.float16, torch.float32, 'auto' (the checkpoint's own) or one of {sorted(DTYPES)}"
-    )
-
-
-def check_device(device: Any) -> str | torch.device | None:
-    """Refuse a device string torch does not know (``"gpu"``) or one this machine does not have (``"cuda:9"``),
-    before any work, with a :class:`ConfigError` naming it. Returns ``device`` unchanged."""
-    if device is None:
-        return None
-    if not isinstance(device, (str, torch.device)):
-        raise ConfigError(
-            f"device should be a string like 'cpu', 'cuda' or 'cuda:1' (or a torch.device), got {device!r}"
-        )
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError) as exc:
-        raise ConfigError(
-            f"device {device!r} is not a device torch knows; use 'cpu', 'cuda', 'cuda:N' or 'mps' "
-            f"({str(exc).splitlines()[0]})"
-        ) from exc
-    if dev.type == "cpu":
-        return device
-    if dev.type == "meta":
-        raise ConfigError(f"device {device!r} holds no weights; use 'cpu' or an accelerator such as 'cuda'")
-    backend = getattr(torch.backends, "mps", None) if dev.type == "mps" else getattr(torch, dev.type, None)
-    available = getattr(backend, "is_available", None)
-    if available is None or not available():
-        raise ConfigError(
-            f"device {device!r}: this machine has no {dev.type} device that torch can use; "
-            "use 'cpu' (or install the torch build for your accelerator)"
-        )
-    count = getattr(getattr(torch, dev.type, None), "device_count", None)
-    if dev.index is not None and count is not None and dev.index >= count():
-        raise ConfigError(
-            f"device {device!r}: this machine has {count()} {dev.type} device(s), numbered 0 to "
-            f"{count() - 1}; pick one of those"
-        )
-    return device
 
 
 def load_teacher(
@@ -750,7 +689,7 @@ def run_recipe(recipe: Recipe, objects: RunObjects | None = None, *, overwrite: 
         times["export"] = time.perf_counter() - t
         result.seconds = {k: round(v, 2) for k, v in times.items()}
         result.seconds["total"] = round(time.perf_counter() - t0, 2)
-        _write_text(Path(out_dir) / REPORT_FILE, result.to_json())
+        write_text_atomic(Path(out_dir) / REPORT_FILE, result.to_json())
         try:
             result.report_html = render_report(out_dir)
         except Exception as exc:  # noqa: BLE001 - the student is complete; the page can be rebuilt later
@@ -800,13 +739,6 @@ def _sample_or_warn(model: nn.Module, tokenizer, prompt: str, new_tokens: int, s
     except Exception as exc:  # noqa: BLE001 - custom models without generate(), families whose generate() breaks
         warnings.warn(f"no sample of the {stage} model ({type(exc).__name__}: {exc}); the run goes on", stacklevel=2)
         return None
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Replace a file whole (a temporary file beside it, then a rename), never leaving half of it."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def greedy_continuation(model: nn.Module, tokenizer, prompt: str, new_tokens: int) -> str:

@@ -41,8 +41,9 @@ from .data import (
     pack_tokens,
 )
 from .errors import ConfigError, DataError, OutputExistsError
+from .io import write_text_atomic
 from .progress import bar as progress_bar
-from .pruning.calibrate import check_tokenizer_matches
+from .validate import check_tokenizer_matches
 
 PromptSource = str | os.PathLike | Sequence[str]
 META_SUFFIX = ".meta.json"
@@ -138,21 +139,6 @@ def _check_model(model: object, name: str) -> None:
 def _model_name(model: nn.Module) -> str:
     config = getattr(model, "config", None)
     return str(getattr(config, "_name_or_path", "") or getattr(model, "name_or_path", "") or "")
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``: a reader (or a
-    kill) sees the old file or the new one, never half of one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _batch_seed(seed: int, batch: int) -> int:
@@ -466,9 +452,9 @@ def generate_corpus(
     done = _prepare_output(out, settings, resume, prompt_list)
     meta = _meta_path(out)
     if done == 0:
-        from . import __version__
+        from .version import __version__
 
-        _atomic_write_text(
+        write_text_atomic(
             meta,
             json.dumps({"format": META_FORMAT, "settings": settings, "library_version": __version__}, indent=2) + "\n",
         )

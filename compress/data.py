@@ -29,7 +29,8 @@ from typing import Any
 
 import torch
 
-from .errors import ConfigError, DataError
+from .errors import DataError
+from .validate import check_int
 
 TextSource = str | os.PathLike | Iterable[str]
 
@@ -285,14 +286,6 @@ def describe_source(source: TextSource) -> str:
     return f"<{type(source).__name__} of documents>"
 
 
-def _check_int(name: str, value: object, low: int, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        what = "an integer" if low <= 0 else "a positive integer" if low == 1 else f"an integer of at least {low}"
-        raise ConfigError(f"{name} should be {what}{' or None' if allow_none else ''}, got {value!r}")
-
-
 def pack_tokens(
     tokenizer, source: TextSource, seq_len: int, max_windows: int | None = None, skip_tokens: int = 0
 ) -> torch.Tensor:
@@ -302,9 +295,9 @@ def pack_tokens(
     ``skip_tokens`` tokens are dropped (used to keep splits of one file apart). A trailing partial window is
     dropped.
     """
-    _check_int("seq_len", seq_len, 2)
-    _check_int("max_windows", max_windows, 1, allow_none=True)
-    _check_int("skip_tokens", skip_tokens, 0)
+    check_int("seq_len", seq_len, 2)
+    check_int("max_windows", max_windows, 1, allow_none=True)
+    check_int("skip_tokens", skip_tokens, 0)
     if tokenizer is None:
         raise DataError(
             f"{describe_source(source)} is text, which needs a tokenizer to become token ids; pass "

@@ -10,7 +10,7 @@ from torch import nn
 from .data import TextSource, pack_tokens
 from .errors import ConfigError
 from .progress import bar
-from .pruning.calibrate import _embedding_rows, check_token_ids, check_tokenizer_matches
+from .validate import check_token_ids, check_tokenizer_matches, embedding_rows
 
 
 def _check_args(seq_len, max_tokens, batch_size) -> None:
@@ -38,7 +38,7 @@ def eval_windows(tokenizer, text_or_path: TextSource, seq_len: int, max_tokens: 
 def _model_rows(model: nn.Module) -> int:
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model should be a torch.nn.Module (a causal LM), got {type(model).__name__}")
-    return _embedding_rows(model)
+    return embedding_rows(model)
 
 
 def perplexity(

@@ -19,7 +19,6 @@ import json
 import math
 import os
 import re
-import secrets
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -31,6 +30,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from .errors import DataError
+from .io import write_text_atomic
 
 REPORT_HTML = "report.html"
 IMPORTANCE_FILE = "report/importance.safetensors"
@@ -218,7 +218,7 @@ def _mask(importance: Mapping[str, Any], name: str, shape: tuple[int, ...]) -> n
 
 
 def _header(result: dict) -> str:
-    from . import __version__
+    from .version import __version__
 
     data = _dict(result.get("data"))
     teacher = data.get("teacher") or _dict(result.get("prune")).get("teacher") or "unknown teacher"
@@ -965,14 +965,4 @@ def render_report(out_dir: str | os.PathLike) -> Path:
         except (OSError, UnicodeDecodeError) as exc:
             warnings.warn(f"{recipe_path} could not be read ({exc}); the report leaves out the recipe", stacklevel=2)
     page = build_html(result, importance, recipe_text)
-    target = folder / REPORT_HTML
-    tmp = folder / f".{REPORT_HTML}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for any new file
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(page)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return target
+    return write_text_atomic(folder / REPORT_HTML, page)

@@ -18,6 +18,7 @@ the output folder is as it was before.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -282,3 +283,23 @@ def atomic_output_dir(
                     folder.rmdir()
                 except OSError:
                     break
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Replace the file ``path`` whole with ``text``: written to a temporary file beside it (a unique name,
+    created exclusively, the umask applying as for any new file), flushed to disk, then renamed into place. A
+    reader, a crash or a kill sees the old file or the new one, never half of one; on failure the temporary file
+    is removed."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path

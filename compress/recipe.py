@@ -25,6 +25,7 @@ from typing import Any
 from .distillation.config import DistillConfig
 from .errors import CompressError, ConfigError
 from .exporters import check_export_args
+from .io import write_text_atomic
 from .pruning.calibrate import CalibrationConfig
 from .pruning.plan import PlanConfig, Target
 from .pruning.search import SearchConfig
@@ -180,11 +181,7 @@ class Recipe:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the recipe as YAML (to a temporary file in the same folder, then renamed into place)."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(self.to_yaml(), encoding="utf-8")
-        os.replace(tmp, path)
-        return path
+        return write_text_atomic(path, self.to_yaml())
 
     @classmethod
     def from_dict(cls, data: Any) -> Recipe:

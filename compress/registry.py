@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib import metadata
 from typing import TYPE_CHECKING, Any, cast
@@ -48,6 +48,7 @@ class PluginInfo:
 
 _REGISTRY: dict[str, PluginInfo] = {}
 _ENTRY_POINTS_LOADED = False
+_ENTRY_POINT_HANDLERS: list[Callable[[str, Any, str], bool]] = []
 
 
 def _validate_plugin_class(cls: Any) -> None:
@@ -129,7 +130,7 @@ def load_entry_point_plugins(allow: Iterable[str] | str | None = None, *, force:
             cls = ep.load()
         except Exception as exc:  # a broken third-party package must say which one it is
             raise PluginError(f"could not load plugin {ep.name!r} from {dist} ({ep.value}): {exc}") from exc
-        if _register_adapter_entry_point(ep.name, cls, dist):
+        if any(handler(ep.name, cls, dist) for handler in _ENTRY_POINT_HANDLERS):
             continue
         if getattr(cls, "name", None) != ep.name:
             raise PluginError(
@@ -146,26 +147,13 @@ def load_entry_point_plugins(allow: Iterable[str] | str | None = None, *, force:
     _ENTRY_POINTS_LOADED = True
 
 
-def _register_adapter_entry_point(name: str, obj: Any, dist: str) -> bool:
-    """A model family's adapter (a ``DecoderAdapter`` instance) declared in the entry-point group: the entry
-    point's name must be one of its families. Taking over a family that already has an adapter is refused."""
-    from .models import DecoderAdapter, register_adapter
-
-    if not isinstance(obj, DecoderAdapter):
-        return False
-    if name not in obj.families:
-        raise PluginError(
-            f"entry point {name!r} of {dist} points at an adapter for {list(obj.families)}; the "
-            "entry-point name must be one of the families it describes"
-        )
-    try:
-        register_adapter(obj, _from_entry_point=True)
-    except Exception as exc:  # noqa: BLE001 - say which package tried to take over which family
-        raise PluginError(
-            f"{dist} declares an adapter for {list(obj.families)}: {exc}. To replace a built-in "
-            "adapter, call compress.register_adapter(adapter, replace=True) explicitly"
-        ) from exc
-    return True
+def add_entry_point_handler(handler: Callable[[str, Any, str], bool]) -> None:
+    """Let the module that owns a kind of entry-point object other than a plugin class (a model family's adapter)
+    register it: ``handler(entry_point_name, obj, distribution)`` returns True when it took ``obj``. The owning
+    module adds its handler when it is imported, which loading such an entry point does first; so the registry
+    imports none of those modules."""
+    if handler not in _ENTRY_POINT_HANDLERS:
+        _ENTRY_POINT_HANDLERS.append(handler)
 
 
 def get_plugin(name: str, kind: str | None = None) -> type[Plugin]:

@@ -51,14 +51,16 @@ def _imports(tree: ast.AST):
         stack.extend(ast.iter_child_nodes(node))
 
 
-def _add(targets: set[str], module: str) -> None:
-    """An edge to ``module``, and to every package above it but the top one: importing ``a.b.c`` runs
-    ``a/b/__init__.py`` first, so a cycle through a subpackage's ``__init__`` is a real one. (The top package's
-    ``__init__`` is already running whenever one of its modules is imported.)"""
+def _add(targets: set[str], importer: str, module: str) -> None:
+    """An edge from ``importer`` to ``module``, and to every package above ``module`` that is not also above
+    ``importer``: importing ``a.b.c`` runs ``a/b/__init__.py`` first, so a cycle through another subpackage's
+    ``__init__`` is a real one. (A package the importer lives in is already running when the importer runs.)"""
     targets.add(module)
     parts = module.split(".")
-    for n in range(2, len(parts)):
-        targets.add(".".join(parts[:n]))
+    for n in range(1, len(parts)):
+        package = ".".join(parts[:n])
+        if importer != package and not importer.startswith(package + "."):
+            targets.add(package)
 
 
 def edges(mods: dict[str, Path]) -> tuple[dict[str, set[str]], list[str]]:
@@ -72,7 +74,7 @@ def edges(mods: dict[str, Path]) -> tuple[dict[str, set[str]], list[str]]:
             if isinstance(node, ast.Import):
                 for alias in node.names:
                     if alias.name in mods:
-                        _add(graph[name], alias.name)
+                        _add(graph[name], name, alias.name)
                 continue
             if node.level:
                 base = package.split(".")
@@ -85,9 +87,9 @@ def edges(mods: dict[str, Path]) -> tuple[dict[str, set[str]], list[str]]:
             for alias in node.names:
                 sub = f"{source}.{alias.name}"
                 if sub in mods:  # `from . import module`: an edge to that module
-                    _add(graph[name], sub)
+                    _add(graph[name], name, sub)
                     continue
-                _add(graph[name], source)
+                _add(graph[name], name, source)
                 if alias.name.startswith("_") and not alias.name.startswith("__"):
                     private.append(f"{path.relative_to(ROOT)}:{node.lineno}: imports {alias.name} from {source}")
     return graph, private

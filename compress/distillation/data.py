@@ -10,7 +10,7 @@ import torch
 
 from ..data import describe_source, pack_tokens
 from ..errors import DataError
-from ..pruning.calibrate import check_token_ids
+from ..validate import check_token_ids
 from .config import DistillConfig
 
 

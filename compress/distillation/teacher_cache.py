@@ -48,7 +48,7 @@ from torch import nn
 from ..errors import CheckpointError, ConfigError, DataError, OutputExistsError
 from ..io import atomic_output_dir, check_output_dir
 from ..progress import bar as progress_bar
-from ..pruning.calibrate import check_token_ids
+from ..validate import check_token_ids
 from .losses import LogitTransform, _active
 
 FORMAT = "compress-teacher-cache"

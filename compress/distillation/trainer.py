@@ -29,8 +29,7 @@ from ..data import derived_seed
 from ..errors import CheckpointError, CompressError, ConfigError, DataError, OutputExistsError
 from ..models import DecoderAdapter, check_plain_logits, layout_for
 from ..progress import bar as progress_bar
-from ..pruning.calibrate import check_tokenizer_matches
-from ..validate import check_finite_weights
+from ..validate import check_finite_weights, check_tokenizer_matches
 from .checkpoint import earlier_run_files, find_resumable, latest_checkpoint, restore_checkpoint, save_checkpoint
 from .config import DistillConfig
 from .data import WindowLoader

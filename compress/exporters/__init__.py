@@ -28,6 +28,7 @@ from ..io import atomic_output_dir, check_output_dir
 from ..models import layout_for
 from ..progress import bar
 from ..pruning.shape import ModelShape, count_params
+from ..validate import check_materialized
 from .card import model_card
 from .genai import GENAI_FORMATS
 from .onnx import INT8_DIR, ONNX_DIR, ExportError
@@ -104,19 +105,6 @@ def check_export_args(formats: Sequence[str] | str, quantize: str | None) -> lis
             "formats (or use formats='auto')"
         )
     return formats
-
-
-def check_materialized(model: nn.Module) -> None:
-    """Refuse a model whose weights are on the meta device (a skeleton without values: nothing to prune or save)."""
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"expected a torch model (nn.Module), got {type(model).__name__}")
-    meta = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if meta:
-        raise ConfigError(
-            f"{type(model).__name__} has {len(meta)} parameter(s)/buffer(s) on the meta device ({meta[0]}, ...): they "
-            "hold no values. Load the weights first (e.g. from_pretrained without device_map='meta', or "
-            "model.to_empty(...) and load_state_dict)"
-        )
 
 
 def _cpu_fp32_copy(model: nn.Module) -> nn.Module:

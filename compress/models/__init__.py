@@ -40,8 +40,10 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from ..errors import ConfigError, UnsupportedModelError
+from .. import registry
+from ..errors import ConfigError, PluginError, UnsupportedModelError
 from ..pruning.surgery import head_rows, slice_linear, slice_norm
+from .logits import LogitTransform
 
 
 def _linear(module: nn.Module, path: str) -> nn.Linear:
@@ -329,9 +331,7 @@ class DecoderAdapter:
         return None
 
     def logit_transform(self, config):
-        """The transform this family applies to its logits, read from ``config`` (see losses.LogitTransform)."""
-        from ..distillation.losses import LogitTransform
-
+        """The transform this family applies to its logits, read from ``config`` (a :class:`.logits.LogitTransform`)."""
         softcap = getattr(config, self.logit_softcap, None) if self.logit_softcap else None
         divisor = getattr(config, self.logit_divisor, None) if self.logit_divisor else None
         return LogitTransform(scale=1.0 / divisor if divisor else 1.0, softcap=softcap or None)
@@ -431,7 +431,30 @@ def register_adapter(
 
 
 # The built-in adapters are registered through the compress.plugins entry points in setup.cfg, the same way a
-# third-party package declares its own (see compress.registry).
+# third-party package declares its own: the registry hands every adapter it finds there to this function.
+
+
+def _adapter_entry_point(name: str, obj: Any, dist: str) -> bool:
+    """A model family's adapter (a ``DecoderAdapter`` instance) declared in the entry-point group: the entry
+    point's name must be one of its families. Taking over a family that already has an adapter is refused."""
+    if not isinstance(obj, DecoderAdapter):
+        return False
+    if name not in obj.families:
+        raise PluginError(
+            f"entry point {name!r} of {dist} points at an adapter for {list(obj.families)}; the "
+            "entry-point name must be one of the families it describes"
+        )
+    try:
+        register_adapter(obj, _from_entry_point=True)
+    except Exception as exc:  # noqa: BLE001 - say which package tried to take over which family
+        raise PluginError(
+            f"{dist} declares an adapter for {list(obj.families)}: {exc}. To replace a built-in "
+            "adapter, call compress.register_adapter(adapter, replace=True) explicitly"
+        ) from exc
+    return True
+
+
+registry.add_entry_point_handler(_adapter_entry_point)
 
 
 # Config fields that count the experts of a mixture-of-experts layer (Mixtral, Qwen-MoE, DeepSeek, OLMoE, ...).
@@ -440,9 +463,7 @@ _EXPERT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_n
 
 def _load_declared_adapters() -> None:
     """Adapters that installed packages declare in the ``compress.plugins`` entry-point group."""
-    from ..registry import load_entry_point_plugins
-
-    load_entry_point_plugins()
+    registry.load_entry_point_plugins()
 
 
 def supported_families() -> list[str]:

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -21,9 +21,10 @@ from ..data import TextSource, describe_source, pack_tokens
 from ..distributed import all_reduce_, rank_world, shard_range
 from ..errors import ConfigError, DataError
 from ..progress import bar
+from ..validate import check_token_ids, check_tokenizer_matches, embedding_rows
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel
+    pass
 
 
 @dataclass
@@ -69,99 +70,6 @@ class Calibration:
         yield from ids.split(self.batch_size)
 
 
-def _tokenizer_ids(tokenizer) -> tuple[int, int, str]:
-    """(number of tokens, largest id, which token has it) of a tokenizer, without building its whole vocabulary."""
-    size = len(tokenizer)
-    top, which = size - 1, "its last regular token"
-    for token_id in list(getattr(tokenizer, "all_special_ids", None) or []) + list(
-        (getattr(tokenizer, "added_tokens_decoder", None) or {}).keys()
-    ):
-        if isinstance(token_id, int) and token_id > top:
-            top, which = token_id, f"special/added token {tokenizer.convert_ids_to_tokens(token_id)!r}"
-    return size, top, which
-
-
-def _embedding_rows(model: nn.Module) -> int:
-    """Rows of the model's input embedding table (``get_input_embeddings()`` of a transformers model)."""
-    return cast(nn.Embedding, cast("PreTrainedModel", model).get_input_embeddings()).num_embeddings
-
-
-def check_tokenizer_matches(model: nn.Module, tokenizer) -> None:
-    """Refuse a tokenizer that does not belong to ``model``, whichever way the sizes disagree.
-
-    The rule, with ``rows`` the rows of the model's input embedding and ``n = len(tokenizer)`` (added tokens
-    included):
-
-    * **larger** — ``n > rows``, or any special/added token id ``>= rows``: some ids have no embedding row;
-    * **much smaller** — ``n < rows / 2``. Embedding tables are often padded beyond the tokenizer (rounded up
-      to a multiple of 64 or 128, or a few reserved rows: Qwen2 151,936 rows for 151,665 tokens, Phi-3 32,064
-      for 32,011, Pythia 50,304 for 50,277 — a few percent at most), but never to twice its size; a tokenizer
-      under half the table is another model's (a 32k Llama-2 tokenizer on a 128k Llama-3 model, GPT-2's 50k on a
-      152k Qwen). A model whose table really is mostly unused can still be given token ids directly.
-
-    Tokenizers of the same size from different models cannot be told apart by size; load the tokenizer saved
-    with the model.
-    """
-    if tokenizer is None:
-        raise DataError("no tokenizer given; text needs the model's tokenizer (pass tokenizer=...)")
-    rows = _embedding_rows(model)
-    try:
-        size, top, which = _tokenizer_ids(tokenizer)
-    except TypeError as exc:
-        raise DataError(
-            f"tokenizer= should be a Hugging Face tokenizer (len() and ids), got {type(tokenizer).__name__}"
-        ) from exc
-    if size > rows:
-        raise DataError(
-            f"the tokenizer has {size} tokens but the model's embedding has {rows} rows: they do not "
-            "belong together. Load the tokenizer saved with this model."
-        )
-    if top >= rows:
-        raise DataError(
-            f"the tokenizer's {which} has id {top}, but the model's embedding has only {rows} rows "
-            f"(ids 0..{rows - 1}): they do not belong together. Load the tokenizer saved with this model."
-        )
-    if size * 2 < rows:
-        raise DataError(
-            f"the tokenizer has {size} tokens but the model's embedding has {rows} rows, more than twice as many: "
-            "they do not belong together (padding rounds an embedding up by a few percent, not 2x). Load the "
-            "tokenizer saved with this model; if its table really is mostly unused, tokenize the text yourself and "
-            "pass token ids [N, seq_len]."
-        )
-
-
-def check_token_ids(ids, rows: int, where: str = "token ids") -> None:
-    """Refuse token ids that are not an integer ``[N, seq_len]`` tensor (``seq_len >= 2``) or lie outside
-    ``0..rows-1``; the message names the offending id and the vocabulary size."""
-    if not isinstance(ids, torch.Tensor):
-        raise DataError(f"{where} should be a torch.Tensor [N, seq_len], got {type(ids).__name__}")
-    if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
-        raise DataError(
-            f"{where} should be an integer tensor [N, seq_len] (torch.long), got dtype {ids.dtype}; "
-            "token ids are whole numbers: tokenize text first, or use ids.long() if they are"
-        )
-    if ids.dim() != 2:
-        raise DataError(f"{where} should be a 2-D [N, seq_len] tensor, got shape {tuple(ids.shape)}")
-    if ids.shape[1] < 2:
-        raise DataError(
-            f"{where} has windows of {ids.shape[1]} tokens (shape {tuple(ids.shape)}); at least 2 are "
-            "needed to predict a next token"
-        )
-    if ids.numel() == 0:
-        raise DataError(f"{where} is empty (shape {tuple(ids.shape)})")
-    low, high = (int(v) for v in torch.stack([ids.min(), ids.max()]).tolist())
-    if low < 0:
-        raise DataError(
-            f"{where} contain the negative id {low}; ids must lie in 0..{rows - 1} (the model's "
-            f"vocabulary of {rows}). Padding marked with -100 or -1 belongs in labels, not input ids"
-        )
-    if high >= rows:
-        raise DataError(
-            f"{where} contain the id {high}, outside the model's vocabulary of {rows} (ids 0..{rows - 1}): "
-            "these ids come from another tokenizer or model"
-        )
-
-
 def prepare_calibration(
     model: nn.Module, tokenizer, source: TextSource | torch.Tensor | Calibration, config: CalibrationConfig
 ) -> Calibration:
@@ -172,7 +80,7 @@ def prepare_calibration(
             f"calibration_config should be a compress.CalibrationConfig, got {type(config).__name__}"
             + ("; build one: compress.CalibrationConfig(**your_dict)" if isinstance(config, dict) else "")
         )
-    rows = _embedding_rows(model)
+    rows = embedding_rows(model)
     if isinstance(source, Calibration):
         check_token_ids(source.input_ids, rows, "calibration token ids")
         ids, where = source.input_ids.long(), source.source

@@ -44,8 +44,8 @@ from ..report import PruneReport
 from .calibrate import (
     Calibration,
     CalibrationConfig,
-    _embedding_rows,
     accumulator_dtype,
+    embedding_rows,
     hooks,
     prepare_calibration,
     streamed_pass,
@@ -245,7 +245,7 @@ def _trace(model: nn.Module) -> tp.DependencyGraph:
         for p, _ in flags:
             p.requires_grad_(True)
         with torch.enable_grad():  # the graph is read off autograd
-            example = torch.arange(1, 9, device=device).unsqueeze(0) % _embedding_rows(model)
+            example = torch.arange(1, 9, device=device).unsqueeze(0) % embedding_rows(model)
             return tp.DependencyGraph().build_dependency(
                 model, example, forward_fn=lambda m, x: m(input_ids=x, use_cache=False).logits, verbose=False
             )

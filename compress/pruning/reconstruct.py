@@ -31,8 +31,8 @@ from ..errors import ConfigError, PluginError, UnsupportedModelError
 from ..models import DecoderAdapter, find_adapter, supported_families
 from ..plugin_api import ReconstructPlugin
 from ..report import PruneReport
-from ..validate import check_finite_weights, weight_sums
-from .calibrate import Calibration, CalibrationConfig, _embedding_rows, check_token_ids, prepare_calibration
+from ..validate import check_finite_weights, check_token_ids, embedding_rows, weight_sums
+from .calibrate import Calibration, CalibrationConfig, prepare_calibration
 from .prune import _call, _Snapshot
 from .shape import ModelShape
 
@@ -234,7 +234,7 @@ def reconstruct(
     s_sums = check_finite_weights(student, "student")
     t_sums = check_finite_weights(teacher, "teacher")
     calib = prepare_calibration(teacher, tokenizer, calibration, calibration_config or CalibrationConfig(min_samples=2))
-    check_token_ids(calib.input_ids, _embedding_rows(student), "calibration token ids (student)")
+    check_token_ids(calib.input_ids, embedding_rows(student), "calibration token ids (student)")
 
     shapes = {n: tuple(p.shape) for n, p in student.named_parameters()}
     s_snapshot, t_snapshot = _Snapshot(student, s_sums), _Snapshot(teacher, t_sums)

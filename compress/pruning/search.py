@@ -33,14 +33,14 @@ from ..distillation import DistillConfig, DistillError, distill
 from ..errors import ConfigError, DataError, UnsupportedModelError
 from ..models import check_plain_logits, find_adapter, layout_for
 from ..progress import bar as progress_bar
-from ..validate import check_finite_weights
+from ..validate import check_device, check_finite_weights
 from .calibrate import (
     Calibration,
     CalibrationConfig,
     Importance,
-    _embedding_rows,
     check_token_ids,
     check_tokenizer_matches,
+    embedding_rows,
     prepare_calibration,
 )
 from .plan import Plan, PlanConfig, Target, _cost, candidate_shapes
@@ -369,7 +369,6 @@ def search_shapes(
     _check_arguments(teacher, strategy, calibration_config, plan_config, importance)
     if isinstance(skip_tokens, bool) or not isinstance(skip_tokens, int) or skip_tokens < 0:
         raise ConfigError(f"skip_tokens should be a non-negative integer, got {skip_tokens!r}")
-    from ..api import check_device  # api imports this module
 
     check_device(device)
     adapter = find_adapter(teacher)
@@ -401,7 +400,7 @@ def search_shapes(
     _, axes = resolve_plugins(plugins, needed_axes)  # unknown plugins and bad plugin configs, now
     block_search = "depth" in axes and getattr(axes["depth"].config, "method", None) == "contiguous_block"
     plugin_name, plugin_config = _importance_plugin(plugins)
-    rows = _embedding_rows(teacher)
+    rows = embedding_rows(teacher)
     if tokenizer is not None:
         check_tokenizer_matches(teacher, tokenizer)
     if importance is not None:
