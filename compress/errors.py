@@ -35,3 +35,17 @@ class CheckpointError(CompressError, OSError):
 
 class OutputExistsError(CompressError, FileExistsError):
     """The output folder exists and is not empty."""
+
+
+def warn(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn`` pointed at the caller's line: the first frame outside the compress package (the user's
+    script, or the command line's entry point), however deep inside the library the warning is raised."""
+    import os
+    import sys
+    import warnings
+
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    level, frame = 2, sys._getframe(1)  # stacklevel 2 is the line that called warn()
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        level, frame = level + 1, frame.f_back
+    warnings.warn(message, category, stacklevel=level)
