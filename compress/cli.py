@@ -19,13 +19,30 @@ import sys
 import warnings
 from pathlib import Path
 
-from . import api, registry
+from . import pipeline, registry
 from .distillation import DistillConfig
 from .distillation.losses import LOGIT_LOSSES
-from .errors import CompressError, ConfigError, OutputExistsError, PluginError, TargetError
+from .errors import CompressError, ConfigError, OutputExistsError, PluginError, TargetError, interface
 from .pruning.calibrate import CalibrationConfig
 from .pruning.search import SearchConfig, default_short_distill
 from .recipe import STRATEGIES, DataSettings, ExportSettings, Recipe
+
+USAGE = """compress [TEACHER] [--params P | --shape S] [--out DIR] [options]
+       compress run RECIPE.yaml [--out DIR] [--device D] [--overwrite] [--json]
+       compress report OUT"""
+
+DESCRIPTION = """\
+Prune a Hugging Face causal LM (TEACHER: a model folder, a .gguf file, a hub id, or smollm2) to a parameter
+budget or a shape, optionally distill it from the teacher, and export the student.
+
+commands:
+  compress TEACHER ...        the flags below build a recipe and run it (--print-recipe shows it)
+  compress run RECIPE.yaml    run a recipe file; every output folder holds the one that made it, so
+                              'compress run OUT/recipe.yaml --out AGAIN' replays a run
+  compress report OUT         rebuild OUT/report.html from OUT/compress_report.json
+
+Errors are one line on stderr: exit code 2 when the command line itself is wrong, 1 when an input was
+refused, 130 on Ctrl-C (the output folder is then left as it was)."""
 
 # Errors in what the command line asked for (exit 2, like argparse's own); every other refusal exits 1.
 USAGE_ERRORS = (ConfigError, TargetError, PluginError, OutputExistsError)
@@ -64,7 +81,9 @@ def _error(message: object, code: int) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The flag-style command. Flags left out take the recipe's defaults (:class:`~compress.recipe.Recipe`)."""
     r, cal, dcfg = Recipe(), CalibrationConfig(), DistillConfig  # the defaults, as its class attributes
-    p = _Parser(prog="compress", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(
+        prog="compress", usage=USAGE, description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument(
         "teacher",
         nargs="?",
@@ -288,8 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help / --version
         return exc.code if isinstance(exc.code, int) else 0
     try:
-        with warnings.catch_warnings():  # restores the caller's warning display afterwards
-            warnings.showwarning = _show_warning
+        with warnings.catch_warnings(), interface("recipe" if command == "run" else "cli"):
+            warnings.showwarning = _show_warning  # catch_warnings restores the caller's display afterwards
             return _run(args)
     except KeyboardInterrupt:
         done, out = getattr(args, "written", False), getattr(args, "out_dir", None) or getattr(args, "out", None)
@@ -369,7 +388,7 @@ def _run(args: argparse.Namespace) -> int:
             print(recipe.to_yaml(), end="")
             return 0
     args.out_dir = recipe.out_dir
-    result = api.run_recipe(recipe, overwrite=args.overwrite)
+    result = pipeline.run_recipe(recipe, overwrite=args.overwrite)
     args.written = True
     if "written_by" in result.stages.get("export", {}):
         return 0  # under torchrun, rank 0 reports

@@ -32,8 +32,8 @@ from torch import nn
 from .data import (
     TEXT_FIELD,
     TextSource,
-    _as_path,
-    _check_text_file,
+    as_path,
+    check_text_file,
     derived_seed,
     describe_source,
     iter_jsonl_rows,
@@ -171,7 +171,7 @@ def _prompts_from_rows(rows: Iterable[object], where: str) -> list[str]:
 
 
 def _read_prompt_file(path: Path, given: str | os.PathLike) -> list[str]:
-    _check_text_file(path, given)
+    check_text_file(path, given)
     prompts: list[str] = []
     if path.suffix == ".jsonl":
         for number, row in iter_jsonl_rows(path):
@@ -197,7 +197,7 @@ def load_prompts(prompts: PromptSource) -> list[str]:
     are, or a path to a text file (one prompt per non-empty line) or a ``.jsonl`` file (a ``prompt`` or ``text``
     field per line). A single string must name a file; to pass one prompt, give a one-item list."""
     if isinstance(prompts, (str, os.PathLike)):
-        path = _as_path(prompts)
+        path = as_path(prompts)
         if path is None:
             path = Path(prompts)  # a string that does not look like a path is still refused as a missing file
         if not path.exists():
@@ -580,7 +580,7 @@ def _documents(source: TextSource, tokenizer, seq_len: int) -> Iterator[tuple[st
     on its first ``seq_len`` tokens. A plain text file has no document boundaries (``iter_text`` reads it in
     1 MiB pieces), so it is cut into consecutive windows of ``seq_len`` tokens instead, each a document; the file
     is read at line boundaries so no word is split between pieces."""
-    path = _as_path(source) if isinstance(source, (str, os.PathLike)) else None
+    path = as_path(source) if isinstance(source, (str, os.PathLike)) else None
     if path is None or path.suffix in (".jsonl", ".json"):
         for text in iter_text(source):
             yield text, list(tokenizer(text, add_special_tokens=False)["input_ids"][:seq_len])
@@ -675,8 +675,8 @@ def select_by_difference(
             raise OutputExistsError(f"out_path {str(out)!r} exists; give a new file path or delete it")
         if not out.parent.is_dir():
             raise ConfigError(f"the folder of out_path {str(out)!r} does not exist; create it first")
-    if isinstance(source, (str, os.PathLike)) and _as_path(source) is not None:
-        _check_text_file(cast(Path, _as_path(source)), source)  # not None: checked just above
+    if isinstance(source, (str, os.PathLike)) and as_path(source) is not None:
+        check_text_file(cast(Path, as_path(source)), source)  # not None: checked just above
 
     start = time.perf_counter()
     texts: list[str] = []

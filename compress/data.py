@@ -62,7 +62,7 @@ _BINARY_HINTS = {
 _SIDE_EFFECT_MODULES = {"antigravity", "this", "idlelib", "turtle", "turtledemo", "tkinter", "pydoc_data"}
 
 
-def _as_path(source: str | os.PathLike) -> Path | None:
+def as_path(source: str | os.PathLike) -> Path | None:
     """The file a text source names, or None when it is literal text.
 
     The rule: an ``os.PathLike`` (``pathlib.Path``) is always a path. A ``str`` is a path when it names an
@@ -99,8 +99,8 @@ def _as_path(source: str | os.PathLike) -> Path | None:
     return None
 
 
-def _looks_like_path(source: str | os.PathLike) -> bool:
-    return _as_path(source) is not None
+def looks_like_path(source: str | os.PathLike) -> bool:
+    return as_path(source) is not None
 
 
 TEXT_FIELD = "text"
@@ -133,7 +133,7 @@ def _missing_file(path: Path, given: str | os.PathLike) -> DataError:
     return DataError(f"text file {text!r} does not exist{where}. {_LITERAL_RULE}")
 
 
-def _check_text_file(path: Path, given: str | os.PathLike) -> None:
+def check_text_file(path: Path, given: str | os.PathLike) -> None:
     """Refuse a path that is missing, a directory, or not UTF-8 text (judged by its first 8 KiB)."""
     if path.is_dir():
         try:
@@ -208,7 +208,7 @@ def iter_text(source: TextSource) -> Iterator[str]:
     """Yield text pieces from a path (plain text, or ``.jsonl`` with a ``text`` field), a literal string, an
     iterable of strings or of ``{"text": ...}`` rows — which covers a ``datasets.Dataset`` — read lazily.
 
-    Which strings are paths: see :func:`_as_path` (a string with no whitespace and a path separator or a file
+    Which strings are paths: see :func:`as_path` (a string with no whitespace and a path separator or a file
     extension must name an existing file; other strings are literal text). Refused with a :class:`DataError`:
     a missing file, a directory, a binary or non-UTF-8 file (judged by its first 8 KiB), bytes, a dict (pick a
     split or a column), anything that is not iterable, and list items that are not text (naming their
@@ -220,12 +220,12 @@ def iter_text(source: TextSource) -> Iterator[str]:
             "(e.g. data.decode('utf-8')) or pass the file's path"
         )
     if isinstance(source, (str, os.PathLike)):
-        path = _as_path(source)
+        path = as_path(source)
         if path is None:
-            assert isinstance(source, str)  # _as_path gives a Path for every os.PathLike
+            assert isinstance(source, str)  # as_path gives a Path for every os.PathLike
             yield source
             return
-        _check_text_file(path, source)
+        check_text_file(path, source)
         if path.suffix in (".jsonl", ".json"):
             yield from _iter_jsonl(path)
             return
@@ -265,9 +265,9 @@ def check_source(source: TextSource) -> None:
     items that are not text. Generators and datasets are not consumed (their items are checked when read).
     Meant for pipelines that should fail before any expensive work (``compress.compress``)."""
     if isinstance(source, (str, os.PathLike)):
-        path = _as_path(source)
+        path = as_path(source)
         if path is not None:
-            _check_text_file(path, source)
+            check_text_file(path, source)
         return
     if isinstance(source, (list, tuple)):
         for _ in iter_text(source):  # a list is in memory already: checking its items reads no file
@@ -279,7 +279,7 @@ def check_source(source: TextSource) -> None:
 
 def describe_source(source: TextSource) -> str:
     if isinstance(source, (str, os.PathLike)):
-        if _looks_like_path(source):
+        if looks_like_path(source):
             return str(source)
         assert isinstance(source, str)  # every os.PathLike is a path
         return f"<text, {len(source)} chars>"
@@ -364,3 +364,17 @@ def default_calibration_source() -> TextSource:
 def default_eval_source() -> TextSource:
     """``../shared/data/pydocs/valid.txt`` when present, else held-out stdlib docstrings."""
     return PYDOCS_VALID if PYDOCS_VALID.is_file() else stdlib_docstrings(max_chars=400_000, held_out=True)
+
+
+def same_file(a: TextSource, b: TextSource) -> bool:
+    """True when ``a`` and ``b`` are paths of one existing file (calibration and held-out text must differ)."""
+    try:
+        return (
+            isinstance(a, (str, os.PathLike))
+            and isinstance(b, (str, os.PathLike))
+            and Path(a).is_file()
+            and Path(b).is_file()
+            and Path(a).resolve() == Path(b).resolve()
+        )
+    except (OSError, ValueError):
+        return False

@@ -1,8 +1,16 @@
 """Exceptions raised by compress.
 
 Every error a user can cause derives from :class:`CompressError` so callers can catch one type; the subclasses
-say which stage refused the input. Messages say what was wrong and what to do about it.
+say which stage refused the input. Messages say what was wrong and what to do about it, naming inputs in the
+spelling of the interface in use (:func:`spelled`). :func:`warn` points warnings at the caller's line.
 """
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from types import FrameType
 
 
 class CompressError(Exception):
@@ -45,7 +53,29 @@ def warn(message: str, category: type[Warning] = UserWarning) -> None:
     import warnings
 
     package = os.path.dirname(os.path.abspath(__file__)) + os.sep
-    level, frame = 2, sys._getframe(1)  # stacklevel 2 is the line that called warn()
+    frame: FrameType | None = sys._getframe(1)
+    level = 2  # stacklevel 2 is the line that called warn()
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
         level, frame = level + 1, frame.f_back
     warnings.warn(message, category, stacklevel=level)
+
+
+_INTERFACE: ContextVar[str] = ContextVar("compress_interface", default="python")
+
+
+@contextmanager
+def interface(name: str) -> Iterator[None]:
+    """Inside this block, messages spell inputs the way interface ``name`` takes them: ``"python"`` (keywords,
+    the default), ``"cli"`` (flags) or ``"recipe"`` (recipe YAML fields). The command line sets it."""
+    token = _INTERFACE.set(name)
+    try:
+        yield
+    finally:
+        _INTERFACE.reset(token)
+
+
+def spelled(python: str, cli: str | None = None, recipe: str | None = None) -> str:
+    """One input's name in the spelling of the interface in use (see :func:`interface`): an error read by someone
+    at a shell says ``--overwrite``, not ``overwrite=True``."""
+    chosen = {"cli": cli, "recipe": recipe}.get(_INTERFACE.get())
+    return chosen if chosen is not None else python

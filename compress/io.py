@@ -27,9 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
-from .errors import ConfigError, OutputExistsError
+from .errors import ConfigError, OutputExistsError, spelled
 
-OVERWRITE_RULE = "overwrite=True replaces the whole folder, including files compress did not write"
+
+def overwrite_rule() -> str:
+    """What overwriting means, in the spelling of the interface in use."""
+    flag = spelled("overwrite=True", "--overwrite")
+    return f"{flag} replaces the whole folder, including files compress did not write"
 
 
 @dataclass(frozen=True)
@@ -113,7 +117,8 @@ def check_output_dir(
             if _inside(p, real):
                 raise OutputExistsError(
                     f"output folder {str(path)!r} holds this run's {what} ({str(value)!r}); writing the student "
-                    f"there would replace it, {what} included (even with overwrite=True). Write to another folder, "
+                    f"there would replace it, {what} included (even with "
+                    f"{spelled('overwrite=True', '--overwrite')}). Write to another folder, "
                     "or move the input out of it"
                 )
     if checkpoint_dir is not None:
@@ -130,7 +135,7 @@ def check_output_dir(
             where = f" (a link to {str(real)!r})" if path.is_symlink() else ""
             raise OutputExistsError(
                 f"output folder {str(path)!r}{where} exists and is not empty; choose another folder or pass "
-                f"overwrite=True ({OVERWRITE_RULE})"
+                f"{spelled('overwrite=True', '--overwrite')} ({overwrite_rule()})"
             )
         parent_problem = _probe_writable(real.parent)
         in_place = real == _cwd() or os.path.ismount(real) or parent_problem is not None

@@ -29,6 +29,7 @@ from .io import write_text_atomic
 from .pruning.calibrate import CalibrationConfig
 from .pruning.plan import PlanConfig, Target
 from .pruning.search import SearchConfig
+from .validate import check_int, check_teacher_source
 
 RECIPE_FILE = "recipe.yaml"
 STRATEGIES = ("width", "depth", "width+depth")
@@ -61,9 +62,9 @@ class DataSettings:
                     f"recipe data.{name} should be a file path (or null for the default), got "
                     f"{type(value).__name__} {value!r}"
                 )
-        _check_int("data.eval_seq_len", self.eval_seq_len, 2)
+        check_int("recipe data.eval_seq_len", self.eval_seq_len, 2)
         if self.eval_tokens is not None:
-            _check_int("data.eval_tokens", self.eval_tokens, 1)
+            check_int("recipe data.eval_tokens", self.eval_tokens, 1)
 
 
 @dataclass
@@ -146,7 +147,7 @@ class Recipe:
         self.target = dict(self.target)
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"recipe strategy should be one of {STRATEGIES}, got {self.strategy!r}")
-        self.plugins = _plugins_mapping(self.plugins)
+        self.plugins = plugins_mapping(self.plugins)
         for name, config in self.plugins.items():  # unknown names and bad config fields: refused now
             default_plugin_config(name, config)
         if self.reconstruct is not None and not isinstance(self.reconstruct, (str, Mapping)):
@@ -156,7 +157,7 @@ class Recipe:
             )
         if self.prompt is not None and (not isinstance(self.prompt, str) or not self.prompt.strip()):
             raise ConfigError(f"recipe prompt should be a non-empty string or null, got {self.prompt!r}")
-        _check_int("sample_tokens", self.sample_tokens, 1)
+        check_int("recipe sample_tokens", self.sample_tokens, 1)
         if isinstance(self.out_dir, os.PathLike):
             self.out_dir = os.fspath(self.out_dir)
         if not isinstance(self.out_dir, str) or not self.out_dir.strip():
@@ -172,7 +173,7 @@ class Recipe:
     def to_dict(self) -> dict:
         """Plain values (dicts, lists, strings, numbers), every field written out, defaults included: a saved
         recipe replays the same run even if a later version changes a default."""
-        return _plain(dataclasses.asdict(self))
+        return plain(dataclasses.asdict(self))
 
     def to_yaml(self) -> str:
         import yaml
@@ -219,20 +220,6 @@ class Recipe:
         return dataclasses.replace(self, **changes)
 
 
-def check_teacher_source(source: Any) -> None:
-    """Refuse a teacher source that is not a path-like string, or is empty, before anything is loaded."""
-    if not isinstance(source, (str, os.PathLike)):
-        raise ConfigError(
-            f"the teacher should be a folder, a .gguf file, a hub id 'org/name' or 'smollm2' (or a "
-            f"model), got {type(source).__name__} {source!r}"
-        )
-    if not str(os.fspath(source)).strip():
-        raise ConfigError(
-            f"the teacher source is empty ({str(source)!r}); give a model folder, a .gguf file, a hub "
-            "id 'org/name' or 'smollm2' (use './' explicitly for the current folder)"
-        )
-
-
 def default_plugin_config(name: str, config: Any = None, kind: str | None = None) -> dict | None:
     """The full config fields of plugin ``name`` built with ``config`` (refused with a :class:`PluginError`
     or :class:`ConfigError` naming the field when the name or a field is wrong); None for a plugin without one."""
@@ -241,16 +228,11 @@ def default_plugin_config(name: str, config: Any = None, kind: str | None = None
     cls = get_plugin(name, kind)
     built = getattr(build_plugin(name, cls.kind, config), "config", None)
     if dataclasses.is_dataclass(built) and not isinstance(built, type):
-        return _plain(dataclasses.asdict(built))
+        return plain(dataclasses.asdict(built))
     return None
 
 
-def _check_int(name: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"recipe {name} should be an integer of at least {low}, got {value!r}")
-
-
-def _plugins_mapping(plugins: Any) -> dict:
+def plugins_mapping(plugins: Any) -> dict:
     """Plugins as ``{name: config fields or None}``: a name, a list of names or a mapping."""
     if plugins is None:
         return {}
@@ -306,12 +288,12 @@ def _build(cls: type, data: Any, where: str) -> Any:
         raise ConfigError(f"{where}: {exc}") from exc
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
     """Tuples to lists and mappings to dicts, recursively (YAML's safe dumper writes only plain types)."""
     if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     if isinstance(value, os.PathLike):
         return os.fspath(value)
     if type(value).__module__ == "numpy" and hasattr(value, "item"):  # numpy scalars: YAML writes plain numbers

@@ -8,6 +8,7 @@ device, dtype, integer, tokenizer or token ids gets the same answer from ``compr
 from __future__ import annotations
 
 import math
+import os
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -39,6 +40,20 @@ def check_int(name: str, value: object, low: int, allow_none: bool = False) -> N
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         what = "an integer" if low <= 0 else "a positive integer" if low == 1 else f"an integer of at least {low}"
         raise ConfigError(f"{name} should be {what}{' or None' if allow_none else ''}, got {value!r}")
+
+
+def check_teacher_source(source: Any) -> None:
+    """Refuse a teacher source that is not a path-like string, or is empty, before anything is loaded."""
+    if not isinstance(source, (str, os.PathLike)):
+        raise ConfigError(
+            f"the teacher should be a folder, a .gguf file, a hub id 'org/name' or 'smollm2' (or a "
+            f"model), got {type(source).__name__} {source!r}"
+        )
+    if not str(os.fspath(source)).strip():
+        raise ConfigError(
+            f"the teacher source is empty ({str(source)!r}); give a model folder, a .gguf file, a hub "
+            "id 'org/name' or 'smollm2' (use './' explicitly for the current folder)"
+        )
 
 
 def check_dtype(dtype: Any) -> torch.dtype | str | None:

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 
 import compress
 import compress.api
+import compress.pipeline
 import compress.io
 from compress.cli import main
 from compress.errors import CheckpointError, ConfigError, DataError, OutputExistsError
@@ -140,7 +141,7 @@ def test_distill_checkpoints_inside_output_folder_refused_before_any_work(where,
     out = tmp_path / "student"
     ckpt = out / "kd" if where == "inside" else out
     cfg = compress.DistillConfig(max_steps=2, seq_len=32, output_dir=str(ckpt), checkpoint_every=1, progress=False)
-    monkeypatch.setattr(compress.api, "perplexity", lambda *a, **k: pytest.fail("work started"))
+    monkeypatch.setattr(compress.pipeline, "perplexity", lambda *a, **k: pytest.fail("work started"))
     model = tiny_model("llama")
     before = model_state(model)
     with pytest.raises(ConfigError, match=rf"DistillConfig.output_dir '{ckpt}' lies inside the output folder"):
@@ -339,7 +340,7 @@ def test_output_in_unwritable_place_is_refused_before_any_work(tmp_path, tokeniz
         parent.mkdir()
         parent.chmod(0o500)
     out = parent / "compress-test-student"
-    monkeypatch.setattr(compress.api, "perplexity", lambda *a, **k: pytest.fail("work started"))
+    monkeypatch.setattr(compress.pipeline, "perplexity", lambda *a, **k: pytest.fail("work started"))
     model = tiny_model("llama")
     before = model_state(model)
     try:
@@ -489,7 +490,7 @@ def test_dtype_names_are_accepted(tmp_path, tokenizer):
 def test_bad_device_is_refused_before_any_work(device, match, tmp_path, tokenizer, monkeypatch):
     folder = save_teacher(tmp_path / "teacher", tokenizer)
     disk = tree(tmp_path)
-    monkeypatch.setattr(compress.api, "perplexity", lambda *a, **k: pytest.fail("work started"))
+    monkeypatch.setattr(compress.pipeline, "perplexity", lambda *a, **k: pytest.fail("work started"))
     with pytest.raises(ConfigError, match=match):
         compress.load_teacher(folder, device=device)
     model = tiny_model("llama")
@@ -561,7 +562,7 @@ def test_cli_ctrl_c_exits_130_and_leaves_no_output(cli_setup, capsys, monkeypatc
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr(compress.api, "prune", interrupted)
+    monkeypatch.setattr(compress.pipeline, "run_prune", interrupted)
     disk = tree(tmp_path)
     assert main(args) == 130
     err = capsys.readouterr().err
@@ -595,7 +596,7 @@ def test_compress_moves_a_passed_in_model_back_when_a_later_stage_fails(tmp_path
         moves.append(torch.device(args[0]) if args else kwargs.get("device"))
         return real_to(*args, **kwargs)
     monkeypatch.setattr(model, "to", to)
-    monkeypatch.setattr(compress.api, "perplexity", lambda *a, **k: 1.0)
+    monkeypatch.setattr(compress.pipeline, "perplexity", lambda *a, **k: 1.0)
     with pytest.raises(compress.TargetError, match="num_attention_heads=5"):
         compress.compress((model, tokenizer), {"num_attention_heads": 5}, [SAMPLE_TEXT], tmp_path / "out",
                           eval_data=[SAMPLE_TEXT[:500]])

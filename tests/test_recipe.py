@@ -11,9 +11,9 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import compress
-from compress import api
+from compress import api, pipeline
 from compress.cli import build_parser, main, recipe_from_args
-from compress.errors import CompressError, ConfigError
+from compress.errors import CompressError, ConfigError, interface
 from compress.recipe import RECIPE_FILE, DataSettings, ExportSettings, Recipe
 
 from conftest import SAMPLE_TEXT, tiny_model
@@ -150,12 +150,28 @@ def test_samples_importance_file_and_report_rebuild(tmp_path, tokenizer, capsys)
 
 
 def test_slow_calibration_is_announced_up_front_with_an_estimate(tmp_path, tokenizer, monkeypatch):
-    monkeypatch.setattr(api, "SLOW_CALIBRATION_S", 0.0)
+    monkeypatch.setattr(pipeline, "SLOW_CALIBRATION_S", 0.0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _tiny_run(tmp_path, tokenizer)
-    said = [str(w.message) for w in caught if "calibration reads 8 windows x 32 tokens" in str(w.message)]
-    assert said and "minutes" in said[0] and "num_samples=128" in said[0]
+    said = [w for w in caught if "calibration reads 8 windows x 32 tokens" in str(w.message)]
+    assert said and "minutes" in str(said[0].message)
+    # The run already reads the fewest windows allowed (8 = min_samples): no suggestion of more windows ...
+    assert "fewest windows allowed" in str(said[0].message) and "num_samples=" not in str(said[0].message)
+    # ... and points at the caller's line (here: _tiny_run's call of compress.compress), not at library code.
+    assert said[0].filename == __file__
+
+
+def test_slow_calibration_suggests_fewer_windows_than_the_run_reads_in_the_interfaces_spelling():
+    config = compress.CalibrationConfig(num_samples=128)  # 128 windows, as the README's example; min_samples 8
+    spellings = {"python": "CalibrationConfig(num_samples=32)", "cli": "--samples 32",
+                 "recipe": "calibration: {num_samples: 32}"}
+    for name, spelling in spellings.items():
+        with warnings.catch_warnings(record=True) as caught, interface(name):
+            warnings.simplefilter("always")
+            pipeline._warn_if_slow(config, eval_seconds=10.0, eval_tokens=100, device="cpu")
+        (said,) = [str(w.message) for w in caught]
+        assert spelling in said and "128)" not in said, (name, said)
 
 
 def test_flags_print_the_recipe_they_make(capsys):
