@@ -125,43 +125,7 @@ def compress(
     evaluates and writes ``out_dir``. Every rank returns the same result; on the other ranks it has no export
     stage (``stages["export"]["written_by"]`` says which rank wrote).
     """
-    if isinstance(teacher, Recipe):
-        given = {
-            "target": target,
-            "data": data,
-            "tokenizer": tokenizer,
-            "strategy": strategy,
-            "plugins": plugins,
-            "calibration": calibration,
-            "plan": plan,
-            "eval_data": eval_data,
-            "eval_seq_len": eval_seq_len,
-            "distill": distill,
-            "distill_data": distill_data,
-            "formats": formats,
-            "quantize": quantize,
-            "search": search,
-            "reconstruct": reconstruct,
-        }
-        extra = [k for k, v in given.items() if v is not None] + [
-            k for k, v in (("eval_tokens", eval_tokens), ("prompt", prompt)) if v is not _UNSET
-        ]
-        if extra:
-            raise ConfigError(
-                f"compress(recipe, ...) takes its settings from the recipe; set {', '.join(extra)} "
-                f"on it (recipe.replace(...)) instead of passing them beside it"
-            )
-        recipe = teacher.replace(**{k: str(v) for k, v in (("out_dir", out_dir), ("device", device)) if v is not None})
-        return run_recipe(recipe, overwrite=overwrite)
-    if teacher is _UNSET:
-        raise ConfigError(
-            "compress() needs a teacher (a folder, a .gguf file, a hub id, 'smollm2', a model) or a compress.Recipe"
-        )
-    if target is None:
-        raise ConfigError("compress() needs a target: {'params': 0.5}, {'params': 70_000_000} or an explicit shape")
-    recipe, objects = _recipe_from_keywords(
-        teacher,
-        target,
+    keywords = dict(
         data=data,
         out_dir=out_dir,
         tokenizer=tokenizer,
@@ -181,7 +145,33 @@ def compress(
         reconstruct=reconstruct,
         prompt=prompt,
     )
+    if isinstance(teacher, Recipe):
+        return run_recipe(_given_recipe(teacher, target, keywords), overwrite=overwrite)
+    if teacher is _UNSET:
+        raise ConfigError(
+            "compress() needs a teacher (a folder, a .gguf file, a hub id, 'smollm2', a model) or a compress.Recipe"
+        )
+    if target is None:
+        raise ConfigError("compress() needs a target: {'params': 0.5}, {'params': 70_000_000} or an explicit shape")
+    recipe, objects = _recipe_from_keywords(teacher, target, **keywords)
     return run_recipe(recipe, objects, overwrite=overwrite)
+
+
+def _given_recipe(recipe: Recipe, target: Any, keywords: dict[str, Any]) -> Recipe:
+    """``compress(recipe, ...)``: the recipe holds the settings; only ``out_dir=`` and ``device=`` (and
+    ``overwrite=``) may be given beside it."""
+    given = {"target": target, **keywords}
+    unset = {"eval_tokens", "prompt"}  # None is a value for these two: "given" means not _UNSET
+    extra = [
+        k for k, v in given.items() if k not in ("out_dir", "device") and v is not (_UNSET if k in unset else None)
+    ]
+    if extra:
+        raise ConfigError(
+            f"compress(recipe, ...) takes its settings from the recipe; set {', '.join(extra)} "
+            f"on it (recipe.replace(...)) instead of passing them beside it"
+        )
+    where = {k: str(keywords[k]) for k in ("out_dir", "device") if keywords[k] is not None}
+    return recipe.replace(**where)
 
 
 def _recipe_from_keywords(

@@ -26,6 +26,7 @@ from .errors import CompressError, ConfigError, OutputExistsError, PluginError, 
 from .pruning.calibrate import CalibrationConfig
 from .pruning.search import SearchConfig, default_short_distill
 from .recipe import STRATEGIES, DataSettings, ExportSettings, Recipe
+from .report import Result
 
 USAGE = """compress [TEACHER] [--params P | --shape S] [--out DIR] [options]
        compress run RECIPE.yaml [--out DIR] [--device D] [--overwrite] [--json]
@@ -80,7 +81,7 @@ def _error(message: object, code: int) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The flag-style command. Flags left out take the recipe's defaults (:class:`~compress.recipe.Recipe`)."""
-    r, cal, dcfg = Recipe(), CalibrationConfig(), DistillConfig  # the defaults, as its class attributes
+    r, cal = Recipe(), CalibrationConfig()  # the defaults
     p = _Parser(
         prog="compress", usage=USAGE, description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -117,6 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"tokens of held-out text to evaluate (default {r.data.eval_tokens})",
     )
+    _add_distill_args(p)
+    _add_output_args(p, r)
+    return p
+
+
+def _add_distill_args(p: argparse.ArgumentParser) -> None:
+    """Distillation, refit and search flags."""
+    dcfg = DistillConfig  # the defaults, as its class attributes
     p.add_argument(
         "--distill-tokens",
         type=int,
@@ -184,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="under torchrun: replicate the student (ddp) or shard it (fsdp); auto picks by memory",
     )
+
+
+def _add_output_args(p: argparse.ArgumentParser, r: Recipe) -> None:
+    """What to write and how to run: formats, prompt, device, output folder handling, listing."""
     p.add_argument(
         "--formats",
         default=None,
@@ -210,7 +223,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the recipe these flags make, as YAML, and exit without running it",
     )
     p.add_argument("--list-plugins", action="store_true", help="list registered plugins and exit")
-    return p
 
 
 def build_run_parser() -> argparse.ArgumentParser:
@@ -395,6 +407,23 @@ def _run(args: argparse.Namespace) -> int:
     if args.json:
         print(result.to_json())
         return 0
+    _print_stages(result)
+    _print_export(result)
+    if result.samples:
+        print(f"prompt   {recipe.prompt!r} (greedy, PyTorch)")
+        for stage in ("teacher", "pruned", "reconstructed", "distilled"):
+            if stage in result.samples:
+                print(f"  {stage:<13} -> {result.samples[stage]!r}")
+        sample = _sample(result.out_dir, result.stages["export"], recipe.prompt) if recipe.prompt else None
+        if sample:
+            print(f"sample   ({sample[0]}, greedy) {recipe.prompt!r} -> {sample[1]!r}")
+    if result.report_html:
+        print(f"report   {result.report_html}")
+    return 0
+
+
+def _print_stages(result: Result) -> None:
+    """One line per stage: the teacher, the pruned student, the search, the refit, the distillation."""
     r = result.prune
     print(f"teacher  {r.params_before:>12,} params   perplexity {result.perplexity['teacher']:.2f}")
     print(
@@ -423,6 +452,10 @@ def _run(args: argparse.Namespace) -> int:
         )
     print(f"shape    {json.dumps(changed)}")
     print(f"why      {r.plan_reason}")
+
+
+def _print_export(result: Result) -> None:
+    """Where the student was saved, and each exported format with its check against PyTorch."""
     export = result.stages["export"]
     print(
         f"saved    {result.out_dir} (loads with AutoModelForCausalLM.from_pretrained)   "
@@ -463,17 +496,6 @@ def _run(args: argparse.Namespace) -> int:
             f"gguf     {result.out_dir / 'gguf' / entry['gguf_file']}   perplexity {q['ppl_torch']:.2f} (PyTorch "
             f"fp32) -> {q['ppl_gguf']:.2f} ({q['ppl_change']:+.1%})"
         )
-    if result.samples:
-        print(f"prompt   {recipe.prompt!r} (greedy, PyTorch)")
-        for stage in ("teacher", "pruned", "reconstructed", "distilled"):
-            if stage in result.samples:
-                print(f"  {stage:<13} -> {result.samples[stage]!r}")
-        sample = _sample(result.out_dir, export, recipe.prompt) if recipe.prompt else None
-        if sample:
-            print(f"sample   ({sample[0]}, greedy) {recipe.prompt!r} -> {sample[1]!r}")
-    if result.report_html:
-        print(f"report   {result.report_html}")
-    return 0
 
 
 if __name__ == "__main__":
