@@ -12,8 +12,14 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, cast
 
 from ..errors import ConfigError
-from .losses import HIDDEN_LOSSES, LOGIT_LOSSES
 
+#: The divergences between the teacher's and the student's next-token distributions (see
+#: :func:`compress.distillation.losses.divergence`).
+LOGIT_LOSSES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl")
+#: The hidden-state losses (see :func:`compress.distillation.losses.hidden_state_loss`).
+HIDDEN_LOSSES = ("cosine", "mse")
+#: The logit losses a teacher cache can serve (top-k log-probabilities at temperature 1: the two KLs).
+CACHED_LOSSES = ("forward_kl", "reverse_kl")
 DTYPES = ("auto", "bf16", "fp32")
 #: Below this many optimizer steps of the default 8 x 512 batch, the default batch shape becomes 4 x 256.
 MIN_DEFAULT_STEPS = 32
@@ -121,67 +127,28 @@ class DistillConfig:
         changed since). Raises :class:`~compress.errors.ConfigError` naming the field, its value and what it
         should be. What needs the models (``top_k`` against the vocabulary, ``layer_map`` and
         ``hidden_layers`` against the depths) is checked when training starts."""
+        self._check_objective()
+        self._check_on_policy_and_cache()
+        self._check_budget()
+        self._check_optimizer()
+        self._check_engine()
+        self._check_output()
 
-        def bad(name: str, expected: str) -> None:
-            raise ConfigError(f"DistillConfig.{name} should be {expected}, got {getattr(self, name)!r}")
+    # -- the checks, by group (in this order: the first bad field is the one named)
 
-        def integer(name: str, low: int, optional: bool = False, high: int | None = None) -> None:
-            value = getattr(self, name)
-            if optional and value is None:
-                return
-            what = ("None or " if optional else "") + (
-                "a positive integer" if low == 1 else "a non-negative integer" if low == 0 else f"an integer >= {low}"
-            )
-            if high is not None:
-                what += " below 2**63" if high == 2**63 else f" below {high}"
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-                bad(name, what)
-            if value < low or (high is not None and value >= high):
-                bad(name, what)
-            setattr(self, name, int(value))  # numpy integers -> int (the config is written to JSON)
-
-        def number(
-            name: str, *, positive: bool = False, low: float = 0.0, high: float | None = None, optional: bool = False
-        ) -> None:
-            value = getattr(self, name)
-            if optional and value is None:
-                return
-            what = ("None or " if optional else "") + (
-                "a positive finite number"
-                if positive
-                else f"a finite number in [{low:g}, {high:g}]"
-                if high is not None
-                else "a finite number >= 0"
-            )
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-                bad(name, what)
-            if (positive and not value > 0) or value < low or (high is not None and value > high):
-                bad(name, what)
-            setattr(self, name, float(value) if not isinstance(value, int) else value)
-
-        def flag(name: str, optional: bool = False) -> None:
-            value = getattr(self, name)
-            if not (value is True or value is False or (optional and value is None)):
-                bad(name, "None, True or False" if optional else "True or False")
-
-        def choice(name: str, options: tuple, optional: bool = False) -> None:
-            value = getattr(self, name)
-            if optional and value is None:
-                return
-            if not isinstance(value, str) or value not in options:
-                bad(name, ("None or " if optional else "") + f"one of {options}")
-
-        # Objective.
-        choice("logit_loss", LOGIT_LOSSES)
-        number("temperature", positive=True)
-        number("jsd_beta", high=1.0)
-        number("skew_alpha", high=1.0)
+    def _check_objective(self) -> None:
+        """The logit loss, its temperature and mixtures, the weights, the hidden-state loss and its layers, and
+        that at least one term is on."""
+        self._choice("logit_loss", LOGIT_LOSSES)
+        self._number("temperature", positive=True)
+        self._number("jsd_beta", high=1.0)
+        self._number("skew_alpha", high=1.0)
         if self.skew_alpha >= 1.0:
-            bad("skew_alpha", "a number in [0, 1) (at 1 the skewed mixture is the teacher itself: no signal)")
-        integer("top_k", 1, optional=True)
+            self._bad("skew_alpha", "a number in [0, 1) (at 1 the skewed mixture is the teacher itself: no signal)")
+        self._integer("top_k", 1, optional=True)
         for name in ("alpha_ce", "logit_weight", "hidden_weight"):
-            number(name)
-        choice("hidden_loss", HIDDEN_LOSSES, optional=True)
+            self._number(name)
+        self._choice("hidden_loss", HIDDEN_LOSSES, optional=True)
         self._check_layers()
         hidden_on = self.hidden_loss is not None and self.hidden_weight > 0
         if not (self.logit_weight > 0 or self.alpha_ce > 0 or hidden_on):
@@ -190,57 +157,60 @@ class DistillConfig:
                 f"hidden_loss={self.hidden_loss!r} (hidden_weight={self.hidden_weight!r}); make one of them non-zero"
             )
 
-        number("on_policy_fraction", high=1.0)
+    def _check_on_policy_and_cache(self) -> None:
+        """On-policy batches and the teacher cache: their own fields, and what each rules out."""
+        self._number("on_policy_fraction", high=1.0)
         if self.on_policy_fraction > 0 and self.logit_weight == 0:
             raise ConfigError(
                 f"DistillConfig.on_policy_fraction={self.on_policy_fraction} trains on the student's "
                 "own samples as the teacher scores them, but logit_weight=0 turns the teacher's score "
                 "off (those batches would teach the student nothing): set logit_weight > 0"
             )
-        integer("on_policy_prompt_tokens", 1, optional=True)
-        number("on_policy_temperature", positive=True)
-        if self.teacher_cache is not None:
-            if not isinstance(self.teacher_cache, (str, os.PathLike)) or not os.fspath(self.teacher_cache):
-                bad("teacher_cache", "None or the folder of a teacher cache")
-            self.teacher_cache = os.fspath(self.teacher_cache)
-            if self.on_policy_fraction > 0:
-                raise ConfigError(
-                    "DistillConfig.teacher_cache holds the teacher's scores of the data windows, but "
-                    f"on_policy_fraction={self.on_policy_fraction} asks it to score the student's own "
-                    "samples: use one or the other"
-                )
-            if self.hidden_loss is not None or self.temperature != 1.0 or self.top_k is not None:
-                raise ConfigError(
-                    "DistillConfig.teacher_cache stores top-k log-probabilities at temperature 1: it "
-                    "cannot serve hidden_loss, temperature != 1 or top_k (the cache's own k applies); "
-                    f"got hidden_loss={self.hidden_loss!r}, temperature={self.temperature!r}, "
-                    f"top_k={self.top_k!r}"
-                )
-            if self.teacher_correction_steps:
-                raise ConfigError(
-                    "DistillConfig.teacher_cache was written by the teacher as it is, but "
-                    f"teacher_correction_steps={self.teacher_correction_steps} would change that "
-                    "teacher first: correct the teacher, build the cache from it, then distill"
-                )
-            if self.logit_loss not in ("forward_kl", "reverse_kl"):
-                raise ConfigError(
-                    f"DistillConfig.teacher_cache supports logit_loss 'forward_kl' or 'reverse_kl', "
-                    f"got {self.logit_loss!r}"
-                )
+        self._integer("on_policy_prompt_tokens", 1, optional=True)
+        self._number("on_policy_temperature", positive=True)
+        if self.teacher_cache is None:
+            return
+        if not isinstance(self.teacher_cache, (str, os.PathLike)) or not os.fspath(self.teacher_cache):
+            self._bad("teacher_cache", "None or the folder of a teacher cache")
+        self.teacher_cache = os.fspath(self.teacher_cache)
+        if self.on_policy_fraction > 0:
+            raise ConfigError(
+                "DistillConfig.teacher_cache holds the teacher's scores of the data windows, but "
+                f"on_policy_fraction={self.on_policy_fraction} asks it to score the student's own "
+                "samples: use one or the other"
+            )
+        if self.hidden_loss is not None or self.temperature != 1.0 or self.top_k is not None:
+            raise ConfigError(
+                "DistillConfig.teacher_cache stores top-k log-probabilities at temperature 1: it "
+                "cannot serve hidden_loss, temperature != 1 or top_k (the cache's own k applies); "
+                f"got hidden_loss={self.hidden_loss!r}, temperature={self.temperature!r}, "
+                f"top_k={self.top_k!r}"
+            )
+        if self.teacher_correction_steps:
+            raise ConfigError(
+                "DistillConfig.teacher_cache was written by the teacher as it is, but "
+                f"teacher_correction_steps={self.teacher_correction_steps} would change that "
+                "teacher first: correct the teacher, build the cache from it, then distill"
+            )
+        if self.logit_loss not in CACHED_LOSSES:
+            raise ConfigError(
+                f"DistillConfig.teacher_cache supports logit_loss 'forward_kl' or 'reverse_kl', got {self.logit_loss!r}"
+            )
 
-        # Batches and budget.
+    def _check_budget(self) -> None:
+        """The batch shape (defaults filled in first) and the budget: exactly one of max_steps / max_tokens."""
         self._default_batch_shape()
-        integer("seq_len", 2)
-        assert self.seq_len is not None  # set by _default_batch_shape, checked by integer()
+        self._integer("seq_len", 2)
+        assert self.seq_len is not None  # set by _default_batch_shape, checked by _integer()
         if self.on_policy_prompt_tokens is not None and self.on_policy_prompt_tokens >= self.seq_len:
-            bad(
+            self._bad(
                 "on_policy_prompt_tokens",
                 f"None or fewer than seq_len={self.seq_len} tokens (the student samples the rest of each window)",
             )
         for name in ("batch_size", "grad_accum"):
-            integer(name, 1)
-        integer("max_steps", 1, optional=True)
-        integer("max_tokens", 1, optional=True)
+            self._integer(name, 1)
+        self._integer("max_steps", 1, optional=True)
+        self._integer("max_tokens", 1, optional=True)
         if self.max_steps is None and self.max_tokens is None:
             raise ConfigError("DistillConfig needs a budget: set max_steps or max_tokens")
         if self.max_steps is not None and self.max_tokens is not None:
@@ -249,39 +219,42 @@ class DistillConfig:
                 f"max_tokens={self.max_tokens!r}: set only one of them"
             )
 
-        # Optimizer and schedule.
-        number("lr", positive=True)
-        number("min_lr_ratio", high=1.0)
-        integer("warmup_steps", 0, optional=True)
-        number("warmup_ratio", high=1.0)
+    def _check_optimizer(self) -> None:
+        """AdamW and the learning-rate schedule."""
+        self._number("lr", positive=True)
+        self._number("min_lr_ratio", high=1.0)
+        self._integer("warmup_steps", 0, optional=True)
+        self._number("warmup_ratio", high=1.0)
         if self.warmup_ratio >= 1.0:
-            bad("warmup_ratio", "a number in [0, 1) (a warm-up of the whole run never reaches the peak lr)")
-        number("weight_decay")
-        number("max_grad_norm", positive=True, optional=True)
+            self._bad("warmup_ratio", "a number in [0, 1) (a warm-up of the whole run never reaches the peak lr)")
+        self._number("weight_decay")
+        self._number("max_grad_norm", positive=True, optional=True)
 
-        # Precision, engine, speed.
-        choice("dtype", DTYPES)
-        choice("parallel", PARALLEL)
-        flag("shard_teacher", optional=True)
-        number("memory_budget_gib", positive=True, optional=True)
-        flag("compile")
-        flag("gradient_checkpointing")
-        integer("chunk_tokens", 1)
+    def _check_engine(self) -> None:
+        """Precision, the multi-process engine, and the speed switches."""
+        self._choice("dtype", DTYPES)
+        self._choice("parallel", PARALLEL)
+        self._flag("shard_teacher", optional=True)
+        self._number("memory_budget_gib", positive=True, optional=True)
+        self._flag("compile")
+        self._flag("gradient_checkpointing")
+        self._integer("chunk_tokens", 1)
 
-        # Output, checkpoints, logging.
+    def _check_output(self) -> None:
+        """Output folder, checkpoints, logging, seed, teacher correction, ``extra``; and what needs output_dir."""
         if self.output_dir is not None:
             if not isinstance(self.output_dir, (str, os.PathLike)) or not os.fspath(self.output_dir):
-                bad("output_dir", "None or a folder path")
+                self._bad("output_dir", "None or a folder path")
             self.output_dir = os.fspath(self.output_dir)  # a Path -> str (the config is written to JSON)
-        integer("checkpoint_every", 0)
-        flag("resume")
-        integer("log_every", 1)
-        flag("tensorboard")
-        integer("seed", 0, high=2**63)
-        integer("teacher_correction_steps", 0)
-        flag("progress")
+        self._integer("checkpoint_every", 0)
+        self._flag("resume")
+        self._integer("log_every", 1)
+        self._flag("tensorboard")
+        self._integer("seed", 0, high=2**63)
+        self._integer("teacher_correction_steps", 0)
+        self._flag("progress")
         if not isinstance(self.extra, dict):
-            bad("extra", "a dict")
+            self._bad("extra", "a dict")
         try:
             json.dumps(self.extra)
         except (TypeError, ValueError) as exc:
@@ -297,6 +270,60 @@ class DistillConfig:
             raise ConfigError("DistillConfig.resume=True needs output_dir (the folder of the run to continue)")
         if self.tensorboard and not self.output_dir:
             raise ConfigError("DistillConfig.tensorboard writes to output_dir/tensorboard: set output_dir")
+
+    # -- one field at a time: each refuses with "DistillConfig.<name> should be <what>, got <value>"
+
+    def _bad(self, name: str, expected: str) -> None:
+        """Raise the ConfigError naming the field, its value and what it should be."""
+        raise ConfigError(f"DistillConfig.{name} should be {expected}, got {getattr(self, name)!r}")
+
+    def _integer(self, name: str, low: int, optional: bool = False, high: int | None = None) -> None:
+        """An integer in ``[low, high)`` (``None`` too when ``optional``), stored back as a plain ``int``."""
+        value = getattr(self, name)
+        if optional and value is None:
+            return
+        what = ("None or " if optional else "") + (
+            "a positive integer" if low == 1 else "a non-negative integer" if low == 0 else f"an integer >= {low}"
+        )
+        if high is not None:
+            what += " below 2**63" if high == 2**63 else f" below {high}"
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            self._bad(name, what)
+        if value < low or (high is not None and value >= high):
+            self._bad(name, what)
+        setattr(self, name, int(value))  # numpy integers -> int (the config is written to JSON)
+
+    def _number(
+        self, name: str, *, positive: bool = False, low: float = 0.0, high: float | None = None, optional: bool = False
+    ) -> None:
+        """A finite real number (``> 0`` when ``positive``, else in ``[low, high]``); ``None`` too when ``optional``."""
+        value = getattr(self, name)
+        if optional and value is None:
+            return
+        what = ("None or " if optional else "") + (
+            "a positive finite number"
+            if positive
+            else f"a finite number in [{low:g}, {high:g}]"
+            if high is not None
+            else "a finite number >= 0"
+        )
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            self._bad(name, what)
+        if (positive and not value > 0) or value < low or (high is not None and value > high):
+            self._bad(name, what)
+        setattr(self, name, float(value) if not isinstance(value, int) else value)
+
+    def _flag(self, name: str, optional: bool = False) -> None:
+        value = getattr(self, name)
+        if not (value is True or value is False or (optional and value is None)):
+            self._bad(name, "None, True or False" if optional else "True or False")
+
+    def _choice(self, name: str, options: tuple, optional: bool = False) -> None:
+        value = getattr(self, name)
+        if optional and value is None:
+            return
+        if not isinstance(value, str) or value not in options:
+            self._bad(name, ("None or " if optional else "") + f"one of {options}")
 
     def _check_layers(self) -> None:
         """``hidden_layers`` / ``layer_map``: indices only here (against the models when training starts)."""

@@ -34,13 +34,12 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
-import math
 import re
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -48,12 +47,28 @@ from torch import nn
 from ..errors import CheckpointError, ConfigError, DataError, OutputExistsError
 from ..io import atomic_output_dir, check_output_dir
 from ..progress import bar as progress_bar
-from ..validate import check_token_ids
-from .losses import LogitTransform, _active
+from ..validate import check_int, check_token_ids
+from .config import CACHED_LOSSES
+from .losses import LogitTransform, active_transform, cached_logit_loss
+
+if TYPE_CHECKING:
+    from ..models import DecoderAdapter
+
+__all__ = [
+    "CACHED_LOSSES",
+    "FORMAT",
+    "MANIFEST",
+    "VERSION",
+    "CacheReport",
+    "TeacherCache",
+    "build_teacher_cache",
+    "cached_logit_loss",
+    "teacher_fingerprint",
+    "windows_fingerprint",
+]
 
 FORMAT = "compress-teacher-cache"
 VERSION = 1
-CACHED_LOSSES = ("forward_kl", "reverse_kl")
 MANIFEST = "manifest.json"
 _SHARD_RE = re.compile(r"shard-\d{5,}\.safetensors")
 _STORE_DTYPES = {
@@ -63,9 +78,6 @@ _STORE_DTYPES = {
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
 }
-# The smallest log-probability a float32 holds as a normal number: where the teacher gives a bucket exactly zero
-# mass, reverse KL (which weighs the teacher's log-probability by the student's mass) uses this instead of -inf.
-_LOG_TINY = math.log(torch.finfo(torch.float32).tiny)
 _FINGERPRINT_SAMPLE = 65536  # elements per weight tensor that enter the teacher's fingerprint
 
 
@@ -154,12 +166,6 @@ def _decode_ids(raw: torch.Tensor, logical: str) -> torch.Tensor:
     return ids.bitwise_and_(0xFFFF) if logical == "uint16" else ids
 
 
-def _check_int(name: str, value, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"{name} should be an integer >= {low}, got {value!r}")
-    return value
-
-
 def _store_dtype(dtype) -> tuple[str, torch.dtype]:
     if isinstance(dtype, torch.dtype):
         names = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -214,6 +220,197 @@ def _top_k_chunk(
     return logp, idx, rest
 
 
+@dataclass(frozen=True)
+class _Storage:
+    """How a cache stores each position: its ``top_k`` log-probabilities as ``value_dtype`` and their ids as
+    ``index_dtype`` (logical names ``value_name`` / ``index_name``, as the manifest says), the rest as float32."""
+
+    top_k: int
+    vocab: int
+    value_name: str
+    value_dtype: torch.dtype
+    index_name: str
+    index_dtype: torch.dtype
+
+    @property
+    def payload_bytes_per_token(self) -> int:
+        return self.top_k * (self.value_dtype.itemsize + self.index_dtype.itemsize) + 4
+
+
+def _check_build(
+    teacher: nn.Module,
+    windows: torch.Tensor,
+    out_dir,
+    *,
+    top_k: int,
+    batch_size: int,
+    shard_windows: int,
+    dtype,
+    transform: LogitTransform | None,
+    overwrite: bool,
+    chunk_tokens: int,
+) -> tuple[DecoderAdapter, _Storage, LogitTransform]:
+    """Every argument of :func:`build_teacher_cache` checked, in this order, before any work; returns the
+    teacher's adapter, how the cache will store it, and the logit transform (the family's when ``None``)."""
+    from ..models import check_plain_logits, layout_for
+
+    if not isinstance(teacher, nn.Module):
+        raise DataError(
+            f"the teacher should be a torch.nn.Module (a Hugging Face causal LM), got {type(teacher).__name__}"
+        )
+    if next(teacher.parameters(), None) is None:
+        raise DataError(f"the teacher ({type(teacher).__name__}) has no parameters")
+    check_int("batch_size", batch_size, 1)
+    check_int("shard_windows", shard_windows, 1)
+    check_int("chunk_tokens", chunk_tokens, 1)
+    value_name, value_dtype = _store_dtype(dtype)
+    if transform is not None and not isinstance(transform, LogitTransform):
+        raise ConfigError(f"transform should be a LogitTransform or None, got {type(transform).__name__}")
+    adapter = layout_for(teacher)
+    vocab = cast(torch.Tensor, teacher.get_submodule(adapter.lm_head).weight).shape[0]
+    check_int("top_k", top_k, 1)
+    if top_k > vocab:
+        raise ConfigError(f"top_k={top_k} is larger than the teacher's vocabulary ({vocab} tokens)")
+    check_token_ids(windows, vocab, "the windows to cache")
+    if transform is None:
+        transform = adapter.logit_transform(adapter.shape_config(teacher.config))
+    _check_cache_dir(out_dir, overwrite)
+    check_plain_logits(teacher, adapter)
+    index_name, index_dtype = _index_storage(vocab)
+    return adapter, _Storage(top_k, vocab, value_name, value_dtype, index_name, index_dtype), transform
+
+
+def _cache_shard(
+    base: nn.Module,
+    head: torch.Tensor,
+    windows: torch.Tensor,
+    storage: _Storage,
+    *,
+    batch_size: int,
+    chunk_tokens: int,
+    transform: LogitTransform | None,
+    bar,
+) -> dict[str, torch.Tensor]:
+    """The tensors of one shard (``logp``, ``idx``, ``rest``) for ``windows`` ``[n, L]``: the teacher's decoder
+    ``base`` run ``batch_size`` windows at a time, its LM ``head`` ``chunk_tokens`` positions at a time. Call
+    under ``torch.no_grad()``."""
+    count, positions, k = windows.shape[0], windows.shape[1] - 1, storage.top_k
+    logp_buf = torch.empty(count * positions, k, dtype=storage.value_dtype)
+    idx_buf = torch.empty(count * positions, k, dtype=storage.index_dtype)
+    rest_buf = torch.empty(count * positions, dtype=torch.float32)
+    for b in range(0, count, batch_size):
+        e = min(b + batch_size, count)
+        hidden = base(input_ids=windows[b:e].to(head.device), use_cache=False).last_hidden_state[:, :-1]
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        offset = b * positions
+        for c in range(0, flat.shape[0], chunk_tokens):
+            logp, idx, rest = _top_k_chunk(flat[c : c + chunk_tokens], head, k, transform)
+            rows = slice(offset + c, offset + c + logp.shape[0])
+            logp_buf[rows] = logp.to(storage.value_dtype).cpu()
+            idx_buf[rows] = _encode_ids(idx, storage.index_name, storage.index_dtype).cpu()
+            rest_buf[rows] = rest.cpu()
+            del logp, idx, rest
+        del hidden, flat
+        if bar is not None:
+            bar.update(e - b)
+    return {
+        "logp": logp_buf.view(count, positions, k),
+        "idx": idx_buf.view(count, positions, k),
+        "rest": rest_buf.view(count, positions),
+    }
+
+
+def _write_shards(
+    teacher: nn.Module,
+    adapter: DecoderAdapter,
+    windows: torch.Tensor,
+    folder: Path,
+    storage: _Storage,
+    *,
+    shard_windows: int,
+    device,
+    progress: bool,
+    **chunking,
+) -> list[dict[str, Any]]:
+    """Run the teacher (in eval mode, on ``device`` when given) over ``windows`` and write its shards into
+    ``folder``; returns the manifest's shard list. The teacher's devices, dtypes, flags and modes are put back
+    afterwards, success or error. ``chunking``: ``batch_size``, ``chunk_tokens`` and ``transform`` of
+    :func:`_cache_shard`."""
+    from .parallel import ModelBackup
+
+    n = windows.shape[0]
+    backup = ModelBackup(teacher)
+    shards: list[dict[str, Any]] = []
+    bar = None
+    try:
+        teacher.eval()
+        if device is not None:
+            teacher.to(device)
+        base = teacher.get_submodule(adapter.base)
+        head = cast(torch.Tensor, teacher.get_submodule(adapter.lm_head).weight)
+        if progress:
+            bar = progress_bar(total=n, desc="caching teacher", unit="win")
+        with torch.no_grad():
+            for s, start in enumerate(range(0, n, shard_windows)):
+                count = min(shard_windows, n - start)
+                tensors = _cache_shard(base, head, windows[start : start + count], storage, bar=bar, **chunking)
+                name = f"shard-{s:05d}.safetensors"
+                metadata = {"format": FORMAT, "version": str(VERSION), "start": str(start), "windows": str(count)}
+                _save_shard(folder / name, tensors, metadata)
+                shards.append({"file": name, "start": start, "windows": count, "bytes": (folder / name).stat().st_size})
+                del tensors
+    finally:
+        if bar is not None:
+            bar.close()
+        backup.restore(error=False)
+    return shards
+
+
+def _manifest(
+    teacher: nn.Module,
+    windows: torch.Tensor,
+    storage: _Storage,
+    transform: LogitTransform,
+    shards: list[dict[str, Any]],
+    *,
+    shard_windows: int,
+    fingerprints: tuple[str, str],
+    seconds: float,
+) -> dict[str, Any]:
+    """``manifest.json`` of a cache of ``windows`` (see the module docstring)."""
+    n, seq_len = windows.shape
+    tokens = n * (seq_len - 1)
+    config = getattr(teacher, "config", None)
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "top_k": storage.top_k,
+        "vocab_size": storage.vocab,
+        "seq_len": seq_len,
+        "positions_per_window": seq_len - 1,
+        "windows": n,
+        "tokens": tokens,
+        "temperature": 1.0,
+        "dtype": storage.value_name,
+        "index_dtype": storage.index_name,
+        "index_storage": str(storage.index_dtype).replace("torch.", ""),
+        "rest_dtype": "float32",
+        "transform": transform.to_dict(),
+        "shard_windows": shard_windows,
+        "shards": shards,
+        "windows_fingerprint": fingerprints[0],
+        "teacher_fingerprint": fingerprints[1],
+        "teacher": {
+            "class": type(teacher).__name__,
+            "model_type": getattr(config, "model_type", None),
+            "name_or_path": getattr(config, "_name_or_path", None) or None,
+        },
+        "bytes_per_token": round(sum(sh["bytes"] for sh in shards) / tokens, 3),
+        "payload_bytes_per_token": storage.payload_bytes_per_token,
+        "build_seconds": round(seconds, 3),
+    }
+
+
 def build_teacher_cache(
     teacher: nn.Module,
     windows: torch.Tensor,
@@ -248,137 +445,59 @@ def build_teacher_cache(
     ``out_dir`` is refused (:class:`~compress.errors.OutputExistsError`); ``overwrite=True`` replaces it only
     when it is an earlier teacher cache, never a folder holding other files.
     """
-    from ..models import check_plain_logits, layout_for
-    from .parallel import ModelBackup
-
-    if not isinstance(teacher, nn.Module):
-        raise DataError(
-            f"the teacher should be a torch.nn.Module (a Hugging Face causal LM), got {type(teacher).__name__}"
-        )
-    if next(teacher.parameters(), None) is None:
-        raise DataError(f"the teacher ({type(teacher).__name__}) has no parameters")
-    _check_int("batch_size", batch_size, 1)
-    _check_int("shard_windows", shard_windows, 1)
-    _check_int("chunk_tokens", chunk_tokens, 1)
-    value_name, value_dtype = _store_dtype(dtype)
-    if transform is not None and not isinstance(transform, LogitTransform):
-        raise ConfigError(f"transform should be a LogitTransform or None, got {type(transform).__name__}")
-    adapter = layout_for(teacher)
-    vocab = cast(torch.Tensor, teacher.get_submodule(adapter.lm_head).weight).shape[0]
-    _check_int("top_k", top_k, 1)
-    if top_k > vocab:
-        raise ConfigError(f"top_k={top_k} is larger than the teacher's vocabulary ({vocab} tokens)")
-    check_token_ids(windows, vocab, "the windows to cache")
-    if transform is None:
-        transform = adapter.logit_transform(adapter.shape_config(teacher.config))
-    _check_cache_dir(out_dir, overwrite)
-    check_plain_logits(teacher, adapter)
-
+    adapter, storage, transform = _check_build(
+        teacher,
+        windows,
+        out_dir,
+        top_k=top_k,
+        batch_size=batch_size,
+        shard_windows=shard_windows,
+        dtype=dtype,
+        transform=transform,
+        overwrite=overwrite,
+        chunk_tokens=chunk_tokens,
+    )
     windows = windows.detach().to("cpu", torch.int64)
-    n, seq_len = windows.shape
-    positions = seq_len - 1
-    index_name, index_dtype = _index_storage(vocab)
-    w_fp, t_fp = windows_fingerprint(windows), teacher_fingerprint(teacher)
-    active = _active(transform)
-    config = getattr(teacher, "config", None)
-    backup = ModelBackup(teacher)
+    fingerprints = windows_fingerprint(windows), teacher_fingerprint(teacher)
     t0 = time.perf_counter()
-    shards: list[dict[str, Any]] = []
-    bar = None
     with atomic_output_dir(out_dir, overwrite) as tmp:
-        try:
-            teacher.eval()
-            if device is not None:
-                teacher.to(device)
-            base = teacher.get_submodule(adapter.base)
-            head = cast(torch.Tensor, teacher.get_submodule(adapter.lm_head).weight)
-            run_device = head.device
-            if progress:
-                bar = progress_bar(total=n, desc="caching teacher", unit="win")
-            with torch.no_grad():
-                for s, start in enumerate(range(0, n, shard_windows)):
-                    count = min(shard_windows, n - start)
-                    logp_buf = torch.empty(count * positions, top_k, dtype=value_dtype)
-                    idx_buf = torch.empty(count * positions, top_k, dtype=index_dtype)
-                    rest_buf = torch.empty(count * positions, dtype=torch.float32)
-                    for b in range(start, start + count, batch_size):
-                        e = min(b + batch_size, start + count)
-                        ids = windows[b:e].to(run_device)
-                        hidden = base(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
-                        flat = hidden.reshape(-1, hidden.shape[-1])
-                        offset = (b - start) * positions
-                        for c in range(0, flat.shape[0], chunk_tokens):
-                            logp, idx, rest = _top_k_chunk(flat[c : c + chunk_tokens], head, top_k, active)
-                            rows = slice(offset + c, offset + c + logp.shape[0])
-                            logp_buf[rows] = logp.to(value_dtype).cpu()
-                            idx_buf[rows] = _encode_ids(idx, index_name, index_dtype).cpu()
-                            rest_buf[rows] = rest.cpu()
-                            del logp, idx, rest
-                        del hidden, flat
-                        if bar is not None:
-                            bar.update(e - b)
-                    name = f"shard-{s:05d}.safetensors"
-                    _save_shard(
-                        tmp / name,
-                        {
-                            "logp": logp_buf.view(count, positions, top_k),
-                            "idx": idx_buf.view(count, positions, top_k),
-                            "rest": rest_buf.view(count, positions),
-                        },
-                        {"format": FORMAT, "version": str(VERSION), "start": str(start), "windows": str(count)},
-                    )
-                    shards.append(
-                        {"file": name, "start": start, "windows": count, "bytes": (tmp / name).stat().st_size}
-                    )
-                    del logp_buf, idx_buf, rest_buf
-        finally:
-            if bar is not None:
-                bar.close()
-            backup.restore(error=False)
+        shards = _write_shards(
+            teacher,
+            adapter,
+            windows,
+            tmp,
+            storage,
+            shard_windows=shard_windows,
+            device=device,
+            progress=progress,
+            batch_size=batch_size,
+            chunk_tokens=chunk_tokens,
+            transform=active_transform(transform),
+        )
         seconds = time.perf_counter() - t0
-        tokens = n * positions
-        shard_bytes = sum(sh["bytes"] for sh in shards)
-        payload = top_k * (value_dtype.itemsize + index_dtype.itemsize) + 4
-        manifest = {
-            "format": FORMAT,
-            "version": VERSION,
-            "top_k": top_k,
-            "vocab_size": vocab,
-            "seq_len": seq_len,
-            "positions_per_window": positions,
-            "windows": n,
-            "tokens": tokens,
-            "temperature": 1.0,
-            "dtype": value_name,
-            "index_dtype": index_name,
-            "index_storage": str(index_dtype).replace("torch.", ""),
-            "rest_dtype": "float32",
-            "transform": transform.to_dict(),
-            "shard_windows": shard_windows,
-            "shards": shards,
-            "windows_fingerprint": w_fp,
-            "teacher_fingerprint": t_fp,
-            "teacher": {
-                "class": type(teacher).__name__,
-                "model_type": getattr(config, "model_type", None),
-                "name_or_path": getattr(config, "_name_or_path", None) or None,
-            },
-            "bytes_per_token": round(shard_bytes / tokens, 3),
-            "payload_bytes_per_token": payload,
-            "build_seconds": round(seconds, 3),
-        }
+        manifest = _manifest(
+            teacher,
+            windows,
+            storage,
+            transform,
+            shards,
+            shard_windows=shard_windows,
+            fingerprints=fingerprints,
+            seconds=seconds,
+        )
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
-        total_bytes = shard_bytes + (tmp / MANIFEST).stat().st_size
+        total_bytes = sum(sh["bytes"] for sh in shards) + (tmp / MANIFEST).stat().st_size
+    tokens = manifest["tokens"]
     return CacheReport(
         path=str(out_dir),
-        windows=n,
+        windows=manifest["windows"],
         tokens=tokens,
         shards=len(shards),
         top_k=top_k,
-        vocab_size=vocab,
+        vocab_size=storage.vocab,
         bytes=total_bytes,
         bytes_per_token=round(total_bytes / tokens, 3),
-        payload_bytes_per_token=payload,
+        payload_bytes_per_token=storage.payload_bytes_per_token,
         seconds=round(seconds, 3),
         tokens_per_second=round(tokens / max(seconds, 1e-9), 1),
     )
@@ -599,187 +718,3 @@ class TeacherCache:
             logp = logp - norm.unsqueeze(-1)
             rest = rest - norm
         return logp, ids, rest
-
-
-# ----------------------------------------------------------------------------------------------- the loss
-
-
-def _cached_chunk_loss_and_grad(
-    h: torch.Tensor,
-    w: torch.Tensor,
-    t_logp: torch.Tensor,
-    t_idx: torch.Tensor,
-    t_rest: torch.Tensor,
-    kind: str,
-    weight: float,
-    need_grad: bool,
-    transform: LogitTransform | None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One chunk: ``(kd_sum, d(weight * kd_sum)/d(raw student logits))``; see :func:`cached_logit_loss` for the
-    math. Memory: the ``[c, V]`` logits, reused in place for the gradient (plus the soft-cap's derivative when
-    there is one, and logsumexp's temporary)."""
-    compute = torch.promote_types(h.dtype, torch.float32)
-    z = (h @ w.t()).to(compute)
-    if transform is not None:
-        z = transform.apply(z)
-    deriv = None
-    if need_grad and transform is not None and transform.softcap is not None:
-        deriv = (z / transform.softcap).square_().neg_().add_(1)  # d(c tanh(u/c))/du = 1 - (z/c)^2
-    a = t_logp.to(compute)
-    a_r = t_rest.to(compute)
-    idx = t_idx.long()
-    lse = torch.logsumexp(z, dim=-1)
-    s = z.gather(-1, idx) - lse.unsqueeze(-1)  # student log q on the teacher's top k
-    z.scatter_(-1, idx, float("-inf"))  # z now: the logits outside the top k
-    lse_rest = torch.logsumexp(z, dim=-1)
-    s_r = lse_rest - lse  # log q_rest (-inf when k == V)
-    q, q_r = s.exp(), s_r.exp()
-    zero = torch.zeros((), dtype=compute, device=z.device)
-    if kind == "forward_kl":
-        p, r = a.exp(), a_r.exp()
-        kd = torch.where(p > 0, p * (a - s), zero).sum() + torch.where(r > 0, r * (a_r - s_r), zero).sum()
-        g, g_r = -p, -r  # dL/ds, dL/ds_r
-    else:  # reverse_kl
-        a = a.clamp_min(_LOG_TINY)
-        a_r = a_r.clamp_min(_LOG_TINY)
-        diff = s - a
-        kd = (q * diff).sum() + torch.where(q_r > 0, q_r * (s_r - a_r), zero).sum()
-        g = q * (diff + 1)
-        g_r = torch.where(q_r > 0, q_r * (s_r - a_r + 1), zero)
-    grad = None
-    if need_grad:
-        total = g.sum(-1) + g_r  # G
-        # Outside the top k: dL/dz_j = (g_r - q_r G) exp(z_j - lse_rest); inside: g_j - q_j G.
-        safe = torch.where(torch.isfinite(lse_rest), lse_rest, zero)
-        grad = z.sub_(safe.unsqueeze(-1)).exp_().mul_((weight * (g_r - q_r * total)).unsqueeze(-1))
-        grad.scatter_(-1, idx, weight * (g - q * total.unsqueeze(-1)))
-        if transform is not None:  # back through softcap(scale * raw) to the raw logits
-            if deriv is not None:
-                grad.mul_(deriv)
-            if transform.scale != 1.0:
-                grad.mul_(transform.scale)
-        grad = grad.to(h.dtype)
-    return kd, grad
-
-
-class _CachedHeadLoss(torch.autograd.Function):
-    """The cached-teacher loss and its gradient, computed together chunk by chunk in the forward pass (as
-    :class:`compress.distillation.losses._FusedHeadLoss`); backward only scales the stored gradients."""
-
-    @staticmethod
-    def forward(ctx, h, w, t_logp, t_idx, t_rest, kind, chunk_tokens, transform, weight):
-        n = h.shape[0]
-        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        compute = torch.promote_types(h.dtype, torch.float32)
-        grad_h = torch.zeros_like(h) if needs_grad else None
-        grad_w = torch.zeros_like(w, dtype=torch.promote_types(w.dtype, torch.float32)) if needs_grad else None
-        kd_total = torch.zeros((), dtype=compute, device=h.device)
-        for start in range(0, n, chunk_tokens):
-            sl = slice(start, start + chunk_tokens)
-            h_chunk = h[sl]
-            kd, g = _cached_chunk_loss_and_grad(
-                h_chunk, w, t_logp[sl], t_idx[sl], t_rest[sl], kind, weight, needs_grad, transform
-            )
-            if needs_grad:
-                grad_h[sl] = g @ w
-                grad_w += (g.t() @ h_chunk).to(grad_w.dtype)
-                del g
-            kd_total += kd
-        ctx.save_for_backward(grad_h, grad_w)
-        ctx.w_dtype = w.dtype
-        ctx.mark_non_differentiable(kd_total)
-        return weight * kd_total, kd_total
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_kd):
-        grad_h, grad_w = ctx.saved_tensors
-        out_h = None if grad_h is None else grad_h.mul_(grad_loss.to(grad_h.dtype))
-        out_w = None if grad_w is None else grad_w.mul_(grad_loss.to(grad_w.dtype)).to(ctx.w_dtype)
-        return out_h, out_w, None, None, None, None, None, None, None
-
-
-def cached_logit_loss(
-    student_hidden: torch.Tensor,
-    student_head: torch.Tensor,
-    t_logp: torch.Tensor,
-    t_idx: torch.Tensor,
-    t_rest: torch.Tensor,
-    *,
-    kind: str = "forward_kl",
-    chunk_tokens: int = 1024,
-    student_transform: LogitTransform | None = None,
-    weight: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``weight ×`` the mean over tokens of a divergence between the cached teacher and the student, on the
-    ``k + 1`` buckets "each of the teacher's top k tokens" and "everything else"; returns ``(loss, kd)``:
-    the differentiable loss and the detached mean divergence for logging.
-
-    Inputs, per token (``N`` flattened positions): ``student_hidden`` ``[N, D]`` (final hidden states) and
-    ``student_head`` ``[V, D]`` (LM-head weight), differentiable; the cache's ``t_logp`` ``[N, k]``, ``t_idx``
-    ``[N, k]`` (distinct ids per token) and ``t_rest`` ``[N]`` (:meth:`TeacherCache.lookup`, reshaped).
-    ``student_transform`` is what the student's family does to its raw logits (as in
-    :func:`~compress.distillation.losses.chunked_logit_loss`). Temperature is 1: the cache holds the teacher at T = 1.
-
-    The buckets. Teacher: ``p_i = exp(t_logp_i)`` on the top k, ``r = exp(t_rest)`` for the rest. Student, with
-    logits ``z``: ``s_i = z_{idx_i} - LSE(z)`` (``q_i = exp(s_i)``) and, computed stably,
-    ``s_r = LSE(z outside idx) - LSE(z)`` (``q_r = exp(s_r) = 1 - sum q_i``; the top k masked with ``-inf``).
-
-    - ``forward_kl``: ``sum_i p_i (log p_i - s_i) + r (log r - s_r)``; ``dL/ds_i = -p_i``, ``dL/ds_r = -r``.
-    - ``reverse_kl``: ``sum_i q_i (s_i - log p_i) + q_r (s_r - log r)``; ``dL/ds_i = q_i (s_i - log p_i + 1)``,
-      ``dL/ds_r = q_r (s_r - log r + 1)``.
-
-    A bucket with zero mass contributes 0 (``0 log 0 = 0``): ``r = 0`` when ``k = V`` (``t_rest = -inf``;
-    then ``q_r = 0`` too and both losses equal the full-vocabulary KL). Reverse KL weighs ``log p`` by the
-    student's mass, so a teacher log-probability of ``-inf`` is taken as ``log(float32 tiny) ≈ -87.3`` there
-    (a large, finite penalty instead of an infinite loss).
-
-    The gradient, analytic, per token. With ``g_i = dL/ds_i``, ``g_r = dL/ds_r`` and ``G = sum_i g_i + g_r``:
-    ``ds_i/dz_j = [j = idx_i] - q_j`` and ``ds_r/dz_j = [j outside idx] q_j / q_r - q_j``, so
-
-    - for ``j`` in the top k: ``dL/dz_j = g_j - q_j G``;
-    - for ``j`` outside it: ``dL/dz_j = (g_r - q_r G) · exp(z_j - LSE(z outside idx))`` (``q_j / q_r``, in
-      ``[0, 1]`` and finite even where ``q_r`` underflows).
-
-    For forward KL with normalized buckets this is ``q - p~``, where ``p~`` spreads the teacher's rest mass
-    ``r`` over the tokens outside the top k in the student's own proportions. The transform's derivative then
-    takes it back to the raw logits (``scale · (1 - (z / softcap)²)``), and two matmuls to ``student_hidden``
-    and ``student_head``.
-
-    Memory: one chunk of ``chunk_tokens`` tokens at a time, a ``[chunk, V]`` float32 tensor reused in place
-    for the gradient (a second one with a soft-cap); math in float32 (float64 for float64 inputs, and then the
-    loss is float64 too); the gradients come back in the inputs' dtypes.
-    """
-    if kind not in CACHED_LOSSES:
-        raise ValueError(
-            f"unknown cached divergence {kind!r}; choose one of {CACHED_LOSSES} (JSD and "
-            "temperatures other than 1 need the teacher's full distribution: use chunked_logit_loss)"
-        )
-    _check_int("chunk_tokens", chunk_tokens, 1)
-    if student_hidden.dim() != 2 or student_head.dim() != 2 or student_hidden.shape[1] != student_head.shape[1]:
-        raise ValueError(
-            f"student_hidden [N, D] and student_head [V, D] do not fit: {tuple(student_hidden.shape)} "
-            f"and {tuple(student_head.shape)}"
-        )
-    n = student_hidden.shape[0]
-    if t_logp.dim() != 2 or t_logp.shape != t_idx.shape or t_logp.shape[0] != n or tuple(t_rest.shape) != (n,):
-        raise ValueError(
-            f"the cached teacher should be t_logp [N, k], t_idx [N, k], t_rest [N] with N = {n}, got "
-            f"{tuple(t_logp.shape)}, {tuple(t_idx.shape)}, {tuple(t_rest.shape)}"
-        )
-    if t_logp.shape[1] > student_head.shape[0]:
-        raise ValueError(
-            f"the cache keeps {t_logp.shape[1]} tokens per position, more than the student's "
-            f"vocabulary of {student_head.shape[0]}"
-        )
-    loss, kd = _CachedHeadLoss.apply(
-        student_hidden,
-        student_head,
-        t_logp,
-        t_idx,
-        t_rest,
-        kind,
-        chunk_tokens,
-        _active(student_transform),
-        float(weight),
-    )
-    return loss / n, kd / n

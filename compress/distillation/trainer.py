@@ -33,7 +33,7 @@ from ..validate import check_finite_weights, check_tokenizer_matches
 from .checkpoint import earlier_run_files, find_resumable, latest_checkpoint, restore_checkpoint, save_checkpoint
 from .config import DistillConfig
 from .data import WindowLoader
-from .losses import LogitTransform, chunked_logit_loss, hidden_state_loss
+from .losses import LogitTransform, cached_logit_loss, chunked_logit_loss, hidden_state_loss
 from .memory import MemoryPlan, plan_memory
 from .parallel import Engine, ModelBackup, gather_teacher
 
@@ -225,8 +225,6 @@ class DistillModule(nn.Module):
         self, s_flat: torch.Tensor, head: torch.Tensor, cached: tuple[torch.Tensor, ...], labels: torch.Tensor | None
     ) -> torch.Tensor:
         """The logit loss against a teacher cache (plus the cross-entropy, when asked for)."""
-        from .teacher_cache import cached_logit_loss
-
         cfg = self.config
         t_logp, t_idx, t_rest = (t.reshape(-1, *t.shape[2:]) for t in cached)
         loss, kd = cached_logit_loss(
