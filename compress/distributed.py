@@ -16,6 +16,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from .validate import check_device
+
 
 def world_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -56,8 +58,10 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
 
     A bare ``"cuda"`` also becomes ``cuda:LOCAL_RANK`` (under ``torchrun`` every rank would otherwise land on
     GPU 0), and the chosen GPU is made current with ``torch.cuda.set_device`` so that NCCL, autocast and any
-    tensor created without an explicit device use it too.
+    tensor created without an explicit device use it too. A device torch does not know, or this machine does not
+    have, is refused first (:func:`compress.validate.check_device`), the same way in every stage.
     """
+    check_device(device)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
