@@ -19,7 +19,6 @@ import json
 import math
 import os
 import re
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .errors import DataError
+from .errors import DataError, warn
 from .io import write_text_atomic
 
 REPORT_HTML = "report.html"
@@ -328,37 +327,51 @@ def _perplexity_section(result: dict) -> str:
     if source:
         source = source if isinstance(source, str) else _fmt_value(source)
         tokens = _fmt_int(data.get("eval_tokens")) if data.get("eval_tokens") else "all the"
+        exports = (
+            " Exports are measured on the export stage's own windows; compare them with the reference in their note."
+            if any(r["export"] for r in rows)
+            else ""
+        )
         body += (
             f'<p class="meta">Student stages: perplexity on {_e(tokens)} '
-            f"tokens of {_e(source)} in windows of {_e(_fmt_value(data.get('eval_seq_len')))}. Exports are measured "
-            "on the export stage's own windows; compare them with the reference in their note.</p>"
+            f"tokens of {_e(source)} in windows of {_e(_fmt_value(data.get('eval_seq_len')))}.{exports}</p>"
         )
     plotted = [(r, float(_num(r["ppl"]) or 0)) for r in rows if (_num(r["ppl"]) or 0) > 0]
     if plotted:
-        fig = _figure(3.6, min(WIDTH_IN, 2.5 + 1.1 * len(plotted)))
-        ax = fig.add_subplot()
-        names = [r["stage"] for r, _ in plotted]
-        values = [v for _, v in plotted]
-        colors = [EXPORT_COLOR if r["export"] else STAGE_COLOR for r, _ in plotted]
-        bars = ax.bar(range(len(values)), values, color=colors)
-        ax.set_yscale("log")
-        ax.set_xticks(
-            range(len(values)),
-            names,
-            rotation=20 if len(values) > 4 else 0,
-            ha="right" if len(values) > 4 else "center",
-        )
-        ax.bar_label(bars, labels=[f"{v:.2f}" for v in values], fontsize=8)
-        ax.set_ylabel("perplexity (log scale)")
-        ax.set_title("Perplexity per stage (lower is better)")
-        ax.margins(y=0.15)
-        body += _img(
-            fig,
-            "Bar chart of perplexity per stage: " + ", ".join(f"{n} {v:.2f}" for n, v in zip(names, values)),
-            "Perplexity per stage, log scale; blue: the student's stages on the run's evaluation text, "
-            "orange: quantized exports on the export's evaluation windows.",
-        )
+        body += _perplexity_chart(plotted)
     return _section("perplexity", "Parameters and perplexity", body)
+
+
+def _perplexity_chart(plotted: list[tuple[dict, float]]) -> str:
+    """Bars of the rows' perplexities (log scale): the student's stages in blue, quantized exports in orange; the
+    caption explains only the colours the chart has."""
+    fig = _figure(3.6, min(WIDTH_IN, 2.5 + 1.1 * len(plotted)))
+    ax = fig.add_subplot()
+    names = [r["stage"] for r, _ in plotted]
+    values = [v for _, v in plotted]
+    colors = [EXPORT_COLOR if r["export"] else STAGE_COLOR for r, _ in plotted]
+    bars = ax.bar(range(len(values)), values, color=colors)
+    ax.set_yscale("log")
+    ax.set_xticks(
+        range(len(values)),
+        names,
+        rotation=20 if len(values) > 4 else 0,
+        ha="right" if len(values) > 4 else "center",
+    )
+    ax.bar_label(bars, labels=[f"{v:.2f}" for v in values], fontsize=8)
+    ax.set_ylabel("perplexity (log scale)")
+    ax.set_title("Perplexity per stage (lower is better)")
+    ax.margins(y=0.15)
+    legend = []
+    if not all(r["export"] for r, _ in plotted):
+        legend.append("blue: the student's stages on the run's evaluation text")
+    if any(r["export"] for r, _ in plotted):
+        legend.append("orange: quantized exports on the export's evaluation windows")
+    return _img(
+        fig,
+        "Bar chart of perplexity per stage: " + ", ".join(f"{n} {v:.2f}" for n, v in zip(names, values)),
+        f"Perplexity per stage, log scale; {', '.join(legend)}.",
+    )
 
 
 def _shape_section(result: dict) -> str:
@@ -952,10 +965,9 @@ def render_report(out_dir: str | os.PathLike) -> Path:
 
             importance = load_file(str(imp_path))
         except Exception as exc:  # noqa: BLE001 - the rest of the page is still worth writing
-            warnings.warn(
+            warn(
                 f"{imp_path} could not be read ({type(exc).__name__}: {exc}); the report leaves out the "
-                "importance heatmaps",
-                stacklevel=2,
+                "importance heatmaps"
             )
     recipe_path = folder / RECIPE_YAML
     recipe_text = None
@@ -963,6 +975,6 @@ def render_report(out_dir: str | os.PathLike) -> Path:
         try:
             recipe_text = recipe_path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
-            warnings.warn(f"{recipe_path} could not be read ({exc}); the report leaves out the recipe", stacklevel=2)
+            warn(f"{recipe_path} could not be read ({exc}); the report leaves out the recipe")
     page = build_html(result, importance, recipe_text)
     return write_text_atomic(folder / REPORT_HTML, page)

@@ -148,3 +148,72 @@ def test_refusals(calib_ids, tokenizer, tmp_path):
     with pytest.raises(OutputExistsError):
         compress.export(tiny_model("llama"), tokenizer, tmp_path / "full")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full"]
+
+
+def test_format_registry_is_the_one_table_of_formats():
+    """Every format is one registry entry; a handler module provides what the export loop calls; the name checks
+    live in a module that loads no exporter implementation (a config check can import it cheaply)."""
+    import importlib
+    import subprocess
+    import sys
+
+    from compress.exporters import formats
+
+    assert formats.FORMATS == ("safetensors", "onnx", "onnx-genai", "onnx-genai-int8", "onnx-genai-int4", "gguf")
+    assert formats.REPORT_KEYS == ("parity", "int8", "genai", "gguf")
+    assert compress.exporters.check_export_args is formats.check_export_args
+    onnx = importlib.import_module("compress.exporters.onnx")
+    assert compress.exporters.ExportError is formats.ExportError is onnx.ExportError
+    for name, spec in formats.REGISTRY.items():
+        if spec.module is None:
+            continue
+        module = importlib.import_module(spec.module)
+        assert isinstance(module.CHECKS, str), name
+        assert all(callable(getattr(module, f)) for f in ("check_support", "write_formats", "card_section")), name
+        if spec.module != "compress.exporters.onnx":  # nothing measured: no card text (Optimum's folder has usage text alone)
+            assert module.card_section({}) == ([], []), name
+    code = ("import sys; from compress.exporters.formats import check_export_args; check_export_args('auto', None); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('optimum', 'onnxruntime_genai', 'conversion', "
+            "'gguf', 'onnx') or m in ('compress.exporters.onnx', 'compress.exporters.genai', "
+            "'compress.exporters.gguf')))")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
+
+
+def test_quantize_and_auto_resolution_follow_the_registry(tokenizer):
+    from compress.exporters import formats, resolve_formats
+
+    assert formats.with_int8(["onnx-genai", "onnx"], "int8") == ["onnx-genai", "onnx", "onnx-genai-int8"]
+    assert formats.with_int8(["onnx-genai", "onnx-genai-int8"], "int8") == ["onnx-genai", "onnx-genai-int8"]
+    assert formats.with_int8(["onnx-genai"], None) == ["onnx-genai"]
+    with pytest.raises(ConfigError, match="add 'onnx' or 'onnx-genai' to formats"):
+        formats.check_export_args(["safetensors", "gguf"], "int8")
+    assert resolve_formats(tiny_model("qwen2"), ["auto"], "int8", tokenizer) == (
+        ["safetensors", "onnx-genai", "onnx-genai-int8"], ["onnx"], {})
+    chosen, fallbacks, skipped = resolve_formats(tiny_model("gpt_neox"), ["auto"], None, tokenizer)
+    assert (chosen, fallbacks, list(skipped)) == (["safetensors", "onnx"], [], ["onnx-genai"])
+    assert resolve_formats(tiny_model("llama"), ["onnx-genai"], "int8", tokenizer)[0] == ["onnx-genai",
+                                                                                           "onnx-genai-int8"]
+
+
+def test_export_report_is_keyed_by_format_with_the_old_json_shape():
+    from compress.exporters import ExportReport
+
+    report = ExportReport(out_dir="o", formats=["safetensors", "onnx"], results={"parity": {"passed": True}})
+    assert report.parity == {"passed": True} and report.int8 == {} and report.genai == {} and report.gguf == {}
+    report.gguf = {"f16": {}}
+    data = report.to_dict()
+    assert list(data) == ["out_dir", "formats", "files", "parity", "int8", "genai", "gguf", "skipped", "params",
+                          "shape", "seconds"]
+    assert data["parity"] == {"passed": True} and data["gguf"] == {"f16": {}}
+    data["parity"]["passed"] = False  # a copy: the report is not changed through it
+    assert report.parity == {"passed": True}
+
+
+def test_model_card_places_each_formats_section():
+    from compress.exporters.card import CardSection, model_card
+
+    card = model_card("s", 1000, {"hidden_size": 8}, history={"perplexity": {"teacher": 2.0}},
+                      sections={"a": CardSection(["", "measured A"], ["", "run A"]),
+                                "b": CardSection([], ["", "run B"])})
+    order = [card.index(s) for s in ("| teacher | 2.00 |", "measured A", "## Use", "run A", "run B")]
+    assert order == sorted(order) and card.endswith("run B\n")

@@ -439,3 +439,26 @@ def test_page_stays_small_for_a_30_layer_model():
     assert len(page.images) == _expected_figures(report, importance) == 1 + 1 + 4
     assert all(h <= 1100 and w <= 1100 for h, w in _png_sizes(page))
     assert "the student kept every layer" in text
+
+
+def test_perplexity_caption_describes_only_what_the_chart_shows():
+    """The chart's caption and the note under the table explain orange bars (quantized exports) only when the
+    chart has some, and blue bars (the student's stages) only when it has those."""
+    report = _synthetic_report()
+    report["data"] = {"evaluation": "held-out text", "eval_tokens": 256, "eval_seq_len": 32}
+    text = build_html(report)
+    [caption] = re.findall(r"<figcaption>(Perplexity per stage.*?)</figcaption>", text)
+    assert "blue" in caption and "orange: quantized exports" in caption
+    assert "Exports are measured" in text
+
+    report["stages"]["export"] = {"formats": ["safetensors"], "parity": {}, "int8": {}, "genai": {}, "gguf": {},
+                                  "skipped": {}}
+    text = build_html(report)
+    [caption] = re.findall(r"<figcaption>(Perplexity per stage.*?)</figcaption>", text)
+    assert "blue" in caption
+    assert "orange" not in text and "quantized" not in text.lower() and "Exports are measured" not in text
+
+    exports_only = _synthetic_report()
+    exports_only["perplexity"] = {}
+    [caption] = re.findall(r"<figcaption>(Perplexity per stage.*?)</figcaption>", build_html(exports_only))
+    assert "orange: quantized exports" in caption and "blue" not in caption

@@ -1,8 +1,22 @@
-"""The model card (README.md) written next to an exported student."""
+"""The model card (README.md) written next to an exported student.
+
+The card's common part (origin, shape, perplexity, distillation, loading with transformers) is written here;
+each exported format adds its own :class:`CardSection`, given by its module (``card_section`` of a
+:class:`compress.exporters.job.FormatHandler`), so this file knows no format.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+
+class CardSection(NamedTuple):
+    """A format's part of the model card: ``results`` (what its checks measured) go after the student's
+    perplexity, ``usage`` (how to run it) after the section on loading the model with transformers."""
+
+    results: list[str]
+    usage: list[str]
 
 
 def _fmt(value: Any) -> str:
@@ -13,19 +27,30 @@ def model_card(
     name: str,
     params: int,
     shape: dict,
-    onnx: bool,
-    int8: dict | None = None,
+    *,
     history: dict | None = None,
-    genai: dict | None = None,
-    gguf: dict | None = None,
+    sections: Mapping[str, CardSection] | None = None,
 ) -> str:
     """Markdown describing where the student came from, what it is, how it scores, and how to load it.
 
-    ``int8`` is the export report's int8 entry (perplexities with onnxruntime), empty when not quantized;
-    ``genai`` its onnxruntime-genai entries (one per folder: parity or perplexity change), ``gguf`` its GGUF
-    entries (one per file: perplexity change, and the f16 file's logit check).
+    ``history`` is a :class:`compress.Result` as a dict (teacher, pruning, perplexity per stage, distillation);
+    ``sections`` holds each exported format's part, keyed by the module that wrote it, in the order they appear.
     """
     history = history or {}
+    parts = list((sections or {}).values())
+    lines = _origin(name, params, shape, history)
+    lines += _perplexity(history)
+    for part in parts:
+        lines += part.results
+    lines += _distillation(history)
+    lines += _transformers_usage()
+    for part in parts:
+        lines += part.usage
+    return "\n".join(lines) + "\n"
+
+
+def _origin(name: str, params: int, shape: dict, history: dict) -> list[str]:
+    """Title, teacher, parameter count, pruning and the shape table (teacher beside student when pruned)."""
     prune = history.get("prune", {})
     lines = [
         f"# {name}",
@@ -50,33 +75,38 @@ def model_card(
     for key, value in shape.items():
         before = f"{_fmt(prune['shape_before'][key])} | " if prune and key in prune.get("shape_before", {}) else ""
         lines.append(f"| {key} | {before}{_fmt(value)} |")
+    return lines
+
+
+def _perplexity(history: dict) -> list[str]:
     ppl = history.get("perplexity", {})
-    if ppl:
-        lines += [
-            "",
-            f"Perplexity on {history.get('evaluation', 'held-out text')} "
-            f"(non-overlapping {history.get('eval_seq_len', 512)}-token windows):",
-            "",
-            "| stage | perplexity |",
-            "|---|---|",
-        ] + [f"| {k} | {v:.2f} |" for k, v in ppl.items()]
-    if int8:
-        lines += [
-            "",
-            f"int8 ONNX (`onnx-int8/`: blockwise int8 weights, int8 compute on CPU): perplexity "
-            f"{int8['ppl_fp32']:.2f} (fp32 ONNX) -> {int8['ppl_int8']:.2f} ({int8['ppl_change']:+.1%}) on "
-            f"{int8.get('eval_tokens', 0):,} tokens of {int8.get('evaluation', 'held-out text')}.",
-        ]
+    if not ppl:
+        return []
+    return [
+        "",
+        f"Perplexity on {history.get('evaluation', 'held-out text')} "
+        f"(non-overlapping {history.get('eval_seq_len', 512)}-token windows):",
+        "",
+        "| stage | perplexity |",
+        "|---|---|",
+    ] + [f"| {k} | {v:.2f} |" for k, v in ppl.items()]
+
+
+def _distillation(history: dict) -> list[str]:
     distill = history.get("distill")
-    if distill:
-        cfg = distill.get("config", {})
-        lines += [
-            "",
-            f"Distillation: {distill.get('tokens', 0):,} tokens, {cfg.get('logit_loss')} on logits "
-            f"(T={cfg.get('temperature')}), hidden-state loss: {cfg.get('hidden_loss') or 'none'}, "
-            f"lr {cfg.get('lr')}, {distill.get('steps')} steps.",
-        ]
-    lines += [
+    if not distill:
+        return []
+    cfg = distill.get("config", {})
+    return [
+        "",
+        f"Distillation: {distill.get('tokens', 0):,} tokens, {cfg.get('logit_loss')} on logits "
+        f"(T={cfg.get('temperature')}), hidden-state loss: {cfg.get('hidden_loss') or 'none'}, "
+        f"lr {cfg.get('lr')}, {distill.get('steps')} steps.",
+    ]
+
+
+def _transformers_usage() -> list[str]:
+    return [
         "",
         "## Use",
         "",
@@ -86,72 +116,6 @@ def model_card(
         'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")',
         "```",
     ]
-    if onnx:
-        lines += [
-            "",
-            "ONNX (with KV cache) in `onnx/`"
-            + (", int8 in `onnx-int8/`" if int8 else "")
-            + ", for Optimum's stock class:",
-            "",
-            "```python",
-            "from optimum.onnxruntime import ORTModelForCausalLM",
-            'model = ORTModelForCausalLM.from_pretrained("path/to/this/folder/onnx")',
-            "```",
-            "",
-            "With the CUDA provider pass `use_io_binding=False`: with IO binding optimum-onnx 0.1.0 sizes the "
-            "cache outputs as hidden_size / num_attention_heads, which pruning changes. Or plain onnxruntime: "
-            '`onnxruntime.InferenceSession("onnx/model.onnx")` with inputs `input_ids`, `attention_mask`, '
-            "`position_ids` and `past_key_values.*`.",
-        ]
-    if genai:
-        lines += [
-            "",
-            "## onnxruntime-genai (fastest on CPU)",
-            "",
-            "Fused-attention ONNX folders that onnxruntime-genai's generator runs as they are:",
-            "",
-        ]
-        for folder, entry in genai.items():
-            if "parity" in entry:
-                p = entry["parity"]
-                check = f"logits match PyTorch within {p['relative_diff']:.1e} of the largest logit"
-            else:
-                q = entry["perplexity"]
-                check = (
-                    f"perplexity {q['ppl_fp32']:.2f} (PyTorch fp32) -> {q['ppl_' + entry['precision']]:.2f} "
-                    f"({q['ppl_change']:+.1%}) on {q['eval_tokens']:,} tokens of {q['evaluation']}"
-                )
-            lines.append(f"- `{folder}/`: {entry['precision']}; {check}")
-        folder = next(iter(genai))
-        lines += [
-            "",
-            "```python",
-            "import onnxruntime_genai as og",
-            f'model = og.Model("path/to/this/folder/{folder}"); tokenizer = og.Tokenizer(model)',
-            "params = og.GeneratorParams(model); params.set_search_options(max_length=256)",
-            'generator = og.Generator(model, params); generator.append_tokens(tokenizer.encode("Hello"))',
-            "while not generator.is_done(): generator.generate_next_token(); "
-            "print(tokenizer.decode(generator.get_next_tokens()), end='')",
-            "```",
-        ]
-    if gguf:
-        lines += [
-            "",
-            "## GGUF (llama.cpp)",
-            "",
-            "Converted by llama.cpp's converter and read back by transformers' GGUF loader to check it:",
-            "",
-        ]
-        for entry in gguf.values():
-            q = entry["perplexity"]
-            check = (
-                f"; logits within {entry['relative_diff']:.1e} of the largest logit" if "relative_diff" in entry else ""
-            )
-            lines.append(
-                f"- `gguf/{entry['gguf_file']}`: perplexity {q['ppl_torch']:.2f} (PyTorch fp32) -> "
-                f"{q['ppl_gguf']:.2f} ({q['ppl_change']:+.1%}) on {q['eval_tokens']:,} tokens of "
-                f"{q['evaluation']}{check}"
-            )
-        name = gguf.get("q8_0", next(iter(gguf.values())))["gguf_file"]
-        lines += ["", "```bash", f'llama-cli -m path/to/this/folder/gguf/{name} -p "Hello" -n 64', "```"]
-    return "\n".join(lines) + "\n"
+
+
+__all__ = ["CardSection", "model_card"]

@@ -13,7 +13,10 @@ then checked with the runtime users will run, ``onnxruntime_genai``:
 * ``genai_config.json`` must carry the model's own stop, padding and start tokens (corrected when it does not,
   and the correction is reported);
 * fp32 logits must match PyTorch on a prefill and on a cached decode step (:func:`parity_check`), and int8/int4
-  models have their perplexity change measured on held-out text by the caller.
+  models have their perplexity change measured on held-out text against PyTorch fp32.
+
+:func:`check_support`, :func:`write_formats` and :func:`card_section` make these folders the ``"onnx-genai*"``
+export formats (see :mod:`compress.exporters.formats`).
 """
 
 from __future__ import annotations
@@ -24,18 +27,33 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..data import describe_source
+from ..evaluate import eval_windows, windows_perplexity
 from ..progress import bar
-from .onnx import ExportError
+from .card import CardSection
+from .formats import REGISTRY, ExportError
+from .job import ExportJob
 
-# Format name -> builder precision. Each format is a folder of the same name in the export.
-GENAI_FORMATS = {"onnx-genai": "fp32", "onnx-genai-int8": "int8", "onnx-genai-int4": "int4"}
+# Format name -> builder precision (as the registry states it). Each format is a folder of the same
+# name in the export.
+GENAI_FORMATS: dict[str, str] = {
+    name: f.precision for name, f in REGISTRY.items() if f.module == __name__ and f.precision is not None
+}
+# The progress bar while the formats are written: "export onnx-genai, onnx-genai-int8 + checks".
+CHECKS = "checks"
+# Text the generator's tokenizer must encode and decode as the model's: code, unicode, digits, runs of whitespace.
+TOKENIZER_CHECK_TEXT = (
+    'def mean(xs: list[float]) -> float:\n    """Average of 12 values."""\n    return sum(xs) / len(xs)'
+    "\n\n\tNaïve café, 東京, Ωmega — don't stop; 3.14159 2026-11-26   end\n"
+)
 # Architectures (config.architectures[0]) whose builder output tests/test_export_genai.py checks against
 # transformers on tiny random models (sliding windows included); the others are refused before any work. Left
 # out after trying them with builder 0.15.2: Gemma-2 (right only while the text fits in the sliding window),
@@ -283,11 +301,118 @@ def generate(og_model, prompt: str, max_new_tokens: int = 24) -> str:
     return tok.decode(new)
 
 
+# --- the "onnx-genai*" export formats (compress.exporters.formats.REGISTRY) ---------------------------------------
+
+
+def check_support(model: nn.Module, tokenizer: Any = None) -> None:
+    """Refuse, before any work, a model the builder is not checked for (the tokenizer is compared with the
+    generator's only once a folder is written)."""
+    check_genai_support(model)
+
+
+def write_formats(job: ExportJob, formats: list[str]) -> dict[str, dict]:
+    """Build each onnxruntime-genai folder and check it with onnxruntime-genai itself: config repair and tokenizer
+    agreement for all, logits against PyTorch for fp32 (the gate), perplexity change against PyTorch fp32 for
+    int8/int4 (measured and stated). Report key ``genai``: one entry per folder. An error of the runtime becomes
+    an :class:`ExportError`."""
+    results: dict[str, dict] = {}
+    reference: dict = {}  # PyTorch's perplexity windows and figure, shared by the quantized folders
+    for fmt in formats:
+        try:
+            out = build(job.hf_dir, job.out / fmt, GENAI_FORMATS[fmt])
+            results[fmt] = _check_folder(job, out, reference)
+        except ExportError:
+            raise
+        except (RuntimeError, KeyError, ValueError, OSError) as exc:  # the runtime, or a folder it wrote wrong
+            raise ExportError(
+                f"onnxruntime-genai could not run {fmt}: {type(exc).__name__}: {exc}; the export was discarded"
+            ) from exc
+    return {"genai": results}
+
+
+def _check_folder(job: ExportJob, out: Path, reference: dict) -> dict:
+    """The report entry of one folder: config changes, tokenizer agreement, and parity (fp32) or perplexity."""
+    fmt, precision, model = out.name, GENAI_FORMATS[out.name], job.model
+    entry: dict = {
+        "precision": precision,
+        "config_changes": repair_config(out, model.config, getattr(model, "generation_config", None)),
+    }
+    og_model = load(out)
+    entry["tokenizer"] = check_tokenizer(og_model, job.tokenizer, TOKENIZER_CHECK_TEXT)
+    if precision == "fp32":
+        parity = entry["parity"] = parity_check(model, og_model, job.sample_ids(), job.tolerance)
+        if not parity["passed"]:
+            raise ExportError(
+                f"onnxruntime-genai logits ({fmt}) differ from PyTorch by {parity['max_abs_diff']:.3g} "
+                f"({parity['relative_diff']:.3g} of the largest logit; tolerance {job.tolerance:g}); the export "
+                "was discarded"
+            )
+        return entry
+    if not reference:  # windows no longer than the model's context
+        reference["ids"] = eval_windows(job.tokenizer, job.text, job.context_seq_len(), job.eval_tokens)
+        reference["ppl"] = windows_perplexity(model, reference["ids"])
+    ids, fp32 = reference["ids"], reference["ppl"]
+    ppl = perplexity(og_model, ids)
+    if not math.isfinite(ppl):
+        raise ExportError(
+            f"the {precision} onnxruntime-genai model ({fmt}) gives a non-finite perplexity; the export was discarded"
+        )
+    entry["perplexity"] = {
+        "ppl_fp32": fp32,
+        f"ppl_{precision}": ppl,
+        "ppl_change": ppl / fp32 - 1,
+        "evaluation": describe_source(job.text),
+        "eval_tokens": ids.numel(),
+        "eval_seq_len": ids.shape[1],
+        "reference": "PyTorch fp32",
+    }
+    return entry
+
+
+def card_section(results: Mapping[str, dict]) -> CardSection:
+    """Each folder's check (parity or perplexity change), and how to run a folder with onnxruntime-genai."""
+    genai = results.get("genai")
+    if not genai:
+        return CardSection([], [])
+    lines = [
+        "",
+        "## onnxruntime-genai (fastest on CPU)",
+        "",
+        "Fused-attention ONNX folders that onnxruntime-genai's generator runs as they are:",
+        "",
+    ]
+    for folder, entry in genai.items():
+        if "parity" in entry:
+            p = entry["parity"]
+            check = f"logits match PyTorch within {p['relative_diff']:.1e} of the largest logit"
+        else:
+            q = entry["perplexity"]
+            check = (
+                f"perplexity {q['ppl_fp32']:.2f} (PyTorch fp32) -> {q['ppl_' + entry['precision']]:.2f} "
+                f"({q['ppl_change']:+.1%}) on {q['eval_tokens']:,} tokens of {q['evaluation']}"
+            )
+        lines.append(f"- `{folder}/`: {entry['precision']}; {check}")
+    lines += [
+        "",
+        "```python",
+        "import onnxruntime_genai as og",
+        f'model = og.Model("path/to/this/folder/{next(iter(genai))}"); tokenizer = og.Tokenizer(model)',
+        "params = og.GeneratorParams(model); params.set_search_options(max_length=256)",
+        'generator = og.Generator(model, params); generator.append_tokens(tokenizer.encode("Hello"))',
+        "while not generator.is_done(): generator.generate_next_token(); "
+        "print(tokenizer.decode(generator.get_next_tokens()), end='')",
+        "```",
+    ]
+    return CardSection([], lines)
+
+
 __all__ = [
     "BUILDER_ARCHITECTURES",
     "GENAI_FORMATS",
     "build",
+    "card_section",
     "check_genai_support",
+    "check_support",
     "check_tokenizer",
     "generate",
     "load",
@@ -295,4 +420,5 @@ __all__ = [
     "perplexity",
     "prefill_logits",
     "repair_config",
+    "write_formats",
 ]

@@ -14,7 +14,8 @@ The checks use a reader that shares no code with the converter: transformers' GG
 
 Kept in one module on purpose, like :mod:`compress.exporters.onnx`: the converter's API is a script's internals
 (``ModelBase.prepare_tensors``, ``prepare_metadata``, ``gguf_writer``), and when it moves, this is the only
-file that should need to.
+file that should need to. :func:`check_support`, :func:`write_formats` and :func:`card_section` make it the
+``"gguf"`` export format (see :mod:`compress.exporters.formats`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -33,11 +34,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..evaluate import windows_perplexity
-from .onnx import ExportError
+from ..data import describe_source
+from ..evaluate import eval_windows, windows_perplexity
+from .card import CardSection
+from .formats import ExportError
+from .job import ExportJob
 
 GGUF_TYPES = ("f16", "q8_0")
 FILE_NAME = "model-{type}.gguf"
+GGUF_DIR = "gguf"  # the export's folder of GGUF files
+# f16 GGUF read back by transformers vs the fp32 model: fp16 rounding of the weights alone moves logits by
+# ~2e-3 of the largest one on SmolLM2 (a wrong conversion moves them by orders of magnitude more).
+GGUF_F16_TOLERANCE = 5e-3
+# The progress bar while the format is written: "export gguf + perplexity".
+CHECKS = "perplexity"
 # Architectures (config.json "architectures"[0]) whose conversion is verified end to end: llama.cpp's converter
 # has a class for them AND transformers' GGUF loader reads the result back, so the logits can be checked.
 # The converter knows many more; they are refused until a test proves the round trip.
@@ -477,14 +487,78 @@ def gguf_perplexity(model: nn.Module, gguf_file: Path, windows: torch.Tensor, ba
     }
 
 
+# --- the "gguf" export format (compress.exporters.formats.REGISTRY) --------------------------------------------
+
+
+def check_support(model: nn.Module, tokenizer: Any = None) -> None:
+    """Refuse, before any work, a model (or tokenizer) the conversion cannot handle: :func:`check_gguf_support`."""
+    check_gguf_support(model, tokenizer)
+
+
+def write_formats(job: ExportJob, formats: list[str]) -> dict[str, dict]:
+    """f16 and q8_0 files in ``gguf/`` (llama.cpp's converter), read back by transformers' GGUF loader: the f16
+    file's logits must match the model within :data:`GGUF_F16_TOLERANCE` (the gate); both files' perplexity
+    change on held-out text is measured and stated. Report key ``gguf``: one entry per GGUF type."""
+    model, tokenizer = job.model, job.tokenizer
+    files = export_gguf(job.hf_dir, job.out / GGUF_DIR)
+    check = verify_gguf(model, tokenizer, files["f16"], tolerance=GGUF_F16_TOLERANCE)
+    if not check["passed"] or not check["tokenizer_match"]:
+        what = (
+            "tokenizer reads text differently"
+            if check["passed"]
+            else (
+                f"logits differ from PyTorch by {check['relative_diff']:.3g} of the largest logit (tolerance "
+                f"{GGUF_F16_TOLERANCE:g})"
+            )
+        )
+        raise ExportError(f"the f16 GGUF file read back by transformers: {what}; the export was discarded")
+    windows = eval_windows(tokenizer, job.text, job.context_seq_len(), job.eval_tokens)
+    result = {"f16": {**check, "gguf_file": files["f16"].name}}
+    for kind, path in files.items():
+        ppl = gguf_perplexity(model, path, windows)
+        result.setdefault(kind, {"gguf_file": path.name})
+        result[kind]["perplexity"] = {**ppl, "gguf_file": path.name, "evaluation": describe_source(job.text)}
+    return {"gguf": result}
+
+
+def card_section(results: Mapping[str, dict]) -> CardSection:
+    """Each file's perplexity change (and the f16 file's logit check), and how to run one with llama.cpp."""
+    gguf = results.get("gguf")
+    if not gguf:
+        return CardSection([], [])
+    lines = [
+        "",
+        "## GGUF (llama.cpp)",
+        "",
+        "Converted by llama.cpp's converter and read back by transformers' GGUF loader to check it:",
+        "",
+    ]
+    for entry in gguf.values():
+        q = entry["perplexity"]
+        check = f"; logits within {entry['relative_diff']:.1e} of the largest logit" if "relative_diff" in entry else ""
+        lines.append(
+            f"- `{GGUF_DIR}/{entry['gguf_file']}`: perplexity {q['ppl_torch']:.2f} (PyTorch fp32) -> "
+            f"{q['ppl_gguf']:.2f} ({q['ppl_change']:+.1%}) on {q['eval_tokens']:,} tokens of "
+            f"{q['evaluation']}{check}"
+        )
+    name = gguf.get("q8_0", next(iter(gguf.values())))["gguf_file"]
+    lines += ["", "```bash", f'llama-cli -m path/to/this/folder/{GGUF_DIR}/{name} -p "Hello" -n 64', "```"]
+    return CardSection([], lines)
+
+
 __all__ = [
+    "GGUF_DIR",
+    "GGUF_F16_TOLERANCE",
     "GGUF_TYPES",
     "SUPPORTED_ARCHITECTURES",
+    "card_section",
     "check_gguf_support",
     "check_gguf_tokenizer",
+    "check_support",
     "export_gguf",
     "gguf_metadata",
     "gguf_perplexity",
     "load_gguf_model",
     "verify_gguf",
+    "write_formats",
 ]

@@ -1,5 +1,6 @@
 """Everything ONNX: export through Optimum, the PyTorch-vs-onnxruntime parity check, blockwise int8
-quantization, and perplexity/generation with onnxruntime.
+quantization, and perplexity/generation with onnxruntime; and the ``"onnx"`` export format built from them
+(:func:`check_support`, :func:`write_formats`, :func:`card_section`; see :mod:`compress.exporters.formats`).
 
 Kept in one module on purpose: optimum-onnx 0.1.0 pins transformers < 4.58 (see setup.cfg), and when that pin
 moves, this is the only file that should need to.
@@ -9,21 +10,26 @@ from __future__ import annotations
 
 import math
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import CompressError
+from ..data import describe_source
+from ..evaluate import eval_windows
+from ..models import layout_for
 from ..progress import bar
+from .card import CardSection
+from .formats import ExportError
+from .job import EVAL_SEQ_LEN, ExportJob
 
 ONNX_DIR = "onnx"
 INT8_DIR = "onnx-int8"
 TASK = "text-generation-with-past"
-
-
-class ExportError(CompressError, RuntimeError):
-    """Export failed or produced a model that does not match PyTorch."""
+# The progress bar while the format is written: "export onnx + parity".
+CHECKS = "parity"
 
 
 def check_onnx_support(model: nn.Module) -> None:
@@ -369,3 +375,74 @@ def ort_generate(ort_model, tokenizer, prompt: str, max_new_tokens: int = 24) ->
         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
     )
     return tokenizer.decode(out[0][ids["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+# --- the "onnx" export format (compress.exporters.formats.REGISTRY) --------------------------------------------
+
+
+def check_support(model: nn.Module, tokenizer: Any = None) -> None:
+    """Refuse, before any work, a model Optimum cannot export (the tokenizer is not checked)."""
+    check_onnx_support(model)
+
+
+def write_formats(job: ExportJob, formats: list[str]) -> dict[str, dict]:
+    """The Optimum ONNX folder (``onnx/``) and its parity gate (report key ``parity``), and with
+    ``quantize="int8"`` ``onnx-int8/`` and its perplexity change against the fp32 ONNX model (``int8``)."""
+    layout = layout_for(job.model)
+    export_onnx(job.hf_dir, job.out / ONNX_DIR, layout.attention_implementation(layout.shape_config(job.model.config)))
+    ort = load_ort(job.out / ONNX_DIR)
+    parity = parity_check(job.model, ort, job.sample_ids(), job.tolerance)
+    if not parity["passed"]:
+        raise ExportError(
+            f"onnxruntime logits differ from PyTorch by {parity['max_abs_diff']:.3g} "
+            f"({parity['relative_diff']:.3g} of the largest logit; tolerance {job.tolerance:g}); "
+            "the export was discarded"
+        )
+    if job.quantize != "int8":
+        return {"parity": parity}
+    quantize_int8(job.out / ONNX_DIR, job.out / INT8_DIR)
+    windows = eval_windows(job.tokenizer, job.text, EVAL_SEQ_LEN, job.eval_tokens)
+    fp32 = ort_perplexity(ort, windows)
+    int8 = ort_perplexity(load_ort(job.out / INT8_DIR), windows)
+    return {
+        "parity": parity,
+        "int8": {
+            "ppl_fp32": fp32,
+            "ppl_int8": int8,
+            "ppl_change": int8 / fp32 - 1,
+            "evaluation": describe_source(job.text),
+            "eval_tokens": windows.numel(),
+            "eval_seq_len": EVAL_SEQ_LEN,
+        },
+    }
+
+
+def card_section(results: Mapping[str, dict]) -> CardSection:
+    """The int8 model's perplexity change (when quantized), and how to run the folders with Optimum's stock
+    class or plain onnxruntime."""
+    int8 = results.get("int8")
+    measured = []
+    if int8:
+        measured = [
+            "",
+            f"int8 ONNX (`{INT8_DIR}/`: blockwise int8 weights, int8 compute on CPU): perplexity "
+            f"{int8['ppl_fp32']:.2f} (fp32 ONNX) -> {int8['ppl_int8']:.2f} ({int8['ppl_change']:+.1%}) on "
+            f"{int8.get('eval_tokens', 0):,} tokens of {int8.get('evaluation', 'held-out text')}.",
+        ]
+    usage = [
+        "",
+        f"ONNX (with KV cache) in `{ONNX_DIR}/`"
+        + (f", int8 in `{INT8_DIR}/`" if int8 else "")
+        + ", for Optimum's stock class:",
+        "",
+        "```python",
+        "from optimum.onnxruntime import ORTModelForCausalLM",
+        f'model = ORTModelForCausalLM.from_pretrained("path/to/this/folder/{ONNX_DIR}")',
+        "```",
+        "",
+        "With the CUDA provider pass `use_io_binding=False`: with IO binding optimum-onnx 0.1.0 sizes the "
+        "cache outputs as hidden_size / num_attention_heads, which pruning changes. Or plain onnxruntime: "
+        f'`onnxruntime.InferenceSession("{ONNX_DIR}/model.onnx")` with inputs `input_ids`, `attention_mask`, '
+        "`position_ids` and `past_key_values.*`.",
+    ]
+    return CardSection(measured, usage)
