@@ -40,6 +40,9 @@ class PruneContext:
 
 
 class Plugin:
+    """What every plugin has: a registered ``name``, a ``kind`` (``"importance"``, ``"axis"`` or
+    ``"reconstruct"``) and a ``Config`` dataclass of its settings, built by :func:`compress.registry.build_plugin`."""
+
     name: ClassVar[str]
     kind: ClassVar[str]
 
@@ -53,6 +56,9 @@ class Plugin:
 
 
 class ImportancePlugin(Plugin):
+    """Scores channels, heads and layers of an unpruned model (:meth:`score`); the scores rank what each axis
+    keeps."""
+
     kind = "importance"
     #: True when :meth:`score` runs the model over calibration data (False for weight-only scores).
     needs_calibration: ClassVar[bool] = True
@@ -67,6 +73,9 @@ class ImportancePlugin(Plugin):
 
 
 class AxisPlugin(Plugin):
+    """Prunes one axis (:data:`AXES`): chooses what to keep on the whole model (:meth:`select`), then slices it
+    (:meth:`apply`) once every axis has chosen."""
+
     kind = "axis"
     #: Which axis this plugin prunes; one of :data:`AXES`.
     axis: ClassVar[str]
@@ -102,6 +111,9 @@ class AxisPlugin(Plugin):
 
 
 class ReconstructPlugin(Plugin):
+    """Repairs a pruned student's weights from calibration activations, between pruning and distillation
+    (:meth:`run`)."""
+
     kind = "reconstruct"
 
     def run(

@@ -721,3 +721,37 @@ def test_a_mistyped_path_with_a_space_in_its_folder_is_not_read_as_text(tokenize
         compress.prune(model, {"intermediate_size": 48}, "My Data/trian.txt", tokenizer=tokenizer,
                        calibration_config=CAL)
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["My Data", "train.txt"]
+
+
+# -- one check of kept indices, worded for a plugin's selection and for reconstruct's kept ------------------------
+
+@pytest.mark.parametrize("values, kind, value", [
+    ({1, 2}, "container", {1, 2}), (torch.tensor([0.0, 1.0]), "container", None), ([0, 1, 2], "count", 3),
+    ([0, 1.0], "element", 1.0), ([0, True], "element", True), ([0, 7], "range", 7), ([-1, 0], "range", -1),
+    ([3, 3], "duplicate", 3),
+])
+def test_check_indices_names_the_first_problem(values, kind, value):
+    from compress.pruning.selection import IndexProblem, check_indices
+
+    with pytest.raises(IndexProblem) as info:
+        check_indices(values, 2, 4)
+    assert info.value.kind == kind
+    if value is not None:
+        assert info.value.value == value
+    assert check_indices(torch.tensor([3, 0]), 2, 4) == [3, 0] and check_indices(range(2), 2, 4) == [0, 1]
+
+
+def test_kept_indices_are_checked_alike_in_reconstruct():
+    from compress.pruning.reconstruct import check_kept
+    from compress.pruning.shape import ModelShape
+
+    teacher = ModelShape(64, 96, 6, 2, 4, 16)
+    student = teacher.replace(hidden_size=2)
+    for hidden, match in [([0, 1, 2], r"kept\['hidden'\] lists 3 indices, but the student has 2"),
+                          ([0, 0], r"kept\['hidden'\] lists an index more than once"),
+                          ([0, 64], r"kept\['hidden'\] holds 64, out of range: the teacher has 64"),
+                          ([0, 1.0], r"kept\['hidden'\] holds 1\.0 of type float"),
+                          ("01", r"kept\['hidden'\] should be a list of integer indices, got str")]:
+        with pytest.raises(ConfigError, match=match):
+            check_kept({"hidden": hidden}, student, teacher)
+    assert check_kept({"hidden": [5, 9]}, student, teacher) == {"layers": [0, 1, 2, 3], "hidden": [5, 9]}

@@ -193,3 +193,162 @@ def test_precomputed_importance_sweeps_targets(calib_ids):
         assert torch.equal(a, b)
     with pytest.raises(compress.ConfigError, match="same unpruned model"):
         compress.prune(tiny_model("llama", hidden_size=48), {"params": 0.5}, None, importance=scores)
+
+
+# -- plan_for: the one way from a model to its plan, on a skeleton without weights too ----------------------------
+
+def _skeleton(family):
+    from conftest import tiny_config
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(tiny_config(family))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("target, strategy", [({"params": 0.5}, "width"), ({"params": 0.6}, "width+depth"),
+                                              ({"intermediate_size": 48, "num_hidden_layers": 3}, "width+depth")])
+def test_plan_for_on_a_meta_skeleton_equals_the_real_model(family, target, strategy):
+    from compress.pruning.plan import plan_for
+
+    skeleton = _skeleton(family)
+    assert all(p.device.type == "meta" for p in skeleton.parameters())  # nothing to read: no weights exist
+    real, meta = plan_for(tiny_model(family), target, strategy), plan_for(skeleton, target, strategy)
+    assert meta.plans == real.plans and meta.plan == real.plan
+    assert (meta.shape, meta.formula, meta.params, meta.target) == (real.shape, real.formula, real.params, real.target)
+    assert plan_for(skeleton, target, strategy, candidates=3).plans[0] == real.plan
+
+
+def test_plan_for_refuses_an_impossible_target_on_a_skeleton():
+    from compress.pruning.plan import plan_for
+
+    skeleton = _skeleton("llama")
+    with pytest.raises(compress.TargetError, match="below the smallest shape"):
+        plan_for(skeleton, {"params": 2}, "width")
+    with pytest.raises(compress.TargetError, match="not smaller than the teacher"):
+        plan_for(skeleton, {"params": 10**12}, "width")
+    with pytest.raises(compress.ConfigError, match="strategy should be one of"):
+        plan_for(skeleton, {"params": 0.5}, "sideways")
+    with pytest.raises(compress.ConfigError, match=r"plan should be a compress.PlanConfig.*got dict"):
+        plan_for(skeleton, {"params": 0.5}, "width", {"tolerance": 0.1})
+
+
+def test_prune_plans_what_plan_for_plans(calib_ids):
+    from compress.pruning.plan import plan_for
+
+    model = tiny_model("qwen3")
+    planned = plan_for(model, {"params": 0.55}, "width+depth", compress.PlanConfig(multiple_of=16))
+    report = compress.prune(model, {"params": 0.55}, calib_ids, strategy="width+depth",
+                            calibration=compress.CalibrationConfig(min_samples=4),
+                            plan=compress.PlanConfig(multiple_of=16))
+    assert report.shape_after == planned.plan.shape.to_dict() and report.plan_reason == planned.plan.reason
+    assert report.params_after == planned.plan.params and report.params_before == planned.params
+
+
+# -- check_prune_args: every prune input that can be judged before work -----------------------------------------
+
+def test_check_prune_args_before_any_weight_is_loaded():
+    from compress.pruning.arguments import check_prune_args
+
+    skeleton = _skeleton("llama")
+    assert check_prune_args(skeleton) == {}
+    assert check_prune_args(skeleton, plugins=["magnitude"], strategy="depth") == {"magnitude": None}
+    assert check_prune_args(skeleton, plugins={"depth": {"method": "block_influence"}},
+                            calibration=compress.CalibrationConfig(), plan=compress.PlanConfig()) == {
+        "depth": {"method": "block_influence"}}
+    for kwargs, match in [(dict(strategy="wide"), "strategy should be one of"),
+                          (dict(calibration={"seq_len": 16}), r"calibration should be a compress.CalibrationConfig"
+                                                              r".*CalibrationConfig\(\*\*calibration\)"),
+                          (dict(plan=compress.CalibrationConfig()), "plan should be a compress.PlanConfig"),
+                          (dict(importance=[1.0]), "importance= should be a compress.Importance"),
+                          (dict(plugins=5), "plugins should be a plugin name"),
+                          (dict(plugins=[""]), "plugin names should be non-empty strings")]:
+        with pytest.raises(compress.ConfigError, match=match):
+            check_prune_args(skeleton, **kwargs)
+    with pytest.raises(compress.ConfigError, match="model should be a torch.nn.Module"):
+        check_prune_args("smollm2")
+
+
+# -- renamed keywords: calibration= and plan= as in compress.compress; the old ones warn for one release -----------
+
+CAL4 = compress.CalibrationConfig(min_samples=4)
+
+
+def _no_deprecation(call, *args, **kwargs):
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = call(*args, **kwargs)
+    assert not [w for w in caught if issubclass(w.category, DeprecationWarning)], [str(w.message) for w in caught]
+    return out
+
+
+def test_prune_new_keywords_work_without_a_warning(calib_ids):
+    new, old = tiny_model("llama"), tiny_model("llama")
+    plan = compress.PlanConfig(multiple_of=16)
+    report = _no_deprecation(compress.prune, new, {"params": 0.5}, calib_ids, calibration=CAL4, plan=plan)
+    with pytest.warns(DeprecationWarning):
+        before = compress.prune(old, {"params": 0.5}, calib_ids, calibration_config=CAL4, plan_config=plan)
+    assert report.shape_after == before.shape_after and report.kept == before.kept
+    keyword = _no_deprecation(compress.prune, tiny_model("llama"), {"params": 0.5}, data=calib_ids,
+                              calibration=CAL4, plan=plan)
+    assert keyword.kept == report.kept
+
+
+@pytest.mark.parametrize("old, new", [("calibration_config", "calibration"), ("plan_config", "plan")])
+def test_prune_old_keywords_work_and_warn_at_the_callers_line(old, new, calib_ids):
+    value = CAL4 if new == "calibration" else compress.PlanConfig(multiple_of=16)
+    with pytest.warns(DeprecationWarning, match=rf"prune\({old}=\.\.\.\) is deprecated.*use {new}=") as caught:
+        report = compress.prune(tiny_model("llama"), {"params": 0.5}, calib_ids, **{old: value},
+                                **({} if new == "calibration" else {"calibration": CAL4}))
+    assert caught[0].filename == __file__
+    reference = compress.prune(tiny_model("llama"), {"params": 0.5}, calib_ids, calibration=CAL4,
+                               **({new: value} if new == "plan" else {}))
+    assert report.kept == reference.kept and report.shape_after == reference.shape_after
+
+
+def test_data_under_its_old_keyword_works_and_warns(calib_ids):
+    with pytest.warns(DeprecationWarning, match=r"prune\(calibration=<data>\) is deprecated.*data=") as caught:
+        report = compress.prune(tiny_model("llama"), {"params": 0.5}, calibration=calib_ids, calibration_config=CAL4)
+    assert {str(w.message).split(" is ")[0] for w in caught} == {"prune(calibration=<data>)",
+                                                                "prune(calibration_config=...)"}
+    assert report.calibration["samples"] == 16
+    with pytest.warns(DeprecationWarning, match=r"score_importance\(calibration=<data>\)"):
+        scores = compress.score_importance(tiny_model("llama"), calibration=calib_ids, calibration_config=CAL4)
+    assert scores.mlp is not None
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(calibration=CAL4, calibration_config=CAL4), compress.ConfigError,
+     r"prune\(\) got both calibration= and calibration_config="),
+    (dict(plan=compress.PlanConfig(), plan_config=compress.PlanConfig()), compress.ConfigError,
+     r"prune\(\) got both plan= and plan_config="),
+    (dict(calibration="some text"), compress.ConfigError, r"prune\(\) got calibration data twice"),
+    (dict(plan_conf=compress.PlanConfig()), TypeError, r"prune\(\) got an unexpected keyword argument 'plan_conf'"),
+])
+def test_prune_both_spellings_are_refused(kwargs, error, match, calib_ids):
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(error, match=match):
+        compress.prune(model, {"params": 0.5}, calib_ids, **kwargs)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_missing_data_is_still_a_type_error():
+    with pytest.raises(TypeError, match=r"prune\(\) missing 1 required argument: 'data'"):
+        compress.prune(tiny_model("llama"), {"params": 0.5})
+    with pytest.raises(TypeError, match=r"score_importance\(\) missing 1 required argument: 'data'"):
+        compress.score_importance(tiny_model("llama"))
+
+
+def test_score_importance_keywords(calib_ids):
+    model = tiny_model("llama")
+    new = _no_deprecation(compress.score_importance, model, calib_ids, calibration=CAL4)
+    with pytest.warns(DeprecationWarning, match=r"score_importance\(calibration_config=\.\.\.\).*calibration="):
+        old = compress.score_importance(model, calib_ids, calibration_config=CAL4)
+    assert torch.equal(new.mlp, old.mlp) and torch.equal(new.hidden, old.hidden)
+    with pytest.raises(compress.ConfigError, match="got both calibration= and calibration_config="):
+        compress.score_importance(model, calib_ids, calibration=CAL4, calibration_config=CAL4)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'plan_config'"):  # it never took a plan
+        compress.score_importance(model, calib_ids, plan_config=compress.PlanConfig())
+    with pytest.raises(compress.ConfigError, match=r"calibration_config should be a compress.CalibrationConfig"):
+        with pytest.warns(DeprecationWarning):
+            compress.score_importance(model, calib_ids, calibration_config={"seq_len": 16})

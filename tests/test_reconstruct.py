@@ -332,3 +332,33 @@ def test_naming_a_reconstruct_plugin_in_prune_plugins_is_refused_with_the_way_to
     model = tiny_model("llama")
     with pytest.raises(PluginError, match="reconstruct='least_squares'"):
         compress.prune(model, {"intermediate_size": 48}, calib_ids, plugins=["least_squares"])
+
+
+def test_reconstruct_keywords_new_old_and_both():
+    import warnings
+
+    teacher, student, report = _pruned({"intermediate_size": 48})
+    ids = _ids(16, seed=4)
+    new_student, old_student, data_student = copy.deepcopy(student), copy.deepcopy(student), copy.deepcopy(student)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        new = reconstruct(new_student, teacher, ids, kept=report.kept, calibration=CALIB)
+    assert not [w for w in caught if issubclass(w.category, DeprecationWarning)]
+    with pytest.warns(DeprecationWarning, match=r"reconstruct\(calibration_config=\.\.\.\).*use calibration=") as w:
+        old = reconstruct(old_student, teacher, ids, kept=report.kept, calibration_config=CALIB)
+    assert w[0].filename == __file__
+    with pytest.warns(DeprecationWarning, match=r"reconstruct\(calibration=<data>\).*data="):
+        by_keyword = reconstruct(data_student, teacher, calibration=ids, kept=report.kept)
+    assert new.totals == old.totals == by_keyword.totals and new.calibration == old.calibration
+    for a, b in zip(new_student.parameters(), old_student.parameters()):
+        assert torch.equal(a, b)
+    before = _state(student)
+    with pytest.raises(ConfigError, match=r"reconstruct\(\) got both calibration= and calibration_config="):
+        reconstruct(student, teacher, ids, kept=report.kept, calibration=CALIB, calibration_config=CALIB)
+    with pytest.raises(ConfigError, match=r"calibration should be a compress.CalibrationConfig.*got dict"):
+        reconstruct(student, teacher, ids, kept=report.kept, calibration={"min_samples": 2})
+    with pytest.raises(TypeError, match="unexpected keyword argument 'plan_config'"):
+        reconstruct(student, teacher, ids, kept=report.kept, plan_config=None)
+    with pytest.raises(TypeError, match=r"reconstruct\(\) missing 1 required argument: 'data'"):
+        reconstruct(student, teacher, kept=report.kept)
+    assert _same(student, before)

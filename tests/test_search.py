@@ -18,7 +18,8 @@ from compress.pruning import search
 from compress.distillation import DistillConfig
 from compress.errors import ConfigError, DataError, PluginError, TargetError
 from compress.models import adapter_for
-from compress.pruning.plan import PlanConfig, Target, _cost, candidate_shapes, plan_shape
+from compress.pruning.plan import PlanConfig, Target, candidate_shapes, plan_shape
+from compress.pruning.plan import damage_cost as _cost
 from compress.pruning.search import SearchConfig, search_shapes
 from compress.pruning.shape import SHAPE_FIELDS, ModelShape, ParamFormula, count_params
 
@@ -350,3 +351,37 @@ def test_bad_input_is_refused_before_any_work(case, tokenizer, monkeypatch):
     assert calls == []
     for name, value in teacher.state_dict().items():
         assert torch.equal(value, weights[name])
+
+
+# -- renamed keywords: calibration= and plan=, as in compress.compress ---------------------------------------------
+
+def test_search_keywords_new_old_and_both(tokenizer, monkeypatch):
+    import warnings
+
+    from compress.pruning.plan import plan_for
+
+    teacher = tiny_model("llama", seed=1)
+    plan = PlanConfig(multiple_of=16)
+    kwargs = dict(tokenizer=tokenizer, train_data=TEXT, config=_search_config(candidates=1), skip_tokens=CAL_TOKENS,
+                  device="cpu")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        new = search_shapes(teacher, {"params": 0.6}, TEXT, calibration=CAL, plan=plan, **kwargs)
+    assert not [w for w in caught if issubclass(w.category, DeprecationWarning)]
+    assert new.best_shape == search.shape_target(plan_for(teacher, {"params": 0.6}, "width", plan).plan.shape)
+    with pytest.warns(DeprecationWarning, match=r"search_shapes\(plan_config=\.\.\.\).*use plan=") as caught:
+        old = search_shapes(teacher, {"params": 0.6}, TEXT, calibration_config=CAL, plan_config=plan, **kwargs)
+    assert all(w.filename == __file__ for w in caught) and len(caught) == 2
+    assert old.best_shape == new.best_shape and old.tokens == new.tokens
+    assert old.candidates[0].score_before == pytest.approx(new.candidates[0].score_before, rel=1e-6)
+
+    calls = []
+    monkeypatch.setattr(search, "score_importance", lambda *a, **k: calls.append("score"))
+    for both, match in [(dict(calibration=CAL, calibration_config=CAL), "got both calibration= and calibration_config="),
+                        (dict(plan=plan, plan_config=plan), "got both plan= and plan_config=")]:
+        with pytest.raises(ConfigError, match=rf"search_shapes\(\) {match}"):
+            search_shapes(teacher, {"params": 0.6}, TEXT, **both, **kwargs)
+    with pytest.raises(ConfigError, match=r"plan_config should be a compress.PlanConfig.*got dict"):
+        with pytest.warns(DeprecationWarning):
+            search_shapes(teacher, {"params": 0.6}, TEXT, plan_config={"multiple_of": 16}, **kwargs)
+    assert calls == []

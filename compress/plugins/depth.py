@@ -29,6 +29,9 @@ METHODS = ("block_influence", "contiguous_block")
 
 
 class DepthAxis(AxisPlugin):
+    """Remove whole decoder layers: by Block Influence scores (``method="block_influence"``), or the contiguous
+    block whose removal raises the calibration loss least (``"contiguous_block"``, the default)."""
+
     name = "depth"
     axis = "depth"
 
@@ -45,6 +48,7 @@ class DepthAxis(AxisPlugin):
 
     @property
     def needs(self) -> tuple[str, ...]:  # type: ignore[override]
+        """Block Influence reads the ``layers`` scores; the block search needs none."""
         return ("layers",) if self.config.method == "block_influence" else ()
 
     def select(self, ctx: PruneContext) -> dict:
@@ -62,6 +66,8 @@ class DepthAxis(AxisPlugin):
         return {"keep": keep, "removed_layers": removed, "method": self.config.method, **detail}
 
     def _best_block(self, ctx: PruneContext, n_remove: int) -> tuple[list[int], dict]:
+        """Try removing every contiguous block of ``n_remove`` layers and keep the layers around the block
+        whose removal gives the lowest calibration loss (the same on every rank)."""
         layers = ctx.adapter.decoder_layers(ctx.model)
         n = len(layers)
         parent_path, _, attr = ctx.adapter.layers.rpartition(".")

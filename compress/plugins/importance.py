@@ -21,6 +21,7 @@ _AGGREGATIONS = ("mean", "l2")
 
 
 def _reduce(x: torch.Tensor, how: str, dim: int) -> torch.Tensor:
+    """Aggregate ``x`` over ``dim``: the mean, or the L2 norm."""
     return x.mean(dim) if how == "mean" else x.pow(2).sum(dim).sqrt()
 
 
@@ -173,6 +174,7 @@ class MagnitudeImportance(ImportancePlugin):
                 raise ConfigError(f"MagnitudeImportance.p should be a positive number, got {self.p!r}")
 
     def _norm(self, w: torch.Tensor, dim: int | tuple[int, ...]) -> torch.Tensor:
+        """``sum |w|^p`` over ``dim`` (the p-th root is taken at the end)."""
         return w.detach().float().abs().pow(self.config.p).sum(dim)
 
     def score(self, model: nn.Module, adapter: DecoderAdapter, calibration: Calibration | None) -> Importance:

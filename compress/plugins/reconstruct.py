@@ -39,6 +39,7 @@ class _Stats:
         self.yy = torch.zeros((), dtype=dtype, device=device)
 
     def add(self, a: torch.Tensor, y: torch.Tensor) -> None:
+        """Add the tokens of inputs ``a`` (``... × in``) and targets ``y`` (``... × out``) to the sums."""
         a = a.reshape(-1, self.n_in).to(self.device, self.dtype)
         y = y.reshape(-1, self.n_out).to(self.device, self.dtype)
         x = torch.cat([a, torch.ones(a.shape[0], 1, dtype=self.dtype, device=self.device)], dim=1)
@@ -47,6 +48,7 @@ class _Stats:
         self.yy += (y * y).sum()
 
     def to(self, device: torch.device) -> _Stats:
+        """A float64 copy of the sums on ``device`` (where the solves run)."""
         out = _Stats.__new__(_Stats)
         out.n_in, out.n_out, out.dtype, out.device = self.n_in, self.n_out, torch.float64, device
         out.G, out.C, out.yy = (t.to(device, torch.float64) for t in (self.G, self.C, self.yy))
@@ -54,6 +56,7 @@ class _Stats:
 
     @property
     def tokens(self) -> int:
+        """How many tokens the sums hold."""
         return int(self.G[-1, -1].item())
 
     def error(self, w_aug: torch.Tensor) -> float:
@@ -171,6 +174,8 @@ class LeastSquaresReconstruct(ReconstructPlugin):
 
     # -- checks, before any work -----------------------------------------------------------------------------
     def _projections(self, model: nn.Module, adapter: DecoderAdapter, what: str) -> list[dict[str, nn.Linear]]:
+        """Per layer of ``model``, the configured output projections (``"attention"``, ``"mlp"``), refused
+        where the adapter's path does not lead to an ``nn.Linear`` (``what``: how messages name the model)."""
         family = getattr(model.config, "model_type", type(model).__name__)
         out = []
         for i, layer in enumerate(adapter.decoder_layers(model)):
@@ -198,7 +203,27 @@ class LeastSquaresReconstruct(ReconstructPlugin):
     def run(
         self, student: nn.Module, teacher: nn.Module, adapter: DecoderAdapter, calibration: Calibration, kept: dict
     ) -> dict:
-        cfg = self.config
+        """Refit the configured projections of every student layer, in order (see the class docstring); return
+        the per-module records, their totals and notes."""
+        layer_map, hidden_idx, s_proj, t_proj = self._check(student, teacher, adapter, kept)
+        device = next(student.parameters()).device
+        dtype = _DTYPES[self.config.dtype]
+        if device.type == "mps" and dtype == torch.float64:
+            raise ConfigError(
+                "LeastSquaresReconstruct.dtype='float64' is not available on Apple MPS; use dtype='float32'"
+            )
+        windows = _Windows.split(calibration, self.config)
+        with forward_context(student, teacher):
+            records = self._refit_layers(
+                student, teacher, adapter, windows, layer_map, hidden_idx, (s_proj, t_proj), dtype, device
+            )
+        return _summary(records, windows, adapter)
+
+    def _check(
+        self, student: nn.Module, teacher: nn.Module, adapter: DecoderAdapter, kept: dict
+    ) -> tuple[list[int], torch.Tensor, list[dict[str, nn.Linear]], list[dict[str, nn.Linear]]]:
+        """The layer map and kept hidden channels, and the projections of both models, refused where ``kept``
+        does not describe them (layers out of order, output widths that differ from the kept channels)."""
         layer_map = list(kept["layers"])
         if any(b <= a for a, b in zip(layer_map, layer_map[1:])):
             raise ConfigError(
@@ -218,88 +243,57 @@ class LeastSquaresReconstruct(ReconstructPlugin):
                         f"but kept['hidden'] lists {len(hidden_idx)}; kept does not describe these "
                         "models"
                     )
-        device = next(student.parameters()).device
-        dtype = _DTYPES[cfg.dtype]
-        if device.type == "mps" and dtype == torch.float64:
-            raise ConfigError(
-                "LeastSquaresReconstruct.dtype='float64' is not available on Apple MPS; use dtype='float32'"
-            )
-        windows = calibration.input_ids
-        if cfg.max_windows is not None:
-            windows = windows[: cfg.max_windows]
-        n = windows.shape[0]
-        held = max(1, round(n * cfg.holdout_fraction))
-        if n - held < 1:
-            raise DataError(f"least_squares needs at least 2 calibration windows (one to fit, one held out), got {n}")
-        bs = calibration.batch_size
-        batches = list(windows[: n - held].split(bs)) + list(windows[n - held :].split(bs))
-        is_held = [False] * len(windows[: n - held].split(bs)) + [True] * len(windows[n - held :].split(bs))
+        return layer_map, hidden_idx, s_proj, t_proj
 
+    def _refit_layers(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        adapter: DecoderAdapter,
+        windows: _Windows,
+        layer_map: list[int],
+        hidden_idx: torch.Tensor,
+        projections: tuple[list[dict[str, nn.Linear]], list[dict[str, nn.Linear]]],
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> list[dict]:
+        """Layer by layer, attention before MLP: gather each module's fit and held-out statistics from the
+        student's inputs and the teacher's outputs, then refit it (:meth:`_refit`). One record per module."""
+        s_proj, t_proj = projections
+        batches, is_held = windows.batches, windows.is_held
         records: list[dict] = []
         solve_device = torch.device("cpu") if device.type == "mps" else device
-        with forward_context(student, teacher):
-            t_stream = LayerStream(teacher, adapter, batches, upto=layer_map[-1])
-            s_stream = LayerStream(student, adapter, batches)
-            n_s = len(layer_map)
-            for i in bar(range(n_s), desc="reconstructing", unit="layer"):
-                t = layer_map[i]
-                t_stream.advance_to(t)
-                last = i == n_s - 1
-                for kind in cfg.modules:
-                    s_mod, t_mod = s_proj[i][kind], t_proj[t][kind]
-                    stats = [_Stats(s_mod.in_features, len(hidden_idx), dtype, device) for _ in range(2)]
-                    # the teacher's MLP pass runs its whole layer, which advances its stream at the same time
-                    finish = kind == "mlp" and not last
-                    for b in range(len(batches)):
-                        y, out = t_stream.run_until(b, t_mod, want="output", stop=not finish)
-                        if finish:
-                            assert out is not None  # stop=False: the layer ran to its end
-                            t_stream.hidden[b] = out
-                        a, _ = s_stream.run_until(b, s_mod, want="input", stop=True)
-                        stats[is_held[b]].add(a, y.index_select(-1, hidden_idx.to(y.device)))
+        t_stream = LayerStream(teacher, adapter, batches, upto=layer_map[-1])
+        s_stream = LayerStream(student, adapter, batches)
+        n_s = len(layer_map)
+        for i in bar(range(n_s), desc="reconstructing", unit="layer"):
+            t = layer_map[i]
+            t_stream.advance_to(t)
+            last = i == n_s - 1
+            for kind in self.config.modules:
+                s_mod, t_mod = s_proj[i][kind], t_proj[t][kind]
+                stats = [_Stats(s_mod.in_features, len(hidden_idx), dtype, device) for _ in range(2)]
+                # the teacher's MLP pass runs its whole layer, which advances its stream at the same time
+                finish = kind == "mlp" and not last
+                for b in range(len(batches)):
+                    y, out = t_stream.run_until(b, t_mod, want="output", stop=not finish)
                     if finish:
-                        t_stream.position += 1
-                    record = self._refit(s_mod, stats[0].to(solve_device), stats[1].to(solve_device))
-                    path = adapter.o if kind == "attention" else adapter.down
-                    records.append(
-                        {
-                            "layer": i,
-                            "teacher_layer": t,
-                            "module": kind,
-                            "path": f"{adapter.layers}.{i}.{path}",
-                            **record,
-                        }
-                    )
-                    del stats
-                if not last:
-                    s_stream.advance()
-            del t_stream, s_stream
-
-        err_before = sum(r["_err_before"] for r in records)
-        err_after = sum(r["_err_after"] for r in records)
-        yy = sum(r["_yy"] for r in records)
-        for r in records:
-            for k in ("_err_before", "_err_after", "_yy"):
-                r.pop(k)
-        fit_tokens = (n - held) * windows.shape[1]
-        totals = {
-            "modules": len(records),
-            "refit": sum(not r["backed_off"] for r in records),
-            "backed_off": sum(r["backed_off"] for r in records),
-            "held_out_rel_error_before": err_before / yy if yy > 0 else 0.0,
-            "held_out_rel_error_after": err_after / yy if yy > 0 else 0.0,
-            "fit_windows": n - held,
-            "held_out_windows": held,
-            "fit_tokens": fit_tokens,
-            "held_out_tokens": held * windows.shape[1],
-        }
-        notes = []
-        if adapter.residual_norms:
-            notes.append(
-                f"in this family the norms {list(adapter.residual_norms)} follow the projections; the refit "
-                "matches the projections' outputs before them"
-            )
-        return {"modules": records, "totals": totals, "notes": notes}
+                        assert out is not None  # stop=False: the layer ran to its end
+                        t_stream.hidden[b] = out
+                    a, _ = s_stream.run_until(b, s_mod, want="input", stop=True)
+                    stats[is_held[b]].add(a, y.index_select(-1, hidden_idx.to(y.device)))
+                if finish:
+                    t_stream.position += 1
+                record = self._refit(s_mod, stats[0].to(solve_device), stats[1].to(solve_device))
+                path = adapter.o if kind == "attention" else adapter.down
+                records.append(
+                    {"layer": i, "teacher_layer": t, "module": kind, "path": f"{adapter.layers}.{i}.{path}", **record}
+                )
+                del stats
+            if not last:
+                s_stream.advance()
+        del t_stream, s_stream
+        return records
 
     def _refit(self, module: nn.Linear, fit: _Stats, held: _Stats) -> dict:
         """Choose λ on ``held``, then replace ``module``'s weight (and bias) unless that does worse than now."""
@@ -361,3 +355,63 @@ class LeastSquaresReconstruct(ReconstructPlugin):
             "backed_off": False,
             "_err_after": max(errors[best], 0.0),
         }
+
+
+@dataclass
+class _Windows:
+    """The calibration windows a refit uses, in batches: the fit windows first, then the held-out ones (the last
+    ``holdout_fraction`` of them, at least one); ``is_held[b]`` says which batch ``b`` is."""
+
+    batches: list[torch.Tensor]
+    is_held: list[bool]
+    fit: int
+    held: int
+    seq_len: int
+
+    @classmethod
+    def split(cls, calibration: Calibration, config: LeastSquaresReconstruct.Config) -> _Windows:
+        """At most ``config.max_windows`` windows of ``calibration``, split; refused when fewer than two."""
+        windows = calibration.input_ids
+        if config.max_windows is not None:
+            windows = windows[: config.max_windows]
+        n = windows.shape[0]
+        held = max(1, round(n * config.holdout_fraction))
+        if n - held < 1:
+            raise DataError(f"least_squares needs at least 2 calibration windows (one to fit, one held out), got {n}")
+        bs = calibration.batch_size
+        fit_batches, held_batches = list(windows[: n - held].split(bs)), list(windows[n - held :].split(bs))
+        return cls(
+            fit_batches + held_batches,
+            [False] * len(fit_batches) + [True] * len(held_batches),
+            n - held,
+            held,
+            windows.shape[1],
+        )
+
+
+def _summary(records: list[dict], windows: _Windows, adapter: DecoderAdapter) -> dict:
+    """The plugin's report: the records (their private error sums removed), totals over them, and notes."""
+    err_before = sum(r["_err_before"] for r in records)
+    err_after = sum(r["_err_after"] for r in records)
+    yy = sum(r["_yy"] for r in records)
+    for r in records:
+        for k in ("_err_before", "_err_after", "_yy"):
+            r.pop(k)
+    totals = {
+        "modules": len(records),
+        "refit": sum(not r["backed_off"] for r in records),
+        "backed_off": sum(r["backed_off"] for r in records),
+        "held_out_rel_error_before": err_before / yy if yy > 0 else 0.0,
+        "held_out_rel_error_after": err_after / yy if yy > 0 else 0.0,
+        "fit_windows": windows.fit,
+        "held_out_windows": windows.held,
+        "fit_tokens": windows.fit * windows.seq_len,
+        "held_out_tokens": windows.held * windows.seq_len,
+    }
+    notes = []
+    if adapter.residual_norms:
+        notes.append(
+            f"in this family the norms {list(adapter.residual_norms)} follow the projections; the refit "
+            "matches the projections' outputs before them"
+        )
+    return {"modules": records, "totals": totals, "notes": notes}

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,31 +22,7 @@ from ..distributed import all_reduce_, rank_world, shard_range
 from ..errors import ConfigError, DataError
 from ..progress import bar
 from ..validate import check_token_ids, check_tokenizer_matches, embedding_rows
-
-if TYPE_CHECKING:
-    pass
-
-
-@dataclass
-class CalibrationConfig:
-    """How much text importance estimation sees. Minitron uses 1024 samples; fewer is faster and noisier."""
-
-    num_samples: int = 1024
-    seq_len: int = 512
-    batch_size: int = 8
-    min_samples: int = 8
-
-    def __post_init__(self) -> None:
-        for name in ("num_samples", "seq_len", "batch_size", "min_samples"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"CalibrationConfig.{name} should be a positive integer, got {value!r}")
-        if self.seq_len < 2:
-            raise ConfigError(f"CalibrationConfig.seq_len should be at least 2, got {self.seq_len}")
-        if self.min_samples > self.num_samples:
-            raise ConfigError(
-                f"CalibrationConfig.min_samples={self.min_samples} exceeds num_samples={self.num_samples}"
-            )
+from .config import CalibrationConfig
 
 
 @dataclass
@@ -59,19 +35,22 @@ class Calibration:
 
     @property
     def num_samples(self) -> int:
+        """How many windows."""
         return self.input_ids.shape[0]
 
     @property
     def num_tokens(self) -> int:
+        """How many tokens in all the windows."""
         return self.input_ids.numel()
 
     def batches(self, limit: int | None = None) -> Iterator[torch.Tensor]:
+        """The windows (the first ``limit``) in batches of ``batch_size``."""
         ids = self.input_ids if limit is None else self.input_ids[:limit]
         yield from ids.split(self.batch_size)
 
 
 def prepare_calibration(
-    model: nn.Module, tokenizer, source: TextSource | torch.Tensor | Calibration, config: CalibrationConfig
+    model: nn.Module, tokenizer: Any, source: TextSource | torch.Tensor | Calibration, config: CalibrationConfig
 ) -> Calibration:
     """Turn text (or token ids) into :class:`Calibration` windows, refusing data too short to be meaningful,
     token ids outside the model's vocabulary and a tokenizer that does not fit the model."""
@@ -102,6 +81,18 @@ def prepare_calibration(
     return Calibration(ids, batch_size=config.batch_size, source=where)
 
 
+def calibration_summary(calib: Calibration | None) -> dict:
+    """What a report says about the calibration windows a stage used (``{}`` when it used none)."""
+    if calib is None:
+        return {}
+    return {
+        "source": calib.source,
+        "samples": calib.num_samples,
+        "tokens": calib.num_tokens,
+        "seq_len": calib.input_ids.shape[1],
+    }
+
+
 @dataclass
 class Importance:
     """Per-channel importance scores (higher = keep). Any field an importance plugin cannot provide is None.
@@ -118,6 +109,7 @@ class Importance:
     stats: dict = field(default_factory=dict)
 
     def require(self, name: str, needed_by: str) -> torch.Tensor:
+        """The ``name`` scores, refused when this plugin gave none (``needed_by``: the axis that reads them)."""
         value = getattr(self, name)
         if value is None:
             raise ConfigError(
@@ -143,7 +135,9 @@ class Importance:
 
 
 @contextmanager
-def hooks(registrations: list[Callable[..., torch.utils.hooks.RemovableHandle]]):  # each called with no arguments
+def hooks(registrations: list[Callable[..., torch.utils.hooks.RemovableHandle]]) -> Iterator[None]:
+    """Register every hook (each registration is called with no arguments) for the block, and remove them all
+    afterwards, whatever happens."""
     handles = [register() for register in registrations]
     try:
         yield
@@ -158,7 +152,9 @@ def accumulator_dtype(device: torch.device | str) -> torch.dtype:
     return torch.float32 if torch.device(device).type == "mps" else torch.float64
 
 
-def all_reduce_tensors(tensors: Mapping[str, torch.Tensor] | Sequence[torch.Tensor], op: str = "sum"):
+def all_reduce_tensors(
+    tensors: Mapping[str, torch.Tensor] | Sequence[torch.Tensor], op: str = "sum"
+) -> Mapping[str, torch.Tensor] | Sequence[torch.Tensor]:
     """Reduce every tensor of ``tensors`` (a dict name → tensor, or a list/tuple) across ranks, **in place**, and
     return ``tensors``; ``op`` is ``"sum"``, ``"max"`` or ``"min"``. A no-op in a single process.
 

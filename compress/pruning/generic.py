@@ -41,16 +41,17 @@ from torch import nn
 from ..errors import ConfigError, TargetError, UnsupportedModelError
 from ..models import supported_families
 from ..report import PruneReport
+from ..validate import embedding_rows
 from .calibrate import (
     Calibration,
-    CalibrationConfig,
     accumulator_dtype,
-    embedding_rows,
+    calibration_summary,
     hooks,
     prepare_calibration,
     streamed_pass,
 )
-from .plan import PlanConfig, Target, _cost, _grid
+from .config import CalibrationConfig, PlanConfig, Target
+from .plan import damage_cost, size_grid
 from .shape import ModelShape, count_params
 from .surgery import top_k_sorted
 
@@ -165,6 +166,7 @@ class _Structure:
         return poly
 
     def count(self, hidden: int, inter: int) -> int:
+        """Exact parameters at hidden size ``hidden`` and intermediate size ``inter``."""
         return sum(c * hidden**a * inter**b for (a, b), c in self.poly.items())
 
     def calibrate(self, calib: Calibration) -> tuple[dict[nn.Module, torch.Tensor], dict]:
@@ -213,6 +215,8 @@ class _Structure:
 
 
 def _pruned_dims(dg: tp.DependencyGraph, dep) -> list[tuple[nn.Parameter, int]]:
+    """The (parameter, dimension) pairs a dependency's handler prunes, found on a meta-device stand-in of its
+    module (nothing real is sliced)."""
     target = dep.target.module
     if isinstance(target, nn.Parameter):
         return [(target, dg.module2node[target].pruning_dim % target.dim())]
@@ -259,6 +263,8 @@ def _trace(model: nn.Module) -> tp.DependencyGraph:
 
 
 class _PreflightFailed(Exception):
+    """The reload preflight failed at ``axis`` (``"setup"``, ``"mlp"`` or ``"hidden"``) because of ``cause``."""
+
     def __init__(self, axis: str, cause: BaseException):
         super().__init__(f"{type(cause).__name__}: {' '.join(str(cause).split())[:300]}")
         self.axis, self.cause = axis, cause
@@ -295,11 +301,13 @@ def _tiny_like(model: nn.Module) -> PreTrainedModel:
 
 
 def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Float32 logits of ``ids``, without gradients."""
     with torch.no_grad():
         return model(input_ids=ids, use_cache=False).logits.float()
 
 
 def _check_close(what: str, got: torch.Tensor, want: torch.Tensor) -> None:
+    """Raise an AssertionError naming ``what`` when ``got`` and ``want`` differ beyond float noise."""
     err, scale = (got - want).abs().max().item(), want.abs().max().item()
     if not err <= 1e-4 * max(1.0, scale):
         raise AssertionError(f"{what} differ by {err:.3g} (logit scale {scale:.3g})")
@@ -380,10 +388,10 @@ def _plan(
     teacher: ModelShape, count: Callable[[int, int], int], budget: int, config: PlanConfig, hidden: bool
 ) -> tuple[int, int, str]:
     """The (hidden, intermediate) grid shape within tolerance below ``budget`` with the lowest damage cost
-    (:func:`compress.pruning.plan._cost`), or the largest below it; heads and layers are kept."""
+    (:func:`compress.pruning.plan.damage_cost`), or the largest below it; heads and layers are kept."""
     f, m = config.min_fraction, config.multiple_of
-    hiddens = _grid(teacher.hidden_size, m, f) if hidden else [teacher.hidden_size]
-    inters = _grid(teacher.intermediate_size, m, f)
+    hiddens = size_grid(teacher.hidden_size, m, f) if hidden else [teacher.hidden_size]
+    inters = size_grid(teacher.intermediate_size, m, f)
     smallest = count(min(hiddens), min(inters))
     if smallest > budget:
         raise TargetError(
@@ -401,7 +409,7 @@ def _plan(
             fallback = max(fallback or (p, d, i), (p, d, i))
             continue
         n += 1
-        key = (_cost(teacher, teacher.replace(hidden_size=d, intermediate_size=i), config.weights), -p, d, i)
+        key = (damage_cost(teacher, teacher.replace(hidden_size=d, intermediate_size=i), config.weights), -p, d, i)
         best = min(best or key, key)
     if best is None and fallback is None:
         raise TargetError(f"no (hidden, intermediate) shape on the grid lies below {budget:,} params. {_UNCHANGED}")
@@ -427,7 +435,7 @@ def _plan(
 
 
 def _check_request(
-    model: nn.Module, family: str, target: Any, calibration: Any, strategy: str, plugins: Any, importance: Any
+    model: nn.Module, family: str, target: Any, data: Any, strategy: str, plugins: Any, importance: Any
 ) -> tuple[ModelShape, Target]:
     """Refuse, before any work, what the generic backend cannot do; returns the teacher shape and the target."""
     cfg = model.config
@@ -447,7 +455,7 @@ def _check_request(
             f"precomputed importance= cannot be used for {family} (no adapter): the generic backend "
             f"scores Torch-Pruning groups itself from calibration data. {_UNCHANGED}"
         )
-    if calibration is None:
+    if data is None:
         raise ConfigError(
             f"{family} has no adapter; the generic backend uses activation importance, which needs "
             f"calibration data (text with a tokenizer, or token ids). {_UNCHANGED}"
@@ -504,7 +512,7 @@ def _choose_shape(
                 alt = next(
                     (
                         n
-                        for n in _grid(teacher.intermediate_size, config.multiple_of, 0.01)
+                        for n in size_grid(teacher.intermediate_size, config.multiple_of, 0.01)
                         if s.count(teacher.hidden_size, n) <= s.count(d, i)
                     ),
                     None,
@@ -532,17 +540,20 @@ def _choose_shape(
 def prune_generic(
     model: nn.Module,
     target: Any,
-    calibration: Any,
+    data: Any,
     *,
     strategy: str = "width",
     plugins: Any = None,
-    tokenizer=None,
-    calibration_config: CalibrationConfig | None = None,
-    plan_config: PlanConfig | None = None,
+    tokenizer: Any = None,
+    calibration: CalibrationConfig | None = None,
+    plan: PlanConfig | None = None,
     importance: Any = None,
 ) -> PruneReport:
     """Prune MLP neurons and hidden channels of a model whose family has no adapter, in place (see the module
-    docstring). Every check, the reload preflight and the selection happen before the model is modified."""
+    docstring). Every check, the reload preflight and the selection happen before the model is modified.
+
+    The arguments are :func:`compress.prune`'s, checked by it (``data``: the calibration data; ``calibration``
+    and ``plan``: the configs); ``prune`` also puts the model back if this raises."""
     start = time.perf_counter()
     family = f"{getattr(model.config, 'model_type', None)!r} ({type(model).__name__})"
     if any(p.is_inference() for p in model.parameters()):
@@ -551,9 +562,9 @@ def prune_generic(
             "the model with autograd, which inference tensors cannot join. Load the model outside "
             f"inference_mode. {_UNCHANGED}"
         )
-    teacher, parsed = _check_request(model, family, target, calibration, strategy, plugins, importance)
+    teacher, parsed = _check_request(model, family, target, data, strategy, plugins, importance)
     params_before = count_params(model)
-    calib = prepare_calibration(model, tokenizer, calibration, calibration_config or CalibrationConfig())
+    calib = prepare_calibration(model, tokenizer, data, calibration or CalibrationConfig())
     try:
         s = _Structure(model)
     except Exception as exc:  # noqa: BLE001 - a model Torch-Pruning cannot trace is refused with the cause
@@ -562,7 +573,7 @@ def prune_generic(
         raise UnsupportedModelError(
             f"Torch-Pruning could not trace {family} ({type(exc).__name__}: {exc}); register an adapter. {_UNCHANGED}"
         ) from exc
-    d, i, reason = _choose_shape(model, family, s, teacher, parsed, plan_config or PlanConfig())
+    d, i, reason = _choose_shape(model, family, s, teacher, parsed, plan or PlanConfig())
 
     mean_abs, stats = s.calibrate(calib)
     scorer = InputMagnitudeImportance(mean_abs)
@@ -613,12 +624,7 @@ def prune_generic(
             **stats,
             **spread,
         },
-        calibration={
-            "source": calib.source,
-            "samples": calib.num_samples,
-            "tokens": calib.num_tokens,
-            "seq_len": calib.input_ids.shape[1],
-        },
+        calibration=calibration_summary(calib),
         seconds=round(time.perf_counter() - start, 3),
         kept={"hidden": keep_hidden} if keep_hidden is not None else {},
     )

@@ -13,150 +13,101 @@ gutting one. The default weights are measured, not assumed: on SmolLM2-135M (``b
 BENCHMARKS.md) hidden channels were by far the most damaging axis to prune, then MLP neurons, with attention
 heads cheapest per parameter — unlike Minitron's multi-billion-parameter models, where hidden pruning is
 milder. Tune ``PlanConfig.weights`` for other families.
+
+:func:`plan_for` is the one way from a model to its plan (adapter, shape, parameter formula, parsed target,
+planned shapes), used by :func:`compress.prune` and the shape search alike; it reads no weight. The configs and
+the target (:class:`PlanConfig`, :class:`Target`, :data:`STRATEGIES`) live in :mod:`compress.pruning.config` and
+are re-exported here.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
-import math
 import numbers
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from ..errors import ConfigError, TargetError
-from .shape import SHAPE_FIELDS, ModelShape, ParamFormula
+from torch import nn
 
-STRATEGIES = ("width", "depth", "width+depth")
+from ..errors import ConfigError, TargetError
+from ..models import DecoderAdapter, adapter_for
+from .config import STRATEGIES as STRATEGIES  # re-exported: the strategies used to be written here
+from .config import PlanConfig, Target, check_config, check_strategy
+from .shape import ModelShape, ParamFormula, count_params
+
 #: Share of the teacher's parameters in the embedding (+ untied LM head) above which the plan says so.
 EMBEDDING_HEAVY = 0.3
 
 
 @dataclass(frozen=True)
-class Target:
-    """A parsed pruning target: exactly one of ``params`` (a count) or ``shape`` (explicit fields) is set."""
-
-    params: int | None = None
-    shape: Mapping[str, int] | None = None
-    requested: Any = None
-
-    @classmethod
-    def parse(cls, target: Any, teacher_params: int) -> Target:
-        """Accept ``0.5``, ``{"params": 0.5}``, ``{"params": 70_000_000}``, a shape dict, or a :class:`Target`.
-
-        ``params``: a float in (0, 1) is a fraction of the teacher; an integer (or an integral float such as
-        ``7e7``) is a count. Anything else is refused with its value named: a fraction of 1 or more
-        (``1.5`` is neither a fraction nor a plausible count), NaN/inf, booleans and strings. Shape fields must
-        be integers (not ``True``, ``"448"`` or ``448.0``).
-        """
-        if isinstance(target, Target):
-            return target
-        if _is_number(target):
-            target = {"params": target}
-        if not isinstance(target, Mapping) or not target:
-            raise TargetError(
-                f"target should be a dict like {{'params': 0.5}} or {{'hidden_size': 448}}, got {target!r}"
-            )
-        unknown = set(target) - set(SHAPE_FIELDS) - {"params"}
-        if unknown:
-            raise TargetError(
-                f"unknown target key(s) {sorted(unknown, key=repr)}; use 'params' or {list(SHAPE_FIELDS)}"
-            )
-        if "params" in target:
-            if len(target) > 1:
-                raise TargetError("give either 'params' or shape fields in a target, not both")
-            count = _params_count(target["params"], teacher_params)
-            if count >= teacher_params:
-                raise TargetError(
-                    f"target of {count:,} parameters is not smaller than the teacher's {teacher_params:,}; "
-                    "give a fraction below 1 or a smaller count"
-                )
-            return cls(params=count, requested=dict(target))
-        for name, value in target.items():
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-                raise TargetError(f"target {name} should be an integer, got {value!r}{_quoted_hint(value)}")
-        return cls(shape={k: int(v) for k, v in target.items()}, requested=dict(target))
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _quoted_hint(value: Any) -> str:
-    """A hint for a number written as a string ("0.5", "448")."""
-    if isinstance(value, str):
-        try:
-            float(value.replace("_", ""))
-        except ValueError:
-            return ""
-        return " (a string: write the number without quotes)"
-    return ""
-
-
-def _params_count(value: Any, teacher_params: int) -> int:
-    """The parameter count a ``params`` target asks for (see :meth:`Target.parse`)."""
-    if not _is_number(value):
-        raise TargetError(
-            f"target params should be a positive fraction like 0.5 or a count like 70_000_000, "
-            f"got {value!r}{_quoted_hint(value)}"
-        )
-    if not math.isfinite(float(value)):
-        raise TargetError(
-            f"target params should be a positive fraction or count, got {value!r}: it must be a finite number"
-        )
-    if value <= 0:
-        raise TargetError(f"target params should be a positive fraction or count, got {value!r}")
-    if isinstance(value, numbers.Integral):
-        return int(value)
-    value = float(value)
-    if value <= 1:
-        return int(value * teacher_params)
-    if not value.is_integer():
-        raise TargetError(
-            f"target params={value!r} is neither a fraction nor a count: a fraction must be in "
-            "(0, 1); a count must be an integer like 70_000_000"
-        )
-    return int(value)  # an integral float such as 7e7 is a count
-
-
-@dataclass(frozen=True)
-class PlanConfig:
-    """Knobs of the budget planner; the default weights come from a measured sweep (see the module docstring)."""
-
-    weights: Mapping[str, float] = field(
-        default_factory=lambda: {"mlp": 1.0, "hidden": 32.0, "heads": 2.0, "depth": 8.0}
-    )
-    tolerance: float = 0.03
-    multiple_of: int = 64
-    min_fraction: float = 0.1
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.weights, Mapping):
-            raise ConfigError(f"PlanConfig.weights should be a dict of axis -> weight, got {self.weights!r}")
-        missing = {"mlp", "hidden", "heads", "depth"} - set(self.weights)
-        if missing:
-            raise ConfigError(f"PlanConfig.weights is missing {sorted(missing)}")
-        for axis, w in self.weights.items():
-            if not _is_number(w) or not math.isfinite(w) or w < 0:
-                raise ConfigError(f"PlanConfig.weights[{axis!r}] should be a non-negative number, got {w!r}")
-        if not _is_number(self.tolerance) or not 0 < self.tolerance < 1:
-            raise ConfigError(f"PlanConfig.tolerance should be in (0, 1), got {self.tolerance!r}")
-        if isinstance(self.multiple_of, bool) or not isinstance(self.multiple_of, int) or self.multiple_of < 1:
-            raise ConfigError(f"PlanConfig.multiple_of should be a positive integer, got {self.multiple_of!r}")
-        if not _is_number(self.min_fraction) or not 0 < self.min_fraction <= 1:
-            raise ConfigError(f"PlanConfig.min_fraction should be in (0, 1], got {self.min_fraction!r}")
-
-
-@dataclass(frozen=True)
 class Plan:
+    """One shape the planner chose: its exact parameter count, why it was chosen, and how many shapes on the grid
+    were considered (1 for an explicit shape, 0 when none landed within tolerance)."""
+
     shape: ModelShape
     params: int
     reason: str
     candidates: int = 0
 
 
-def _grid(size: int, multiple: int, min_fraction: float) -> list[int]:
+@dataclass(frozen=True)
+class ModelPlan:
+    """What :func:`plan_for` found for a model: everything pruning or the shape search needs before any weight is
+    read. ``shape_config``: the config the shape is read from and written to (a multimodal model's text config);
+    ``shape``: the teacher's shape; ``params``: its parameter count; ``plans``: the planner's best shapes, best
+    first (``plan`` is the first, what :func:`plan_shape` picks)."""
+
+    adapter: DecoderAdapter
+    shape_config: Any
+    shape: ModelShape
+    formula: ParamFormula
+    params: int
+    target: Target
+    plans: tuple[Plan, ...]
+
+    @property
+    def plan(self) -> Plan:
+        """The planner's choice (the best candidate)."""
+        return self.plans[0]
+
+
+def plan_for(
+    model: nn.Module, target: Any, strategy: str = "width", plan: PlanConfig | None = None, *, candidates: int = 1
+) -> ModelPlan:
+    """The plan for pruning ``model`` to ``target`` with ``strategy``: the family's adapter, the teacher's shape,
+    its exact parameter formula, the parsed target and the planner's ``candidates`` best shapes.
+
+    Reads no weight, only module structure, shapes and the config, so it runs on a skeleton built on the meta
+    device (``with torch.device("meta"): AutoModelForCausalLM.from_config(cfg)``): a pipeline can refuse an
+    impossible target (:class:`TargetError`), a bad strategy or plan (:class:`ConfigError`) or a family without an
+    adapter (:class:`~compress.errors.UnsupportedModelError`) before any weight is loaded. :func:`compress.prune`
+    and :func:`compress.pruning.search.search_shapes` plan through it.
+    """
+    check_strategy(strategy)
+    check_config("plan", plan, PlanConfig)
+    adapter = adapter_for(model)
+    shape_config = adapter.shape_config(model.config)
+    before = ModelShape.from_config(shape_config)
+    formula = ParamFormula.from_model(model, adapter)
+    params = count_params(model)
+    parsed = Target.parse(target, params)
+    if parsed.shape and "num_key_value_heads" not in parsed.shape and not hasattr(shape_config, "num_key_value_heads"):
+        # multi-head attention without a KV-head count in its config (GPT-NeoX): KV heads follow query heads
+        parsed = Target(
+            shape={
+                **parsed.shape,
+                "num_key_value_heads": parsed.shape.get("num_attention_heads", before.num_attention_heads),
+            },
+            requested=parsed.requested,
+        )
+    constraint = adapter.shape_constraint(shape_config)
+    plans = candidate_shapes(before, formula, parsed, strategy, plan, constraint, k=candidates)
+    return ModelPlan(adapter, shape_config, before, formula, params, parsed, tuple(plans))
+
+
+def size_grid(size: int, multiple: int, min_fraction: float) -> list[int]:
     """Sizes from ``size`` down to ``min_fraction * size`` in steps of ``multiple`` (smaller steps for tiny sizes)."""
     step = multiple
     while step > 1 and size < 4 * step:
@@ -171,7 +122,9 @@ def _head_options(teacher: ModelShape) -> list[tuple[int, int]]:
     return [(kv * g, kv) for kv in range(1, teacher.num_key_value_heads + 1) for g in range(1, teacher.group_size + 1)]
 
 
-def _cost(teacher: ModelShape, s: ModelShape, weights: Mapping[str, float]) -> float:
+def damage_cost(teacher: ModelShape, s: ModelShape, weights: Mapping[str, float]) -> float:
+    """The planner's guess at how much pruning ``teacher`` to ``s`` hurts: ``sum(weight[axis] *
+    removed_fraction[axis] ** 2)`` over MLP neurons, hidden channels, query heads and layers."""
     removed = {
         "mlp": 1 - s.intermediate_size / teacher.intermediate_size,
         "hidden": 1 - s.hidden_size / teacher.hidden_size,
@@ -218,8 +171,7 @@ def candidate_shapes(
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
         raise ConfigError(f"k should be a positive integer (how many candidate shapes), got {k!r}")
     config = config or PlanConfig()
-    if strategy not in STRATEGIES:
-        raise ConfigError(f"strategy should be one of {STRATEGIES}, got {strategy!r}")
+    check_strategy(strategy)
     if target.shape is not None:
         candidate = teacher.replace(**target.shape)
         # The family's own constraint first: its reason is more telling than a generic bounds or GQA message.
@@ -251,6 +203,7 @@ def candidate_shapes(
 
 
 def _ordinal(n: int) -> str:
+    """``1st``, ``2nd``, ``3rd``, ``4th``, ..."""
     suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
     return f"{n}{suffix}"
 
@@ -275,8 +228,8 @@ def _ranked_grid(
     width = strategy in ("width", "width+depth")
     depth = strategy in ("depth", "width+depth")
     f = config.min_fraction
-    hiddens = _grid(teacher.hidden_size, config.multiple_of, f) if width else [teacher.hidden_size]
-    inters = _grid(teacher.intermediate_size, config.multiple_of, f) if width else [teacher.intermediate_size]
+    hiddens = size_grid(teacher.hidden_size, config.multiple_of, f) if width else [teacher.hidden_size]
+    inters = size_grid(teacher.intermediate_size, config.multiple_of, f) if width else [teacher.intermediate_size]
     heads = _head_options(teacher) if width else [(teacher.num_attention_heads, teacher.num_key_value_heads)]
     depths = list(range(teacher.num_hidden_layers, 0, -1)) if depth else [teacher.num_hidden_layers]
 
@@ -303,7 +256,7 @@ def _ranked_grid(
                 _keep(below, ((p, -order), s), k)
             continue
         count += 1
-        _keep(best, ((-_cost(teacher, s, config.weights), p, -order), s, p), k)
+        _keep(best, ((-damage_cost(teacher, s, config.weights), p, -order), s, p), k)
     if best:
         top = sorted(best, key=lambda item: (-item[0][0], -item[0][1], -item[0][2]))
         return [(-key[0], p, s) for key, s, p in top], count, True
@@ -313,7 +266,7 @@ def _ranked_grid(
             f"this model ({constraint(smallest) if constraint else 'none fits'})"
         )
     largest = sorted(below, key=lambda item: (-item[0][0], -item[0][1]))
-    return [(_cost(teacher, s, config.weights), key[0], s) for key, s in largest], 0, False
+    return [(damage_cost(teacher, s, config.weights), key[0], s) for key, s in largest], 0, False
 
 
 def _keep(heap: list, item: tuple, k: int) -> None:
@@ -339,6 +292,8 @@ def _embedding_note(teacher: ModelShape, formula: ParamFormula, chosen: ModelSha
 
 
 def _explicit(teacher: ModelShape, formula: ParamFormula, target: Target, strategy: str) -> Plan:
+    """The plan of an explicit shape target, refused when the shape is not a sub-shape of the teacher or
+    changes what ``strategy`` keeps."""
     assert target.shape is not None  # called for a shape target only
     shape = teacher.replace(**target.shape)
     shape.check_within(teacher)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import operator
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -32,9 +31,12 @@ from ..models import DecoderAdapter, find_adapter, supported_families
 from ..plugin_api import ReconstructPlugin
 from ..report import PruneReport
 from ..validate import check_finite_weights, check_token_ids, embedding_rows, weight_sums
-from .calibrate import Calibration, CalibrationConfig, prepare_calibration
-from .prune import _call, _Snapshot
+from .arguments import REQUIRED, resolve_keywords
+from .calibrate import Calibration, calibration_summary, prepare_calibration
+from .config import CalibrationConfig, check_config
+from .selection import IndexProblem, check_indices
 from .shape import ModelShape
+from .transaction import Snapshot, call_plugin
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -58,6 +60,7 @@ class ReconstructReport:
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
+        """Plain values for reports."""
         return dataclasses.asdict(self)
 
     def __str__(self) -> str:
@@ -76,6 +79,8 @@ class ReconstructReport:
 
 
 def _resolve_plugin(plugin: Any, config: Any) -> ReconstructPlugin:
+    """The reconstruct plugin ``plugin`` names (built with ``config``), or the instance given (then without
+    ``config``)."""
     if isinstance(plugin, ReconstructPlugin):
         if config is not None:
             raise ConfigError(
@@ -91,27 +96,22 @@ def _resolve_plugin(plugin: Any, config: Any) -> ReconstructPlugin:
     )
 
 
-def _indices(values: Any, what: str, count: int, limit: int) -> list[int]:
-    if isinstance(values, torch.Tensor) and not values.is_floating_point() and values.dtype != torch.bool:
-        values = values.tolist()
-    if not isinstance(values, (list, tuple, range)):
-        raise ConfigError(f"kept[{what}] should be a list of integer indices, got {type(values).__name__}")
-    out = []
-    for v in values:
-        if isinstance(v, bool) or not hasattr(v, "__index__"):
-            raise ConfigError(f"kept[{what}] holds {v!r} of type {type(v).__name__}; indices must be integers")
-        out.append(operator.index(v))
-    if len(out) != count:
-        raise ConfigError(
-            f"kept[{what}] lists {len(out)} indices, but the student has {count}: pass the kept of the "
-            "PruneReport that made this student from this teacher"
-        )
-    outside = [i for i in out if not 0 <= i < limit]
-    if outside:
-        raise ConfigError(f"kept[{what}] holds {outside[0]}, out of range: the teacher has {limit} (0..{limit - 1})")
-    if len(set(out)) != len(out):
-        raise ConfigError(f"kept[{what}] lists an index more than once; indices must be distinct")
-    return out
+def _indices(values: Any, count: int, limit: int, what: str) -> list[int]:
+    """Check the kept indices ``kept[what]`` (:func:`~compress.pruning.selection.check_indices`), worded for the
+    caller of :func:`reconstruct`."""
+    try:
+        return check_indices(values, count, limit)
+    except IndexProblem as problem:
+        v = problem.value
+        message = {
+            "container": f"kept[{what}] should be a list of integer indices, got {type(v).__name__}",
+            "count": f"kept[{what}] lists {v} indices, but the student has {count}: pass the kept of the "
+            "PruneReport that made this student from this teacher",
+            "element": f"kept[{what}] holds {v!r} of type {type(v).__name__}; indices must be integers",
+            "range": f"kept[{what}] holds {v}, out of range: the teacher has {limit} (0..{limit - 1})",
+            "duplicate": f"kept[{what}] lists an index more than once; indices must be distinct",
+        }[problem.kind]
+    raise ConfigError(message)
 
 
 def check_kept(kept: Any, student_shape: ModelShape, teacher_shape: ModelShape) -> dict:
@@ -135,7 +135,7 @@ def check_kept(kept: Any, student_shape: ModelShape, teacher_shape: ModelShape) 
         ("hidden", s.hidden_size, t.hidden_size, "hidden channels"),
     ):
         if key in kept and kept[key] is not None:
-            out[key] = _indices(kept[key], repr(key), count, limit)
+            out[key] = _indices(kept[key], count, limit, repr(key))
         elif count != limit:
             raise ConfigError(
                 f"kept has no {key!r}, but the student has {count} {size} and the teacher {limit}: "
@@ -155,11 +155,13 @@ def check_kept(kept: Any, student_shape: ModelShape, teacher_shape: ModelShape) 
             raise ConfigError(
                 f"kept[{key!r}] should hold one list per teacher layer ({t.num_hidden_layers}), got {got}"
             )
-        out[key] = [_indices(v, f"{key!r}][{j}", count, limit) for j, v in enumerate(per_layer)]
+        out[key] = [_indices(v, count, limit, f"{key!r}][{j}") for j, v in enumerate(per_layer)]
     return out
 
 
 def _check_models(student: Any, teacher: Any) -> tuple[DecoderAdapter, ModelShape, ModelShape]:
+    """Refuse a student and teacher that are not two separate models of one family with an adapter; returns
+    the adapter and both shapes."""
     for name, model in (("student", student), ("teacher", teacher)):
         if not isinstance(model, nn.Module):
             raise ConfigError(
@@ -204,18 +206,22 @@ def _check_models(student: Any, teacher: Any) -> tuple[DecoderAdapter, ModelShap
 def reconstruct(
     student: nn.Module,
     teacher: nn.Module,
-    calibration: Calibration | torch.Tensor | TextSource,
+    data: Calibration | torch.Tensor | TextSource = REQUIRED,
     *,
     kept: Mapping | PruneReport | None,
     plugin: str | ReconstructPlugin = DEFAULT_PLUGIN,
     config: Any = None,
-    tokenizer=None,
-    calibration_config: CalibrationConfig | None = None,
+    tokenizer: Any = None,
+    calibration: CalibrationConfig | None = None,
+    **renamed: Any,
 ) -> ReconstructReport:
     """Repair ``student`` (pruned from ``teacher``) **in place** with a reconstruct plugin; return a report.
 
-    ``calibration``: a :class:`Calibration` (e.g. the one pruning used), token ids ``[N, seq_len]``, or text with
-    ``tokenizer`` (packed by ``calibration_config``, default ``CalibrationConfig(min_samples=2)``).
+    ``data``: a :class:`Calibration` (e.g. the one pruning used), token ids ``[N, seq_len]``, or text with
+    ``tokenizer`` (packed by ``calibration``, a :class:`CalibrationConfig`, default
+    ``CalibrationConfig(min_samples=2)``). The old keywords ``calibration_config=`` (now ``calibration=``) and
+    ``calibration=<data>`` (now ``data``, the third positional argument as before) still work for one release,
+    with a :class:`DeprecationWarning`.
     ``kept``: the :attr:`PruneReport.kept` of the pruning that made the student (or the report itself); ``{}``
     when nothing was pruned. ``plugin``: a registered reconstruct plugin's name (default ``"least_squares"``) or
     a :class:`ReconstructPlugin` instance; ``config``: its Config, or a dict of its fields (by name only).
@@ -228,18 +234,50 @@ def reconstruct(
     read.
     """
     start = time.perf_counter()
+    args = resolve_keywords("reconstruct", data, calibration, renamed=renamed)
     adapter, s_shape, t_shape = _check_models(student, teacher)
     chosen = _resolve_plugin(plugin, config)
     kept_checked = check_kept(kept, s_shape, t_shape)
     s_sums = check_finite_weights(student, "student")
     t_sums = check_finite_weights(teacher, "teacher")
-    calib = prepare_calibration(teacher, tokenizer, calibration, calibration_config or CalibrationConfig(min_samples=2))
+    check_config(args.spelled.get("calibration", "calibration"), args.calibration, CalibrationConfig)
+    calib = prepare_calibration(teacher, tokenizer, args.data, args.calibration or CalibrationConfig(min_samples=2))
     check_token_ids(calib.input_ids, embedding_rows(student), "calibration token ids (student)")
 
+    out = _run_transaction(chosen, student, teacher, adapter, calib, kept_checked, s_sums, t_sums)
+    details = dict(out)
+    modules = details.pop("modules", [])
+    totals = details.pop("totals", {})
+    cfg = chosen.config
+    return ReconstructReport(
+        plugin=chosen.name,
+        # a plugin's config is a Config instance (build_plugin makes one), never the class
+        config=dataclasses.asdict(cast("DataclassInstance", cfg)) if dataclasses.is_dataclass(cfg) else {},
+        layer_map={i: t for i, t in enumerate(kept_checked["layers"])},
+        calibration=calibration_summary(calib),
+        modules=modules,
+        totals=totals,
+        details=details,
+        seconds=round(time.perf_counter() - start, 3),
+    )
+
+
+def _run_transaction(
+    chosen: ReconstructPlugin,
+    student: nn.Module,
+    teacher: nn.Module,
+    adapter: DecoderAdapter,
+    calib: Calibration,
+    kept: dict,
+    s_sums: dict[str, float],
+    t_sums: dict[str, float],
+) -> dict:
+    """Run the plugin and check what it did (a report dict, every shape kept, finite weights, the teacher
+    unchanged); on any failure put the teacher back if it changed and the student as it was, and re-raise."""
     shapes = {n: tuple(p.shape) for n, p in student.named_parameters()}
-    s_snapshot, t_snapshot = _Snapshot(student, s_sums), _Snapshot(teacher, t_sums)
+    s_snapshot, t_snapshot = Snapshot(student, s_sums), Snapshot(teacher, t_sums)
     try:
-        out = _call(chosen, "run", student, teacher, adapter, calib, kept_checked)
+        out = call_plugin(chosen, "run", student, teacher, adapter, calib, kept)
         if not isinstance(out, dict):
             raise PluginError(
                 f"reconstruct plugin {chosen.name!r} returned {type(out).__name__}; run() must return a report dict"
@@ -262,28 +300,7 @@ def reconstruct(
         finally:
             s_snapshot.undo(exc)
         raise
-    del s_snapshot, t_snapshot
-
-    details = dict(out)
-    modules = details.pop("modules", [])
-    totals = details.pop("totals", {})
-    cfg = chosen.config
-    return ReconstructReport(
-        plugin=chosen.name,
-        # a plugin's config is a Config instance (build_plugin makes one), never the class
-        config=dataclasses.asdict(cast("DataclassInstance", cfg)) if dataclasses.is_dataclass(cfg) else {},
-        layer_map={i: t for i, t in enumerate(kept_checked["layers"])},
-        calibration={
-            "source": calib.source,
-            "samples": calib.num_samples,
-            "tokens": calib.num_tokens,
-            "seq_len": calib.input_ids.shape[1],
-        },
-        modules=modules,
-        totals=totals,
-        details=details,
-        seconds=round(time.perf_counter() - start, 3),
-    )
+    return out
 
 
 # -- running decoder layers one at a time ----------------------------------------------------------------------
@@ -294,6 +311,7 @@ class StopForward(Exception):
 
 
 def _first(output: Any) -> torch.Tensor:
+    """The hidden states of a layer's or module's output (the first item of a tuple)."""
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
@@ -406,6 +424,7 @@ class LayerStream:
         self.position += 1
 
     def advance_to(self, layer: int) -> None:
+        """Advance the stream until it enters ``layer``."""
         while self.position < layer:
             self.advance()
 

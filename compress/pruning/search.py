@@ -16,10 +16,8 @@ the lowest score wins. The search returns shapes and scores only: prune the winn
 from __future__ import annotations
 
 import copy
-import dataclasses
 import gc
 import math
-import numbers
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -29,128 +27,20 @@ from torch import nn
 
 from .. import distributed, registry
 from ..data import TextSource, check_source, describe_source, pack_tokens
-from ..distillation import DistillConfig, DistillError, distill
+from ..distillation import DistillError, distill
 from ..errors import ConfigError, DataError, UnsupportedModelError
 from ..models import check_plain_logits, find_adapter, layout_for
 from ..progress import bar as progress_bar
-from ..validate import check_device, check_finite_weights
-from .calibrate import (
-    Calibration,
-    CalibrationConfig,
-    Importance,
-    check_token_ids,
-    check_tokenizer_matches,
-    embedding_rows,
-    prepare_calibration,
-)
-from .plan import Plan, PlanConfig, Target, _cost, candidate_shapes
-from .prune import (
-    PluginsArg,
-    _check_arguments,
-    _normalize_plugins,
-    check_importance,
-    prune,
-    resolve_plugins,
-    score_importance,
-)
-from .shape import SHAPE_FIELDS, ModelShape, ParamFormula, changed_axes, count_params
-
-SCORES = ("kl", "perplexity")
-
-
-def default_short_distill(tokens: int, seq_len: int = 256, **changes) -> DistillConfig:
-    """Small batches (many optimizer steps from few tokens) and a high learning rate, the warm-up a tenth of the
-    run (DistillConfig's default): what a few thousand tokens per candidate can use. ``changes`` override."""
-    steps = max(1, tokens // (4 * seq_len))
-    settings = dict(
-        max_tokens=tokens, seq_len=seq_len, batch_size=4, lr=5e-4, progress=False, log_every=max(1, min(10, steps))
-    )
-    return DistillConfig(**{**settings, **changes})
-
-
-@dataclass
-class SearchConfig:
-    """How :func:`search_shapes` tests candidate shapes.
-
-    ``candidates``: how many of the planner's best shapes to try (K). ``tokens_per_candidate``: the short
-    distillation budget of each (the same windows for every candidate). ``eval_windows``: held-out windows of
-    ``distill.seq_len`` tokens the score is computed on. ``score``: ``"kl"`` (mean per-token KL(teacher ||
-    student), default) or ``"perplexity"``; lower wins. ``distill``: the :class:`DistillConfig` of the short
-    runs, whose budget is replaced by ``tokens_per_candidate`` (None: 4 windows of 256 tokens per step, lr 5e-4,
-    a warm-up of a tenth of the steps, at least one); it may not write files (``output_dir``) or train the teacher
-    (``teacher_correction_steps``). ``progress``: a bar over the candidates.
-
-    Every field is checked at construction and again when the search starts; a bad value raises
-    :class:`~compress.errors.ConfigError` naming the field.
-    """
-
-    candidates: int = 4
-    tokens_per_candidate: int = 16384
-    eval_windows: int = 8
-    score: str = "kl"
-    distill: DistillConfig | None = None
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        for name in ("candidates", "tokens_per_candidate", "eval_windows"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-                raise ConfigError(f"SearchConfig.{name} should be a positive integer, got {value!r}")
-            setattr(self, name, int(value))
-        if not isinstance(self.score, str) or self.score not in SCORES:
-            raise ConfigError(f"SearchConfig.score should be one of {SCORES}, got {self.score!r}")
-        if self.progress is not True and self.progress is not False:
-            raise ConfigError(f"SearchConfig.progress should be True or False, got {self.progress!r}")
-        if self.distill is None:
-            self.distill = default_short_distill(self.tokens_per_candidate)
-        if not isinstance(self.distill, DistillConfig):
-            raise ConfigError(
-                f"SearchConfig.distill should be a compress.DistillConfig (or None), got "
-                f"{type(self.distill).__name__}"
-                + ("; build one: compress.DistillConfig(**your_dict)" if isinstance(self.distill, dict) else "")
-            )
-        d = self.distill
-        writes = {
-            "output_dir": d.output_dir,
-            "resume": d.resume,
-            "checkpoint_every": d.checkpoint_every,
-            "tensorboard": d.tensorboard,
-        }
-        for name, value in writes.items():
-            if value:
-                raise ConfigError(
-                    f"SearchConfig.distill.{name}={value!r}: the short runs of the search write no "
-                    "files (every candidate would write over the last one's); leave it unset"
-                )
-        if d.teacher_cache is not None:
-            raise ConfigError(
-                f"SearchConfig.distill.teacher_cache={d.teacher_cache!r}: a cache holds the teacher's "
-                "scores of other windows than the search's short runs use; leave it unset"
-            )
-        if d.teacher_correction_steps:
-            raise ConfigError(
-                f"SearchConfig.distill.teacher_correction_steps={d.teacher_correction_steps!r}: "
-                "teacher correction trains the teacher in place, and the search gives the teacher "
-                "back unchanged; correct the teacher first, then search with it"
-            )
-        if self.tokens_per_candidate < d.tokens_per_step:
-            raise ConfigError(
-                f"SearchConfig.tokens_per_candidate={self.tokens_per_candidate} is less than one "
-                f"optimizer step of SearchConfig.distill ({d.batch_size} x {d.grad_accum} windows of "
-                f"{d.seq_len} tokens = {d.tokens_per_step}); raise it or shrink the batch"
-            )
-        if d.max_tokens != self.tokens_per_candidate or d.max_steps is not None:
-            self.distill = dataclasses.replace(d, max_tokens=self.tokens_per_candidate, max_steps=None)
-        self.distill.validate()
-
-    def to_dict(self) -> dict:
-        out = asdict(self)
-        assert self.distill is not None  # set by validate()
-        out["distill"] = self.distill.to_dict()
-        return out
+from ..validate import check_device, check_finite_weights, check_token_ids, check_tokenizer_matches, embedding_rows
+from .arguments import REQUIRED, Keywords, PluginsArg, check_prune_args, normalize_plugins, resolve_keywords
+from .calibrate import Calibration, Importance, prepare_calibration
+from .config import SCORES as SCORES  # re-exported: the search's configs live in .config
+from .config import SHAPE_FIELDS, CalibrationConfig, PlanConfig, SearchConfig
+from .config import default_short_distill as default_short_distill  # re-exported
+from .plan import ModelPlan, Plan, damage_cost, plan_for
+from .prune import prune, resolve_plugins, score_importance
+from .selection import check_importance
+from .shape import ModelShape, changed_axes
 
 
 @dataclass
@@ -200,9 +90,11 @@ class SearchResult:
 
     @property
     def best_candidate(self) -> Candidate:
+        """The winning candidate."""
         return self.candidates[self.best]
 
     def to_dict(self) -> dict:
+        """Plain values for reports (without the scores)."""
         d = asdict(replace(self, scores=None))
         d.pop("scores")
         return d
@@ -228,14 +120,14 @@ def shape_target(shape: ModelShape) -> dict:
 
 def _importance_plugin(plugins: PluginsArg) -> tuple[str, Any]:
     """The importance plugin named in ``plugins`` (name, config), or the default."""
-    for name, config in _normalize_plugins(plugins).items():
+    for name, config in normalize_plugins(plugins).items():
         if registry.get_plugin(name).kind == "importance":
             return name, config
     return "activation", None
 
 
 def _split_data(
-    train_data: TextSource | torch.Tensor, tokenizer, config: SearchConfig, skip_tokens: int, rows: int
+    train_data: TextSource | torch.Tensor, tokenizer: Any, config: SearchConfig, skip_tokens: int, rows: int
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """The training windows of the short runs and the held-out windows right after them, from the token stream
     of ``train_data`` after its first ``skip_tokens`` tokens. Fewer training windows than the budget asks for
@@ -284,10 +176,12 @@ def _split_data(
 
 
 def _modes(model: nn.Module) -> list[tuple[nn.Module, bool]]:
+    """Every module's train/eval mode, to put back with :func:`_restore`."""
     return [(m, m.training) for m in model.modules()]
 
 
 def _restore(modes: list[tuple[nn.Module, bool]]) -> None:
+    """Put back the modes :func:`_modes` recorded."""
     for module, training in modes:
         module.training = training
 
@@ -327,9 +221,9 @@ def _score_windows(
 def search_shapes(
     teacher: nn.Module,
     target: Any,
-    calibration: TextSource | torch.Tensor | Calibration | None,
+    data: TextSource | torch.Tensor | Calibration | None = REQUIRED,
     *,
-    tokenizer=None,
+    tokenizer: Any = None,
     train_data: TextSource | torch.Tensor,
     strategy: str = "width",
     plugins: PluginsArg = None,
@@ -337,21 +231,24 @@ def search_shapes(
     config: SearchConfig | None = None,
     skip_tokens: int = 0,
     device: str | torch.device | None = None,
-    calibration_config: CalibrationConfig | None = None,
-    plan_config: PlanConfig | None = None,
+    calibration: CalibrationConfig | None = None,
+    plan: PlanConfig | None = None,
+    **renamed: Any,
 ) -> SearchResult:
     """Try the planner's ``config.candidates`` best shapes for ``target`` with a short distillation each, and
     return the one that scores best on held-out windows (a :class:`SearchResult`).
 
-    ``target``: a parameter budget (``{"params": 0.5}``); an explicit shape gives one candidate. ``calibration``:
-    what importance is scored on (text, token ids or a :class:`Calibration`; may be None when ``importance`` is
-    given), once, with the importance plugin of ``plugins``; ``importance``: scores computed earlier on this
-    teacher instead. ``train_data``: text or token windows for the short runs; its first ``skip_tokens`` tokens
-    are skipped (pass the calibration's token count when it is the calibration text), every candidate trains on
-    the same following windows, and the score is computed on the ``config.eval_windows`` windows right after
-    those. ``plan_config`` and ``strategy`` are the planner's; ``plugins`` are passed to every prune (a depth
-    axis's contiguous-block search runs on ``calibration``). ``device``: where the short runs train (default:
-    CUDA when available; the teacher is moved there for the search and back afterwards).
+    ``target``: a parameter budget (``{"params": 0.5}``); an explicit shape gives one candidate. ``data``: what
+    importance is scored on (text, token ids or a :class:`Calibration`, packed by ``calibration``, a
+    :class:`CalibrationConfig`; may be None when ``importance`` is given), once, with the importance plugin of
+    ``plugins``; ``importance``: scores computed earlier on this teacher instead. ``train_data``: text or token
+    windows for the short runs; its first ``skip_tokens`` tokens are skipped (pass the calibration's token count
+    when it is the calibration text), every candidate trains on the same following windows, and the score is
+    computed on the ``config.eval_windows`` windows right after those. ``plan`` (a :class:`PlanConfig`) and
+    ``strategy`` are the planner's; ``plugins`` are passed to every prune (a depth axis's contiguous-block search
+    runs on the calibration data). ``device``: where the short runs train (default: CUDA when available; the
+    teacher is moved there for the search and back afterwards). The old keywords ``calibration_config=``,
+    ``plan_config=`` and ``calibration=<data>`` still work for one release, with a :class:`DeprecationWarning`.
 
     The teacher comes back as it came in (weights, train/eval mode, device, ``requires_grad``); each candidate
     is a pruned copy, freed once scored. Bad input (arguments, config, target, plugins, data too short for the
@@ -359,6 +256,58 @@ def search_shapes(
     :class:`~compress.errors.CompressError` subclass before any model runs.
     """
     t_start = time.perf_counter()
+    args = resolve_keywords("search_shapes", data, calibration, plan, renamed)
+    config = _check_search_args(teacher, strategy, plugins, importance, config, skip_tokens, device, args)
+    planned = plan_for(teacher, target, strategy, args.plan, candidates=config.candidates)
+    search = _prepare(
+        teacher, planned, strategy, plugins, importance, config, tokenizer, args, train_data, skip_tokens, device
+    )
+    return _result(search, _run_search(search, importance), t_start)
+
+
+@dataclass
+class _Search:
+    """What every candidate of one search shares: the teacher and its plan, the arguments passed on to each
+    prune, and the data (calibration windows, training windows, held-out windows)."""
+
+    teacher: nn.Module
+    planned: ModelPlan
+    strategy: str
+    plugins: PluginsArg
+    config: SearchConfig
+    tokenizer: Any
+    args: Keywords
+    calib: Calibration | None
+    train: torch.Tensor
+    held: torch.Tensor
+    data_info: dict
+    importance_plugin: tuple[str, Any]
+    device: torch.device
+
+
+@dataclass
+class _Outcome:
+    """What the candidates' runs gave: the candidates, the scores they were pruned with, the teacher's held-out
+    perplexity, and the seconds and tokens importance scoring took (0 when the scores were given)."""
+
+    candidates: list[Candidate]
+    importance: Importance
+    teacher_perplexity: float
+    seconds_importance: float
+    calibration_tokens: int
+
+
+def _check_search_args(
+    teacher: Any,
+    strategy: Any,
+    plugins: Any,
+    importance: Any,
+    config: Any,
+    skip_tokens: Any,
+    device: Any,
+    args: Keywords,
+) -> SearchConfig:
+    """Refuse bad arguments and a teacher the search cannot use, before any work; returns the checked config."""
     config = SearchConfig() if config is None else config
     if not isinstance(config, SearchConfig):
         raise ConfigError(
@@ -366,13 +315,19 @@ def search_shapes(
             + ("; build one: SearchConfig(**your_dict)" if isinstance(config, dict) else "")
         )
     config.validate()
-    _check_arguments(teacher, strategy, calibration_config, plan_config, importance)
+    check_prune_args(
+        teacher,
+        strategy=strategy,
+        plugins=plugins,
+        calibration=args.calibration,
+        plan=args.plan,
+        importance=importance,
+        spelled=args.spelled,
+    )
     if isinstance(skip_tokens, bool) or not isinstance(skip_tokens, int) or skip_tokens < 0:
         raise ConfigError(f"skip_tokens should be a non-negative integer, got {skip_tokens!r}")
-
     check_device(device)
-    adapter = find_adapter(teacher)
-    if adapter is None:
+    if find_adapter(teacher) is None:
         raise UnsupportedModelError(
             f"the shape search needs an adapter for {getattr(teacher.config, 'model_type', type(teacher).__name__)!r} "
             "(its candidates are planned over heads, hidden channels and layers); prune families without one with "
@@ -380,34 +335,37 @@ def search_shapes(
         )
     check_plain_logits(teacher, layout_for(teacher))
     check_finite_weights(teacher, "teacher")
-    shape_config = adapter.shape_config(teacher.config)
-    before = ModelShape.from_config(shape_config)
-    formula = ParamFormula.from_model(teacher, adapter)
-    params_before = count_params(teacher)
-    parsed = Target.parse(target, params_before)
-    if parsed.shape and "num_key_value_heads" not in parsed.shape and not hasattr(shape_config, "num_key_value_heads"):
-        parsed = Target(
-            shape={
-                **parsed.shape,
-                "num_key_value_heads": parsed.shape.get("num_attention_heads", before.num_attention_heads),
-            },
-            requested=parsed.requested,
-        )
-    plans: list[Plan] = candidate_shapes(
-        before, formula, parsed, strategy, plan_config, adapter.shape_constraint(shape_config), k=config.candidates
-    )
-    needed_axes = sorted({axis for plan in plans for axis in changed_axes(before, plan.shape)})
+    return config
+
+
+def _prepare(
+    teacher: nn.Module,
+    planned: ModelPlan,
+    strategy: str,
+    plugins: PluginsArg,
+    importance: Importance | None,
+    config: SearchConfig,
+    tokenizer: Any,
+    args: Keywords,
+    train_data: TextSource | torch.Tensor,
+    skip_tokens: int,
+    device: str | torch.device | None,
+) -> _Search:
+    """Resolve the plugins every candidate needs, check the tokenizer and precomputed scores, prepare the
+    calibration, training and held-out windows, and pick the device of the short runs — all before any model
+    runs."""
+    needed_axes = sorted({axis for plan in planned.plans for axis in changed_axes(planned.shape, plan.shape)})
     _, axes = resolve_plugins(plugins, needed_axes)  # unknown plugins and bad plugin configs, now
     block_search = "depth" in axes and getattr(axes["depth"].config, "method", None) == "contiguous_block"
-    plugin_name, plugin_config = _importance_plugin(plugins)
+    importance_plugin = _importance_plugin(plugins)
     rows = embedding_rows(teacher)
     if tokenizer is not None:
         check_tokenizer_matches(teacher, tokenizer)
     if importance is not None:
-        check_importance(importance, before)
+        check_importance(importance, planned.shape)
     calib = None
-    if calibration is not None:
-        calib = prepare_calibration(teacher, tokenizer, calibration, calibration_config or CalibrationConfig())
+    if args.data is not None:
+        calib = prepare_calibration(teacher, tokenizer, args.data, args.calibration or CalibrationConfig())
     elif importance is None or block_search:
         raise ConfigError(
             "calibration is None, but "
@@ -419,53 +377,57 @@ def search_shapes(
             + "; pass calibration text or token windows"
         )
     train, held, data_info = _split_data(train_data, tokenizer, config, skip_tokens, rows)
-
     run_device = distributed.resolve_device(device)
+    return _Search(
+        teacher,
+        planned,
+        strategy,
+        plugins,
+        config,
+        tokenizer,
+        args,
+        calib,
+        train,
+        held,
+        data_info,
+        importance_plugin,
+        run_device,
+    )
+
+
+def _run_search(search: _Search, importance: Importance | None) -> _Outcome:
+    """Score importance (unless given), then try every planned shape, with the teacher moved to the search's
+    device and given back where and as it was (train/eval modes included), whatever happens."""
+    teacher, config = search.teacher, search.config
     homes = {p.device for p in teacher.parameters()} | {b.device for b in teacher.buffers()}
-    moved = len(homes) == 1 and next(iter(homes)) != run_device
+    moved = len(homes) == 1 and next(iter(homes)) != search.device
     modes = _modes(teacher)
     candidates: list[Candidate] = []
     seconds_importance = 0.0
     try:
         if moved:
-            teacher.to(run_device)
+            teacher.to(search.device)
         if importance is None:
-            assert calib is not None  # refused above without calibration when importance is None
+            assert search.calib is not None  # refused before without calibration when importance is None
             t = time.perf_counter()
+            name, plugin_config = search.importance_plugin
             importance = score_importance(
                 teacher,
-                calib,
-                tokenizer=tokenizer,
-                plugin=plugin_name,
+                search.calib,
+                tokenizer=search.tokenizer,
+                plugin=name,
                 config=plugin_config,
-                calibration_config=calibration_config,
+                calibration=search.args.calibration,
             )
             seconds_importance = time.perf_counter() - t
-            calibration_tokens = calib.num_tokens
+            calibration_tokens = search.calib.num_tokens
         else:
             calibration_tokens = 0
-        teacher_ppl = _score_windows(teacher, teacher, held, "perplexity")
-        bar = progress_bar(total=len(plans), desc="shape search", unit="candidate", show=config.progress)
+        teacher_ppl = _score_windows(teacher, teacher, search.held, "perplexity")
+        bar = progress_bar(total=len(search.planned.plans), desc="shape search", unit="candidate", show=config.progress)
         try:
-            for i, plan in enumerate(plans):
-                candidates.append(
-                    _try(
-                        teacher,
-                        plan,
-                        i,
-                        calib,
-                        strategy,
-                        plugins,
-                        importance,
-                        plan_config,
-                        train,
-                        held,
-                        config,
-                        tokenizer,
-                        run_device,
-                        before,
-                    )
-                )
+            for i, plan in enumerate(search.planned.plans):
+                candidates.append(_try(search, plan, i, importance))
                 done = [c.score for c in candidates if c.score is not None]
                 if done:
                     last = candidates[-1].score
@@ -477,6 +439,13 @@ def search_shapes(
         if moved:
             teacher.to(next(iter(homes)))
         _restore(modes)
+    return _Outcome(candidates, importance, teacher_ppl, seconds_importance, calibration_tokens)
+
+
+def _result(search: _Search, outcome: _Outcome, t_start: float) -> SearchResult:
+    """The :class:`SearchResult`: the best candidate by score (the planner's rank breaks ties), refused with a
+    :class:`DistillError` when every candidate's short distillation failed."""
+    candidates, calibration_tokens = outcome.candidates, outcome.calibration_tokens
     ok = [i for i, c in enumerate(candidates) if c.score is not None and math.isfinite(c.score)]
     if not ok:
         raise DistillError(
@@ -487,44 +456,30 @@ def search_shapes(
     return SearchResult(
         best_shape=dict(candidates[best].shape),
         best=best,
-        score=config.score,
+        score=search.config.score,
         candidates=candidates,
-        target=parsed.requested,
-        strategy=strategy,
-        params_before=params_before,
-        teacher_perplexity=teacher_ppl,
-        importance=importance.method,
+        target=search.planned.target.requested,
+        strategy=search.strategy,
+        params_before=search.planned.params,
+        teacher_perplexity=outcome.teacher_perplexity,
+        importance=outcome.importance.method,
         tokens={
             "calibration": calibration_tokens,
             "training": training,
-            "held_out": held.numel(),
+            "held_out": search.held.numel(),
             "total": calibration_tokens + training,
         },
-        data=data_info,
+        data=search.data_info,
         seconds=round(time.perf_counter() - t_start, 2),
-        seconds_importance=round(seconds_importance, 2),
-        config=config.to_dict(),
-        scores=importance,
+        seconds_importance=round(outcome.seconds_importance, 2),
+        config=search.config.to_dict(),
+        scores=outcome.importance,
     )
 
 
-def _try(
-    teacher: nn.Module,
-    plan: Plan,
-    rank: int,
-    calib: Calibration | None,
-    strategy: str,
-    plugins: PluginsArg,
-    importance: Importance,
-    plan_config: PlanConfig | None,
-    train: torch.Tensor,
-    held: torch.Tensor,
-    config: SearchConfig,
-    tokenizer,
-    device: torch.device,
-    before: ModelShape,
-) -> Candidate:
+def _try(search: _Search, plan: Plan, rank: int, importance: Importance) -> Candidate:
     """Prune a copy of the teacher to ``plan``'s shape, score it, distill it briefly, score it again."""
+    config, teacher, held = search.config, search.teacher, search.held
     assert config.distill is not None  # set by SearchConfig.validate()
     t = time.perf_counter()
     student = copy.deepcopy(teacher)
@@ -532,11 +487,11 @@ def _try(
         report = prune(
             student,
             shape_target(plan.shape),
-            calib,
-            strategy=strategy,
-            plugins=plugins,
+            search.calib,
+            strategy=search.strategy,
+            plugins=search.plugins,
             importance=importance,
-            plan_config=plan_config,
+            plan=search.args.plan,
         )
         score_before = _score_windows(student, teacher, held, config.score)
         error, score, d = None, None, None
@@ -544,24 +499,24 @@ def _try(
             d = distill(
                 student,
                 teacher,
-                train,
+                search.train,
                 config.distill,
-                tokenizer=tokenizer,
+                tokenizer=search.tokenizer,
                 kept_layers=report.kept.get("layers"),
                 kept_hidden=report.kept.get("hidden"),
-                device=device,
+                device=search.device,
                 keep_weights_for_errors=False,
             )
         except DistillError as exc:  # a diverged candidate loses; the others still count
             error = str(exc)
         if d is not None:
             score = _score_windows(student, teacher, held, config.score)
-        weights = (plan_config or PlanConfig()).weights
+        weights = (search.args.plan or PlanConfig()).weights
         return Candidate(
             rank=rank,
             shape=shape_target(plan.shape),
             params=plan.params,
-            damage_cost=round(_cost(before, plan.shape, weights), 6),
+            damage_cost=round(damage_cost(search.planned.shape, plan.shape, weights), 6),
             score_before=score_before,
             score=score,
             distill_tokens=d.tokens if d else 0,
@@ -573,5 +528,5 @@ def _try(
     finally:
         del student
         gc.collect()
-        if device.type == "cuda":
+        if search.device.type == "cuda":
             torch.cuda.empty_cache()

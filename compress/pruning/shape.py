@@ -8,19 +8,21 @@ which is what lets the planner search thousands of shapes in milliseconds.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from ..errors import TargetError
 from ..models import DecoderAdapter
-
-SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers")
+from .config import SHAPE_FIELDS
 
 
 @dataclass(frozen=True)
 class ModelShape:
+    """The sizes that describe a uniformly pruned decoder: five prunable ones (:data:`SHAPE_FIELDS`) and
+    ``head_dim``, which pruning keeps."""
+
     hidden_size: int
     intermediate_size: int
     num_attention_heads: int
@@ -29,13 +31,15 @@ class ModelShape:
     head_dim: int
 
     @classmethod
-    def from_config(cls, config) -> ModelShape:
+    def from_config(cls, config: Any) -> ModelShape:
+        """The shape a transformers config describes (KV heads default to query heads, ``head_dim`` to
+        ``hidden_size // heads``)."""
         heads = config.num_attention_heads
         kv = getattr(config, "num_key_value_heads", None) or heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         return cls(config.hidden_size, config.intermediate_size, heads, kv, config.num_hidden_layers, head_dim)
 
-    def apply_to_config(self, config) -> None:
+    def apply_to_config(self, config: Any) -> None:
         """Write this shape into a transformers config (``head_dim`` always explicit, as Minitron's exports)."""
         layer_types = getattr(config, "layer_types", None)
         for name in SHAPE_FIELDS:
@@ -48,14 +52,17 @@ class ModelShape:
         if layer_types is not None and len(layer_types) != self.num_hidden_layers:
             raise TargetError("layer_types must be sliced by the depth axis before the shape is applied")
 
-    def replace(self, **changes) -> ModelShape:
+    def replace(self, **changes: int) -> ModelShape:
+        """This shape with ``changes`` (field name -> size)."""
         return replace(self, **changes)
 
     def to_dict(self) -> dict:
+        """The fields as a plain dict (for reports)."""
         return asdict(self)
 
     @property
     def group_size(self) -> int:
+        """Query heads per KV head (grouped-query attention)."""
         return self.num_attention_heads // self.num_key_value_heads
 
     def check_within(self, teacher: ModelShape) -> None:
@@ -106,6 +113,8 @@ class ParamFormula:
 
     @classmethod
     def from_model(cls, model: nn.Module, adapter: DecoderAdapter) -> ParamFormula:
+        """The formula of ``model``'s family, read off its modules (shapes, biases, tying; no weight values, so a
+        skeleton on the meta device will do) and checked to count ``model`` exactly."""
         layer = adapter.decoder_layers(model)[0]
         final_norm = model.get_submodule(adapter.final_norm)
         embed = cast(nn.Embedding, model.get_submodule(adapter.embed))
@@ -134,6 +143,7 @@ class ParamFormula:
         return replace(formula, constant=count_params(model) - formula.total(shape))
 
     def layer_params(self, s: ModelShape) -> int:
+        """Parameters of one decoder layer of shape ``s``."""
         d, i, hd = s.hidden_size, s.intermediate_size, s.head_dim
         q_out, kv_out = s.num_attention_heads * hd, s.num_key_value_heads * hd
         attn = d * q_out + 2 * d * kv_out + q_out * d
@@ -152,6 +162,7 @@ class ParamFormula:
         return self.vocab_size * s.hidden_size * (1 if self.tied else 2)
 
     def total(self, s: ModelShape) -> int:
+        """Parameters of the whole model at shape ``s``."""
         return (
             self.embedding_params(s)
             + (self.norm_params_per_channel + self.stream_rows) * s.hidden_size

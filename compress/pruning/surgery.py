@@ -12,6 +12,7 @@ from torch import nn
 
 
 def _index(t: torch.Tensor, idx: torch.Tensor, dim: int) -> nn.Parameter:
+    """A new parameter holding ``t``'s slices ``idx`` along ``dim`` (same ``requires_grad``)."""
     return nn.Parameter(t.detach().index_select(dim, idx.to(t.device)).clone(), requires_grad=t.requires_grad)
 
 
