@@ -14,6 +14,7 @@ that failed its check), 130 on Ctrl-C (the output folder is then left as it was:
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import warnings
@@ -23,6 +24,7 @@ from . import pipeline, registry
 from .distillation import DistillConfig
 from .distillation.losses import LOGIT_LOSSES
 from .errors import CompressError, ConfigError, OutputExistsError, PluginError, TargetError, interface
+from .exporters.formats import REGISTRY
 from .pruning.calibrate import CalibrationConfig
 from .pruning.search import SearchConfig, default_short_distill
 from .recipe import STRATEGIES, DataSettings, ExportSettings, Recipe
@@ -463,39 +465,9 @@ def _print_export(result: Result) -> None:
     )
     for name, why in export.get("skipped", {}).items():
         print(f"skipped  {name}: {why}")
-    if export.get("parity"):
-        p = export["parity"]
-        print(
-            f"onnx     {result.out_dir / 'onnx'}   parity with PyTorch: max |logit diff| {p['max_abs_diff']:.2e} "
-            f"({p['relative_diff']:.1e} of max |logit| {p['max_abs_logit']:.1f}, tolerance {p['tolerance']:g}) "
-            f"{'PASSED' if p['passed'] else 'FAILED'}"
-        )
-    if export.get("int8"):
-        q = export["int8"]
-        print(
-            f"int8     {result.out_dir / 'onnx-int8'}   perplexity {q['ppl_fp32']:.2f} -> {q['ppl_int8']:.2f} "
-            f"({q['ppl_change']:+.1%})"
-        )
-    for folder, entry in export.get("genai", {}).items():
-        if "parity" in entry:
-            p = entry["parity"]
-            check = (
-                f"parity with PyTorch: max |logit diff| {p['max_abs_diff']:.2e} ({p['relative_diff']:.1e} of "
-                f"max |logit| {p['max_abs_logit']:.1f}) {'PASSED' if p['passed'] else 'FAILED'}"
-            )
-        else:
-            q = entry["perplexity"]
-            check = (
-                f"perplexity {q['ppl_fp32']:.2f} (PyTorch fp32) -> {q['ppl_' + entry['precision']]:.2f} "
-                f"({q['ppl_change']:+.1%})"
-            )
-        print(f"genai    {result.out_dir / folder}   {entry['precision']}, {check}")
-    for entry in export.get("gguf", {}).values():
-        q = entry["perplexity"]
-        print(
-            f"gguf     {result.out_dir / 'gguf' / entry['gguf_file']}   perplexity {q['ppl_torch']:.2f} (PyTorch "
-            f"fp32) -> {q['ppl_gguf']:.2f} ({q['ppl_change']:+.1%})"
-        )
+    for handler in dict.fromkeys(spec.module for spec in REGISTRY.values() if spec.module):
+        for line in importlib.import_module(handler).summary_lines(export, result.out_dir):
+            print(line)
 
 
 if __name__ == "__main__":

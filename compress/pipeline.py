@@ -38,6 +38,7 @@ from .data import (
     same_file,
 )
 from .distillation import distill as run_distill
+from .distillation.checkpoint import check_checkpoint_dir
 from .errors import (
     CheckpointError,
     CompressError,
@@ -253,11 +254,7 @@ def _check_files(run: Run) -> None:
         if text is not None and same_file(text, run.eval_data):
             raise DataError(f"{name} and evaluation data are the same file ({text}); evaluate on held-out text")
     if distill is not None and distill.output_dir is not None:  # an earlier run's checkpoints: refused now
-        from .distillation import checkpoint  # TODO(renovation): import at the top once it exists
-
-        getattr(checkpoint, "check_checkpoint_dir", None) or getattr(
-            __import__("compress.distillation.trainer", fromlist=["x"]), "_check_output_dir"
-        )(Path(distill.output_dir), distill)
+        check_checkpoint_dir(Path(distill.output_dir), distill)
     # The recipe as it will be saved, written now so that a value YAML cannot hold is refused before any work.
     run.saved = _as_run(recipe, run.data, run.eval_data)
     try:

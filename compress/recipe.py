@@ -24,7 +24,7 @@ from typing import Any
 
 from .distillation.config import DistillConfig
 from .errors import CompressError, ConfigError
-from .exporters import check_export_args
+from .exporters.formats import check_export_args
 from .io import write_text_atomic
 from .pruning.calibrate import CalibrationConfig
 from .pruning.plan import PlanConfig, Target

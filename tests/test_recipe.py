@@ -230,7 +230,7 @@ def load_file_bytes(data: bytes) -> dict:
 def test_the_command_line_shows_the_estimate_as_one_line(tmp_path, tokenizer, capsys, monkeypatch):
     from conftest import cli_run_args
 
-    monkeypatch.setattr(api, "SLOW_CALIBRATION_S", 0.0)
+    monkeypatch.setattr(pipeline, "SLOW_CALIBRATION_S", 0.0)
     assert main(cli_run_args(tmp_path, tokenizer) + ["--formats", "safetensors"]) == 0
     lines = [x for x in capsys.readouterr().err.splitlines() if "calibration reads" in x]
     assert len(lines) == 1 and lines[0].startswith("compress: warning: calibration reads 8 windows x 32 tokens")

@@ -2,8 +2,8 @@
 
 This module is the place to add a format: one :class:`FormatSpec` line in :data:`REGISTRY` naming the module
 that checks, writes and describes it (the contract is :class:`compress.exporters.job.FormatHandler`). Everything
-else (name checks, ``formats="auto"``, the export loop, the report's keys, the model card's sections) is read
-from the table.
+else (name checks, ``formats="auto"``, the export loop, the report's keys, the model card's sections, the
+command line's summary) is read from the table.
 
 It imports no exporter implementation (no ONNX, onnxruntime-genai or GGUF code, not even their modules), so a
 config check such as :class:`compress.recipe.ExportSettings` can call :func:`check_export_args` cheaply.

@@ -369,6 +369,26 @@ def _check_folder(job: ExportJob, out: Path, reference: dict) -> dict:
     return entry
 
 
+def summary_lines(results: Mapping[str, dict], out_dir: Path) -> list[str]:
+    """The command line's line per onnxruntime-genai folder: its precision and its check against PyTorch."""
+    lines = []
+    for folder, entry in (results.get("genai") or {}).items():
+        if "parity" in entry:
+            p = entry["parity"]
+            check = (
+                f"parity with PyTorch: max |logit diff| {p['max_abs_diff']:.2e} ({p['relative_diff']:.1e} of "
+                f"max |logit| {p['max_abs_logit']:.1f}) {'PASSED' if p['passed'] else 'FAILED'}"
+            )
+        else:
+            q = entry["perplexity"]
+            check = (
+                f"perplexity {q['ppl_fp32']:.2f} (PyTorch fp32) -> {q['ppl_' + entry['precision']]:.2f} "
+                f"({q['ppl_change']:+.1%})"
+            )
+        lines.append(f"genai    {out_dir / folder}   {entry['precision']}, {check}")
+    return lines
+
+
 def card_section(results: Mapping[str, dict]) -> CardSection:
     """Each folder's check (parity or perplexity change), and how to run a folder with onnxruntime-genai."""
     genai = results.get("genai")

@@ -521,6 +521,18 @@ def write_formats(job: ExportJob, formats: list[str]) -> dict[str, dict]:
     return {"gguf": result}
 
 
+def summary_lines(results: Mapping[str, dict], out_dir: Path) -> list[str]:
+    """The command line's line per GGUF file: its perplexity against PyTorch's."""
+    lines = []
+    for entry in (results.get("gguf") or {}).values():
+        q = entry["perplexity"]
+        lines.append(
+            f"gguf     {out_dir / GGUF_DIR / entry['gguf_file']}   perplexity {q['ppl_torch']:.2f} (PyTorch "
+            f"fp32) -> {q['ppl_gguf']:.2f} ({q['ppl_change']:+.1%})"
+        )
+    return lines
+
+
 def card_section(results: Mapping[str, dict]) -> CardSection:
     """Each file's perplexity change (and the f16 file's logit check), and how to run one with llama.cpp."""
     gguf = results.get("gguf")

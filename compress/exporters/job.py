@@ -80,5 +80,9 @@ class FormatHandler(Protocol):
     def card_section(self, results: Mapping[str, dict]) -> CardSection:
         """The model card's text for what was written, from the export report's entries."""
 
+    def summary_lines(self, results: Mapping[str, dict], out_dir: Path) -> list[str]:
+        """The command line's lines for what was written (``compress`` prints them after a run), from the
+        export report's entries; ``out_dir`` is the output folder."""
+
 
 __all__ = ["EVAL_SEQ_LEN", "ExportJob", "FormatHandler"]

@@ -417,6 +417,25 @@ def write_formats(job: ExportJob, formats: list[str]) -> dict[str, dict]:
     }
 
 
+def summary_lines(results: Mapping[str, dict], out_dir: Path) -> list[str]:
+    """The command line's lines for the Optimum folders: fp32 parity with PyTorch, int8's perplexity change."""
+    lines = []
+    if results.get("parity"):
+        p = results["parity"]
+        lines.append(
+            f"onnx     {out_dir / ONNX_DIR}   parity with PyTorch: max |logit diff| {p['max_abs_diff']:.2e} "
+            f"({p['relative_diff']:.1e} of max |logit| {p['max_abs_logit']:.1f}, tolerance {p['tolerance']:g}) "
+            f"{'PASSED' if p['passed'] else 'FAILED'}"
+        )
+    if results.get("int8"):
+        q = results["int8"]
+        lines.append(
+            f"int8     {out_dir / INT8_DIR}   perplexity {q['ppl_fp32']:.2f} -> {q['ppl_int8']:.2f} "
+            f"({q['ppl_change']:+.1%})"
+        )
+    return lines
+
+
 def card_section(results: Mapping[str, dict]) -> CardSection:
     """The int8 model's perplexity change (when quantized), and how to run the folders with Optimum's stock
     class or plain onnxruntime."""
