@@ -465,3 +465,59 @@ def test_host_copies_for_errors_can_be_skipped(keep, monkeypatch):
             keep_weights_for_errors=keep)
     copies = [model for model, for_cast in saved if not for_cast]
     assert copies == ([student, teacher] if keep else [])
+
+
+# --- 5. the stage check: what distill() refuses before it looks at a model ----------------------------------------
+
+def test_check_refuses_what_needs_no_model(tmp_path, monkeypatch):
+    """compress.distillation.check: config type and values, device, a text source, the output folder; a token
+    tensor and None pass (they are checked against the models by distill())."""
+    from compress.distillation import check
+
+    config = DistillConfig(**BASE)
+    check(config)
+    check(config, data=_ids(), device="cpu")
+    check(config, data=["some text"], device=torch.device("cpu"))
+    with pytest.raises(ConfigError, match="config should be a compress.DistillConfig, got dict"):
+        check(dict(BASE))
+    with pytest.raises(ConfigError, match="'gpu' is not a device torch knows"):
+        check(config, device="gpu")
+    with pytest.raises(DataError, match="missing.txt"):
+        check(config, data=str(tmp_path / "missing.txt"))
+    config.max_steps = 0  # changed since construction: validated again
+    with pytest.raises(ConfigError, match="max_steps should be None or a positive integer, got 0"):
+        check(config)
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="is a file"):
+        check(DistillConfig(**BASE, output_dir=str(tmp_path / "notes.txt")))
+    folder = tmp_path / "run"
+    config = _finished_run(folder)
+    with pytest.raises(CheckpointError, match="checkpoint-00000002"):
+        check(DistillConfig(**config))
+    check(DistillConfig(**{**config, "resume": True}))  # continuing that run is allowed
+    monkeypatch.setitem(__import__("sys").modules, "torch.utils.tensorboard", None)
+    with pytest.raises(ConfigError, match="pip install"):
+        check(DistillConfig(**BASE, output_dir=str(tmp_path / "tb"), tensorboard=True))
+
+
+def test_distill_refuses_a_bad_device_and_a_missing_file_before_touching_the_models(tmp_path):
+    teacher, student = _pair()
+    _refused(ConfigError, r"device 'gpu'", teacher, student, _ids(), DistillConfig(**BASE), device="gpu")
+    _refused(DataError, r"nothing\.txt", teacher, student, str(tmp_path / "nothing.txt"), DistillConfig(**BASE))
+
+
+def test_check_checkpoint_dir_is_public_in_checkpoint(tmp_path):
+    from compress.distillation.checkpoint import check_checkpoint_dir
+
+    check_checkpoint_dir(tmp_path / "new", DistillConfig(**BASE))  # a folder that does not exist yet
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(OutputExistsError, match="metrics.jsonl"):
+        check_checkpoint_dir(tmp_path, DistillConfig(**BASE))
+    check_checkpoint_dir(tmp_path, DistillConfig(**BASE, output_dir=str(tmp_path), resume=True))
+
+
+def test_a_cut_warmup_warns_at_the_callers_line():
+    teacher, student = _pair()
+    with pytest.warns(UserWarning, match="warmup_steps=10 is not shorter than the run") as record:
+        distill(student, teacher, _ids(), DistillConfig(**{**BASE, "warmup_steps": 10}))
+    assert [w.filename for w in record if "warmup_steps" in str(w.message)] == [__file__]

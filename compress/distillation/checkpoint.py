@@ -27,10 +27,12 @@ from safetensors.torch import load_file, save_file, save_model
 from torch import nn
 
 from .. import distributed
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError, OutputExistsError
 
 if TYPE_CHECKING:
     from torch.distributed.checkpoint.state_dict import ValueType
+
+    from .config import DistillConfig
 
 CHECKPOINT_PREFIX = "checkpoint-"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -176,6 +178,28 @@ def earlier_run_files(output_dir: str | Path) -> list[str]:
     if board.is_dir() and any(board.iterdir()):
         found.append("tensorboard/")
     return found
+
+
+def check_checkpoint_dir(output_dir: Path, config: DistillConfig) -> None:
+    """``output_dir`` (a run's :attr:`DistillConfig.output_dir`) must be a folder (or not exist yet), and a new
+    run (``config.resume`` False) must not overwrite or mix with the files of an earlier one
+    (:func:`earlier_run_files`): :class:`~compress.errors.ConfigError` for a file,
+    :class:`~compress.errors.CheckpointError` when an earlier run left checkpoints, else
+    :class:`~compress.errors.OutputExistsError`. Reads the folder, writes nothing."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError(
+            f"DistillConfig.output_dir={str(output_dir)!r} is a file, not a folder: choose a folder for "
+            "the metrics and checkpoints"
+        )
+    if not config.resume:
+        earlier = earlier_run_files(output_dir)
+        if earlier:
+            kind = CheckpointError if any(e.startswith("checkpoint-") for e in earlier) else OutputExistsError
+            raise kind(
+                f"DistillConfig.output_dir={str(output_dir)!r} holds an earlier run's {', '.join(earlier)}; a new "
+                "run would overwrite them. Pass resume=True to continue that run, or choose another "
+                "output_dir (or delete that one): nothing is overwritten without being asked"
+            )
 
 
 def check_compatible(

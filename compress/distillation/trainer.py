@@ -16,7 +16,6 @@ import json
 import math
 import random
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import cast
@@ -25,17 +24,24 @@ import torch
 from torch import nn
 
 from .. import distributed
-from ..data import derived_seed
-from ..errors import CheckpointError, CompressError, ConfigError, DataError, OutputExistsError
+from ..data import check_source, derived_seed
+from ..errors import CompressError, ConfigError, DataError, warn
 from ..models import DecoderAdapter, check_plain_logits, layout_for
 from ..progress import bar as progress_bar
-from ..validate import check_finite_weights, check_tokenizer_matches
-from .checkpoint import earlier_run_files, find_resumable, latest_checkpoint, restore_checkpoint, save_checkpoint
+from ..validate import check_device, check_finite_weights, check_tokenizer_matches
+from .checkpoint import (
+    check_checkpoint_dir,
+    find_resumable,
+    latest_checkpoint,
+    restore_checkpoint,
+    save_checkpoint,
+)
 from .config import DistillConfig
 from .data import WindowLoader
 from .losses import LogitTransform, cached_logit_loss, chunked_logit_loss, hidden_state_loss
 from .memory import MemoryPlan, plan_memory
-from .parallel import Engine, ModelBackup, gather_teacher
+from .parallel import Engine, ModelBackup, TeacherTrunk, gather_teacher
+from .teacher_cache import TeacherCache
 
 
 class DistillError(CompressError, RuntimeError):
@@ -457,66 +463,56 @@ def _resolve_layer_map(config: DistillConfig, n_s: int, n_t: int, kept_layers) -
     return layer_map
 
 
-def _check_output_dir(out_dir: Path, config: DistillConfig) -> None:
-    """``output_dir`` must be a folder (or not exist yet), and a new run must not overwrite or mix with the files
-    of an earlier one."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(
-            f"DistillConfig.output_dir={str(out_dir)!r} is a file, not a folder: choose a folder for "
-            "the metrics and checkpoints"
-        )
-    if not config.resume:
-        earlier = earlier_run_files(out_dir)
-        if earlier:
-            kind = CheckpointError if any(e.startswith("checkpoint-") for e in earlier) else OutputExistsError
-            raise kind(
-                f"DistillConfig.output_dir={str(out_dir)!r} holds an earlier run's {', '.join(earlier)}; a new "
-                "run would overwrite them. Pass resume=True to continue that run, or choose another "
-                "output_dir (or delete that one): nothing is overwritten without being asked"
-            )
+def check(config: DistillConfig, *, data=None, device: str | torch.device | None = None) -> None:
+    """Refuse, before any model is touched, what about a distillation run can be known without the models: a
+    ``config`` that is not a :class:`DistillConfig` or holds a bad value (checked again: a field may have changed
+    since construction), ``tensorboard=True`` without the tensorboard package, a ``device`` torch does not know
+    or this machine lacks, a text ``data`` source that cannot be read (a token tensor is checked against the
+    models by :func:`distill`), and an ``output_dir`` holding an earlier run (without ``resume=True``).
 
-
-def distill(
-    student: nn.Module,
-    teacher: nn.Module,
-    data,
-    config: DistillConfig,
-    *,
-    tokenizer=None,
-    skip_tokens: int = 0,
-    kept_layers: list[int] | None = None,
-    kept_hidden: list[int] | None = None,
-    device: str | torch.device | None = None,
-    keep_weights_for_errors: bool = True,
-) -> DistillReport:
-    """Train ``student`` (in place) to imitate ``teacher`` on ``data``; returns a :class:`DistillReport`.
-
-    ``data``: text (path, ``.jsonl`` with a ``text`` field, documents, a ``datasets.Dataset``; needs
-    ``tokenizer``) or token windows ``[N, seq_len]``. ``skip_tokens`` skips the start of the text (the part used
-    for calibration). ``kept_layers``/``kept_hidden`` (from pruning) set the default layer map and initialize the
-    hidden-state projection. The teacher is never trained unless ``teacher_correction_steps`` > 0.
-
-    Bad input is refused before any work (:class:`~compress.errors.CompressError` naming it): config values,
-    models with NaN/inf weights or sharing weights, token ids outside the vocabulary, layer maps outside the
-    models, an ``output_dir`` holding an earlier run (without ``resume=True``), a checkpoint of another run or
-    another student. On any error — refused input or a failure mid-run (a NaN stop, a failed checkpoint write,
-    an interrupt) — the caller's student and teacher come back as they were: weights, dtypes, devices,
-    train/eval modes, ``requires_grad`` flags and gradients (a host copy of the student's weights is kept for
-    this while it trains in place, and of the teacher when teacher correction trains it).
-    ``keep_weights_for_errors=False`` skips those host copies (at 8B they cost tens of GB of host memory on
-    every rank): after a failure mid-run the weights are then as training left them, everything else is
-    restored. :func:`compress.compress` passes False (its teacher is its own copy, its student is being
-    replaced by the run anyway). On success the student holds the trained weights, in eval mode, with its
-    own dtypes, device and flags.
-
-    Under ``torchrun`` every rank calls this with the same arguments: the engine (DDP or FSDP, see
-    :class:`DistillConfig`) trains data-parallel on disjoint slices of every global batch; rank 0 writes the
-    metrics and the checkpoints, and every rank returns the same report and the same trained student.
-    """
+    :func:`distill` calls it first; a pipeline calls it before loading the teacher. Raises the
+    :class:`~compress.errors.CompressError` naming the bad input; returns nothing."""
     if not isinstance(config, DistillConfig):
         raise ConfigError(f"config should be a compress.DistillConfig, got {type(config).__name__}")
     config.validate()  # a field may have been changed since construction
-    writer_class = _summary_writer_class() if config.tensorboard else None  # fail before any work
+    if config.tensorboard:
+        _summary_writer_class()
+    check_device(device)
+    if data is not None and not isinstance(data, torch.Tensor):
+        check_source(data)
+    if config.output_dir is not None:
+        check_checkpoint_dir(Path(config.output_dir), config)
+
+
+# ----------------------------------------------------------------------------------------------- set-up
+
+
+@dataclass
+class _Pair:
+    """What the checks of the two models found out (set-up, step 1): their layouts, the shared vocabulary size,
+    the student -> teacher layer map of the hidden loss, and the two widths."""
+
+    s_adapter: DecoderAdapter
+    t_adapter: DecoderAdapter
+    vocab: int
+    layer_map: dict[int, int]
+    student_width: int
+    teacher_width: int
+
+
+def _check_pair(
+    student: nn.Module,
+    teacher: nn.Module,
+    config: DistillConfig,
+    *,
+    tokenizer,
+    skip_tokens: int,
+    kept_layers,
+    kept_hidden,
+) -> _Pair:
+    """The two models and everything checked against them, before any work: modules, materialized, finite,
+    distinct; plain logits; one vocabulary (and ``top_k`` within it); the tokenizer; ``skip_tokens``; the layer
+    map; ``kept_hidden`` against the widths."""
     _check_models(student, teacher)
     s_adapter, t_adapter = layout_for(student), layout_for(teacher)
     check_plain_logits(student, s_adapter)
@@ -555,7 +551,51 @@ def distill(
                 f"the distinct teacher channel (0 to {teacher_width - 1}) it was kept from; got "
                 f"{kept_hidden!r}"
             )
+    return _Pair(s_adapter, t_adapter, s_vocab, layer_map, student_width, teacher_width)
 
+
+@dataclass
+class _Run:
+    """Where and how the run trains, decided before any model is touched (set-up, step 2): this process's rank
+    and the world, the device and precision, the memory plan and the engine it picked, the schedule, the output
+    folder and the checkpoint to resume, the data, the teacher cache."""
+
+    rank: int
+    world: int
+    device: torch.device
+    use_bf16: bool
+    plan: MemoryPlan
+    mode: str
+    shard_teacher: bool
+    total: int
+    schedule: dict
+    out_dir: Path | None
+    resumable: tuple[Path, dict] | None
+    loader: WindowLoader
+    cache: TeacherCache | None
+    engine: Engine
+    #: Tokens of one optimizer step over all processes.
+    tokens_per_step: int
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def _plan_run(
+    student: nn.Module,
+    teacher: nn.Module,
+    data,
+    config: DistillConfig,
+    pair: _Pair,
+    *,
+    tokenizer,
+    skip_tokens: int,
+    device: str | torch.device | None,
+) -> _Run:
+    """Ranks, device, precision, memory plan and engine (refused here when the run cannot fit), the schedule,
+    the checkpoint to resume (its settings checked now), the data windows and the teacher cache; then the
+    process-wide switches (TF32 on CUDA) and the seeds."""
     rank, world = distributed.init()
     device = distributed.resolve_device(device)
     cuda = device.type == "cuda"
@@ -575,282 +615,444 @@ def distill(
     if schedule_note:
         schedule["adjusted"] = schedule_note
         if rank == 0:
-            warnings.warn(schedule_note, stacklevel=2)
-
+            warn(schedule_note)
     out_dir = Path(config.output_dir) if config.output_dir else None
     resumable = None
-    if out_dir is not None:
-        _check_output_dir(out_dir, config)
-        if config.resume:  # state.json, settings and budget now; the tensors once the student is in place
-            resumable = find_resumable(out_dir, config=config.to_dict(), world=world, mode=mode, total_steps=total)
+    if out_dir is not None and config.resume:  # state.json, settings and budget now; the tensors once placed
+        resumable = find_resumable(out_dir, config=config.to_dict(), world=world, mode=mode, total_steps=total)
     loader = WindowLoader.from_source(
-        data, tokenizer, config, skip_tokens=skip_tokens, rank=rank, world=world, device=device, vocab_size=s_vocab
+        data, tokenizer, config, skip_tokens=skip_tokens, rank=rank, world=world, device=device, vocab_size=pair.vocab
     )
     cache = None
     if config.teacher_cache is not None:  # built for these very windows and this teacher, or refused now
-        from .teacher_cache import TeacherCache
-
         cache = TeacherCache.open(config.teacher_cache, windows=loader.windows, teacher=teacher)
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(config.seed)
     random.seed(config.seed)
-    engine = Engine(mode, device, world, use_bf16, s_adapter, config.gradient_checkpointing, config.compile)
+    engine = Engine(mode, device, world, use_bf16, pair.s_adapter, config.gradient_checkpointing, config.compile)
+    return _Run(
+        rank=rank,
+        world=world,
+        device=device,
+        use_bf16=use_bf16,
+        plan=plan,
+        mode=mode,
+        shard_teacher=shard_teacher,
+        total=total,
+        schedule=schedule,
+        out_dir=out_dir,
+        resumable=resumable,
+        loader=loader,
+        cache=cache,
+        engine=engine,
+        tokens_per_step=config.tokens_per_step * world,
+    )
+
+
+class _HandBack:
+    """The caller's two models as they came in, and what a run gives back.
+
+    :meth:`take` detaches their gradients for the run and keeps host copies of the weights trained in place (the
+    student, unless FSDP trains a replica; the teacher under teacher correction), when the caller allows them.
+    :meth:`give_back` runs on success and on every error: the forward hooks the run added come off; devices,
+    dtypes, ``requires_grad`` flags, gradients and train/eval modes come back as they came in; after an error
+    the engine's changes are undone and the weights come back too (from the host copies), while on success the
+    student keeps its trained weights (in eval mode) and a corrected teacher its corrections.
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, engine: Engine):
+        self.student, self.engine = student, engine
+        self.student_state, self.teacher_state = ModelBackup(student), ModelBackup(teacher)
+        self.hooks: list[_LayerOutputs] = []
+
+    def take(self, *, student_weights: bool, teacher_weights: bool) -> None:
+        self.student_state.detach_grads()
+        self.teacher_state.detach_grads()
+        if student_weights:
+            self.student_state.save_weights()
+        if teacher_weights:
+            self.teacher_state.save_weights()
+
+    def give_back(self, succeeded: bool) -> None:
+        for hooks in self.hooks:
+            hooks.remove()
+        if not succeeded:
+            self.engine.undo_student_changes()
+        self.student_state.restore(error=not succeeded)
+        self.teacher_state.restore(error=not succeeded)
+        if succeeded:
+            self.student.eval()
+
+
+@dataclass
+class _Training:
+    """The run's state from the models' placement to the last step (set-up, step 3, and the loop)."""
+
+    t_trunk: TeacherTrunk
+    wrapped: nn.Module  # what the loop calls: the DistillModule, or its DDP/FSDP wrapper
+    module: DistillModule
+    params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    captured_teacher: _LayerOutputs | None
+    needs_teacher: bool
+    prompt_len: int
+    correction: dict
+    start_step: int = 0
+    history: list[dict] = field(default_factory=list)
+    resumed: int | None = None
+    #: On-policy batches so far (count, sampled tokens, seconds spent sampling); empty without on-policy.
+    on_policy: dict = field(default_factory=dict)
+    last_loss: float = float("nan")
+    elapsed: float = 0.0
+    state_bytes: int = 0
+    peak_mib: float | None = None
+
+
+def _place_teacher(
+    teacher: nn.Module, config: DistillConfig, run: _Run, hand_back: _HandBack
+) -> tuple[TeacherTrunk, dict]:
+    """The teacher on its device (or sharded), corrected first when asked (then copied back into the caller's
+    teacher), and frozen for this run; returns its trunk and the correction's report."""
+    corrected = bool(config.teacher_correction_steps)
+    t_trunk = run.engine.place_teacher(teacher, run.shard_teacher, trained=corrected)
+    t_model = t_trunk.model
+    correction = {}
+    if corrected:
+        for p in t_model.parameters():
+            p.requires_grad_(True)
+        trainer = run.engine.teacher_trainer(t_trunk)
+        correction = _teacher_correction(trainer, list(t_model.parameters()), run.loader, config, run.engine)
+        if t_model is not teacher:
+            gather_teacher(t_trunk, teacher)
+        run.loader.reset()
+    # Frozen for this run only (flags restored at the end: a model copied from the teacher later must not
+    # inherit frozen parameters).
+    for p in t_model.parameters():
+        p.requires_grad_(False)
+    run.engine.freeze_teacher(t_trunk, hand_back.teacher_state, corrected=corrected)
+    return t_trunk, correction
+
+
+def _start_training(
+    student: nn.Module,
+    teacher: nn.Module,
+    config: DistillConfig,
+    pair: _Pair,
+    run: _Run,
+    hand_back: _HandBack,
+    kept_hidden: list[int] | None,
+) -> _Training:
+    """Set-up, step 3: place (and correct, and freeze) the teacher, place the student with every parameter
+    trained, build the optimizer and the schedule, hook the layers the hidden loss reads, and resume from the
+    checkpoint :func:`_plan_run` found (the output folder is made first)."""
+    t_trunk, correction = _place_teacher(teacher, config, run, hand_back)
+    for p in student.parameters():
+        p.requires_grad_(True)
+    t_transform = pair.t_adapter.logit_transform(pair.t_adapter.shape_config(teacher.config))
+    layer_map = pair.layer_map if config.hidden_loss else {}
+    wrapped = run.engine.place_student(
+        student,
+        lambda s: DistillModule(s, pair.s_adapter, config, layer_map, pair.teacher_width, kept_hidden, t_transform),
+    )
+    module = run.engine.module
+    assert module is not None  # set by place_student
+    if module._captured is not None:
+        hand_back.hooks.append(module._captured)
+    params = [p for p in module.parameters() if p.requires_grad]
+    # Fused AdamW on CUDA and CPU alike: one kernel per parameter group per step. (On CPU the peak memory of
+    # benchmarks/parallel_cpu.py was the same as with the multi-tensor version.)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95), fused=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, run.total))
+    captured_teacher = None
+    if config.hidden_loss:
+        layers = pair.t_adapter.decoder_layers(t_trunk.model)
+        captured_teacher = _LayerOutputs(layers, sorted(set(pair.layer_map.values())))
+        hand_back.hooks.append(captured_teacher)
+    tr = _Training(
+        t_trunk,
+        wrapped,
+        module,
+        params,
+        optimizer,
+        scheduler,
+        captured_teacher,
+        # Plain LM fine-tuning (logit_weight 0, no hidden loss) never runs the teacher, nor does a cached one.
+        needs_teacher=(config.logit_weight > 0 or config.hidden_loss is not None) and run.cache is None,
+        prompt_len=config.on_policy_prompt(),
+        correction=correction,
+        on_policy={"batches": 0, "sampled_tokens": 0, "sampling_seconds": 0.0} if config.on_policy_fraction > 0 else {},
+    )
+    if run.out_dir is not None and run.rank == 0:
+        run.out_dir.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()
+    if run.resumable is not None:
+        state = restore_checkpoint(*run.resumable, run.engine, optimizer, scheduler)
+        tr.start_step, tr.history, tr.resumed = state["step"], state["history"], state["step"]
+        run.loader.load_state(state["data"])
+    return tr
+
+
+# ----------------------------------------------------------------------------------------------- the loop
+
+
+def _micro_batch(config: DistillConfig, run: _Run, tr: _Training, step: int, micro: int) -> torch.Tensor:
+    """One micro-batch forward: the next windows (their cached teacher, or the student's own continuations for
+    an on-policy batch), the teacher's forward when the loss needs it, then the student and the loss. Returns
+    ``[loss, kd, ce, hidden]`` (see :meth:`DistillModule.forward`)."""
+    batch = run.loader.next_batch()
+    loss_from = 1
+    if run.cache is not None:
+        tr.module.cached_targets = run.cache.lookup(run.loader.last_indices, run.device)
+    if _on_policy_now(config, step, micro):  # the student writes the rest of each window
+        t_sample = time.perf_counter()
+        gen = torch.Generator(run.device).manual_seed(derived_seed("sample", config.seed, run.rank, step, micro))
+        with run.engine.autocast():
+            batch = sample_continuations(
+                tr.module.student,
+                batch[:, : tr.prompt_len],
+                batch.shape[1] - tr.prompt_len,
+                config.on_policy_temperature,
+                gen,
+            )
+        loss_from = tr.prompt_len
+        tr.on_policy["batches"] += 1
+        tr.on_policy["sampled_tokens"] += batch.shape[0] * (batch.shape[1] - tr.prompt_len) * run.world
+        tr.on_policy["sampling_seconds"] += time.perf_counter() - t_sample
+    t_final = t_head = None
+    if tr.needs_teacher:
+        with torch.no_grad(), run.engine.autocast():
+            t_final = tr.t_trunk(batch)
+        t_head = tr.t_trunk.head_weight()
+    t_layers_out = tr.captured_teacher.pop() if tr.captured_teacher is not None else {}
+    with run.engine.no_sync(micro == config.grad_accum - 1), run.engine.autocast():
+        out = tr.wrapped(batch, t_final, t_layers_out, t_head, loss_from)
+    tr.module.cached_targets = None
+    return out
+
+
+def _train_step(config: DistillConfig, run: _Run, tr: _Training, step: int, guard: _Guard) -> None:
+    """One optimizer step: ``grad_accum`` micro-batches, clipping (``inf``: the norm only), the guard's
+    device-side bookkeeping, AdamW and the schedule."""
+    step_metrics = torch.zeros(4, device=run.device)
+    for micro in range(config.grad_accum):
+        out = _micro_batch(config, run, tr, step, micro)
+        (out[0] / config.grad_accum).backward()
+        step_metrics += out.detach().float() / config.grad_accum
+    clip = config.max_grad_norm if config.max_grad_norm is not None else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(tr.params, clip)
+    guard.update(step_metrics, _local(grad_norm))
+    tr.optimizer.step()
+    tr.scheduler.step()
+    tr.optimizer.zero_grad(set_to_none=True)
+
+
+def _log_record(run: _Run, tr: _Training, guard: _Guard, done: int, t0: float) -> tuple[dict, float]:
+    """The metrics record of step ``done`` (means since the last one, over every rank), kept in the history, and
+    the speed so far in tokens per second."""
+    loss, kd, ce, hid = guard.pop_means()
+    tr.last_loss = loss
+    elapsed = time.perf_counter() - t0
+    tps = (done - tr.start_step) * run.tokens_per_step / max(elapsed, 1e-9)
+    record = {
+        "step": done,
+        "loss": round(loss, 6),
+        "kd": round(kd, 6),
+        "ce": round(ce, 6),
+        "hidden": round(hid, 6),
+        "lr": tr.scheduler.get_last_lr()[0],
+        "tokens": done * run.tokens_per_step,
+        "tokens_per_s": round(tps, 1),
+        "elapsed_s": round(elapsed, 3),
+    }
+    tr.history.append(record)
+    return record, tps
+
+
+def _train(config: DistillConfig, run: _Run, tr: _Training) -> None:
+    """The loop, from ``tr.start_step`` to the last step. It reads from the device only on logging and
+    checkpoint steps, where every rank first agrees on whether any saw a non-finite loss or gradient (all stop
+    together, before a bad checkpoint is written). Rank 0 writes ``metrics.jsonl`` and TensorBoard; every rank
+    takes part in a checkpoint. Sets the run's speed, training-state size and peak memory in ``tr``."""
+    metrics = None
+    if run.out_dir is not None and run.rank == 0:
+        metrics = _open_metrics(run.out_dir / "metrics.jsonl", tr.resumed)
+    board = None
+    if config.tensorboard and run.rank == 0:
+        assert run.out_dir is not None  # validate(): tensorboard needs output_dir
+        board = _summary_writer_class()(log_dir=str(run.out_dir / "tensorboard"))
+    if run.cuda:
+        torch.cuda.reset_peak_memory_stats(run.device)
+    bar = progress_bar(
+        range(tr.start_step, run.total),
+        initial=tr.start_step,
+        total=run.total,
+        desc="distilling",
+        unit="step",
+        show=config.progress,
+    )
+    guard = _Guard(run.device, tr.start_step)
+    t0 = time.perf_counter()
+    tr.last_loss = tr.history[-1]["loss"] if tr.history else float("nan")
+    try:
+        for step in bar:
+            _train_step(config, run, tr, step, guard)
+            done = step + 1
+            log_now = done % config.log_every == 0 or done == run.total
+            save_now = run.out_dir is not None and config.checkpoint_every and done % config.checkpoint_every == 0
+            if not (log_now or save_now):
+                continue
+            bad = guard.check()  # the same answer on every rank: all stop together
+            if bad:
+                where = latest_checkpoint(run.out_dir) if run.out_dir is not None else None
+                raise DistillError(
+                    f"the loss or the gradients became nan/inf at step {bad}; stopping (every rank). The last "
+                    f"good checkpoint is {where or 'none (no checkpoint was written)'}. The student was put "
+                    f"back as it came in. Try a lower lr (now {config.lr}), dtype='fp32', or check the data."
+                )
+            if log_now:
+                record, tps = _log_record(run, tr, guard, done, t0)
+                if metrics:
+                    metrics.write(json.dumps(record) + "\n")
+                    metrics.flush()
+                if board:
+                    for key, value in record.items():
+                        if key != "step":
+                            board.add_scalar(f"distill/{key}", value, done)
+                bar.set_postfix(loss=f"{tr.last_loss:.4f}", tok_s=f"{tps:,.0f}")
+            if save_now:
+                assert run.out_dir is not None  # save_now requires it
+                state = {"step": done, "history": tr.history, "data": run.loader.state(), "config": config.to_dict()}
+                save_checkpoint(run.out_dir, run.engine, tr.optimizer, tr.scheduler, state)
+    finally:
+        bar.close()
+        if metrics:
+            metrics.close()
+        if board:
+            board.close()
+    if run.cuda:
+        torch.cuda.synchronize(run.device)
+    tr.elapsed = time.perf_counter() - t0
+    tr.state_bytes = _training_state_bytes(tr.params, tr.optimizer)
+    tr.peak_mib = round(torch.cuda.max_memory_allocated(run.device) / 2**20, 1) if run.cuda else None
+
+
+# ----------------------------------------------------------------------------------------------- distill
+
+
+def distill(
+    student: nn.Module,
+    teacher: nn.Module,
+    data,
+    config: DistillConfig,
+    *,
+    tokenizer=None,
+    skip_tokens: int = 0,
+    kept_layers: list[int] | None = None,
+    kept_hidden: list[int] | None = None,
+    device: str | torch.device | None = None,
+    keep_weights_for_errors: bool = True,
+) -> DistillReport:
+    """Train ``student`` (in place) to imitate ``teacher`` on ``data``; returns a :class:`DistillReport`.
+
+    ``data``: text (path, ``.jsonl`` with a ``text`` field, documents, a ``datasets.Dataset``; needs
+    ``tokenizer``) or token windows ``[N, seq_len]``. ``skip_tokens`` skips the start of the text (the part used
+    for calibration). ``kept_layers``/``kept_hidden`` (from pruning) set the default layer map and initialize the
+    hidden-state projection. The teacher is never trained unless ``teacher_correction_steps`` > 0.
+
+    Bad input is refused before any work (:class:`~compress.errors.CompressError` naming it): config values,
+    models with NaN/inf weights or sharing weights, token ids outside the vocabulary, layer maps outside the
+    models, an ``output_dir`` holding an earlier run (without ``resume=True``), a checkpoint of another run or
+    another student. On any error — refused input or a failure mid-run (a NaN stop, a failed checkpoint write,
+    an interrupt) — the caller's student and teacher come back as they were: weights, dtypes, devices,
+    train/eval modes, ``requires_grad`` flags and gradients (a host copy of the student's weights is kept for
+    this while it trains in place, and of the teacher when teacher correction trains it).
+    ``keep_weights_for_errors=False`` skips those host copies (at 8B they cost tens of GB of host memory on
+    every rank): after a failure mid-run the weights are then as training left them, everything else is
+    restored. :func:`compress.compress` passes False (its teacher is its own copy, its student is being
+    replaced by the run anyway). On success the student holds the trained weights, in eval mode, with its
+    own dtypes, device and flags.
+
+    Under ``torchrun`` every rank calls this with the same arguments: the engine (DDP or FSDP, see
+    :class:`DistillConfig`) trains data-parallel on disjoint slices of every global batch; rank 0 writes the
+    metrics and the checkpoints, and every rank returns the same report and the same trained student.
+
+    The steps: :func:`check` (what needs no model), :func:`_check_pair` (the models), :func:`_plan_run` (device,
+    engine, schedule, data, resume), :func:`_start_training` (placement, optimizer, checkpoint), :func:`_train`
+    (the loop), :meth:`_HandBack.give_back` (the caller's models, on success and on every error), the report.
+    """
+    check(config, data=data, device=device)
+    pair = _check_pair(
+        student,
+        teacher,
+        config,
+        tokenizer=tokenizer,
+        skip_tokens=skip_tokens,
+        kept_layers=kept_layers,
+        kept_hidden=kept_hidden,
+    )
+    run = _plan_run(student, teacher, data, config, pair, tokenizer=tokenizer, skip_tokens=skip_tokens, device=device)
     # The caller's models as they came in: everything below is undone on any error (and all but the trained
     # student weights, or the corrected teacher, on success).
-    student_state, teacher_state = ModelBackup(student), ModelBackup(teacher)
-    hooks: list[_LayerOutputs] = []
+    hand_back = _HandBack(student, teacher, run.engine)
     succeeded = False
     try:
-        student_state.detach_grads()
-        teacher_state.detach_grads()
-        if mode != "fsdp" and keep_weights_for_errors:  # trained in place: its weights, to put back on failure
-            student_state.save_weights()
-        if config.teacher_correction_steps and keep_weights_for_errors:
-            teacher_state.save_weights()  # the teacher is trained in place first
-        t_trunk = engine.place_teacher(teacher, shard_teacher, trained=bool(config.teacher_correction_steps))
-        t_model = t_trunk.model
-        correction = {}
-        if config.teacher_correction_steps:
-            for p in t_model.parameters():
-                p.requires_grad_(True)
-            correction = _teacher_correction(
-                engine.teacher_trainer(t_trunk), list(t_model.parameters()), loader, config, engine
-            )
-            if t_model is not teacher:
-                gather_teacher(t_trunk, teacher)
-            loader.reset()
-        # Freeze the teacher for this run only (flags restored at the end: a model copied from the teacher later
-        # must not inherit frozen parameters), and train every parameter of the student.
-        for p in t_model.parameters():
-            p.requires_grad_(False)
-        engine.freeze_teacher(t_trunk, teacher_state, corrected=bool(config.teacher_correction_steps))
-        for p in student.parameters():
-            p.requires_grad_(True)
-        wrapped = engine.place_student(
-            student,
-            lambda s: DistillModule(
-                s,
-                s_adapter,
-                config,
-                layer_map if config.hidden_loss else {},
-                teacher_width,
-                kept_hidden,
-                t_adapter.logit_transform(t_adapter.shape_config(teacher.config)),
-            ),
+        hand_back.take(
+            student_weights=run.mode != "fsdp" and keep_weights_for_errors,  # trained in place: put back on failure
+            teacher_weights=bool(config.teacher_correction_steps) and keep_weights_for_errors,  # corrected in place
         )
-        module = engine.module
-        assert module is not None  # set by place_student
-        if module._captured is not None:
-            hooks.append(module._captured)
-        params = [p for p in module.parameters() if p.requires_grad]
-        # Fused AdamW on CUDA and CPU alike: one kernel per parameter group per step. (On CPU the peak memory of
-        # benchmarks/parallel_cpu.py was the same as with the multi-tensor version.)
-        optimizer = torch.optim.AdamW(
-            params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95), fused=True
-        )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, total))
-
-        captured_teacher = (
-            _LayerOutputs(t_adapter.decoder_layers(t_model), sorted(set(layer_map.values())))
-            if config.hidden_loss
-            else None
-        )
-        if captured_teacher is not None:
-            hooks.append(captured_teacher)
-        # Plain LM fine-tuning (logit_weight 0, no hidden loss) never runs the teacher, nor does a cached one.
-        needs_teacher = (config.logit_weight > 0 or config.hidden_loss is not None) and cache is None
-        prompt_len = config.on_policy_prompt()
-        on_policy = (
-            {"batches": 0, "sampled_tokens": 0, "sampling_seconds": 0.0} if config.on_policy_fraction > 0 else {}
-        )
-        start_step, history, resumed = 0, [], None
-        if out_dir is not None and rank == 0:
-            out_dir.mkdir(parents=True, exist_ok=True)
-        distributed.barrier()
-        if resumable is not None:
-            state = restore_checkpoint(*resumable, engine, optimizer, scheduler)
-            start_step, history, resumed = state["step"], state["history"], state["step"]
-            loader.load_state(state["data"])
-        metrics = None
-        if out_dir is not None and rank == 0:
-            metrics = _open_metrics(out_dir / "metrics.jsonl", resumed)
-        board = None
-        if config.tensorboard and rank == 0:
-            assert writer_class is not None and out_dir is not None  # both set with tensorboard (and validate())
-            board = writer_class(log_dir=str(out_dir / "tensorboard"))
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-        tokens_per_step = config.tokens_per_step * world
-        clip = config.max_grad_norm if config.max_grad_norm is not None else float("inf")  # inf: norm only
-        bar = progress_bar(
-            range(start_step, total),
-            initial=start_step,
-            total=total,
-            desc="distilling",
-            unit="step",
-            show=config.progress,
-        )
-        guard = _Guard(device, start_step)
-        t0, last = time.perf_counter(), history[-1]["loss"] if history else float("nan")
-        try:
-            for step in bar:
-                step_metrics = torch.zeros(4, device=device)
-                for micro in range(config.grad_accum):
-                    batch = loader.next_batch()
-                    loss_from = 1
-                    if cache is not None:
-                        module.cached_targets = cache.lookup(loader.last_indices, device)
-                    if _on_policy_now(config, step, micro):  # the student writes the rest of each window
-                        t_sample = time.perf_counter()
-                        gen = torch.Generator(device).manual_seed(
-                            derived_seed("sample", config.seed, rank, step, micro)
-                        )
-                        with engine.autocast():
-                            batch = sample_continuations(
-                                module.student,
-                                batch[:, :prompt_len],
-                                batch.shape[1] - prompt_len,
-                                config.on_policy_temperature,
-                                gen,
-                            )
-                        loss_from = prompt_len
-                        on_policy["batches"] += 1
-                        on_policy["sampled_tokens"] += batch.shape[0] * (batch.shape[1] - prompt_len) * world
-                        on_policy["sampling_seconds"] += time.perf_counter() - t_sample
-                    t_final = t_head = None
-                    if needs_teacher:
-                        with torch.no_grad(), engine.autocast():
-                            t_final = t_trunk(batch)
-                        t_head = t_trunk.head_weight()
-                    t_layers_out = captured_teacher.pop() if captured_teacher else {}
-                    with engine.no_sync(micro == config.grad_accum - 1), engine.autocast():
-                        out = wrapped(batch, t_final, t_layers_out, t_head, loss_from)
-                    module.cached_targets = None
-                    (out[0] / config.grad_accum).backward()
-                    step_metrics += out.detach().float() / config.grad_accum
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-                guard.update(step_metrics, _local(grad_norm))
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                done = step + 1
-                log_now = done % config.log_every == 0 or done == total
-                save_now = out_dir is not None and config.checkpoint_every and done % config.checkpoint_every == 0
-                if not (log_now or save_now):
-                    continue
-                bad = guard.check()  # the same answer on every rank: all stop together
-                if bad:
-                    where = latest_checkpoint(out_dir) if out_dir is not None else None
-                    raise DistillError(
-                        f"the loss or the gradients became nan/inf at step {bad}; stopping (every rank). The last "
-                        f"good checkpoint is {where or 'none (no checkpoint was written)'}. The student was put "
-                        f"back as it came in. Try a lower lr (now {config.lr}), dtype='fp32', or check the data."
-                    )
-                if log_now:
-                    loss, kd, ce, hid = guard.pop_means()
-                    last = loss
-                    elapsed = time.perf_counter() - t0
-                    tps = (done - start_step) * tokens_per_step / max(elapsed, 1e-9)
-                    record = {
-                        "step": done,
-                        "loss": round(loss, 6),
-                        "kd": round(kd, 6),
-                        "ce": round(ce, 6),
-                        "hidden": round(hid, 6),
-                        "lr": scheduler.get_last_lr()[0],
-                        "tokens": done * tokens_per_step,
-                        "tokens_per_s": round(tps, 1),
-                        "elapsed_s": round(elapsed, 3),
-                    }
-                    history.append(record)
-                    if metrics:
-                        metrics.write(json.dumps(record) + "\n")
-                        metrics.flush()
-                    if board:
-                        for key, value in record.items():
-                            if key != "step":
-                                board.add_scalar(f"distill/{key}", value, done)
-                    bar.set_postfix(loss=f"{last:.4f}", tok_s=f"{tps:,.0f}")
-                if save_now:
-                    assert out_dir is not None  # save_now requires it
-                    save_checkpoint(
-                        out_dir,
-                        engine,
-                        optimizer,
-                        scheduler,
-                        {"step": done, "history": history, "data": loader.state(), "config": config.to_dict()},
-                    )
-        finally:
-            bar.close()
-            if metrics:
-                metrics.close()
-            if board:
-                board.close()
-        if cuda:
-            torch.cuda.synchronize(device)
-        elapsed = time.perf_counter() - t0
-        state_bytes = _training_state_bytes(params, optimizer)
-        peak = round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if cuda else None
-        engine.finish_student()
+        tr = _start_training(student, teacher, config, pair, run, hand_back, kept_hidden)
+        _train(config, run, tr)
+        run.engine.finish_student()
         succeeded = True
     finally:
-        for hooks_in_use in hooks:
-            hooks_in_use.remove()
-        if not succeeded:
-            engine.undo_student_changes()
-        # Devices, dtypes, flags, gradients and modes as they came in; after an error the weights too (the
-        # student's trained weights and a corrected teacher are kept only on success).
-        student_state.restore(error=not succeeded)
-        teacher_state.restore(error=not succeeded)
-        if succeeded:
-            student.eval()
-    steps_run = total - start_step
+        hand_back.give_back(succeeded)
+    return _report(config, pair, run, tr)
+
+
+def _report(config: DistillConfig, pair: _Pair, run: _Run, tr: _Training) -> DistillReport:
+    """What :func:`distill` hands back besides the student: this call's budget, speed and losses, and where the
+    run stands."""
+    steps_run = run.total - tr.start_step
+    tokens = steps_run * run.tokens_per_step
     projection = None
-    if "hidden" in module.projections:
-        projection = f"learned linear {student_width} -> {teacher_width}"
+    if "hidden" in tr.module.projections:
+        projection = f"learned linear {pair.student_width} -> {pair.teacher_width}"
+    objective: dict = {"logit_loss": config.logit_loss}
+    if tr.on_policy:
+        sampling = round(tr.on_policy["sampling_seconds"], 2)
+        objective["on_policy"] = {**tr.on_policy, "sampling_seconds": sampling, "prompt_tokens": tr.prompt_len}
+    if run.cache is not None:
+        objective["teacher_cache"] = run.cache.describe()
     return DistillReport(
         steps=steps_run,
-        tokens=steps_run * tokens_per_step,
-        seconds=round(elapsed, 2),
-        tokens_per_second=round(steps_run * tokens_per_step / max(elapsed, 1e-9), 1) if steps_run else 0.0,
-        final_loss=last,
-        losses=history,
-        layer_map={str(k): v for k, v in layer_map.items()} if config.hidden_loss else {},
+        tokens=tokens,
+        seconds=round(tr.elapsed, 2),
+        tokens_per_second=round(tokens / max(tr.elapsed, 1e-9), 1) if steps_run else 0.0,
+        final_loss=tr.last_loss,
+        losses=tr.history,
+        layer_map={str(k): v for k, v in pair.layer_map.items()} if config.hidden_loss else {},
         projection=projection,
-        resumed_from_step=resumed,
-        peak_memory_mib=peak,
-        data=loader.describe(),
+        resumed_from_step=tr.resumed,
+        peak_memory_mib=tr.peak_mib,
+        data=run.loader.describe(),
         config=config.to_dict(),
-        teacher_correction=correction,
+        teacher_correction=tr.correction,
         engine={
-            "mode": mode,
-            "world_size": world,
-            "shard_teacher": shard_teacher,
-            "device": str(device),
-            "precision": "bf16 compute, fp32 master weights" if use_bf16 else "fp32",
-            "training_state_mib": round(state_bytes / 2**20, 1),
+            "mode": run.mode,
+            "world_size": run.world,
+            "shard_teacher": run.shard_teacher,
+            "device": str(run.device),
+            "precision": "bf16 compute, fp32 master weights" if run.use_bf16 else "fp32",
+            "training_state_mib": round(tr.state_bytes / 2**20, 1),
         },
-        memory_plan=plan.to_dict(mode, shard_teacher),
-        total_steps=total,
-        total_tokens=total * tokens_per_step,
-        schedule=schedule,
-        objective={
-            "logit_loss": config.logit_loss,
-            **(
-                {
-                    "on_policy": {
-                        **on_policy,
-                        "sampling_seconds": round(on_policy["sampling_seconds"], 2),
-                        "prompt_tokens": prompt_len,
-                    }
-                }
-                if on_policy
-                else {}
-            ),
-            **({"teacher_cache": cache.describe()} if cache is not None else {}),
-        },
+        memory_plan=run.plan.to_dict(run.mode, run.shard_teacher),
+        total_steps=run.total,
+        total_tokens=run.total * run.tokens_per_step,
+        schedule=run.schedule,
+        objective=objective,
     )
 
 
