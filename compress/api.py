@@ -30,10 +30,8 @@ from .pipeline import (
     run_recipe,
 )
 from .plugin_api import ReconstructPlugin
-from .pruning.calibrate import CalibrationConfig
-from .pruning.plan import PlanConfig, Target
-from .pruning.prune import PluginsArg
-from .pruning.search import SearchConfig
+from .pruning.arguments import PluginsArg
+from .pruning.config import CalibrationConfig, PlanConfig, SearchConfig, Target
 from .recipe import DataSettings, ExportSettings, Recipe, plain, plugins_mapping
 from .registry import get_plugin
 from .report import Result

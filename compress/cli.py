@@ -25,9 +25,8 @@ from .distillation import DistillConfig
 from .distillation.losses import LOGIT_LOSSES
 from .errors import CompressError, ConfigError, OutputExistsError, PluginError, TargetError, interface
 from .exporters.formats import REGISTRY
-from .pruning.calibrate import CalibrationConfig
-from .pruning.search import SearchConfig, default_short_distill
-from .recipe import STRATEGIES, DataSettings, ExportSettings, Recipe
+from .pruning.config import STRATEGIES, CalibrationConfig, SearchConfig, default_short_distill
+from .recipe import DataSettings, ExportSettings, Recipe
 from .report import Result
 
 USAGE = """compress [TEACHER] [--params P | --shape S] [--out DIR] [options]

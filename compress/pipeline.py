@@ -26,7 +26,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from . import distributed
+from . import distillation, distributed
 from .data import (
     PYDOCS_TRAIN,
     PYDOCS_VALID,
@@ -38,7 +38,6 @@ from .data import (
     same_file,
 )
 from .distillation import distill as run_distill
-from .distillation.checkpoint import check_checkpoint_dir
 from .errors import (
     CheckpointError,
     CompressError,
@@ -55,7 +54,10 @@ from .io import check_output_dir, write_text_atomic
 from .loading import load_teacher, smollm2_gguf_path, teacher_skeleton
 from .models import check_plain_logits, find_adapter, layout_for, supported_families
 from .plugin_api import ReconstructPlugin
-from .pruning.calibrate import CalibrationConfig, prepare_calibration
+from .pruning.arguments import check_prune_args
+from .pruning.calibrate import prepare_calibration
+from .pruning.config import CalibrationConfig
+from .pruning.plan import plan_for
 from .pruning.prune import prune as run_prune
 from .pruning.reconstruct import reconstruct as run_reconstruct
 from .pruning.search import search_shapes
@@ -163,7 +165,7 @@ def check(recipe: Recipe, objects: RunObjects | None, overwrite: bool) -> Run:
     run = _inputs(recipe, objects, overwrite)
     _check_teacher_object(run)
     _check_files(run)
-    _check_target(run)
+    _check_stages(run)
     return run
 
 
@@ -253,8 +255,6 @@ def _check_files(run: Run) -> None:
     for name, text in (("calibration", run.data), ("distillation", run.distill_data)):
         if text is not None and same_file(text, run.eval_data):
             raise DataError(f"{name} and evaluation data are the same file ({text}); evaluate on held-out text")
-    if distill is not None and distill.output_dir is not None:  # an earlier run's checkpoints: refused now
-        check_checkpoint_dir(Path(distill.output_dir), distill)
     # The recipe as it will be saved, written now so that a value YAML cannot hold is refused before any work.
     run.saved = _as_run(recipe, run.data, run.eval_data)
     try:
@@ -266,25 +266,33 @@ def _check_files(run: Run) -> None:
         ) from exc
 
 
-def _check_target(run: Run) -> None:
-    """Refuse a target the teacher cannot be pruned to, from its config alone (a skeleton on the meta device):
-    ``{"params": 2}`` is refused in a second, not after the teacher has loaded and been evaluated."""
-    plan_for = getattr(__import__("compress.pruning.plan", fromlist=["x"]), "plan_for", None)
-    if plan_for is None:  # TODO(renovation): the shared plan preamble lands in compress.pruning.plan
-        return
+def _check_stages(run: Run) -> None:
+    """Each stage's own check, in the order the stages run. Pruning's runs on the teacher's architecture built
+    from its config alone (a skeleton on the meta device): ``{"params": 2}`` is refused in seconds, not after
+    the teacher has loaded and been evaluated."""
+    recipe = run.recipe
+    skeleton = _architecture(run)
+    if skeleton is not None:
+        check_prune_args(
+            skeleton, strategy=recipe.strategy, plugins=run.plugins, calibration=recipe.calibration, plan=recipe.plan
+        )
+        if find_adapter(skeleton) is not None:  # the generic backend checks its targets once the weights are there
+            plan_for(skeleton, run.target, recipe.strategy, recipe.plan)
+    if recipe.distill is not None:
+        distillation.check(recipe.distill, data=run.distill_text, device=run.device)
+
+
+def _architecture(run: Run) -> nn.Module | None:
+    """The teacher's architecture: the model given, or a skeleton built from its config (None when that cannot
+    be read: loading the teacher then refuses it, with its own message)."""
     if isinstance(run.teacher, tuple):
-        skeleton = run.teacher[0]
-    elif isinstance(run.teacher, nn.Module):
-        skeleton = run.teacher
-    else:
-        try:
-            skeleton = teacher_skeleton(run.teacher)
-        except CompressError:
-            return  # a teacher that cannot be read is refused, with its own message, when it loads
-    if find_adapter(skeleton) is None:
-        return  # the generic backend checks its own targets once the model is there
-    strategy = run.recipe.strategy
-    plan_for(skeleton, run.target, strategy, run.recipe.plan)
+        return run.teacher[0]
+    if isinstance(run.teacher, nn.Module):
+        return run.teacher
+    try:
+        return teacher_skeleton(run.teacher)
+    except CompressError:
+        return None
 
 
 # -- the steps -------------------------------------------------------------------------------------------------
@@ -370,8 +378,8 @@ def search(run: Run) -> None:
         plugins=run.plugins,
         config=recipe.search,
         device=run.device,
-        plan_config=recipe.plan,
-        calibration_config=recipe.calibration,
+        plan=recipe.plan,
+        calibration=recipe.calibration,
         skip_tokens=run.calibration.num_tokens if run.same_text else 0,
     )
     run.target, run.scores = run.searched.best_shape, run.searched.scores
@@ -392,8 +400,8 @@ def prune(run: Run) -> None:
         strategy=recipe.strategy,
         plugins=run.plugins,
         tokenizer=run.tokenizer,
-        calibration_config=recipe.calibration,
-        plan_config=recipe.plan,
+        calibration=recipe.calibration,
+        plan=recipe.plan,
         importance=run.scores,
     )
     run.times["prune"] = time.perf_counter() - t
@@ -414,7 +422,7 @@ def reconstruct(run: Run) -> None:
         run.calibration,
         kept=run.report.kept,
         plugin=run.recon_plugin,
-        calibration_config=run.recipe.calibration,
+        calibration=run.recipe.calibration,
     )
     run.times["reconstruct"] = time.perf_counter() - t
     run.stages["reconstruct"] = rebuilt.to_dict()

@@ -26,13 +26,10 @@ from .distillation.config import DistillConfig
 from .errors import CompressError, ConfigError
 from .exporters.formats import check_export_args
 from .io import write_text_atomic
-from .pruning.calibrate import CalibrationConfig
-from .pruning.plan import PlanConfig, Target
-from .pruning.search import SearchConfig
+from .pruning.config import STRATEGIES, CalibrationConfig, PlanConfig, SearchConfig, Target
 from .validate import check_int, check_teacher_source
 
 RECIPE_FILE = "recipe.yaml"
-STRATEGIES = ("width", "depth", "width+depth")
 # What the run prints and the report shows: each stage's greedy continuation of this prompt.
 DEFAULT_PROMPT = "A Python list is"
 # The parameter count targets are checked against before the teacher is known: large enough to accept any count.

@@ -604,3 +604,32 @@ def test_compress_moves_a_passed_in_model_back_when_a_later_stage_fails(tmp_path
     monkeypatch.undo()
     assert_model_unchanged(model, before)
     assert not (tmp_path / "out").exists()
+
+
+def test_an_unreachable_target_is_refused_from_the_teachers_config_before_any_weight_is_read(
+        tmp_path, tokenizer, monkeypatch, capsys):
+    args = cli_run_args(tmp_path, tokenizer)
+    monkeypatch.setattr(compress.pipeline, "load_teacher", lambda *a, **k: pytest.fail("the teacher was loaded"))
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("weights were read"))
+    teacher_params = sum(p.numel() for p in tiny_model("llama").parameters())
+    for target in ({"params": 2}, {"params": teacher_params - 1}, {"hidden_size": 10**6}):
+        with pytest.raises(compress.TargetError):
+            compress.compress(args[0], target, tmp_path / "train.txt", tmp_path / "out", eval_data=tmp_path / "valid.txt")
+    # The command line: exit code 2, one line that says so, and the output folder never created.
+    assert main(args[:1] + ["--params", "2"] + args[3:]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("compress: error: ") and "2" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists() and not (tmp_path / "s").exists()
+
+
+def test_the_command_line_names_its_own_flags_in_errors(tmp_path, tokenizer, capsys):
+    args = cli_run_args(tmp_path, tokenizer)
+    out = Path(args[args.index("--out") + 1])
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(args + ["--formats", "safetensors"]) == 2
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and "overwrite=True" not in err
+    with pytest.raises(compress.OutputExistsError, match=r"overwrite=True"):  # Python callers get the keyword
+        compress.compress(args[0], {"params": 0.5}, tmp_path / "train.txt", out, eval_data=tmp_path / "valid.txt")
+    assert (out / "keep.txt").read_text() == "mine"

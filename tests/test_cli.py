@@ -50,3 +50,12 @@ def test_cli_refuses_flags_that_need_another(tmp_path, tokenizer, capsys):
         assert main(args + extra) == 2
         assert needed in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+def test_help_is_plain_text_and_its_usage_names_every_subcommand(capsys):
+    assert main(["--help"]) == 0
+    text = capsys.readouterr().out
+    usage = text.split("\n\n")[0]
+    assert "compress run RECIPE.yaml" in usage and "compress report OUT" in usage
+    for markup in ("``", ":func:", ":class:", ":mod:"):
+        assert markup not in text, markup
