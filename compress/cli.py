@@ -22,7 +22,7 @@ from pathlib import Path
 
 from . import pipeline, registry
 from .distillation import DistillConfig
-from .distillation.losses import LOGIT_LOSSES
+from .distillation.config import LOGIT_LOSSES
 from .errors import CompressError, ConfigError, OutputExistsError, PluginError, TargetError, interface
 from .exporters.formats import REGISTRY
 from .pruning.config import STRATEGIES, CalibrationConfig, SearchConfig, default_short_distill

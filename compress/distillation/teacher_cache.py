@@ -47,7 +47,7 @@ from torch import nn
 from ..errors import CheckpointError, ConfigError, DataError, OutputExistsError
 from ..io import atomic_output_dir, check_output_dir
 from ..progress import bar as progress_bar
-from ..validate import check_int, check_token_ids
+from ..validate import check_device, check_int, check_token_ids
 from .config import CACHED_LOSSES
 from .losses import LogitTransform, active_transform, cached_logit_loss
 
@@ -445,6 +445,7 @@ def build_teacher_cache(
     ``out_dir`` is refused (:class:`~compress.errors.OutputExistsError`); ``overwrite=True`` replaces it only
     when it is an earlier teacher cache, never a folder holding other files.
     """
+    check_device(device)
     adapter, storage, transform = _check_build(
         teacher,
         windows,
