@@ -57,6 +57,7 @@ def test_the_same_missing_text_file_is_refused_the_same_way_everywhere(tmp_path,
         lambda: compress.compress(args[0], {"params": 0.5}, missing, tmp_path / "o"),
         lambda: compress.prune(model, {"params": 0.5}, missing, tokenizer=tokenizer),
         lambda: compress.evaluate.perplexity(model, tokenizer, missing),
+        lambda: compress.export(model, tokenizer, tmp_path / "e", ["onnx-genai-int8"], eval_data=missing),
         lambda: compress.distill(tiny_model("llama"), model, missing, compress.DistillConfig(max_steps=1),
                                  tokenizer=tokenizer),
     ]

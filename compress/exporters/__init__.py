@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import nn
 
-from ..data import TextSource, default_eval_source
+from ..data import TextSource, check_source, default_eval_source
 from ..errors import ConfigError, DataError
 from ..io import atomic_output_dir, check_output_dir
 from ..models import layout_for
@@ -207,6 +207,8 @@ def export(
     start = time.perf_counter()
     formats = check_export_args(formats, quantize)
     _check_settings(parity_tolerance, eval_tokens, tokenizer)
+    if eval_data is not None:  # a typo in its path is refused now, not after the formats are built
+        check_source(eval_data)
     inputs = {"evaluation data": eval_data}
     check_output_dir(out_dir, overwrite, inputs=inputs)
     check_materialized(model)
