@@ -584,9 +584,9 @@ def test_cli_ctrl_c_exits_130_and_leaves_no_output(cli_setup, capsys, monkeypatc
 
 
 def test_compress_moves_a_passed_in_model_back_when_a_later_stage_fails(tmp_path, tokenizer, monkeypatch):
-    """compress() puts the model on the run's device; a failure afterwards (here an impossible target, found by
-    prune) sends it back to its own device. (On this CPU-only machine both are the CPU: the test checks that
-    the move back is made, by recording the model's .to() calls.)"""
+    """compress() puts the model on the run's device; a failure afterwards (here in pruning) sends it back to its
+    own device. (On this CPU-only machine both are the CPU: the test checks that the move back is made, by
+    recording the model's .to() calls.) A target the checks can refuse up front is refused before any move."""
     model = tiny_model("llama")
     before = model_state(model)
     moves = []
@@ -597,8 +597,16 @@ def test_compress_moves_a_passed_in_model_back_when_a_later_stage_fails(tmp_path
         return real_to(*args, **kwargs)
     monkeypatch.setattr(model, "to", to)
     monkeypatch.setattr(compress.pipeline, "perplexity", lambda *a, **k: 1.0)
-    with pytest.raises(compress.TargetError, match="num_attention_heads=5"):
+    with pytest.raises(compress.TargetError, match="num_attention_heads=5"):  # refused by the checks: no move
         compress.compress((model, tokenizer), {"num_attention_heads": 5}, [SAMPLE_TEXT], tmp_path / "out",
+                          eval_data=[SAMPLE_TEXT[:500]])
+    assert moves == []
+
+    def fails(*args, **kwargs):
+        raise compress.TargetError("pruning failed late")
+    monkeypatch.setattr(compress.pipeline, "run_prune", fails)
+    with pytest.raises(compress.TargetError, match="pruning failed late"):
+        compress.compress((model, tokenizer), {"params": 0.5}, [SAMPLE_TEXT], tmp_path / "out",
                           eval_data=[SAMPLE_TEXT[:500]])
     assert moves == [torch.device("cpu"), torch.device("cpu")]  # to the run's device, then back home
     monkeypatch.undo()

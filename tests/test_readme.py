@@ -1,5 +1,6 @@
-"""The README's Python blocks run as pasted, in order, in a fresh folder: every name they use is defined, every
-keyword and attribute exists, every file they read is one they write or one the repository ships.
+"""The README's Python blocks run as pasted, in order, in one Python session in a fresh folder (as a reader
+pasting them in turn): every name they use is defined, every keyword and attribute exists, every file they read
+is one they write or one the repository ships.
 
 The blocks compress the bundled SmolLM2 teacher, which takes minutes on a CPU (see BENCHMARKS.md for those
 runs). Here ``"smollm2"`` is served by a tiny random Llama (the same family, with a tiny tokenizer) and the
@@ -36,9 +37,10 @@ compress.loading.smollm2_gguf_path = serve
 compress.pipeline.smollm2_gguf_path = serve
 from transformers import AutoConfig
 TEACHER_PARAMS = int(json.loads(Path(sys.argv[2]).read_text()))
+session = {"TEACHER_PARAMS": TEACHER_PARAMS}  # one Python session, as a reader pasting the blocks in turn
 for index, block in enumerate(json.loads(Path(sys.argv[3]).read_text())):
     print(f"--- README python block {index + 1}", flush=True)
-    exec(compile(block, f"README.md python block {index + 1}", "exec"), {"TEACHER_PARAMS": TEACHER_PARAMS})
+    exec(compile(block, f"README.md python block {index + 1}", "exec"), session)
 print("--- all blocks ran")
 '''
 
