@@ -626,6 +626,7 @@ def test_an_unreachable_target_is_refused_from_the_teachers_config_before_any_we
     assert main(args[:1] + ["--params", "2"] + args[3:]) == 2
     err = capsys.readouterr().err
     assert err.startswith("compress: error: ") and "2" in err and len(err.strip().splitlines()) == 1
+    assert "--strategy width+depth" in err and "strategy=" not in err  # the flag, in the command line's spelling
     assert not (tmp_path / "out").exists() and not (tmp_path / "s").exists()
 
 

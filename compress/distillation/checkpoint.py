@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file, save_model
 from torch import nn
 
 from .. import distributed
-from ..errors import CheckpointError, ConfigError, OutputExistsError
+from ..errors import CheckpointError, ConfigError, OutputExistsError, spelled
 
 if TYPE_CHECKING:
     from torch.distributed.checkpoint.state_dict import ValueType
@@ -155,7 +155,7 @@ def save_checkpoint(
         raise CheckpointError(
             f"could not write the checkpoint of step {step} to {final} ({type(exc).__name__}: "
             f"{exc}); the complete checkpoints left in {out}: {left or 'none'}. Free space or fix "
-            "the folder, then run again with resume=True."
+            f"the folder, then run again with {spelled('resume=True', '--resume', 'resume: true')}."
         ) from exc
     finally:
         if distributed.is_main() and tmp.exists():
@@ -195,10 +195,12 @@ def check_checkpoint_dir(output_dir: Path, config: DistillConfig) -> None:
         earlier = earlier_run_files(output_dir)
         if earlier:
             kind = CheckpointError if any(e.startswith("checkpoint-") for e in earlier) else OutputExistsError
+            where = spelled(f"DistillConfig.output_dir={str(output_dir)!r}", f"--checkpoint-dir {str(output_dir)!r}")
+            resume = spelled("resume=True", "--resume", "resume: true")
             raise kind(
-                f"DistillConfig.output_dir={str(output_dir)!r} holds an earlier run's {', '.join(earlier)}; a new "
-                "run would overwrite them. Pass resume=True to continue that run, or choose another "
-                "output_dir (or delete that one): nothing is overwritten without being asked"
+                f"{where} holds an earlier run's {', '.join(earlier)}; a new run would overwrite them. Pass "
+                f"{resume} to continue that run, or choose another output_dir (or delete that one): nothing is "
+                "overwritten without being asked"
             )
 
 

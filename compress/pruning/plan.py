@@ -31,7 +31,7 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import ConfigError, TargetError
+from ..errors import ConfigError, TargetError, spelled
 from ..models import DecoderAdapter, adapter_for
 from .config import STRATEGIES as STRATEGIES  # re-exported: the strategies used to be written here
 from .config import PlanConfig, Target, check_config, check_strategy
@@ -238,7 +238,7 @@ def _ranked_grid(
         raise TargetError(
             f"target of {target.params:,} parameters is below the smallest shape strategy {strategy!r} allows "
             f"({formula.total(smallest):,} at {smallest.to_dict()}); raise the target"
-            + ("" if strategy == "width+depth" else " or use strategy='width+depth'")
+            + ("" if strategy == "width+depth" else f" or use {_strategy('width+depth')}")
         )
     low = target.params * (1 - config.tolerance)
     # Bounded heaps of the k best so far (the grid of an 8B model under width+depth has millions of shapes; the
@@ -305,7 +305,12 @@ def _explicit(teacher: ModelShape, formula: ParamFormula, target: Target, strate
     ) != (teacher.hidden_size, teacher.intermediate_size, teacher.num_attention_heads, teacher.num_key_value_heads)
     depth_changed = shape.num_hidden_layers != teacher.num_hidden_layers
     if depth_changed and strategy == "width":
-        raise TargetError("the target shape removes layers but strategy='width'; use 'depth' or 'width+depth'")
+        raise TargetError(f"the target shape removes layers but {_strategy('width')}; use 'depth' or 'width+depth'")
     if width_changed and strategy == "depth":
-        raise TargetError("the target shape changes widths but strategy='depth'; use 'width' or 'width+depth'")
+        raise TargetError(f"the target shape changes widths but {_strategy('depth')}; use 'width' or 'width+depth'")
     return Plan(shape, formula.total(shape), f"explicit shape {dict(target.shape)} requested", 1)
+
+
+def _strategy(name: str) -> str:
+    """``strategy='name'`` in the spelling of the interface in use (``--strategy name`` on the command line)."""
+    return spelled(f"strategy={name!r}", f"--strategy {name}", f"strategy: {name}")
