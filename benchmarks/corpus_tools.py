@@ -48,7 +48,7 @@ def main() -> None:
         docs = [tok.decode(w.tolist()) for w in windows]
         reference = copy.deepcopy(teacher)
         compress.prune(reference, {"params": 0.5}, PYDOCS_TRAIN, tokenizer=tok,
-                       calibration_config=compress.CalibrationConfig(num_samples=16, seq_len=256))
+                       calibration=compress.CalibrationConfig(num_samples=16, seq_len=256))
         sel = compress.select_by_difference(teacher, reference, docs, tokenizer=tok, keep_fraction=0.5,
                                             seq_len=512, out_path=Path(tmp) / "selected.jsonl")
         results["selection"] = sel.to_dict()

@@ -286,7 +286,7 @@ def build_models(names: list[str], args) -> tuple[dict, object]:
         plugins = {"depth": {"eval_samples": 8}} if strategy == "depth" else None
         t = time.perf_counter()
         report = compress.prune(student, {"params": 0.5}, PYDOCS_TRAIN, tokenizer=tok, strategy=strategy,
-                                calibration_config=calib, plugins=plugins)
+                                calibration=calib, plugins=plugins)
         models[strategy] = (student, f"pruned here to 50% params, {strategy}, activation importance, "
                                      f"{args.calib_samples} calibration samples, no training; shape "
                                      f"{report.shape_after}; {time.perf_counter() - t:.0f} s")

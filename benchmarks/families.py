@@ -56,7 +56,7 @@ def run_case(family: str, target: dict, strategy: str, generic: bool = False) ->
     start = time.perf_counter()
     try:
         report = compress.prune(model, target, ids, strategy=strategy,
-                                calibration_config=compress.CalibrationConfig(min_samples=4))
+                                calibration=compress.CalibrationConfig(min_samples=4))
     except compress.CompressError as exc:
         return {"refused": f"{type(exc).__name__}: {exc}"}
     seconds = time.perf_counter() - start

@@ -175,7 +175,7 @@ def agreement(mode: str, teacher_source: str | None, device_type: str) -> dict:
         windows = pack_tokens(tok, default_calibration_source(), 256, max_windows=64)
         student = copy.deepcopy(teacher)
         compress.prune(student, {"params": 0.5}, windows[:16],
-                       calibration_config=compress.CalibrationConfig(num_samples=16, seq_len=256, min_samples=8))
+                       calibration=compress.CalibrationConfig(num_samples=16, seq_len=256, min_samples=8))
         train = windows[16:]
         name = str(teacher_source)
     else:

@@ -46,7 +46,7 @@ def main() -> int:
     calib = torch.randint(0, 49152, (16, 256), generator=g)
     data = torch.randint(0, 49152, (args.steps * 8 + 64, 256), generator=g)
     base = copy.deepcopy(teacher)
-    report = compress.prune(base, {"params": 0.5}, calib, calibration_config=compress.CalibrationConfig(min_samples=4))
+    report = compress.prune(base, {"params": 0.5}, calib, calibration=compress.CalibrationConfig(min_samples=4))
     results: dict = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                      "torch": torch.__version__, "student_shape": report.shape_after}
     common = dict(max_steps=args.steps, batch_size=8, seq_len=256, lr=5e-4, progress=False, log_every=5)

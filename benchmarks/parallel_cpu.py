@@ -118,7 +118,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         teacher, tok = compress.load_teacher("smollm2")
         compress.prune(teacher, {"params": 0.5}, compress.data.default_calibration_source(), tokenizer=tok,
-                       calibration_config=compress.CalibrationConfig(num_samples=64, seq_len=512))
+                       calibration=compress.CalibrationConfig(num_samples=64, seq_len=512))
         compress.save_student(teacher, tok, Path(tmp) / "student")
         del teacher
         configs = [("single", 1, "auto", False, False), ("single + checkpointing", 1, "auto", False, True),

@@ -41,7 +41,7 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/results/shape_sweep.json")
     args = p.parse_args()
     teacher, tok = compress.load_teacher("smollm2")
-    scores = compress.score_importance(teacher, PYDOCS_TRAIN, tokenizer=tok, calibration_config=compress.CalibrationConfig(
+    scores = compress.score_importance(teacher, PYDOCS_TRAIN, tokenizer=tok, calibration=compress.CalibrationConfig(
         num_samples=args.samples, seq_len=args.seq_len))
     shape0 = ModelShape.from_config(teacher.config)
     formula = ParamFormula.from_model(teacher, adapter_for(teacher))

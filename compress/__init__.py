@@ -24,13 +24,11 @@ from .errors import (
 from .exporters import ExportError, ExportReport, export
 from .models import DecoderAdapter, register_adapter, supported_families
 from .plugin_api import AxisPlugin, ImportancePlugin, PruneContext, ReconstructPlugin
-from .pruning.calibrate import Calibration, CalibrationConfig, Importance
-from .pruning.plan import PlanConfig, Target
+from .pruning.calibrate import Calibration, Importance
+from .pruning.config import CalibrationConfig, PlanConfig, SearchConfig, Target
 from .pruning.prune import prune, score_importance
-from .pruning.reconstruct import (
-    ReconstructReport,
-)  # the function stays compress.pruning.reconstruct.reconstruct (no shadowing)
-from .pruning.search import SearchConfig, SearchResult, search_shapes
+from .pruning.reconstruct import ReconstructReport  # the function is compress.pruning.reconstruct.reconstruct
+from .pruning.search import SearchResult, search_shapes
 from .pruning.shape import ModelShape
 from .recipe import DataSettings, ExportSettings, Recipe
 from .registry import get_plugin, list_plugins, register_plugin
