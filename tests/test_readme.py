@@ -10,7 +10,10 @@ text. The blocks run in a subprocess, so that the adapter the last block registe
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -50,9 +53,6 @@ def python_blocks(text: str) -> list[str]:
 
 
 def test_readme_python_blocks_run_as_pasted(tmp_path, tokenizer):
-    import json
-    import shutil
-
     blocks = python_blocks((ROOT / "README.md").read_text(encoding="utf-8"))
     assert len(blocks) >= 5, "the README's Python blocks were not found"
     scaled = []
@@ -77,7 +77,7 @@ def test_readme_python_blocks_run_as_pasted(tmp_path, tokenizer):
         [sys.executable, str(tmp_path / "runner.py"), str(teacher), str(tmp_path / "params.json"),
          str(tmp_path / "blocks.json")],
         cwd=work, capture_output=True, text=True, timeout=1500,
-        env={**__import__("os").environ, "COMPRESS_PROGRESS": "0"},
+        env={**os.environ, "COMPRESS_PROGRESS": "0"},
     )
     assert done.returncode == 0 and "--- all blocks ran" in done.stdout, (done.stdout[-3000:], done.stderr[-6000:])
     # What the blocks wrote is there: the one call's student, the saved pruned model, the exports.
