@@ -12,8 +12,11 @@ looks like a file name, put it in a list.
 
 from __future__ import annotations
 
+import ast
 import codecs
+import copy
 import difflib
+import functools
 import hashlib
 import importlib
 import inspect
@@ -21,6 +24,8 @@ import json
 import os
 import re
 import sys
+import sysconfig
+import time
 import warnings
 import zlib
 from collections.abc import Iterable, Iterator, Mapping
@@ -29,7 +34,7 @@ from typing import Any
 
 import torch
 
-from .errors import DataError
+from .errors import DataError, warn
 from .validate import check_int
 
 TextSource = str | os.PathLike | Iterable[str]
@@ -278,6 +283,10 @@ def check_source(source: TextSource) -> None:
 
 
 def describe_source(source: TextSource) -> str:
+    """How reports name a text source: a path, ``<text, N chars>``, a :class:`Corpus`'s description, or
+    ``<list of documents>``."""
+    if isinstance(source, Corpus) and source.description:
+        return source.description
     if isinstance(source, (str, os.PathLike)):
         if looks_like_path(source):
             return str(source)
@@ -356,14 +365,235 @@ def stdlib_docstrings(max_chars: int = 4_000_000, held_out: bool = False) -> lis
     return docs
 
 
+#: Characters of text the train side of the default corpus reads (see :func:`package_docstrings`); the held-out
+#: side grows alongside (about a fifth as much, at least a tenth). SmolLM2's tokenizer makes about 3.9
+#: characters of docstring one token, so this is some 640,000 tokens: a default calibration (1024 windows of
+#: 512 tokens, 524,288 tokens) followed by 100,000 tokens of distillation it never read, with no window seen
+#: twice. The README's demo needs 65,536 + 32,768. Reading it takes a few seconds, once per process.
+DEFAULT_CORPUS_CHARS = 2_500_000
+# A docstring shorter than this is a one-line summary: little text and mostly repeated phrasing.
+_MIN_DOC_CHARS = 200
+# Source files larger than this are generated tables or data (parsing them costs time and yields no prose).
+_MAX_SOURCE_BYTES = 1 << 20
+# Folders whose files are tests, test helpers or vendored copies of another package (duplicate text).
+_SKIP_DIRS = frozenset(
+    "test tests testing idle_test _vendor vendor vendored _vendored third_party _distutils site-packages "
+    "dist-packages __pycache__".split()
+)
+# This library's own docstrings change with every commit; the default corpus should not.
+_NOT_IN_CORPUS = frozenset({"compress"})
+# A docstring that opens with a licence is the same boilerplate in many files.
+_BOILERPLATE = re.compile(r"copyright|licen[cs]ed under|permission is hereby granted", re.IGNORECASE)
+_TRIPLE_QUOTES = (re.compile(rb'"""'), re.compile(rb"'''"))
+# Statements that hold other statements: where a function or class, and so a docstring, can be defined.
+_DEFINITIONS = (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+_BLOCKS = (*_DEFINITIONS, ast.If, ast.For, ast.AsyncFor, ast.While, ast.With, ast.AsyncWith, ast.Try, ast.ExceptHandler)
+_BLOCKS += (getattr(ast, "TryStar", ast.Try), ast.Match, ast.match_case)
+_HELD_OUT_EVERY = 5  # one package in five, by a hash of its name, is held out
+
+
+class Corpus(list):
+    """A list of documents that says what it is: :func:`describe_source` (and so every report) prints its
+    ``description`` rather than ``<list of documents>``."""
+
+    description: str = ""
+
+
+def _site_dirs() -> list[Path]:
+    """The interpreter's standard library folder, then its site-packages folders in ``sys.path`` order."""
+    folders = [Path(sysconfig.get_paths()["stdlib"])]
+    for entry in sys.path:
+        path = Path(entry or ".")
+        if path.name in ("site-packages", "dist-packages") and path.is_dir() and path not in folders:
+            folders.append(path)
+    return folders
+
+
+def installed_packages() -> list[tuple[str, Path]]:
+    """``(name, path)`` of every top-level package or module of the standard library and of the installed
+    packages (a folder or a ``.py`` file), sorted by name. A name found twice is taken where ``import`` would find
+    it first (the standard library before site-packages). Nothing is imported."""
+    found: dict[str, Path] = {}
+    stdlib, *sites = _site_dirs()
+    for name in sorted(sys.stdlib_module_names):
+        for path in (stdlib / name, stdlib / f"{name}.py"):
+            if name not in _SKIP_DIRS and name not in found and path.exists():
+                found[name] = path
+    for folder in sites:
+        try:
+            entries = sorted(folder.iterdir())
+        except OSError:
+            continue
+        for path in entries:
+            is_dir = path.is_dir()
+            name = path.name if is_dir else path.stem
+            if (is_dir and path.suffix) or (not is_dir and path.suffix != ".py"):  # foo.dist-info, foo.so
+                continue
+            if name.isidentifier() and not name.startswith("__") and name not in _SKIP_DIRS | _NOT_IN_CORPUS:
+                found.setdefault(name, path)
+    return sorted(found.items())
+
+
+def _source_files(path: Path) -> Iterator[Path]:
+    """The ``.py`` files of a package in a fixed order, leaving out tests and vendored copies (found lazily)."""
+    if path.is_file():
+        yield path
+        return
+    for folder, dirs, names in os.walk(path):  # symbolic links to folders are not followed
+        dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS and not d.startswith("."))
+        for name in sorted(names):
+            test = name.startswith("test_") or name.endswith("_test.py") or name == "conftest.py"
+            if name.endswith(".py") and not test:
+                yield Path(folder) / name
+
+
+def _may_hold_long_docstring(source: bytes) -> bool:
+    """False when no two successive triple quotes of a kind are ``_MIN_DOC_CHARS`` apart: the file then has no
+    docstring long enough to keep (a cleaned docstring is never longer than its source), and is not parsed."""
+    for quotes in _TRIPLE_QUOTES:
+        starts = [m.start() for m in quotes.finditer(source)]
+        if any(b - a >= _MIN_DOC_CHARS for a, b in zip(starts, starts[1:])):
+            return True
+    return False
+
+
+def source_docstrings(path: str | os.PathLike, min_chars: int = 0) -> list[str]:
+    """The module, class and function docstrings of one Python source file (those of ``min_chars`` or more),
+    read with :mod:`ast`: the file is never imported or run. Cleaned of their indentation, in source order;
+    ``[]`` for a file that cannot be read or parsed or is over 1 MiB (generated tables, not prose)."""
+    path = Path(path)
+    try:
+        if path.stat().st_size > _MAX_SOURCE_BYTES:
+            return []
+        source = path.read_bytes()
+    except OSError:
+        return []
+    if min_chars >= _MIN_DOC_CHARS and not _may_hold_long_docstring(source):
+        return []
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # invalid escape sequences and the like in old sources
+            tree = ast.parse(source)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):  # Python 2 files, templates, deep nesting
+        return []
+    docs: list[str] = []
+    stack: list[ast.AST] = [tree]
+    while stack:  # statements only (a docstring opens a body): expressions are never visited, which is fast
+        node = stack.pop()
+        if isinstance(node, (ast.Module, *_DEFINITIONS)):
+            doc = ast.get_docstring(node, clean=True)
+            if doc and len(doc) >= min_chars:
+                docs.append(doc)
+        for field_name in ("body", "orelse", "finalbody", "handlers", "cases"):
+            block = getattr(node, field_name, None)
+            if isinstance(block, list):
+                stack.extend(reversed([child for child in block if isinstance(child, _BLOCKS)]))
+    return docs
+
+
+def is_held_out(package: str) -> bool:
+    """Whether a package's docstrings are on the held-out side of the default corpus (a hash of its name)."""
+    return derived_seed("held-out package", package) % _HELD_OUT_EVERY == 0
+
+
+@functools.lru_cache(maxsize=4)
+def _package_corpus(max_chars: int) -> tuple[Corpus, Corpus, dict]:
+    """The default corpus: its train and held-out sides and what it read (see :func:`package_docstrings`)."""
+    start = time.perf_counter()
+    queues = [(name, _source_files(path)) for name, path in installed_packages()]
+    sides: tuple[Corpus, Corpus] = (Corpus(), Corpus())
+    chars, used = [0, 0], (set(), set())
+    seen: set[str] = set()
+
+    def full() -> bool:
+        return chars[0] >= max_chars and chars[1] >= max_chars // 10
+
+    while queues and not full():  # a round reads the next file of every package that has one left
+        remaining = []
+        for name, files in queues:
+            path = next(files, None)
+            if path is None:
+                continue
+            remaining.append((name, files))
+            side = int(is_held_out(name))
+            for doc in source_docstrings(path, _MIN_DOC_CHARS):
+                if doc in seen or _BOILERPLATE.search(doc[:300]):
+                    continue
+                seen.add(doc)
+                sides[side].append(doc)
+                used[side].add(name)
+                chars[side] += len(doc)
+            if full():
+                break
+        queues = remaining
+    for side, names, label in zip(sides, used, ("train", "held-out")):
+        side.description = (
+            f"<docstrings of {len(names)} installed packages ({label} side): {len(side)} documents, "
+            f"{sum(map(len, side)):,} chars>"
+        )
+    info = {
+        "packages": {"train": sorted(used[0]), "held_out": sorted(used[1])},
+        "documents": {"train": len(sides[0]), "held_out": len(sides[1])},
+        "chars": {"train": chars[0], "held_out": chars[1]},
+        "complete": full(),
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    if not full():
+        warn(
+            f"the installed packages hold {chars[0]:,} + {chars[1]:,} characters of docstrings (train + held-out), "
+            f"fewer than the default corpus reads ({max_chars:,} + {max_chars // 10:,}): a run that needs more "
+            "text repeats windows (the report's distillation 'epochs_seen' is then above 1). Pass your own text "
+            "with data= and eval_data= (--data, --eval-data)"
+        )
+    return sides[0], sides[1], info
+
+
+def package_docstrings(held_out: bool = False, max_chars: int = DEFAULT_CORPUS_CHARS) -> Corpus:
+    """Docstrings of the standard library and of every installed package: the default text when no data is
+    given, on any machine, offline (an environment with torch and transformers holds tens of megabytes).
+
+    Read from the source files with :mod:`ast`, never imported: nothing runs, prints, opens a window or hangs.
+    Left out: test folders and files, vendored copies (``_vendor``, ``third_party``, ...), files over 1 MiB,
+    docstrings under 200 characters, licence boilerplate, this library itself, and every docstring already
+    taken (forks and re-exports repeat text).
+
+    Split **by package**: a package (``torch``, ``email``, ...) goes wholly to the train or to the held-out side,
+    by a hash of its name (:func:`is_held_out`: one in five), so calibration and distillation (train) and
+    evaluation (held-out) never read the same package. The files are visited in one fixed order — the next
+    file of every package in turn, packages sorted by name — so the text is the same on the same machine and
+    any stretch of it mixes many packages. Reading stops once the train side holds ``max_chars`` characters and
+    the held-out side a tenth of that; that order does not depend on ``max_chars``, and a docstring is kept
+    only where it first occurs in it, so no two calls (either side, any ``max_chars``) share a document.
+
+    Built once per process and ``max_chars`` (a few seconds for the default; :func:`package_corpus_info` says
+    what it read and how long it took); each call returns a new list. When the installed packages hold less
+    text than that, a warning says so.
+    """
+    check_int("max_chars", max_chars, 1)
+    side = _package_corpus(max_chars)[int(bool(held_out))]
+    documents = Corpus(side)
+    documents.description = side.description
+    return documents
+
+
+def package_corpus_info(max_chars: int = DEFAULT_CORPUS_CHARS) -> dict:
+    """What :func:`package_docstrings` read for ``max_chars``: each side's packages, documents and characters,
+    whether it reached its budget (``complete``) and the seconds the build took (built now if not yet)."""
+    check_int("max_chars", max_chars, 1)
+    return copy.deepcopy(_package_corpus(max_chars)[2])
+
+
 def default_calibration_source() -> TextSource:
-    """``../shared/data/pydocs/train.txt`` when this checkout has it, else stdlib docstrings."""
-    return PYDOCS_TRAIN if PYDOCS_TRAIN.is_file() else stdlib_docstrings()
+    """``../shared/data/pydocs/train.txt`` when this checkout has it (development), else the train side of the
+    installed packages' docstrings (:func:`package_docstrings`): enough for a default calibration and
+    distillation that never repeats a window."""
+    return PYDOCS_TRAIN if PYDOCS_TRAIN.is_file() else package_docstrings()
 
 
 def default_eval_source() -> TextSource:
-    """``../shared/data/pydocs/valid.txt`` when present, else held-out stdlib docstrings."""
-    return PYDOCS_VALID if PYDOCS_VALID.is_file() else stdlib_docstrings(max_chars=400_000, held_out=True)
+    """``../shared/data/pydocs/valid.txt`` when present, else the held-out side of the installed packages'
+    docstrings (packages the calibration text never reads)."""
+    return PYDOCS_VALID if PYDOCS_VALID.is_file() else package_docstrings(held_out=True)
 
 
 def same_file(a: TextSource, b: TextSource) -> bool:

@@ -140,11 +140,52 @@ def load_teacher(
         from .gguf_tokenizer import repair_gguf_tokenizer
 
         tokenizer = _wrap_load(f"tokenizer from {source}", repair_gguf_tokenizer, tokenizer, path)
+    if "gguf_file" in extra:
+        kwargs.update(_gguf_dequantize_config())
     model = _wrap_load(f"model from {source}", AutoModelForCausalLM.from_pretrained, where, **extra, **kwargs)
+    if "gguf_file" in extra:
+        _drop_gguf_quantizer(model)
     if device is not None:
         model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def _gguf_dequantize_config() -> dict[str, Any]:
+    """``from_pretrained`` arguments that load a GGUF file as plain dense weights.
+
+    transformers 5 can keep GGUF weights in their quantized blocks (when its ``kernels`` package has a matmul
+    kernel for them); pruning slices and distillation trains plain ``nn.Linear`` weights, so compress always asks
+    for the dequantized model. transformers 4.57 always dequantizes and has no such option.
+    """
+    try:
+        from transformers import GgufConfig
+    except ImportError:  # transformers 4.57
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
+
+
+def _drop_gguf_quantizer(model: nn.Module) -> None:
+    """Forget that ``model`` came from a GGUF file, once its weights are dense (see :func:`_gguf_dequantize_config`).
+
+    transformers 5 keeps the GGUF quantizer on the model and its config, and then refuses ``save_pretrained``
+    ("quantized with gguf and is not serializable") even though every weight is a plain tensor. The student is
+    such a model's pruned copy and saves as the plain safetensors folder it is.
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        return
+    if not getattr(quantizer.quantization_config, "dequantize", False):
+        raise CheckpointError(
+            "transformers kept this GGUF file's weights quantized; compress needs them dequantized (it slices and "
+            "trains plain weights). Nothing was changed."
+        )
+    model.hf_quantizer = None
+    config = cast(Any, model).config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    if hasattr(model, "is_quantized") and not isinstance(getattr(type(model), "is_quantized", None), property):
+        cast(Any, model).is_quantized = False
 
 
 def save_student(

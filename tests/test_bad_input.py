@@ -160,7 +160,10 @@ def test_missing_and_corrupt_checkpoints(tmp_path):
         compress.load_teacher(folder)
 
     pickled = tmp_path / "pickled"
-    tiny_model("llama").save_pretrained(pickled, safe_serialization=False)
+    pickled_model = tiny_model("llama")
+    pickled_model.save_pretrained(pickled)  # a .bin checkpoint by hand: transformers 5 writes safetensors only
+    (pickled / "model.safetensors").unlink()
+    torch.save(pickled_model.state_dict(), pickled / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match="pickled checkpoints are refused"):
         compress.load_teacher(pickled)
     (tmp_path / "empty").mkdir()

@@ -197,7 +197,7 @@ def test_kept_layers_and_kept_hidden_that_do_not_fit_the_models():
     teacher, student = _pair()
     _refused(ConfigError, r"kept_layers=\[0, 9\].*4 layers", teacher, student, _ids(),
              DistillConfig(**BASE, hidden_loss="cosine"), kept_layers=[0, 9])
-    _refused(ConfigError, r"kept_hidden.*64 hidden channels.*got \[0, 1\]", teacher, student, _ids(),
+    _refused(ConfigError, r"kept_hidden.*96 hidden channels.*got \[0, 1\]", teacher, student, _ids(),
              DistillConfig(**BASE, hidden_loss="cosine"), kept_hidden=[0, 1])
 
 
@@ -246,7 +246,7 @@ def test_resume_with_a_student_of_another_depth_copies_nothing(tmp_path):
 def test_resume_with_another_vocabulary_copies_nothing(tmp_path):
     config = _finished_run(tmp_path / "run", max_steps=3)
     teacher, student = _pair(vocab_size=400)
-    _refused(CheckpointError, r"(model.embed_tokens|lm_head).weight of shape \(320, 64\).*needs \(400, 64\)", teacher,
+    _refused(CheckpointError, r"(model.embed_tokens|lm_head).weight of shape \(320, 96\).*needs \(400, 96\)", teacher,
              student, _ids(), DistillConfig(**{**config, "resume": True}), folder=tmp_path)
 
 

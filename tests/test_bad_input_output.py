@@ -505,7 +505,7 @@ def test_teacher_tuple_of_wrong_shape(tmp_path, tokenizer):
     model = tiny_model("llama")
     before = model_state(model)
     with pytest.raises(ConfigError, match=r"should be \(model, tokenizer\), got a tuple of 3: "
-                                          r"\(LlamaForCausalLM, PreTrainedTokenizerFast, int\)"):
+                                          r"\(LlamaForCausalLM, \w+, int\)"):
         compress.compress((model, tokenizer, 1), {"params": 0.5}, [SAMPLE_TEXT], tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
     assert_model_unchanged(model, before)
@@ -597,7 +597,7 @@ def test_compress_moves_a_passed_in_model_back_when_a_later_stage_fails(tmp_path
         return real_to(*args, **kwargs)
     monkeypatch.setattr(model, "to", to)
     monkeypatch.setattr(compress.pipeline, "perplexity", lambda *a, **k: 1.0)
-    with pytest.raises(compress.TargetError, match="num_attention_heads=5"):  # refused by the checks: no move
+    with pytest.raises(compress.TargetError, match=r"num_attention_heads=5|num_attention_heads \(5\)"):  # refused by the checks: no move
         compress.compress((model, tokenizer), {"num_attention_heads": 5}, [SAMPLE_TEXT], tmp_path / "out",
                           eval_data=[SAMPLE_TEXT[:500]])
     assert moves == []

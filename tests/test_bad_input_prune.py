@@ -381,7 +381,7 @@ def test_apply_that_slices_other_than_it_selected_is_undone(register, calib_ids)
     model = _prepared()
     before = _record(model)
     with pytest.raises(PluginError, match=r"after axis plugin 'test-sloppy-apply' applied its selection, layer 0's "
-                                          r"mlp\.gate_proj has weight shape \(47, 64\), but the plan needs \(48, 64\)"):
+                                          r"mlp\.gate_proj has weight shape \(47, 96\), but the plan needs \(48, 96\)"):
         compress.prune(model, {"intermediate_size": 48}, calib_ids, plugins=["test-sloppy-apply"],
                        calibration_config=CAL)
     _assert_unchanged(model, before)
@@ -394,7 +394,7 @@ def test_weights_written_in_place_are_reported_not_hidden(register, calib_ids):
                                           r"model\.layers\.0\.mlp\.up_proj\.weight.*reload the model"):
         compress.prune(model, {"intermediate_size": 48}, calib_ids, plugins=["test-in-place"],
                        calibration_config=CAL)
-    assert model.model.layers[0].mlp.up_proj.weight.shape == (96, 64)  # the structure is back, the values are not
+    assert model.model.layers[0].mlp.up_proj.weight.shape == (96, 96)  # the structure is back, the values are not
 
 
 def test_hidden_axis_failing_after_slicing_restores_gemma_buffers_and_ties(register, calib_ids):

@@ -70,7 +70,7 @@ def test_compress_with_distillation_stage(tmp_path, tokenizer):
                                distill=cfg)
     assert set(result.perplexity) == {"teacher", "pruned", "distilled"}
     d = result.stages["distill"]
-    assert d["steps"] == 3 and d["projection"] == "learned linear 48 -> 64"
+    assert d["steps"] == 3 and d["projection"] == "learned linear 48 -> 96"
     assert list(d["layer_map"].values()) == result.prune.kept["layers"]
     assert result.data["distillation"]["skipped_tokens"] == result.data["calibration"]["tokens"] == 8 * 32
     assert result.data["distillation"]["tokens_trained"] == 3 * 2 * 32

@@ -45,7 +45,7 @@ def test_distillation_brings_student_closer_to_teacher(hidden_loss, hidden_weigh
     assert len(lines) == 25 and json.loads(lines[-1])["step"] == 25
     if hidden_loss:
         assert report.layer_map == {"0": 0, "1": 1, "2": 2, "3": 3}
-        assert report.projection == "learned linear 48 -> 64"
+        assert report.projection == "learned linear 48 -> 96"
     student.save_pretrained(tmp_path / "student")  # projections are not part of the model
     from safetensors import safe_open
     with safe_open(str(tmp_path / "student" / "model.safetensors"), "pt") as fh:

@@ -94,17 +94,17 @@ def test_gemma_hidden_pruning_keeps_the_function_of_the_sliced_model(family, cal
     computes; the compensation must give the logits of the sliced model with the teacher's scale. For multimodal
     Gemma-3 this includes the image features projected into the residual stream."""
     model = tiny_model(family)
-    keep = list(range(0, 64, 2))
+    keep = list(range(0, 96, 2))
     plugin = registry.build_plugin("hidden", "axis")
     reference = copy.deepcopy(model)
     adapter = adapter_for(model)
-    plugin.apply(model, adapter, {"keep": keep, "kept": 32, "removed": 32})
-    adapter.shape_config(model.config).hidden_size = 32  # what prune() writes, and what a reload reads
-    # The reference: the same slicing, with the embedding scale left at sqrt(64) and no compensation.
+    plugin.apply(model, adapter, {"keep": keep, "kept": 48, "removed": 48})
+    adapter.shape_config(model.config).hidden_size = 48  # what prune() writes, and what a reload reads
+    # The reference: the same slicing, with the embedding scale left at sqrt(96) and no compensation.
     no_compensation = type(adapter)(**{**adapter.__dict__, "embed_scale": None, "residual_norms": ()})
-    plugin.apply(reference, no_compensation, {"keep": keep, "kept": 32, "removed": 32})
+    plugin.apply(reference, no_compensation, {"keep": keep, "kept": 48, "removed": 48})
     if family == "gemma2":  # computes sqrt(config.hidden_size) in forward: keep the old width for the reference
-        reference.config.hidden_size = 64
+        reference.config.hidden_size = 96
     torch.testing.assert_close(_logits(model, calib_ids[:2]), _logits(reference, calib_ids[:2]), rtol=1e-4,
                                atol=1e-4)
     if family == "gemma3":
@@ -163,12 +163,12 @@ def test_gpt_neox_magnitude_head_scores_read_the_query_rows_of_each_head():
 def test_the_planner_says_when_the_embedding_holds_most_parameters(calib_ids):
     """Gemma-sized vocabularies: only hidden pruning shrinks the embedding, and the plan says so."""
     model = tiny_model("gemma3_text", vocab_size=4096)
-    share = 4096 * 64 / compress.pruning.shape.count_params(model)  # tied: one vocab x hidden table
+    share = 4096 * 96 / compress.pruning.shape.count_params(model)  # tied: one vocab x hidden table
     report = compress.prune(model, {"params": 0.5}, calib_ids,
                             calibration_config=compress.CalibrationConfig(min_samples=4))
     assert f"embedding holds {share:.0%} of the parameters" in report.plan_reason
     assert "mainly through the hidden size" in report.plan_reason
-    assert report.shape_after["hidden_size"] < 64
+    assert report.shape_after["hidden_size"] < 96
     small_vocab = compress.prune(tiny_model("gemma3_text"), {"params": 0.5}, calib_ids,
                                  calibration_config=compress.CalibrationConfig(min_samples=4))
     assert "embedding" not in small_vocab.plan_reason
@@ -181,7 +181,7 @@ def _phi3_longrope():
     # Phi-3-mini-128k style: longrope factors sized for hidden_size // heads * partial_rotary_factor // 2.
     factors = [1.0] * (64 // 4 // 2 // 2)  # hidden 64, 4 heads, head_dim 16, partial rotary 0.5 -> 4 factors
     rope = {"type": "longrope", "short_factor": factors, "long_factor": factors}
-    return tiny_model("phi3", num_attention_heads=4, rope_scaling=rope, max_position_embeddings=512,
+    return tiny_model("phi3", hidden_size=64, num_attention_heads=4, rope_scaling=rope, max_position_embeddings=512,
                       original_max_position_embeddings=256)
 
 
@@ -239,16 +239,16 @@ def test_mixture_of_experts_is_refused_clearly_before_any_work(config_class, exp
 
 
 def test_replacing_a_built_in_adapter_must_be_explicit():
-    from compress.models import LLAMA_LIKE, register_adapter
+    from compress.models import LLAMA, register_adapter
 
-    mine = type(LLAMA_LIKE)(**{**LLAMA_LIKE.__dict__, "families": ("llama",)})
+    mine = type(LLAMA)(**{**LLAMA.__dict__, "families": ("llama",)})
     with pytest.raises(compress.UnsupportedModelError, match="replace=True"):
         register_adapter(mine)
     try:
         assert register_adapter(mine, replace=True) is adapter_for(tiny_model("llama"))
     finally:
-        register_adapter(LLAMA_LIKE, replace=True)
-    assert adapter_for(tiny_model("llama")) is LLAMA_LIKE
+        register_adapter(LLAMA, replace=True)
+    assert adapter_for(tiny_model("llama")) is LLAMA
 
 
 def test_an_adapter_declared_by_an_installed_package_is_found(monkeypatch):
@@ -258,10 +258,10 @@ def test_an_adapter_declared_by_an_installed_package_is_found(monkeypatch):
     from types import SimpleNamespace
 
     from compress import registry
-    from compress.models import _ADAPTERS, LLAMA_LIKE
+    from compress.models import _ADAPTERS, LLAMA
 
-    mine = type(LLAMA_LIKE)(**{**LLAMA_LIKE.__dict__, "families": ("my_llama",)})
-    hijack = type(LLAMA_LIKE)(**{**LLAMA_LIKE.__dict__, "families": ("llama",)})
+    mine = type(LLAMA)(**{**LLAMA.__dict__, "families": ("my_llama",)})
+    hijack = type(LLAMA)(**{**LLAMA.__dict__, "families": ("llama",)})
     real = metadata.entry_points
 
     def with_extra(adapter, name):
@@ -285,7 +285,7 @@ def test_an_adapter_declared_by_an_installed_package_is_found(monkeypatch):
         _ADAPTERS.pop("my_llama", None)
         monkeypatch.undo()
         registry.load_entry_point_plugins(force=True)
-    assert adapter_for(tiny_model("llama")) is LLAMA_LIKE
+    assert adapter_for(tiny_model("llama")) is LLAMA
 
 
 def test_replacing_a_built_in_adapter_first_thing_in_a_process(tmp_path):
@@ -316,7 +316,10 @@ print("ok")
 
 def test_per_layer_sizes_are_refused_clearly_before_any_work(calib_ids):
     model = tiny_model("llama")
-    model.config.num_attention_heads = [6, 6, 4, 4]  # what a non-uniform checkpoint's config would say
+    if hasattr(model.config, "per_layer_config"):  # transformers 5: per-layer overrides of the global config
+        model.config.per_layer_config = {2: {"num_attention_heads": 4}, 3: {"num_attention_heads": 4}}
+    else:  # what a non-uniform checkpoint's config says on transformers 4.57
+        model.config.num_attention_heads = [6, 6, 4, 4]
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(compress.UnsupportedModelError, match="per-layer.*num_attention_heads.*Nothing was changed"):
         compress.prune(model, {"params": 0.5}, calib_ids)

@@ -17,7 +17,7 @@ CASES = {
     "mlp": ({"intermediate_size": 48}, "width", None),
     "heads-in-groups": ({"num_attention_heads": 4}, "width", None),  # 3 per group -> 2 per group, 2 KV kept
     "heads-whole-groups": ({"num_attention_heads": 3, "num_key_value_heads": 1}, "width", None),
-    "hidden": ({"hidden_size": 40}, "width", None),
+    "hidden": ({"hidden_size": 48}, "width", None),
     "depth-bi": ({"num_hidden_layers": 2}, "depth", {"depth": {"method": "block_influence"}}),
     "depth-block": ({"num_hidden_layers": 2}, "depth", {"depth": {"method": "contiguous_block", "eval_samples": 4}}),
     "width-budget": ({"params": 0.5}, "width", None),
@@ -173,8 +173,8 @@ def test_prune_is_deterministic(calib_ids):
 def test_teacher_left_untouched_when_copied(calib_ids):
     teacher = tiny_model("llama")
     student = copy.deepcopy(teacher)
-    compress.prune(student, {"hidden_size": 32}, calib_ids, calibration_config=compress.CalibrationConfig(min_samples=4))
-    assert teacher.config.hidden_size == 64 and student.config.hidden_size == 32
+    compress.prune(student, {"hidden_size": 48}, calib_ids, calibration_config=compress.CalibrationConfig(min_samples=4))
+    assert teacher.config.hidden_size == 96 and student.config.hidden_size == 48
     assert student.config.head_dim == 16
 
 

@@ -133,7 +133,7 @@ def test_matches_naive_ridge(case, tmp_path):
                          config={"lambdas": [lam]})
 
     layers = report.kept.get("layers", list(range(4)))
-    hidden = report.kept.get("hidden", list(range(64)))
+    hidden = report.kept.get("hidden", list(range(96)))
     assert result.layer_map == dict(enumerate(layers))
     if "depth" in case:
         assert layers != list(range(len(layers)))  # the mapping is not the identity
@@ -189,7 +189,7 @@ def test_held_out_guard_backs_off_when_refitting_overfits():
 
 
 def test_student_gets_closer_to_the_teacher():
-    teacher, student, report = _pruned({"hidden_size": 32, "intermediate_size": 48, "num_attention_heads": 3,
+    teacher, student, report = _pruned({"hidden_size": 48, "intermediate_size": 48, "num_attention_heads": 3,
                                         "num_key_value_heads": 1})
     held_out = _ids(8, seed=7)  # windows neither pruning nor reconstruction saw
 

@@ -75,6 +75,29 @@ class TeacherTrunk(nn.Module):
         return cast(torch.Tensor, self.model.get_submodule(self._head).weight)
 
 
+def _checkpointing_on(model: nn.Module) -> None:
+    """Activation checkpointing of every decoder layer (non-reentrant). transformers 5 renamed the method
+    (``activation_checkpointing_enable``; the old name warns) and also hooks the input embeddings so that
+    gradients reach the checkpointed layers."""
+    m = cast(Any, model)
+    if hasattr(m, "activation_checkpointing_enable"):
+        m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:  # transformers 4.57
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _checkpointing_off(model: nn.Module) -> None:
+    """Undo :func:`_checkpointing_on`, including the input-embedding hook transformers 5 left behind (its
+    ``activation_checkpointing_disable`` removes that hook only for PEFT models)."""
+    m = cast(Any, model)
+    if hasattr(m, "activation_checkpointing_disable"):
+        m.activation_checkpointing_disable()
+        if getattr(m, "_require_grads_hooks", None):
+            m.disable_input_require_grads()
+    else:
+        m.gradient_checkpointing_disable()
+
+
 class Engine:
     """One of :data:`MODES`, with the device, the process group size and the precision it trains in."""
 
@@ -181,9 +204,7 @@ class Engine:
 
     def _prepare_layers(self, student: nn.Module) -> None:
         if self.gradient_checkpointing and not getattr(student, "is_gradient_checkpointing", False):
-            cast("PreTrainedModel", student).gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
+            _checkpointing_on(student)
             self._enabled_checkpointing = student is self._caller_student
         if self.compile_layers:
             for layer in self.adapter.decoder_layers(student):
@@ -215,7 +236,7 @@ class Engine:
             layer._compiled_call_impl = before
         self._compiled = []
         if self._enabled_checkpointing and self._caller_student is not None:
-            cast("PreTrainedModel", self._caller_student).gradient_checkpointing_disable()
+            _checkpointing_off(self._caller_student)
             self._enabled_checkpointing = False
 
     # --- teacher --------------------------------------------------------------------------------------------

@@ -89,12 +89,34 @@ def check_genai_support(model: nn.Module) -> None:
             f"the onnxruntime-genai formats need the onnxruntime_genai package ({exc}); reinstall "
             "compress-llm, which depends on it"
         ) from exc
+    _check_builder_matches_transformers()
     arch = type(model).__name__  # what save_pretrained writes into config.json, which the builder reads
     if arch not in BUILDER_ARCHITECTURES:
         raise ExportError(
             f"the onnxruntime-genai export is checked for {sorted(BUILDER_ARCHITECTURES)}, not "
             f"{arch}; export 'onnx' (Optimum) instead. Nothing was written."
         )
+
+
+def _check_builder_matches_transformers() -> None:
+    """The builder imports transformers' model classes: releases before 0.16 import only with transformers 4.x,
+    0.16 and later only with transformers >= 5.2. Refuse a pair that cannot run, saying which release to install."""
+    from importlib.metadata import version
+
+    from ..version import transformers_version
+
+    genai = tuple(int(p) for p in version("onnxruntime-genai").split(".")[:2])
+    tf = transformers_version()
+    if tf >= (5, 0) and genai < (0, 16):
+        need = "onnxruntime-genai>=0.18 (pip install -U onnxruntime-genai)"
+    elif tf < (5, 0) and genai >= (0, 16):
+        need = 'onnxruntime-genai==0.15.2 (pip install "compress-llm[optimum]" pins it for this line)'
+    else:
+        return
+    raise ExportError(
+        f"onnxruntime-genai {'.'.join(map(str, genai))}'s model builder cannot run with transformers "
+        f"{tf[0]}.{tf[1]}: install {need}. Nothing was written."
+    )
 
 
 def build(

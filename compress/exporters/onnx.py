@@ -2,8 +2,9 @@
 quantization, and perplexity/generation with onnxruntime; and the ``"onnx"`` export format built from them
 (:func:`check_support`, :func:`write_formats`, :func:`card_section`; see :mod:`compress.exporters.formats`).
 
-Kept in one module on purpose: optimum-onnx 0.1.0 pins transformers < 4.58 (see setup.cfg), and when that pin
-moves, this is the only file that should need to.
+Kept in one module on purpose: optimum-onnx 0.1.0, its only release, pins transformers < 4.58, so this format
+exists on the compatibility line only (``pip install "compress-llm[optimum]"``, transformers 4.57.6; see
+setup.cfg). When optimum-onnx supports transformers 5, this is the only file that should need to change.
 """
 
 from __future__ import annotations
@@ -32,8 +33,36 @@ TASK = "text-generation-with-past"
 CHECKS = "parity"
 
 
+#: What installs this format, for the message that refuses it where it is missing.
+INSTALL_HINT = (
+    'pip install "compress-llm[optimum]" (the compatibility line: optimum-onnx 0.1.0, its only release, requires '
+    "transformers < 4.58, so this installs transformers 4.57.6)"
+)
+
+
+def check_optimum_installed() -> None:
+    """Refuse the format where optimum-onnx is not installed (the main line, transformers 5, cannot have it)."""
+    import importlib.util
+
+    from ..version import transformers_version
+
+    try:
+        found = importlib.util.find_spec("optimum.exporters.onnx") is not None
+    except ModuleNotFoundError:  # no "optimum" package at all
+        found = False
+    if not found:
+        major, minor = transformers_version()
+        raise ExportError(
+            "the 'onnx' format is Optimum's ONNX exporter, and optimum-onnx is not installed (transformers "
+            f"{major}.{minor} here). Either export 'onnx-genai' (onnxruntime-genai, the faster CPU format, which "
+            f"works on transformers 5), or install it: {INSTALL_HINT}. Nothing was written."
+        )
+
+
 def check_onnx_support(model: nn.Module) -> None:
-    """Refuse, before any work, a model type Optimum's ONNX exporter has no text-generation config for."""
+    """Refuse, before any work, a missing optimum-onnx, or a model type Optimum's ONNX exporter has no
+    text-generation config for."""
+    check_optimum_installed()
     import optimum.exporters.onnx.model_configs  # noqa: F401 - registers the exporter's model types
     from optimum.exporters.tasks import TasksManager
 

@@ -2,8 +2,8 @@
 pruning must know about the family.
 
 The pruning code never names a module itself; it asks the adapter. Llama, Mistral, Qwen2 and Qwen3 share one
-layout (they differ in biases and Qwen3's per-head q/k norms, which the adapter reports), so one
-:class:`DecoderAdapter` describes all of them. Other families are described by the same object with more
+layout (they differ in biases, Qwen3's per-head q/k norms and Llama's hidden / heads rule, which the adapters
+report), so :class:`DecoderAdapter` objects with a few fields set describe all of them. Other families are described by the same object with more
 fields filled in, not by new pruning code:
 
 * ``layer_norms`` — every norm over the hidden size inside a layer (Gemma has four), ``head_norms`` — norms over
@@ -34,7 +34,9 @@ A new family with the same roles under other names is one ``register_adapter(Dec
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any, cast
 
 import torch
@@ -43,6 +45,7 @@ from torch import nn
 from .. import registry
 from ..errors import ConfigError, PluginError, UnsupportedModelError
 from ..pruning.surgery import head_rows, slice_linear, slice_norm
+from ..version import transformers_version
 from .logits import LogitTransform
 
 
@@ -94,6 +97,9 @@ class DecoderAdapter:
     rope_checks_hidden_over_heads: tuple[str, ...] = field(default_factory=tuple)
     # The head size is always hidden_size // num_attention_heads (no head_dim in the config): GPT-NeoX.
     head_dim_from_hidden: bool = False
+    # transformers 5 requires hidden_size % num_attention_heads == 0 for this family (Llama, Gemma-2/3) even with
+    # an explicit head_dim; the planner keeps it on every transformers line, so students move between them.
+    hidden_divisible_by_heads: bool = False
     # Config attribute holding the decoder's sizes when the model wraps the decoder (multimodal Gemma-3).
     sub_config: str | None = None
     # Parameters outside the decoder layers whose last dimension writes the residual stream (Gemma-3's
@@ -286,29 +292,24 @@ class DecoderAdapter:
     def shape_constraint(self, config):
         """A function ``shape -> reason or None`` for shapes this family's config cannot describe, or None.
 
-        ``config`` is the decoder's config (:meth:`shape_config`).
+        ``config`` is the decoder's config (:meth:`shape_config`). A :class:`ShapeRules`: the family's own rules
+        (fused per-head qkv, a head size computed from hidden, a rope type checked against hidden / heads), then
+        the rules of loading: the one transformers 5 applies to the family (``hidden_divisible_by_heads``,
+        enforced on every transformers line so that a student saved on one loads on the other), and whatever
+        architecture check the installed transformers' config class runs on load.
         """
-        hidden_check = self._hidden_over_heads_check(config)
-        if self.qkv_layout != "per_head":
-            return hidden_check
-
-        def check(shape) -> str | None:  # q, k and v share their heads: no grouped-query attention
-            if shape.num_key_value_heads != shape.num_attention_heads:
-                return (
-                    "this family has no grouped-query attention (q, k and v are fused head by head): "
-                    "num_key_value_heads must equal num_attention_heads"
-                )
-            return hidden_check(shape) if hidden_check else None
-
-        return check
+        family = [c for c in (_no_gqa_check if self.qkv_layout == "per_head" else None,
+                              self._hidden_over_heads_check(config)) if c]
+        loading = [c for c in (_hidden_divisible_check if self.hidden_divisible_by_heads else None,
+                               _config_class_check(config)) if c]
+        return ShapeRules(tuple(family), tuple(loading)) if family or loading else None
 
     def _hidden_over_heads_check(self, config):
-        rope = getattr(config, "rope_scaling", None) or {}
-        kind = rope.get("type") or rope.get("rope_type")
+        kind = _rope_type(config)
         if self.head_dim_from_hidden:
             why = "this family computes the head size as hidden_size // num_attention_heads"
         elif kind in self.rope_checks_hidden_over_heads:
-            why = f"its {kind} rope_scaling is validated against hidden_size // num_attention_heads"
+            why = f"its {kind} rope scaling is validated against hidden_size // num_attention_heads"
         else:
             return None
 
@@ -337,7 +338,83 @@ class DecoderAdapter:
         return LogitTransform(scale=1.0 / divisor if divisor else 1.0, softcap=softcap or None)
 
 
-LLAMA_LIKE = DecoderAdapter(families=("llama", "mistral", "qwen2"))
+@dataclass(frozen=True)
+class ShapeRules:
+    """Why a shape cannot be saved as a config this family loads: ``rules(shape)`` is the first reason, or None.
+
+    ``family`` rules describe the architecture itself and explain a refusal best; ``loading`` rules are those of
+    the transformers config class, so a planner checks an explicit shape's bounds before them (a shape larger
+    than the teacher is refused as that, not for its head ratio).
+    """
+
+    family: tuple[Callable[[Any], str | None], ...] = ()
+    loading: tuple[Callable[[Any], str | None], ...] = ()
+
+    def __call__(self, shape) -> str | None:
+        return self.family_reason(shape) or next((r for c in self.loading if (r := c(shape))), None)
+
+    def family_reason(self, shape) -> str | None:
+        return next((r for c in self.family if (r := c(shape))), None)
+
+
+def _rope_type(config) -> str | None:
+    """The rope type of ``config``: ``rope_parameters`` (transformers 5) or ``rope_scaling`` (4.57)."""
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if not isinstance(rope, dict):
+        return None
+    return rope.get("rope_type") or rope.get("type")
+
+
+def _no_gqa_check(shape) -> str | None:
+    if shape.num_key_value_heads != shape.num_attention_heads:
+        return (
+            "this family has no grouped-query attention (q, k and v are fused head by head): "
+            "num_key_value_heads must equal num_attention_heads"
+        )
+    return None
+
+
+def _hidden_divisible_check(shape) -> str | None:
+    if shape.num_attention_heads and shape.hidden_size % shape.num_attention_heads:
+        return (
+            f"transformers 5 requires hidden_size ({shape.hidden_size}) to be a multiple of num_attention_heads "
+            f"({shape.num_attention_heads}) for this family, or the saved config refuses to load"
+        )
+    return None
+
+
+_SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim")
+
+
+def _config_class_check(config):
+    """The installed transformers' own architecture check of ``config``'s class, run on a copy with a candidate
+    shape's sizes, as a shape constraint (None when the class has none). Results are cached per shape: the
+    planner asks for every shape of its grid."""
+    validate = getattr(type(config), "validate_architecture", None)
+    if validate is None:
+        return None
+    results: dict[tuple, str | None] = {}
+
+    def check(shape) -> str | None:
+        key = tuple(getattr(shape, f) for f in _SHAPE_FIELDS)
+        if key not in results:
+            probe = copy.copy(config)
+            for name, value in zip(_SHAPE_FIELDS, key):
+                if hasattr(probe, name):
+                    object.__setattr__(probe, name, value)
+            try:
+                validate(probe)
+                results[key] = None
+            except (ValueError, TypeError) as exc:
+                results[key] = f"transformers' {type(config).__name__} refuses it ({exc})"
+        return results[key]
+
+    return check
+
+
+LLAMA = DecoderAdapter(families=("llama",), hidden_divisible_by_heads=True)
+# Mistral and Qwen2: Llama's layout (Qwen2 adds q/k/v biases), with no hidden / heads rule in their configs.
+LLAMA_LIKE = DecoderAdapter(families=("mistral", "qwen2"))
 QWEN3 = DecoderAdapter(families=("qwen3",), head_norms=("self_attn.q_norm", "self_attn.k_norm"))
 _GEMMA_NORMS: dict[str, Any] = dict(
     layer_norms=(
@@ -350,6 +427,7 @@ _GEMMA_NORMS: dict[str, Any] = dict(
     norm_offset=1.0,
     embed_scale="sqrt_hidden",
     logit_softcap="final_logit_softcapping",
+    hidden_divisible_by_heads=True,
 )
 GEMMA3_TEXT = DecoderAdapter(
     families=("gemma3_text",), head_norms=("self_attn.q_norm", "self_attn.k_norm"), **_GEMMA_NORMS
@@ -382,7 +460,7 @@ GPT_NEOX = DecoderAdapter(
     layers="gpt_neox.layers",
     embed="gpt_neox.embed_in",
     final_norm="gpt_neox.final_layer_norm",
-    lm_head="embed_out",
+    lm_head="lm_head" if transformers_version() >= (5, 0) else "embed_out",  # renamed by transformers 5
     attention="attention",
     qkv="attention.query_key_value",
     qkv_layout="per_head",
@@ -479,6 +557,12 @@ def find_adapter(model: nn.Module) -> DecoderAdapter | None:
     """
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
+    if getattr(config, "is_heterogeneous", False):  # transformers 5's per_layer_config
+        raise UnsupportedModelError(
+            f"{model_type!r} has per-layer {sorted(config.per_layer_attributes or [])} in its config "
+            "(per_layer_config); compress prunes models with one size per axis for all layers (what a standard "
+            "config describes). Nothing was changed."
+        )
     experts = next((getattr(config, f) for f in _EXPERT_FIELDS if (getattr(config, f, None) or 0) > 1), None)
     if experts:
         raise UnsupportedModelError(

@@ -173,12 +173,18 @@ def candidate_shapes(
     config = config or PlanConfig()
     check_strategy(strategy)
     if target.shape is not None:
+        # The family's own rules first (their reason is more telling than a generic bounds or GQA message), then
+        # bounds and strategy, then the rules of loading (a shape larger than the teacher is refused as that).
         candidate = teacher.replace(**target.shape)
-        # The family's own constraint first: its reason is more telling than a generic bounds or GQA message.
-        problem = constraint(candidate) if constraint and candidate.num_attention_heads > 0 else None
+        family = getattr(constraint, "family_reason", None)
+        problem = family(candidate) if family and candidate.num_attention_heads > 0 else None
         if problem:
             raise TargetError(f"the shape {target.requested} cannot be saved for this model: {problem}")
-        return [_explicit(teacher, formula, target, strategy)]
+        plan = _explicit(teacher, formula, target, strategy)
+        problem = constraint(plan.shape) if constraint else None
+        if problem:
+            raise TargetError(f"the shape {target.requested} cannot be saved for this model: {problem}")
+        return [plan]
 
     ranked, count, within = _ranked_grid(teacher, formula, target, strategy, config, constraint, int(k))
     plans = []
