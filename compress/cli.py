@@ -14,6 +14,7 @@ that failed its check), 130 on Ctrl-C (the output folder is then left as it was:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import sys
@@ -303,6 +304,22 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
     return base.replace(**changes) if changes else base
 
 
+@contextlib.contextmanager
+def _own_progress_only():
+    """The command line shows one progress bar per stage; transformers 5 adds its own for every load and save
+    ("Loading weights", "Writing model shards"), which would interleave with them. Switched off for the
+    command, and back on afterwards when it was on."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = argv[0] if argv and argv[0] in ("run", "report") else None
@@ -320,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help / --version
         return exc.code if isinstance(exc.code, int) else 0
     try:
-        with warnings.catch_warnings(), interface("recipe" if command == "run" else "cli"):
+        with warnings.catch_warnings(), interface("recipe" if command == "run" else "cli"), _own_progress_only():
             warnings.showwarning = _show_warning  # catch_warnings restores the caller's display afterwards
             return _run(args)
     except KeyboardInterrupt:

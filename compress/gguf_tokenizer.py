@@ -71,12 +71,16 @@ def repair_gguf_tokenizer(tokenizer, gguf_file: str | Path):
         )
     }
     if meta.get("model") == "gpt2":
+        import transformers
         from tokenizers import decoders, processors
-        from transformers import GPT2TokenizerFast
+
+        # The tokenizers-backed GPT-2 class: GPT2TokenizerFast on 4.57; transformers 5 names it GPT2Tokenizer and
+        # keeps the old name as an alias.
+        gpt2_fast: Any = getattr(transformers, "GPT2TokenizerFast", None) or transformers.GPT2Tokenizer
 
         backend = tokenizer.backend_tokenizer
         backend.decoder = decoders.ByteLevel()
-        post = [processors.ByteLevel(trim_offsets=False)]
+        post: list[Any] = [processors.ByteLevel(trim_offsets=False)]
         bos = special.get("bos_token")
         if meta.get("add_bos_token", False) and bos is not None:
             post.append(
@@ -87,7 +91,7 @@ def repair_gguf_tokenizer(tokenizer, gguf_file: str | Path):
         backend.post_processor = processors.Sequence(post) if len(post) > 1 else post[0]
         # A token the GGUF does not name stays unset (None): GPT2TokenizerFast would otherwise fill in
         # "<|endoftext|>" and, if the vocabulary lacks it, add a row the model's embedding does not have.
-        fixed = GPT2TokenizerFast(
+        fixed = gpt2_fast(
             tokenizer_object=backend,
             add_prefix_space=False,
             **special,

@@ -180,7 +180,7 @@ def _drop_gguf_quantizer(model: nn.Module) -> None:
             "transformers kept this GGUF file's weights quantized; compress needs them dequantized (it slices and "
             "trains plain weights). Nothing was changed."
         )
-    model.hf_quantizer = None
+    cast(Any, model).hf_quantizer = None
     config = cast(Any, model).config
     if hasattr(config, "quantization_config"):
         del config.quantization_config

@@ -16,6 +16,12 @@ from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3Config, Gemm
                           GraniteConfig, LlamaConfig, MistralConfig, Olmo2Config, Phi3Config,
                           PreTrainedTokenizerFast, Qwen2Config, Qwen3Config, SmolLM3Config)
 
+from transformers.utils import logging as hf_logging
+
+# transformers 5 draws a bar for every load and save ("Loading weights", "Writing model shards"); tests that read
+# stderr check compress's own output (the command line switches them off itself: tests run it in a subprocess).
+hf_logging.disable_progress_bar()
+
 VOCAB = 320
 
 

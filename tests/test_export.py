@@ -12,7 +12,7 @@ import compress
 from compress.errors import ConfigError, OutputExistsError
 from compress.exporters import ExportError
 
-from conftest import FAMILIES, SAMPLE_TEXT, tiny_model
+from conftest import FAMILIES, HAS_OPTIMUM, SAMPLE_TEXT, needs_optimum, tiny_model
 
 
 # GPT-NeoX's head size is hidden_size // heads (16 = 64 / 4 there; hidden 96 before).
@@ -26,6 +26,7 @@ def _pruned(family, calib_ids):
     return model
 
 
+@needs_optimum
 @pytest.mark.parametrize("family", FAMILIES)
 def test_export_onnx_matches_pytorch(family, calib_ids, tokenizer, tmp_path):
     model = _pruned(family, calib_ids)
@@ -53,6 +54,7 @@ def test_export_onnx_matches_pytorch(family, calib_ids, tokenizer, tmp_path):
     assert torch.equal(ort_out, hf.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0))
 
 
+@needs_optimum
 def test_plain_onnxruntime_runs_the_graph(calib_ids, tokenizer, tmp_path):
     model = _pruned("llama", calib_ids)
     compress.export(model, tokenizer, tmp_path / "e", formats=["onnx"])
@@ -75,6 +77,7 @@ def test_plain_onnxruntime_runs_the_graph(calib_ids, tokenizer, tmp_path):
     assert np.abs(logits - ref).max() < 1e-4
 
 
+@needs_optimum
 @pytest.mark.parametrize("family", ["llama", "qwen2"])  # tied and untied embeddings
 def test_int8_reports_perplexity_cost_and_card(family, calib_ids, tokenizer, tmp_path):
     import onnx
@@ -150,6 +153,14 @@ def test_refusals(calib_ids, tokenizer, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full"]
 
 
+@pytest.mark.skipif(HAS_OPTIMUM, reason="without optimum-onnx only (the transformers 5 line)")
+def test_onnx_without_optimum_is_refused_naming_the_install(tokenizer, tmp_path):
+    model = tiny_model("llama")
+    with pytest.raises(ExportError, match=r'optimum-onnx is not installed.*pip install "compress-llm\[optimum\]"'):
+        compress.export(model, tokenizer, tmp_path / "o", formats=["safetensors", "onnx"])
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_format_registry_is_the_one_table_of_formats():
     """Every format is one registry entry; a handler module provides what the export loop calls; the name checks
     live in a module that loads no exporter implementation (a config check can import it cheaply)."""
@@ -187,10 +198,13 @@ def test_quantize_and_auto_resolution_follow_the_registry(tokenizer):
     assert formats.with_int8(["onnx-genai"], None) == ["onnx-genai"]
     with pytest.raises(ConfigError, match="add 'onnx' or 'onnx-genai' to formats"):
         formats.check_export_args(["safetensors", "gguf"], "int8")
-    assert resolve_formats(tiny_model("qwen2"), ["auto"], "int8", tokenizer) == (
-        ["safetensors", "onnx-genai", "onnx-genai-int8"], ["onnx"], {})
+    chosen, fallbacks, skipped = resolve_formats(tiny_model("qwen2"), ["auto"], "int8", tokenizer)
+    assert chosen == ["safetensors", "onnx-genai", "onnx-genai-int8"]
+    # "auto" never picks a format whose package is missing: Optimum's only where optimum-onnx is installed
+    assert (fallbacks, list(skipped)) == ((["onnx"], []) if HAS_OPTIMUM else ([], ["onnx"]))
     chosen, fallbacks, skipped = resolve_formats(tiny_model("gpt_neox"), ["auto"], None, tokenizer)
-    assert (chosen, fallbacks, list(skipped)) == (["safetensors", "onnx"], [], ["onnx-genai"])
+    assert (chosen, fallbacks) == ((["safetensors", "onnx"], []) if HAS_OPTIMUM else (["safetensors"], []))
+    assert list(skipped) == (["onnx-genai"] if HAS_OPTIMUM else ["onnx-genai", "onnx"])
     assert resolve_formats(tiny_model("llama"), ["onnx-genai"], "int8", tokenizer)[0] == ["onnx-genai",
                                                                                            "onnx-genai-int8"]
 

@@ -2,18 +2,20 @@
 
 import json
 import shutil
+from importlib import metadata
 
 import numpy as np
 import onnxruntime_genai as og
 import pytest
 import torch
+from packaging import version
 from transformers import AutoModelForCausalLM
 
 import compress
 from compress.errors import ConfigError
 from compress.exporters import ExportError, genai
 
-from conftest import SAMPLE_TEXT, tiny_model
+from conftest import HAS_OPTIMUM, SAMPLE_TEXT, needs_optimum, tiny_model
 
 # Every architecture the export accepts, as the tiny family that has it.
 GENAI_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "granite"]
@@ -44,10 +46,17 @@ def test_architectures_under_test_are_the_accepted_ones():
     assert {type(tiny_model(f)).__name__ for f in GENAI_FAMILIES} == genai.BUILDER_ARCHITECTURES
 
 
-def test_sliding_window_models_match_past_the_window(calib_ids, tokenizer, tmp_path):
-    """Mistral with a window of 8 tokens: the 32-token parity check runs well past it."""
-    report = compress.export(tiny_model("mistral", sliding_window=8), tokenizer, tmp_path / "w",
-                             formats=["onnx-genai"])
+def test_sliding_window_models_match_past_the_window_or_are_refused(calib_ids, tokenizer, tmp_path):
+    """Mistral with a window of 8 tokens: the 32-token parity check runs well past it. onnxruntime-genai 0.15.2
+    (the 4.57 line) gets it right; 0.16 and later (the transformers 5 line) compute wrong logits past the window,
+    so the export refuses it before any work."""
+    model = tiny_model("mistral", sliding_window=8)
+    if version.parse(metadata.version("onnxruntime-genai")) >= version.parse("0.16"):
+        with pytest.raises(ExportError, match="sliding window of 8 tokens.*wrong logits past the window"):
+            compress.export(model, tokenizer, tmp_path / "w", formats=["onnx-genai"])
+        assert list(tmp_path.iterdir()) == []
+        return
+    report = compress.export(model, tokenizer, tmp_path / "w", formats=["onnx-genai"])
     assert report.genai["onnx-genai"]["parity"]["passed"]
 
 
@@ -142,6 +151,7 @@ def test_tokenizer_disagreement_is_refused_and_leaves_nothing(calib_ids, tmp_pat
     assert list(tmp_path.iterdir()) == []
 
 
+@needs_optimum
 def test_auto_falls_back_to_optimum_when_genai_fails_its_gates(tmp_path):
     report = compress.export(tiny_model("llama"), _unk_tokenizer(), tmp_path / "t")
     assert report.formats == ["safetensors", "onnx"] and report.parity["passed"]
@@ -151,13 +161,28 @@ def test_auto_falls_back_to_optimum_when_genai_fails_its_gates(tmp_path):
     assert saved["skipped"] == report.skipped and "onnx-genai" not in saved["genai"]
 
 
+@pytest.mark.skipif(HAS_OPTIMUM, reason="without optimum-onnx only (the transformers 5 line)")
+def test_auto_without_optimum_keeps_safetensors_alone_when_genai_fails_its_gates(tmp_path):
+    report = compress.export(tiny_model("llama"), _unk_tokenizer(), tmp_path / "t")
+    assert report.formats == ["safetensors"]
+    assert "tokenizer encodes differently" in report.skipped["onnx-genai"]
+    assert 'pip install "compress-llm[optimum]"' in report.skipped["onnx"]
+    assert sorted(p.name for p in (tmp_path / "t").iterdir() if p.is_dir()) == []
+    saved = json.loads((tmp_path / "t" / "export_report.json").read_text())
+    assert saved["skipped"] == report.skipped and saved["formats"] == ["safetensors"]
+
+
 def test_auto_picks_genai_when_it_passes_and_optimum_for_other_families(tokenizer, tmp_path):
     report = compress.export(tiny_model("qwen2"), tokenizer, tmp_path / "a")
-    assert report.formats == ["safetensors", "onnx-genai"] and report.skipped == {}
+    assert report.formats == ["safetensors", "onnx-genai"]
+    assert report.skipped == ({} if HAS_OPTIMUM else {"onnx": report.skipped.get("onnx")})
     report = compress.export(tiny_model("gpt_neox"), tokenizer, tmp_path / "b", quantize="int8",
                              eval_data=[SAMPLE_TEXT], eval_tokens=256)
-    assert report.formats == ["safetensors", "onnx"] and report.int8["ppl_int8"] > 0
     assert "GPTNeoXForCausalLM" in report.skipped["onnx-genai"]
+    if HAS_OPTIMUM:
+        assert report.formats == ["safetensors", "onnx"] and report.int8["ppl_int8"] > 0
+    else:  # auto never picks a format whose package is missing
+        assert report.formats == ["safetensors"] and "optimum-onnx is not installed" in report.skipped["onnx"]
 
 
 @pytest.mark.parametrize("family", ["olmo2", "gemma2", "phi3"])

@@ -24,7 +24,9 @@ import torch
 import compress
 from compress.exporters.onnx import accept_any_empty_past, quantize_int8
 
-from conftest import randomized, tiny_config
+from conftest import needs_optimum, randomized, tiny_config
+
+pytestmark = needs_optimum  # Optimum's folders, checked with its own stock class
 
 # Pruned shapes: 4 heads of 16 in a hidden size of 48 (16 != 48 // 4), 2 KV heads (grouped-query attention).
 # Gemma-2's KV heads are outside Optimum's list; GPT-NeoX has neither (head size = hidden // heads, no GQA).

@@ -19,7 +19,7 @@ import compress
 from compress.errors import ConfigError, TargetError, UnsupportedModelError
 from compress.pruning.shape import count_params
 
-from conftest import VOCAB, randomized
+from conftest import HAS_OPTIMUM, VOCAB, needs_optimum, randomized
 
 CONFIGS = {"starcoder2": Starcoder2Config, "stablelm": StableLmConfig, "glm": GlmConfig, "nemotron": NemotronConfig,
            "cohere": CohereConfig, "arcee": ArceeConfig, "persimmon": PersimmonConfig, "helium": HeliumConfig,
@@ -166,8 +166,11 @@ REFUSALS = [
     ("stablelm", {"params": 0.3}, {}, TargetError, "hidden channels cannot be pruned for this family"),
     ("persimmon", {"hidden_size": 48}, {}, UnsupportedModelError, r"hidden channels of 'persimmon'.*cannot be pruned"),
     ("helium", {"hidden_size": 48}, {}, UnsupportedModelError, r"hidden channels of 'helium'.*cannot be pruned"),
-    # Gemma (v1) scales its embeddings by sqrt(config.hidden_size) at run time: reloads fine, computes otherwise.
-    ("gemma", {"hidden_size": 48}, {}, UnsupportedModelError, r"reads config.hidden_size while it runs"),
+    # Gemma (v1) scales its embeddings by sqrt(hidden_size): transformers 4.57 computes it from the config at run
+    # time (the preflight sees the logits move with config.hidden_size); transformers 5 keeps it in a buffer set
+    # from the config when the model is built (the preflight sees the reload differ).
+    ("gemma", {"hidden_size": 48}, {}, UnsupportedModelError,
+     r"reads config.hidden_size while it runs|logits of the reloaded and the in-memory pruned model differ"),
 ]
 
 
@@ -211,15 +214,16 @@ def test_compress_end_to_end_without_an_adapter(tokenizer, tmp_path):
                                                                                  min_samples=4),
         distill=compress.DistillConfig(max_steps=2, batch_size=2, seq_len=32, hidden_loss="cosine", log_every=1,
                                        progress=False),
-        formats=("safetensors", "onnx"))
+        formats=("safetensors", "onnx") if HAS_OPTIMUM else ("safetensors",))
     assert "Torch-Pruning" in result.prune.plan_reason
     assert result.stages["distill"]["steps"] == 2 and result.stages["distill"]["projection"] == "learned linear 48 -> 96"
-    assert result.stages["export"]["parity"]["passed"]
+    assert result.stages["export"]["parity"]["passed"] if HAS_OPTIMUM else "parity" not in result.stages["export"]
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert count_params(reloaded) == result.prune.params_after
     assert reloaded.config.hidden_size == 48 and reloaded.config.intermediate_size == 64
 
 
+@needs_optimum
 def test_onnx_for_a_family_optimum_cannot_export_is_refused_before_any_work(tokenizer, tmp_path):
     train, valid = _write_texts(tmp_path)
     model = tiny("starcoder2")
@@ -264,6 +268,7 @@ def test_distilling_a_family_whose_logits_are_transformed_is_refused_before_any_
                          compress.DistillConfig(max_steps=1, batch_size=2, seq_len=16, progress=False))
 
 
+@needs_optimum
 def test_export_refuses_onnx_of_a_family_optimum_cannot_export_before_writing(tokenizer, tmp_path):
     model = tiny("starcoder2")
     with pytest.raises(compress.CompressError, match="no 'text-generation-with-past' support.*'starcoder2'"):

@@ -86,6 +86,12 @@ def _checkpointing_on(model: nn.Module) -> None:
         m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+def _checkpointing_is_on(model: nn.Module) -> bool:
+    """Whether the caller switched checkpointing on already (transformers 5 renamed the flag too)."""
+    flag = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else None
+    return bool(getattr(model, flag or "is_gradient_checkpointing", False))
+
+
 def _checkpointing_off(model: nn.Module) -> None:
     """Undo :func:`_checkpointing_on`, including the input-embedding hook transformers 5 left behind (its
     ``activation_checkpointing_disable`` removes that hook only for PEFT models)."""
@@ -203,7 +209,7 @@ class Engine:
         return self.wrapped
 
     def _prepare_layers(self, student: nn.Module) -> None:
-        if self.gradient_checkpointing and not getattr(student, "is_gradient_checkpointing", False):
+        if self.gradient_checkpointing and not _checkpointing_is_on(student):
             _checkpointing_on(student)
             self._enabled_checkpointing = student is self._caller_student
         if self.compile_layers:

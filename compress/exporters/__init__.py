@@ -213,6 +213,7 @@ def export(
     check_output_dir(out_dir, overwrite, inputs=inputs)
     check_materialized(model)
     shape = check_exportable(model)
+    auto = formats == [AUTO]
     formats, fallbacks, skipped = resolve_formats(model, formats, quantize, tokenizer)
     model = _cpu_fp32_copy(model)  # the caller's model stays on its device, in its dtype and mode
     report = ExportReport(
@@ -230,7 +231,7 @@ def export(
         steps.update(1)
         text = default_eval_source() if eval_data is None else eval_data
         job = ExportJob(model, tokenizer, hf_dir, tmp, quantize, parity_tolerance, text, eval_tokens)
-        _write_formats(job, report, fallbacks, steps)
+        _write_formats(job, report, fallbacks, steps, auto)
         card = model_card(name, report.params, report.shape, history=history, sections=_card_sections(report))
         (tmp / "README.md").write_text(card)
         _write_extra_files(tmp, extra_files)
@@ -240,10 +241,11 @@ def export(
     return report
 
 
-def _write_formats(job: ExportJob, report: ExportReport, fallbacks: list[str], steps: Any) -> None:
+def _write_formats(job: ExportJob, report: ExportReport, fallbacks: list[str], steps: Any, auto: bool) -> None:
     """Write and check ``report.formats`` (besides the Hugging Face folder) into ``job.out``, one format module
-    after another, filling ``report.results``. With ``formats="auto"`` a format that fails its gates is removed
-    and the next of ``fallbacks`` written instead (``report.skipped`` says why); otherwise the error propagates.
+    after another, filling ``report.results``. With ``formats="auto"`` (``auto``) a format that fails its gates
+    is removed and the next of ``fallbacks`` written instead, or none when no fallback is left (the folder then
+    holds safetensors alone); ``report.skipped`` says why. Named formats propagate the error.
     """
     while True:
         try:
@@ -254,14 +256,14 @@ def _write_formats(job: ExportJob, report: ExportReport, fallbacks: list[str], s
                 steps.update(len(names))
             return
         except ExportError as exc:  # formats="auto": the next-fastest format that passes its gates
-            if not fallbacks:
+            if not auto:
                 raise
             failed = [f for f in report.formats if REGISTRY[f].module is not None]
             for folder in dict.fromkeys(d for f in failed for d in REGISTRY[f].folders):
                 shutil.rmtree(job.out / folder, ignore_errors=True)
             report.skipped[failed[0]] = str(exc)
             kept = [f for f in report.formats if REGISTRY[f].module is None]
-            report.formats = kept + with_int8([fallbacks.pop(0)], job.quantize)
+            report.formats = kept + (with_int8([fallbacks.pop(0)], job.quantize) if fallbacks else [])
             report.results = {}
 
 

@@ -90,6 +90,7 @@ def check_genai_support(model: nn.Module) -> None:
             "compress-llm, which depends on it"
         ) from exc
     _check_builder_matches_transformers()
+    _check_sliding_window(model)
     arch = type(model).__name__  # what save_pretrained writes into config.json, which the builder reads
     if arch not in BUILDER_ARCHITECTURES:
         raise ExportError(
@@ -117,6 +118,33 @@ def _check_builder_matches_transformers() -> None:
         f"onnxruntime-genai {'.'.join(map(str, genai))}'s model builder cannot run with transformers "
         f"{tf[0]}.{tf[1]}: install {need}. Nothing was written."
     )
+
+
+def _check_sliding_window(model: nn.Module) -> None:
+    """Refuse a model with an active sliding window where the installed runtime gets it wrong.
+
+    Measured with onnxruntime-genai 0.18.0 on a tiny Mistral with a window of 8 tokens: logits match PyTorch for
+    up to 8 tokens and are wrong from the 9th (max |diff| 5.8 at 9 tokens, 10.4 at 16), and a prompt longer than
+    the cache it sizes fails in GroupQueryAttention. 0.15.2 matches past the window
+    (tests/test_export_genai.py).
+    """
+    from importlib.metadata import version
+
+    config = model.config
+    window = getattr(config, "sliding_window", None)
+    if not isinstance(window, int) or not getattr(config, "use_sliding_window", True):
+        return
+    if window >= (getattr(config, "max_position_embeddings", None) or window + 1):
+        return
+    genai = tuple(int(p) for p in version("onnxruntime-genai").split(".")[:2])
+    if genai >= (0, 16):
+        raise ExportError(
+            f"this model attends through a sliding window of {window} tokens, and onnxruntime-genai "
+            f"{'.'.join(map(str, genai))} computes wrong logits past the window (measured: exact up to the window, "
+            "off by several units after it). Export 'gguf', or use the compatibility line (transformers 4.57.6 with "
+            'onnxruntime-genai 0.15.2: pip install "compress-llm[optimum]"), whose builder gets it right. Nothing '
+            "was written."
+        )
 
 
 def build(

@@ -3,8 +3,7 @@ pruning must know about the family.
 
 The pruning code never names a module itself; it asks the adapter. Llama, Mistral, Qwen2 and Qwen3 share one
 layout (they differ in biases, Qwen3's per-head q/k norms and Llama's hidden / heads rule, which the adapters
-report), so :class:`DecoderAdapter` objects with a few fields set describe all of them. Other families are described by the same object with more
-fields filled in, not by new pruning code:
+report). Other families are described by the same object with more fields filled in, not by new pruning code:
 
 * ``layer_norms`` — every norm over the hidden size inside a layer (Gemma has four), ``head_norms`` — norms over
   ``head_dim`` shared by all heads (Qwen3, Gemma-3), ``norm_offset`` — 1 when a norm computes ``x̂·(1 + w)``
@@ -35,8 +34,8 @@ A new family with the same roles under other names is one ``register_adapter(Dec
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import torch
@@ -298,10 +297,16 @@ class DecoderAdapter:
         enforced on every transformers line so that a student saved on one loads on the other), and whatever
         architecture check the installed transformers' config class runs on load.
         """
-        family = [c for c in (_no_gqa_check if self.qkv_layout == "per_head" else None,
-                              self._hidden_over_heads_check(config)) if c]
-        loading = [c for c in (_hidden_divisible_check if self.hidden_divisible_by_heads else None,
-                               _config_class_check(config)) if c]
+        family = [
+            c
+            for c in (_no_gqa_check if self.qkv_layout == "per_head" else None, self._hidden_over_heads_check(config))
+            if c
+        ]
+        loading = [
+            c
+            for c in (_hidden_divisible_check if self.hidden_divisible_by_heads else None, _config_class_check(config))
+            if c
+        ]
         return ShapeRules(tuple(family), tuple(loading)) if family or loading else None
 
     def _hidden_over_heads_check(self, config):
@@ -559,7 +564,7 @@ def find_adapter(model: nn.Module) -> DecoderAdapter | None:
     model_type = getattr(config, "model_type", None)
     if getattr(config, "is_heterogeneous", False):  # transformers 5's per_layer_config
         raise UnsupportedModelError(
-            f"{model_type!r} has per-layer {sorted(config.per_layer_attributes or [])} in its config "
+            f"{model_type!r} has per-layer {sorted(cast(Any, config).per_layer_attributes or [])} in its config "
             "(per_layer_config); compress prunes models with one size per axis for all layers (what a standard "
             "config describes). Nothing was changed."
         )
