@@ -129,9 +129,14 @@ def test_untie_transposed_weights_keeps_other_consumers():
 
 
 def test_failed_parity_leaves_nothing(calib_ids, tokenizer, tmp_path):
+    model = _pruned("llama", calib_ids)
     with pytest.raises(ExportError, match="differ from PyTorch"):
-        compress.export(_pruned("llama", calib_ids), tokenizer, tmp_path / "bad", parity_tolerance=1e-12)
+        compress.export(model, tokenizer, tmp_path / "bad", formats=["onnx-genai"], parity_tolerance=1e-12)
     assert list(tmp_path.iterdir()) == []
+    # formats="auto": every deployment format that fails its gates is skipped, saying why; safetensors stay.
+    report = compress.export(model, tokenizer, tmp_path / "auto", parity_tolerance=1e-12)
+    assert report.formats == ["safetensors"] and "differ from PyTorch" in report.skipped["onnx-genai"]
+    assert sorted(p.name for p in (tmp_path / "auto").iterdir() if p.is_dir()) == []
 
 
 def test_refusals(calib_ids, tokenizer, tmp_path):

@@ -217,3 +217,24 @@ def test_gguf_tokenizer_repair_adds_no_token_the_gguf_does_not_name(monkeypatch)
     fixed = repair.repair_gguf_tokenizer(loaded, "model.gguf")
     assert len(fixed) == 4 and fixed.unk_token is None and fixed.pad_token is None
     assert (fixed.bos_token, fixed.eos_token, fixed.model_max_length) == ("<s>", "</s>", 77)
+
+
+def test_a_gguf_teacher_saves_as_plain_weights_that_reload_exactly(tmp_path, tokenizer, known_pretokenizer):
+    """transformers 5 keeps the GGUF quantizer on a model it loaded from a .gguf file and then refuses
+    save_pretrained ("quantized with gguf and is not serializable"); the loader asks for dense weights and drops
+    the quantizer, so the student (the teacher's pruned copy) saves as a plain folder on either line."""
+    import compress
+    from transformers import AutoModelForCausalLM
+
+    _, hf_dir = _folder(tmp_path, "llama", tokenizer)
+    files = export_gguf(hf_dir, tmp_path / "gguf", types=["f16"])
+    teacher, tok = compress.load_teacher(files["f16"])
+    assert getattr(teacher, "hf_quantizer", None) is None and not hasattr(teacher.config, "quantization_config")
+    assert all(type(m).__name__ in ("Linear", "Embedding") for m in teacher.modules() if hasattr(m, "weight")
+               and m.weight is not None and m.weight.dim() == 2)
+    compress.save_student(teacher, tok, tmp_path / "student")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "student").eval()
+    assert "quantization_config" not in (tmp_path / "student" / "config.json").read_text()
+    ids = _windows(tokenizer)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, teacher(ids).logits, rtol=0, atol=0)
