@@ -217,7 +217,7 @@ def test_compress_end_to_end_without_an_adapter(tokenizer, tmp_path):
         formats=("safetensors", "onnx") if HAS_OPTIMUM else ("safetensors",))
     assert "Torch-Pruning" in result.prune.plan_reason
     assert result.stages["distill"]["steps"] == 2 and result.stages["distill"]["projection"] == "learned linear 48 -> 64"
-    assert result.stages["export"]["parity"]["passed"] if HAS_OPTIMUM else "parity" not in result.stages["export"]
+    assert result.stages["export"]["parity"]["passed"] if HAS_OPTIMUM else not result.stages["export"].get("parity")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert count_params(reloaded) == result.prune.params_after
     assert reloaded.config.hidden_size == 48 and reloaded.config.intermediate_size == 64
