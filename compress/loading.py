@@ -123,7 +123,8 @@ def load_teacher(
 
     ``"smollm2"`` names the bundled default teacher. Local folders must hold safetensors weights (pickled
     ``.bin`` checkpoints are refused: loading them can run arbitrary code) and tokenizer files. ``dtype``: a
-    floating-point ``torch.dtype``, a name such as ``"bfloat16"``, or ``"auto"``; ``device``: ``"cpu"``,
+    floating-point ``torch.dtype``, a name such as ``"bfloat16"``, or ``"auto"`` (the checkpoint's own); float32
+    when not given, on every transformers line (transformers 5's own default is "auto"); ``device``: ``"cpu"``,
     ``"cuda"``, ``"cuda:N"``, ... (checked before anything is loaded).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -132,7 +133,9 @@ def load_teacher(
     dtype = check_dtype(dtype)
     check_device(device)
     where, extra, path = locate_teacher(source)
-    kwargs: dict[str, Any] = {"dtype": dtype} if dtype is not None else {}
+    # float32 unless asked: transformers 5 would load a bf16 checkpoint in bf16 ("auto"), 4.57 in float32; one
+    # default on both lines keeps their results the same (see the README on dtypes).
+    kwargs: dict[str, Any] = {"dtype": dtype if dtype is not None else torch.float32}
     tok_extra: dict[str, Any] = {"gguf_file": extra["gguf_file"]} if "gguf_file" in extra else {}
     # The tokenizer first: it is cheap, so a broken one is reported before the weights are read.
     tokenizer = _wrap_load(f"tokenizer from {source}", AutoTokenizer.from_pretrained, where, **tok_extra)
