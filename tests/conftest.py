@@ -12,6 +12,7 @@ import importlib.util
 
 import pytest
 import torch
+import transformers
 from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3Config, Gemma3TextConfig, GPTNeoXConfig,
                           GraniteConfig, LlamaConfig, MistralConfig, Olmo2Config, Phi3Config,
                           PreTrainedTokenizerFast, Qwen2Config, Qwen3Config, SmolLM3Config)
@@ -65,11 +66,40 @@ CONFIGS = {
     "gpt_neox": GPTNeoXConfig,
     "gemma3": _gemma3_multimodal,
 }
-TIED = ("llama", "qwen3", "gemma3_text", "gemma2", "smollm3", "gemma3")
+
+
+def _installed_config_class(name: str):
+    """transformers' config class ``name``, or None where the installed transformers has none."""
+    try:
+        return getattr(transformers, name)
+    except (AttributeError, ImportError):
+        return None
+
+
+# Families that only newer transformers have (Ministral 3 and InternLM3: transformers 5 only; the others from 4.57
+# on) join the suite where their config class imports, so the 4.57 line runs the families it has.
+_NEWER_CONFIGS = {
+    "ministral3": "Ministral3Config",
+    "exaone4": "Exaone4Config",
+    "olmo3": "Olmo3Config",
+    "seed_oss": "SeedOssConfig",
+    "apertus": "ApertusConfig",
+    "glm4": "Glm4Config",
+    "ernie4_5": "Ernie4_5Config",
+    "internlm3": "InternLM3Config",
+    "hunyuan_v1_dense": "HunYuanDenseV1Config",
+}
+CONFIGS.update({family: cls for family, name in _NEWER_CONFIGS.items()
+                if (cls := _installed_config_class(name)) is not None})
+TIED = ("llama", "qwen3", "gemma3_text", "gemma2", "smollm3", "gemma3", "ernie4_5")
 # No grouped-query attention and a head size computed as hidden_size // heads: 6 heads of 16 need hidden 96.
 NO_GQA = ("gpt_neox",)
 # What each family needs beyond the common fields, with its traps switched on: Gemma's sliding/full layer
-# pattern and soft-capping, Granite's four multipliers, Phi-3's partial rotary, SmolLM3's no-RoPE layers.
+# pattern and soft-capping, Granite's four multipliers, Phi-3's partial rotary, SmolLM3's no-RoPE layers; of the
+# families below: Ministral 3's position-dependent query scaling (llama_4_scaling_beta, past an original context of 8)
+# over a sliding window, OLMo-3's and EXAONE 4's sliding/full layers (EXAONE 4's full layers without RoPE), biases
+# everywhere (Seed-OSS's separate o_proj bias, ERNIE 4.5, InternLM3), GLM-4's partial rotary, Apertus's llama3 rope
+# scaling, HunYuan's attention biases and NTK-alpha rope.
 EXTRA = {
     "gemma3_text": dict(query_pre_attn_scalar=16, sliding_window=8, final_logit_softcapping=20.0,
                         layer_types=["sliding_attention", "full_attention"] * 2),
@@ -79,6 +109,21 @@ EXTRA = {
     "phi3": dict(original_max_position_embeddings=256, partial_rotary_factor=0.5),  # fused q|k|v, gate|up
     "smollm3": dict(no_rope_layer_interval=2),
     "gpt_neox": dict(rotary_pct=0.5, use_parallel_residual=True, hidden_act="gelu"),
+    "ministral3": dict(sliding_window=8, rope_parameters={
+        "rope_type": "yarn", "rope_theta": 1e6, "factor": 32.0, "original_max_position_embeddings": 8,
+        "max_position_embeddings": 256, "beta_fast": 32.0, "beta_slow": 1.0, "mscale_all_dim": 1.0, "mscale": 1.0,
+        "llama_4_scaling_beta": 0.1}),
+    "olmo3": dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"] * 2),
+    "exaone4": dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"] * 2),
+    # Dropout off (Seed-OSS's default is 0.1): the distillation test compares a training step with eval logits.
+    "seed_oss": dict(attention_bias=True, attention_out_bias=True, mlp_bias=True, attention_dropout=0.0,
+                     residual_dropout=0.0),
+    "apertus": dict(rope_scaling={"rope_type": "llama3", "factor": 4.0, "original_max_position_embeddings": 64,
+                                  "low_freq_factor": 1.0, "high_freq_factor": 4.0}),
+    "glm4": dict(partial_rotary_factor=0.5, attention_bias=True),
+    "ernie4_5": dict(use_bias=True),
+    "internlm3": dict(attention_bias=True, mlp_bias=True),
+    "hunyuan_v1_dense": dict(attention_bias=True, rope_scaling={"type": "dynamic", "alpha": 1000.0, "factor": 1.0}),
 }
 EXTRA["gemma3"] = EXTRA["gemma3_text"]
 

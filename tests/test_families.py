@@ -38,7 +38,11 @@ def _keep_all(shape: ModelShape) -> dict[str, dict]:
 
 
 def test_supported_families_are_the_conformance_suites():
-    assert compress.supported_families() == sorted(FAMILIES)
+    """Every family with an adapter is in the suite, where the installed transformers has its config class (the
+    4.57 line has no Ministral 3 or InternLM3)."""
+    from transformers import CONFIG_MAPPING
+
+    assert [f for f in compress.supported_families() if f in CONFIG_MAPPING] == sorted(FAMILIES)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -201,8 +205,8 @@ def test_phi3_longrope_shapes_that_cannot_load_are_refused_or_avoided(calib_ids,
 
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f not in NO_GQA])
 def test_removing_a_silent_kv_group(family, calib_ids):
-    """A KV group whose values are zero contributes nothing; removing it is exact, except for OLMo-2, whose q/k
-    norms divide by the RMS over all heads together (documented in the README)."""
+    """A KV group whose values are zero contributes nothing; removing it is exact, except for OLMo-2 and OLMo-3,
+    whose q/k norms divide by the RMS over all heads together (documented in the README)."""
     model = tiny_model(family)
     adapter = adapter_for(model)
     with torch.no_grad():  # KV group 1 outputs zeros: its 3 query heads are silent
@@ -220,7 +224,7 @@ def test_removing_a_silent_kv_group(family, calib_ids):
     compress.prune(model, {"num_attention_heads": 3, "num_key_value_heads": 1}, calib_ids,
                    calibration_config=compress.CalibrationConfig(min_samples=4))
     difference = (_logits(model, calib_ids[:2]) - ref).abs().max().item()
-    assert (difference < 1e-5) == (family != "olmo2"), difference
+    assert (difference < 1e-5) == (adapter.q_proj_norm is None), difference
 
 
 @pytest.mark.parametrize("config_class, experts", [("MixtralConfig", {"num_local_experts": 4}),

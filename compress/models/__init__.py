@@ -491,6 +491,119 @@ GEMMA3 = DecoderAdapter(
 )
 # SmolLM3 turns RoPE off in every 4th layer: no_rope_layers has one entry per layer.
 SMOLLM3 = DecoderAdapter(families=("smollm3",), layer_lists=("layer_types", "no_rope_layers"))
+# Ministral 3: Mistral's layout. Its queries are scaled by a factor of the position alone (llama_4_scaling_beta past
+# the rope's original context) and every layer may use a sliding window: nothing that depends on a width.
+MINISTRAL3 = DecoderAdapter(families=("ministral3",))
+# Seed-OSS: Llama's layout with q/k/v biases and a separate o_proj bias (attention_out_bias), sliced with their rows.
+# Its attention and residual dropout (0.1 by default) are active while a student trains, as in any training loop.
+SEED_OSS = DecoderAdapter(families=("seed_oss",))
+# ERNIE 4.5 (dense): Llama's layout, biases on every projection when use_bias, tied embeddings in the small models,
+# GLM-style interleaved rotary over the whole head (head_dim is never pruned).
+ERNIE4_5 = DecoderAdapter(families=("ernie4_5",))
+# InternLM3 loads as LlamaForCausalLM (its config subclasses LlamaConfig and keeps its hidden / heads rule, and
+# requires attention_bias == mlp_bias, which pruning never changes).
+INTERNLM3 = DecoderAdapter(families=("internlm3",), hidden_divisible_by_heads=True)
+# HunYuan dense: Llama's layout plus per-head q/k norms over head_dim, applied after RoPE (query_layernorm,
+# key_layernorm). Its NTK-alpha rope reads head_dim, which pruning keeps.
+HUNYUAN_DENSE = DecoderAdapter(
+    families=("hunyuan_v1_dense",), head_norms=("self_attn.query_layernorm", "self_attn.key_layernorm")
+)
+# EXAONE 4: OLMo-2's norm placement (after each sublayer, no input norm) with Qwen3's per-head q/k norms; sliding
+# and full layers (layer_types, sliced by depth pruning; the full ones use no RoPE when a window is set).
+EXAONE4 = DecoderAdapter(
+    families=("exaone4",),
+    layer_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
+    residual_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
+    head_norms=("self_attn.q_norm", "self_attn.k_norm"),
+)
+# OLMo-3: OLMo-2 (norms after the sublayers, q/k norms over the whole projection, so head pruning is not exact)
+# with sliding and full layers (layer_types, one rope per layer type).
+OLMO3 = DecoderAdapter(
+    families=("olmo3",),
+    layer_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
+    residual_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
+    q_proj_norm="self_attn.q_norm",
+    k_proj_norm="self_attn.k_norm",
+)
+# GLM-4: a fused gate|up projection (Phi-3's MLP), four norms per layer (the extra post_self_attn_layernorm and
+# post_mlp_layernorm sit on the sublayers' outputs, before the residual add), q/k/v biases, partial rotary.
+GLM4 = DecoderAdapter(
+    families=("glm4",),
+    gate_up="mlp.gate_up_proj",
+    layer_norms=("input_layernorm", "post_self_attn_layernorm", "post_attention_layernorm", "post_mlp_layernorm"),
+    residual_norms=("post_self_attn_layernorm", "post_mlp_layernorm"),
+)
+# Apertus: an MLP without a gate (up -> xIELU -> down; xIELU's two learned scalars are per layer, not per neuron),
+# norms named attention_layernorm / feedforward_layernorm, per-head q/k norms over head_dim.
+APERTUS = DecoderAdapter(
+    families=("apertus",),
+    gate=None,
+    layer_norms=("attention_layernorm", "feedforward_layernorm"),
+    head_norms=("self_attn.q_norm", "self_attn.k_norm"),
+)
+
+
+def _gemma4_refusal(config) -> str:
+    """What Gemma 4 (text decoder or multimodal) has that one DecoderAdapter and one ModelShape cannot describe."""
+    text = getattr(config, "text_config", None) or config
+    missing = []
+    geometry: dict[str, tuple] = {}
+    for kind in sorted(set(getattr(text, "layer_types", None) or ())):
+        try:  # the layer config of each layer type (transformers 5's per_layer_config view)
+            layer = text.per_layer_config[kind]
+            geometry[kind] = (layer.head_dim, layer.num_key_value_heads)
+        except Exception:  # noqa: BLE001 - a layer type whose layers differ among themselves: say so below
+            geometry[kind] = ("varies", "varies")
+    if len(set(geometry.values())) > 1:
+        sizes = ", ".join(f"{kind} head_dim {hd} with {kv} KV heads" for kind, (hd, kv) in geometry.items())
+        missing.append(f"attention whose head size and KV heads differ by layer type (per_layer_config: {sizes})")
+    if getattr(text, "hidden_size_per_layer_input", 0):
+        missing.append(
+            "per-layer embeddings (embed_tokens_per_layer and per_layer_model_projection pack one slice per layer, "
+            "and each layer's per_layer_input_gate / per_layer_projection read and write the residual stream), "
+            "which depth and hidden pruning would have to slice"
+        )
+    if getattr(text, "num_kv_shared_layers", 0):
+        missing.append(
+            f"KV sharing (the last {text.num_kv_shared_layers} layers have no k/v projections and attend with an "
+            "earlier layer's keys and values, so heads and layers cannot be removed layer by layer)"
+        )
+    if getattr(text, "attention_k_eq_v", False):
+        missing.append("keys reused as values in the full-attention layers (attention_k_eq_v: no v_proj)")
+    if getattr(text, "enable_moe_block", False):
+        missing.append("a mixture-of-experts block beside the MLP (enable_moe_block)")
+    if not missing:
+        missing.append("the per_layer_config every Gemma 4 config carries (per-layer attention sizes)")
+    return "Gemma 4's decoder layers are not one uniform shape; compress has no support for " + "; ".join(missing)
+
+
+def _exaone4_5_refusal(config) -> str:
+    return (
+        "EXAONE 4.5 is an image-text model that transformers does not load as a causal LM (AutoModelForCausalLM "
+        "has no class for it), while every student compress saves must reload with "
+        "AutoModelForCausalLM.from_pretrained; its vision merger also writes the residual stream through a Linear "
+        "sized by vision_config.out_hidden_size, which hidden pruning cannot slice. Its text decoder is EXAONE 4 "
+        "(supported as 'exaone4'): build Exaone4ForCausalLM(config.text_config), load the language model's and "
+        "lm_head's weights into it, and compress that"
+    )
+
+
+# Families compress recognises and cannot prune correctly: refused before any work with what is missing, unless an
+# installed package declares an adapter for them (the compress.plugins entry points).
+_UNSUPPORTED: dict[str, Callable[[Any], str]] = {
+    **dict.fromkeys(
+        (
+            "gemma4",
+            "gemma4_text",
+            "gemma4_unified",
+            "gemma4_unified_text",
+            "gemma4_assistant",
+            "gemma4_unified_assistant",
+        ),
+        _gemma4_refusal,
+    ),
+    "exaone4_5": _exaone4_5_refusal,
+}
 
 _ADAPTERS: dict[str, DecoderAdapter] = {}
 
@@ -554,6 +667,20 @@ def supported_families() -> list[str]:
     return sorted(_ADAPTERS)
 
 
+def _refuse_unsupported_family(model: nn.Module, model_type: str | None) -> None:
+    """Refuse a family of ``_UNSUPPORTED`` that no installed package declares an adapter for: say what is missing."""
+    refusal = _UNSUPPORTED.get(model_type) if model_type is not None else None
+    if refusal is None:
+        return
+    _load_declared_adapters()
+    if model_type in _ADAPTERS:
+        return
+    raise UnsupportedModelError(
+        f"compress cannot prune {model_type!r} ({type(model).__name__}) correctly: {refusal(model.config)}. "
+        "Nothing was changed."
+    )
+
+
 def find_adapter(model: nn.Module) -> DecoderAdapter | None:
     """The adapter for ``model``'s family, or None when the family has none.
 
@@ -562,6 +689,7 @@ def find_adapter(model: nn.Module) -> DecoderAdapter | None:
     """
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
+    _refuse_unsupported_family(model, model_type)
     if getattr(config, "is_heterogeneous", False):  # transformers 5's per_layer_config
         raise UnsupportedModelError(
             f"{model_type!r} has per-layer {sorted(cast(Any, config).per_layer_attributes or [])} in its config "
