@@ -202,9 +202,10 @@ def _add_output_args(p: argparse.ArgumentParser, r: Recipe) -> None:
     p.add_argument(
         "--formats",
         default=None,
-        help="what to write, comma-separated: safetensors, onnx (Optimum), onnx-genai, onnx-genai-int8, "
-        "onnx-genai-int4 (onnxruntime-genai), gguf (llama.cpp: f16 and q8_0); default auto = "
-        "safetensors + the fastest ONNX format that passes its checks (onnx-genai, else onnx)",
+        help="what to write, comma-separated: safetensors, onnx (Optimum; needs the [optimum] extra, "
+        "transformers 4.57), onnx-genai, onnx-genai-int8, onnx-genai-int4 (onnxruntime-genai), gguf (llama.cpp: "
+        "f16 and q8_0); default auto = safetensors + the fastest installed ONNX format that passes its checks "
+        "(onnx-genai, else onnx)",
     )
     p.add_argument(
         "--int8",
