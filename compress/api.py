@@ -97,7 +97,7 @@ def compress(
 
     ``teacher``: a path/hub id/``"smollm2"`` (see :func:`load_teacher`), a model (give ``tokenizer=``), or a
     ``(model, tokenizer)`` pair; a passed-in model is pruned in place. ``data``: calibration text (default: the
-    pydocs train split when present, else stdlib docstrings). ``eval_data``: held-out text for perplexity
+    pydocs train split when present, else installed packages' docstrings). ``eval_data``: held-out text for perplexity
     (default: pydocs valid, else held-out docstrings); it must not be the calibration file.
     ``distill``: a :class:`~compress.distillation.DistillConfig` to recover quality from the teacher after pruning, on
     ``distill_data`` (default: ``data`` after the tokens calibration used, so the two never overlap).

@@ -105,7 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", default=None, choices=list(STRATEGIES), help=f"default {r.strategy}")
     p.add_argument("--importance", default=None, help="importance plugin (see --list-plugins); default activation")
     p.add_argument("--depth-method", default=None, choices=["block_influence", "contiguous_block"])
-    p.add_argument("--data", default=None, help="calibration text file (default: pydocs train or stdlib docstrings)")
+    p.add_argument(
+        "--data", default=None, help="calibration text file (default: pydocs train or installed packages' docstrings)"
+    )
     p.add_argument("--eval-data", default=None, help="held-out text file for perplexity")
     p.add_argument(
         "--samples",

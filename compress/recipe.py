@@ -39,7 +39,7 @@ _NO_TEACHER_YET = 10**18
 @dataclass
 class DataSettings:
     """Text files of a run. ``calibration``: importance scoring (default: the pydocs train split when it is
-    there, else Python's stdlib docstrings); ``evaluation``: held-out perplexity (never the calibration file);
+    there, else the installed packages' docstrings); ``evaluation``: held-out perplexity (never the calibration file);
     ``distillation``: distillation text (default: the calibration file after the tokens calibration used).
     ``eval_seq_len`` / ``eval_tokens``: window length and how much held-out text perplexity reads."""
 

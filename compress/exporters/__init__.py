@@ -254,6 +254,10 @@ def _write_formats(job: ExportJob, report: ExportReport, fallbacks: list[str], s
                 steps.set_description(f"export {', '.join(names)} + {writer.CHECKS}")
                 report.results.update(writer.write_formats(job, names))
                 steps.update(len(names))
+            if auto:  # the formats after the one written were never needed: nothing to explain about them
+                written = [DEPLOY_ORDER.index(f) for f in report.formats if f in DEPLOY_ORDER]
+                for later in DEPLOY_ORDER[min(written) + 1 :] if written else ():
+                    report.skipped.pop(later, None)
             return
         except ExportError as exc:  # formats="auto": the next-fastest format that passes its gates
             if not auto:
