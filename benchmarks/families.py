@@ -1,10 +1,12 @@
 """Every supported family, every axis, on tiny random models (and families without an adapter through the generic
 Torch-Pruning backend): parameters before and after, wall time of the
-prune, and how far the saved-and-reloaded student's logits are from the in-memory student's.
+prune, and how far the saved-and-reloaded student's logits are from the in-memory student's; and the families
+compress refuses (Gemma 4, EXAONE 4.5): the time to refuse, and that nothing changed.
 
     python benchmarks/families.py --out benchmarks/results/families.json
+    python benchmarks/families.py --families olmo3,glm4   # a subset (and the generic / refused ones named there)
 
-The models are the test suite's (tests/conftest.py: hidden 64, MLP 96, 6 query heads over 2 KV heads,
+The models are the test suite's (tests/conftest.py: hidden 96, MLP 96, 6 query heads over 2 KV heads,
 head_dim 16, 4 layers, vocabulary 320, every family's particular features switched on), with random weights
 scaled up so that importance differences are visible. Only SmolLM2 has real weights offline; its quality
 figures are in benchmarks/prune_quality.py.
@@ -95,6 +97,50 @@ def generic_model(model_type: str):
     return randomized(AutoConfig.for_model(model_type, **fields))
 
 
+def refused_models() -> dict:
+    """Tiny models of the families compress refuses, as the installed transformers builds them (none on 4.57)."""
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    text = dict(vocab_size=320, hidden_size=96, intermediate_size=96, num_attention_heads=6, num_key_value_heads=2,
+                num_hidden_layers=4, head_dim=16, max_position_embeddings=256, sliding_window=8,
+                layer_types=["sliding_attention", "full_attention"] * 2, bos_token_id=1, eos_token_id=2,
+                pad_token_id=0)
+    builders = {}
+    if hasattr(transformers, "Gemma4TextConfig"):
+        gemma4 = dict(text, vocab_size_per_layer_input=320, global_head_dim=32)
+        # Gemma-4-31B's kind: full-attention layers with their own head size and KV heads, keys reused as values.
+        builders["gemma4_text (31B-like)"] = lambda: AutoModelForCausalLM.from_config(transformers.Gemma4TextConfig(
+            **gemma4, hidden_size_per_layer_input=0, num_global_key_value_heads=1, attention_k_eq_v=True))
+        # Gemma-4-E2B's kind: per-layer embeddings and KV sharing too.
+        builders["gemma4_text (E2B-like)"] = lambda: AutoModelForCausalLM.from_config(transformers.Gemma4TextConfig(
+            **gemma4, hidden_size_per_layer_input=8, num_kv_shared_layers=2))
+        builders["gemma4"] = lambda: AutoModelForCausalLM.from_config(transformers.Gemma4Config(
+            text_config=transformers.Gemma4TextConfig(**gemma4, hidden_size_per_layer_input=0).to_dict()))
+    if hasattr(transformers, "Exaone4_5_Config"):
+        builders["exaone4_5"] = lambda: AutoModelForImageTextToText.from_config(transformers.Exaone4_5_Config(
+            text_config=dict(text, model_type="exaone4"), image_token_id=318, video_token_id=319,
+            vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=96)))
+    return builders
+
+
+def run_refused(name: str, build) -> dict:
+    import compress
+
+    model = build().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(4, 320, (16, 32), generator=torch.Generator().manual_seed(0))
+    start = time.perf_counter()
+    try:
+        compress.prune(model, {"params": 0.5}, ids, calibration=compress.CalibrationConfig(min_samples=4))
+    except compress.UnsupportedModelError as exc:
+        seconds = time.perf_counter() - start
+        unchanged = all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        print(f"{name:<22} refused in {seconds:.3f} s, weights unchanged: {unchanged}\n    {exc}")
+        return {"refused": str(exc), "seconds": round(seconds, 3), "unchanged": unchanged}
+    raise AssertionError(f"{name} was pruned; it should be refused")
+
+
 def run_family(family: str, cases: dict, generic: bool = False) -> dict:
     rows = {}
     for name, (target, strategy) in cases.items():
@@ -111,7 +157,9 @@ def run_family(family: str, cases: dict, generic: bool = False) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=None)
+    p.add_argument("--families", default=None, help="comma-separated families (default: all)")
     args = p.parse_args()
+    chosen = set(args.families.split(",")) if args.families else None
     import compress
     import transformers
 
@@ -120,13 +168,21 @@ def main() -> int:
                "transformers": transformers.__version__, "families": {}}
     print(f"{'family':<12} {'axis':<11} {'params':>17} {'seconds':>8} {'reload diff':>12}")
     for family in compress.supported_families():
+        if chosen is not None and family not in chosen:
+            continue
         cases = {name: FAMILY_CASES.get(family, {}).get(name, case) for name, case in CASES.items()}
         results["families"][family] = run_family(family, cases)
     print("\nwithout an adapter (generic Torch-Pruning backend):")
     results["generic"] = {}
     for family in GENERIC:
         assert family not in compress.supported_families()
-        results["generic"][family] = run_family(family, GENERIC_CASES, generic=True)
+        if chosen is None or family in chosen:
+            results["generic"][family] = run_family(family, GENERIC_CASES, generic=True)
+    print("\nrefused before any work:")
+    results["refused"] = {}
+    for name, build in refused_models().items():
+        if chosen is None or name.split()[0] in chosen:
+            results["refused"][name] = run_refused(name, build)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
     return 0

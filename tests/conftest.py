@@ -89,8 +89,12 @@ _NEWER_CONFIGS = {
     "internlm3": "InternLM3Config",
     "hunyuan_v1_dense": "HunYuanDenseV1Config",
 }
+# Families whose config class imports here but whose model transformers cannot build as the suite needs it.
+UNTESTED_HERE = {"apertus": "transformers 4.57 builds Apertus's xIELU activation in bfloat16 whatever the model's "
+                            "dtype, and cannot build it on the meta device (a teacher skeleton); fixed in 5"
+                 } if transformers.__version__.startswith("4.") else {}
 CONFIGS.update({family: cls for family, name in _NEWER_CONFIGS.items()
-                if (cls := _installed_config_class(name)) is not None})
+                if family not in UNTESTED_HERE and (cls := _installed_config_class(name)) is not None})
 TIED = ("llama", "qwen3", "gemma3_text", "gemma2", "smollm3", "gemma3", "ernie4_5")
 # No grouped-query attention and a head size computed as hidden_size // heads: 6 heads of 16 need hidden 96.
 NO_GQA = ("gpt_neox",)

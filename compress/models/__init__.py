@@ -29,6 +29,10 @@ report). Other families are described by the same object with more fields filled
   — a config feature only eager attention honours (Gemma-2's attention soft-capping; the ONNX export uses it).
 
 A new family with the same roles under other names is one ``register_adapter(DecoderAdapter(...))`` call.
+
+Families compress recognises but cannot prune correctly (Gemma 4: attention sizes that differ by layer type,
+per-layer embeddings, KV sharing; EXAONE 4.5: an image-text model transformers does not load as a causal LM) are
+refused before any work with what is missing (``_UNSUPPORTED``), unless an installed package declares an adapter.
 """
 
 from __future__ import annotations
@@ -574,7 +578,7 @@ def _gemma4_refusal(config) -> str:
         missing.append("a mixture-of-experts block beside the MLP (enable_moe_block)")
     if not missing:
         missing.append("the per_layer_config every Gemma 4 config carries (per-layer attention sizes)")
-    return "Gemma 4's decoder layers are not one uniform shape; compress has no support for " + "; ".join(missing)
+    return "Gemma 4's decoder layers are not one uniform shape, and compress cannot yet prune " + "; ".join(missing)
 
 
 def _exaone4_5_refusal(config) -> str:
@@ -676,7 +680,7 @@ def _refuse_unsupported_family(model: nn.Module, model_type: str | None) -> None
     if model_type in _ADAPTERS:
         return
     raise UnsupportedModelError(
-        f"compress cannot prune {model_type!r} ({type(model).__name__}) correctly: {refusal(model.config)}. "
+        f"compress does not support {model_type!r} ({type(model).__name__}): {refusal(model.config)}. "
         "Nothing was changed."
     )
 
