@@ -475,3 +475,20 @@ def test_an_installed_adapter_for_a_refused_family_is_used():
         assert adapter_for(_tiny_exaone4_5()) is mine
     finally:
         _ADAPTERS.pop("exaone4_5", None)
+
+
+def test_every_shape_is_checked_against_the_installed_config_class():
+    """The planner asks the installed transformers' config class too: here Llama's config seen through the
+    Mistral/Qwen2 adapter, which declares no hidden / heads rule of its own. transformers 5's LlamaConfig refuses
+    hidden_size 40 with 6 heads; 4.57's has no such check."""
+    from compress.models import LLAMA_LIKE
+    from conftest import tiny_config
+
+    config = tiny_config("llama")
+    rules = LLAMA_LIKE.shape_constraint(config)
+    teacher = ModelShape.from_config(config)
+    if hasattr(type(config), "validate_architecture"):
+        assert "LlamaConfig refuses it" in rules(teacher.replace(hidden_size=40))
+        assert rules(teacher.replace(hidden_size=48)) is None and rules(teacher) is None
+    else:
+        assert rules is None
