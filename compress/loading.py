@@ -159,11 +159,11 @@ def _gguf_dequantize_config() -> dict[str, Any]:
 
     transformers 5 can keep GGUF weights in their quantized blocks (when its ``kernels`` package has a matmul
     kernel for them); pruning slices and distillation trains plain ``nn.Linear`` weights, so compress always asks
-    for the dequantized model. transformers 4.57 always dequantizes and has no such option.
+    for the dequantized model. Before 5.17 (4.57 included) transformers always dequantizes and has no option.
     """
     try:
         from transformers import GgufConfig
-    except ImportError:  # transformers 4.57
+    except ImportError:  # transformers < 5.17
         return {}
     return {"quantization_config": GgufConfig(dequantize=True)}
 
