@@ -55,10 +55,20 @@ TOKENIZER_CHECK_TEXT = (
     "\n\n\tNaïve café, 東京, Ωmega — don't stop; 3.14159 2026-11-26   end\n"
 )
 # Architectures (config.architectures[0]) whose builder output tests/test_export_genai.py checks against
-# transformers on tiny random models (sliding windows included); the others are refused before any work. Left
-# out after trying them with builder 0.15.2: Gemma-2 (right only while the text fits in the sliding window),
-# Gemma-3 (logits wrong), SmolLM3 (the builder fails: KeyError 'position_ids'), Phi-3 (partial rotary needs a
-# rotary size that is a multiple of 16), GPT-NeoX and OLMo-2 (not in the builder).
+# transformers on tiny random models (a pruned one among them: parity on a prefill and a cached decode step,
+# greedy generation against transformers' generate, int8/int4 perplexity); the others are refused before any
+# work. Each line has its own builder (0.15.2 with transformers 4.57, 0.18.0 with transformers 5), tried apart:
+# * both releases: Llama, Mistral, Qwen2, Qwen3, Granite, ERNIE 4.5, HunYuan dense (its NTK-alpha theta baked in
+#   by both), and Phi-3 when its rotary size is a multiple of 16 (see :func:`_check_rotary`; on 0.18 only without
+#   LongRoPE);
+# * 0.16 and later only (:data:`FROM_GENAI_0_16`): Gemma-2, which 0.15.2 computes right only while the text fits
+#   in the sliding window (off by 11-23 after it); 0.18 applies the window per layer as the config's layer_types
+#   say, and matches within 1e-5 of the largest logit once the embedding scale is exact
+#   (:func:`_exact_embedding_scale`).
+# Left out, with either release unless said: Gemma-3 (0.15.2: logits wrong from the first tokens; 0.18: the
+# builder fails, KeyError 'rope_type', reading transformers 5's per-layer-type rope_parameters as a flat dict),
+# SmolLM3 (the builder fails on its no-RoPE layers: KeyError 'position_ids'), GPT-NeoX and OLMo-2 (not in the
+# builder; 0.18 has OLMo-1 only), and the other families compress prunes whose architecture the builder lacks.
 BUILDER_ARCHITECTURES = frozenset(
     {
         "LlamaForCausalLM",
@@ -66,8 +76,21 @@ BUILDER_ARCHITECTURES = frozenset(
         "Qwen2ForCausalLM",
         "Qwen3ForCausalLM",
         "GraniteForCausalLM",
+        "Phi3ForCausalLM",
+        "Ernie4_5ForCausalLM",
+        "HunYuanDenseV1ForCausalLM",
+        "Gemma2ForCausalLM",
     }
 )
+# Accepted only with onnxruntime-genai 0.16 or later, and why 0.15.2 is refused.
+FROM_GENAI_0_16 = {
+    "Gemma2ForCausalLM": "its builder computes wrong logits once the text is longer than the sliding window",
+}
+# Architectures whose sliding window the 0.18 builder applies (the layers config.layer_types marks
+# "sliding_attention"); for the others it ignores the window (see :func:`_check_sliding_window`).
+WINDOW_APPLIED_FROM_0_16 = frozenset({"Gemma2ForCausalLM"})
+# Architectures that scale the embeddings by sqrt(hidden_size), which both builders write rounded to two decimals.
+SQRT_HIDDEN_EMBEDDING_SCALE = frozenset({"Gemma2ForCausalLM"})
 # Weight-only quantization (MatMulNBits): blocks of 32 input channels, each with its own scale; accuracy level 4
 # = activations quantized to int8 at run time and multiplied in integers on CPU (the builder's CPU default).
 BLOCK_SIZE = 32
@@ -90,23 +113,40 @@ def check_genai_support(model: nn.Module) -> None:
             "compress-llm, which depends on it"
         ) from exc
     _check_builder_matches_transformers()
-    _check_sliding_window(model)
     arch = type(model).__name__  # what save_pretrained writes into config.json, which the builder reads
+    genai = _installed_genai()
     if arch not in BUILDER_ARCHITECTURES:
         raise ExportError(
             f"the onnxruntime-genai export is checked for {sorted(BUILDER_ARCHITECTURES)}, not "
             f"{arch}; export 'onnx' (Optimum) instead. Nothing was written."
         )
+    if arch in FROM_GENAI_0_16 and genai < (0, 16):
+        raise ExportError(
+            f"{arch} is exported to onnxruntime-genai with release 0.16 or later only: the installed "
+            f"{_shown(genai)}'s {FROM_GENAI_0_16[arch]}. Use the main line (transformers 5 with "
+            "onnxruntime-genai>=0.18), or export 'onnx' (Optimum) or 'gguf'. Nothing was written."
+        )
+    _check_sliding_window(model, genai)
+    _check_rotary(model, genai)
+    _check_vocab_sized_linears(model)
+
+
+def _installed_genai() -> tuple[int, int]:
+    from importlib.metadata import version
+
+    return tuple(int(p) for p in version("onnxruntime-genai").split(".")[:2])  # type: ignore[return-value]
+
+
+def _shown(genai: tuple[int, int]) -> str:
+    return "onnxruntime-genai " + ".".join(map(str, genai))
 
 
 def _check_builder_matches_transformers() -> None:
     """The builder imports transformers' model classes: releases before 0.16 import only with transformers 4.x,
     0.16 and later only with transformers >= 5.2. Refuse a pair that cannot run, saying which release to install."""
-    from importlib.metadata import version
-
     from ..version import transformers_version
 
-    genai = tuple(int(p) for p in version("onnxruntime-genai").split(".")[:2])
+    genai = _installed_genai()
     tf = transformers_version()
     if tf >= (5, 0) and genai < (0, 16):
         need = "onnxruntime-genai>=0.18 (pip install -U onnxruntime-genai)"
@@ -115,36 +155,136 @@ def _check_builder_matches_transformers() -> None:
     else:
         return
     raise ExportError(
-        f"onnxruntime-genai {'.'.join(map(str, genai))}'s model builder cannot run with transformers "
+        f"{_shown(genai)}'s model builder cannot run with transformers "
         f"{tf[0]}.{tf[1]}: install {need}. Nothing was written."
     )
 
 
-def _check_sliding_window(model: nn.Module) -> None:
-    """Refuse a model with an active sliding window where the installed runtime gets it wrong.
+def _check_sliding_window(model: nn.Module, genai: tuple[int, int]) -> None:
+    """Refuse a model with an active sliding window where the installed builder gets it wrong.
 
-    Measured with onnxruntime-genai 0.18.0 on a tiny Mistral with a window of 8 tokens: logits match PyTorch for
-    up to 8 tokens and are wrong from the 9th (max |diff| 5.8 at 9 tokens, 10.4 at 16), and a prompt longer than
-    the cache it sizes fails in GroupQueryAttention. 0.15.2 matches past the window
-    (tests/test_export_genai.py).
+    The 0.18 builder applies a window only on the layers ``config.layer_types`` marks ``"sliding_attention"``;
+    a Mistral config has no ``layer_types``, so the builder makes every layer attend to the whole text. Measured
+    with onnxruntime-genai 0.18.0 on a tiny Mistral with a window of 8 tokens: with the builder's default
+    window-sized caches a cached decode step after a 31-token prefill fails in GroupQueryAttention; with
+    ``windowed_kv_cache=false`` a 48-token prefill matches PyTorch for the first 8 tokens and is wrong after them
+    (max |diff| 8.8 at positions 8-15, 12.2 later). Gemma-2 (:data:`WINDOW_APPLIED_FROM_0_16`, whose config lists
+    its sliding layers) is right past its window: 48 tokens and 40 generated ones with a window of 8. 0.15.2
+    matches past the window for the architectures it accepts (tests/test_export_genai.py).
     """
-    from importlib.metadata import version
-
     config = model.config
     window = getattr(config, "sliding_window", None)
     if not isinstance(window, int) or not getattr(config, "use_sliding_window", True):
         return
     if window >= (getattr(config, "max_position_embeddings", None) or window + 1):
         return
-    genai = tuple(int(p) for p in version("onnxruntime-genai").split(".")[:2])
-    if genai >= (0, 16):
+    if genai >= (0, 16) and type(model).__name__ not in WINDOW_APPLIED_FROM_0_16:
         raise ExportError(
-            f"this model attends through a sliding window of {window} tokens, and onnxruntime-genai "
-            f"{'.'.join(map(str, genai))} computes wrong logits past the window (measured: exact up to the window, "
-            "off by several units after it). Export 'gguf', or use the compatibility line (transformers 4.57.6 with "
-            'onnxruntime-genai 0.15.2: pip install "compress-llm[optimum]"), whose builder gets it right. Nothing '
-            "was written."
+            f"this model attends through a sliding window of {window} tokens, and {_shown(genai)} computes "
+            "wrong logits past the window (measured: exact up to the window, off by several units after it). "
+            "Export 'gguf', or use the compatibility line (transformers 4.57.6 with onnxruntime-genai 0.15.2: pip "
+            'install "compress-llm[optimum]"), whose builder gets it right. Nothing was written.'
         )
+
+
+def _check_rotary(model: nn.Module, genai: tuple[int, int]) -> None:
+    """Phi-3: refuse a rotary size the runtime cannot run, and LongRoPE where the builder fails on it.
+
+    onnxruntime's GroupQueryAttention takes a cos/sin cache of half the rotary size, which must be a multiple of
+    8 (measured with both releases: a rotary size of 8, i.e. head 16 with partial_rotary_factor 0.5, fails at the
+    first prefill; 16, 48, 96 match). The 0.18 builder reads LongRoPE's settings under rope_parameters["type"],
+    a key transformers 5 configs do not have (KeyError); 0.15.2 matches PyTorch on either side of the original
+    context.
+    """
+    if type(model).__name__ != "Phi3ForCausalLM":
+        return
+    config: Any = model.config
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    factor = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None) or 1.0)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    rotary = int(head_dim * factor)
+    if rotary % 16:
+        raise ExportError(
+            f"Phi3ForCausalLM with a rotary size of {rotary} (head {head_dim} x partial_rotary_factor {factor:g}): "
+            "onnxruntime's GroupQueryAttention needs a rotary size that is a multiple of 16. Export 'onnx' "
+            "(Optimum) or 'gguf' instead. Nothing was written."
+        )
+    longrope = config.max_position_embeddings != getattr(config, "original_max_position_embeddings", None)
+    if longrope and genai >= (0, 16):
+        raise ExportError(
+            f"Phi3ForCausalLM with LongRoPE (max_position_embeddings {config.max_position_embeddings} != "
+            f"original_max_position_embeddings {getattr(config, 'original_max_position_embeddings', None)}): "
+            f"{_shown(genai)}'s builder fails on it (it reads a key transformers 5 configs no longer write). Use the "
+            'compatibility line (pip install "compress-llm[optimum]", onnxruntime-genai 0.15.2), or export '
+            "'gguf'. Nothing was written."
+        )
+
+
+def _check_vocab_sized_linears(model: nn.Module) -> None:
+    """Refuse a model with a linear layer of ``vocab_size`` outputs besides the LM head.
+
+    Both builders (0.15.2 and 0.18.0) take any linear layer with ``vocab_size`` outputs for the LM head: measured
+    on a tiny Llama whose MLP width equals its vocabulary (320), the logits come out wrong by 16 (1.3 of the
+    largest). Pruning to such a width is a coincidence, but then the builder's output would be wrong.
+    """
+    vocab = getattr(model.config, "vocab_size", None)
+    get_head: Any = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and module is not head and module.out_features == vocab:
+            raise ExportError(
+                f"{name} has {vocab} outputs, as many as the vocabulary, and onnxruntime-genai's builder would take "
+                "it for the LM head (the logits come out wrong). Prune that width to another size, or export "
+                "'onnx' (Optimum) or 'gguf'. Nothing was written."
+            )
+
+
+def builder_options(model: nn.Module) -> list[str]:
+    """The builder options (``--extra_options``) a model needs beyond :func:`build`'s defaults.
+
+    With a sliding window the 0.16+ builder sizes the caches of the sliding layers to the window by default, and
+    the runtime then refuses any generator whose ``max_length`` is below the window (measured with 0.18.0:
+    "KV cache capacity (33) must be at least local_window_size (256)"); ``windowed_kv_cache=false`` keeps
+    full-length caches with the window applied in the attention, as 0.15.2 does (same logits past the window).
+    """
+    window = getattr(model.config, "sliding_window", None)
+    if isinstance(window, int) and type(model).__name__ in WINDOW_APPLIED_FROM_0_16 and _installed_genai() >= (0, 16):
+        return ["windowed_kv_cache=false"]
+    return []
+
+
+def _exact_embedding_scale(out: Path, model: nn.Module) -> list[str]:
+    """Write sqrt(hidden_size) exactly where the builder rounded the embedding scale; return what was changed.
+
+    Gemma multiplies the embeddings by sqrt(hidden_size) (float32 in transformers); both builders write
+    ``round(sqrt(hidden_size), 2)`` (9.8 for 96, where transformers uses 9.79796): 2e-4 on every embedding, which
+    on a tiny random Gemma-2 moves the logits by 2e-3 of the largest, 20 times the parity tolerance. A hidden size
+    with an exact root (64, 144, 2304) matches to 1e-5 either way.
+    """
+    if type(model).__name__ not in SQRT_HIDDEN_EMBEDDING_SCALE:
+        return []
+    import onnx
+    from onnx import numpy_helper
+
+    path = out / "model.onnx"
+    graph_model = onnx.load(str(path), load_external_data=False)
+    producers = {o: n for n in graph_model.graph.node for o in n.output}
+    mul = next((n for n in graph_model.graph.node if n.name == "/model/embed_tokens/Mul"), None)
+    const = producers.get(mul.input[1]) if mul is not None and len(mul.input) == 2 else None
+    if const is None or const.op_type != "Constant" or len(const.attribute) != 1 or len(const.attribute[0].t.dims):
+        raise ExportError(
+            "onnxruntime-genai's builder wrote the embedding scale in an unexpected form (no constant "
+            "/model/embed_tokens/Mul); the export was discarded"
+        )
+    tensor = const.attribute[0].t
+    old = numpy_helper.to_array(tensor)
+    hidden = int(getattr(model.config, "hidden_size", 0))
+    exact = np.asarray(math.sqrt(hidden), dtype=old.dtype)
+    if old == exact:
+        return []
+    tensor.CopyFrom(numpy_helper.from_array(exact, tensor.name))
+    onnx.save(graph_model, str(path))
+    return [f"embedding scale: {float(old):.6g} -> {float(exact):.6g} (sqrt of hidden_size {hidden})"]
 
 
 def build(
@@ -369,8 +509,11 @@ def write_formats(job: ExportJob, formats: list[str]) -> dict[str, dict]:
     reference: dict = {}  # PyTorch's perplexity windows and figure, shared by the quantized folders
     for fmt in formats:
         try:
-            out = build(job.hf_dir, job.out / fmt, GENAI_FORMATS[fmt])
+            out = build(job.hf_dir, job.out / fmt, GENAI_FORMATS[fmt], builder_options(job.model))
+            graph_changes = _exact_embedding_scale(out, job.model)
             results[fmt] = _check_folder(job, out, reference)
+            if graph_changes:
+                results[fmt]["graph_changes"] = graph_changes
         except ExportError:
             raise
         except (RuntimeError, KeyError, ValueError, OSError) as exc:  # the runtime, or a folder it wrote wrong
@@ -480,6 +623,7 @@ __all__ = [
     "BUILDER_ARCHITECTURES",
     "GENAI_FORMATS",
     "build",
+    "builder_options",
     "card_section",
     "check_genai_support",
     "check_support",
