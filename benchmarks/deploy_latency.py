@@ -34,6 +34,14 @@ measurement also records ``other_processes_cores``: the cores the rest of the ma
     python benchmarks/deploy_latency.py --runs 3 --out benchmarks/results/deploy_latency_genai.json
     python benchmarks/deploy_latency.py --models teacher --formats genai-fp32 --runs 1 --prefill 64 --decode 16 \\
         --allow-busy --work-dir /tmp/dl   # quick check; --work-dir keeps (and reuses) the exports
+
+The onnxruntime-genai formats of the teacher on each transformers line (its own builder release), back to back
+in one session (BENCHMARKS.md, issue 21; the versions are recorded in the JSON):
+
+    .venv/bin/python benchmarks/deploy_latency.py --models teacher --formats genai-fp32,genai-int8,genai-int4 \
+        --runs 3 --allow-busy --work-dir /tmp/dl-0.15.2 --out benchmarks/results/deploy_latency_genai_0.15.2.json
+    .venv5/bin/python benchmarks/deploy_latency.py --models teacher --formats genai-fp32,genai-int8,genai-int4 \
+        --runs 3 --allow-busy --work-dir /tmp/dl-0.18.0 --out benchmarks/results/deploy_latency_genai_0.18.0.json
 """
 
 from __future__ import annotations
@@ -406,6 +414,12 @@ def print_table(results: dict) -> None:
         print("| " + " | ".join(row) + " |")
     for name, why in results.get("not_runnable", {}).items():
         print(f"{name}: not runnable ({why})")
+    for name, m in results["models"].items():  # the fp32 folder's gate: logits against PyTorch
+        p = (m.get("genai_gates") or {}).get("onnx-genai", {}).get("parity")
+        if p:
+            print(f"{name} genai-fp32 parity: max |logit diff| {p['max_abs_diff']:.2e} (prefill "
+                  f"{p['max_abs_diff_prefill']:.2e}, decode {p['max_abs_diff_decode']:.2e}), {p['relative_diff']:.1e} "
+                  f"of max |logit| {p['max_abs_logit']:.1f}")
     print("\nGoals:")
     for goal, items in results["ratios"].items():
         print(f"  {goal} (goal {'<=' if 'ppl' in goal else '>='} {GOALS[goal]}):")
@@ -454,11 +468,12 @@ def main() -> None:
     started = datetime.now()
     import onnxruntime
     import onnxruntime_genai
+    import transformers
 
     results: dict = {
         "machine": machine(), "date": started.strftime("%Y-%m-%d %H:%M"), "args": vars(args),
         "versions": {"onnxruntime": onnxruntime.__version__, "onnxruntime_genai": onnxruntime_genai.__version__,
-                     "torch": torch.__version__},
+                     "torch": torch.__version__, "transformers": transformers.__version__},
         "idle": {"loadavg_before": load_before, "allow_busy": args.allow_busy,
                  "idle_at_start": load_before[0] < 1.0},
         "threads": threads, "goals": GOALS, "not_runnable": {}, "models": {}, "entries": {}}
@@ -548,7 +563,9 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
     results["idle"]["loadavg_after"] = loadavg()
     results["idle"]["note"] = ("loadavg_after includes this benchmark's own load (it keeps up to all cores busy); "
-                               "the machine was checked idle before starting")
+                               + ("the machine was not checked idle (--allow-busy): compare figures within this run, "
+                                  "and read other_processes_cores" if args.allow_busy
+                                  else "the machine was checked idle before starting"))
     results["seconds"] = round((datetime.now() - started).total_seconds())
     results["ratios"] = ratios(results, model_names, fmts)
     out_path = Path(args.out)
