@@ -469,7 +469,7 @@ GPT_NEOX = DecoderAdapter(
     layers="gpt_neox.layers",
     embed="gpt_neox.embed_in",
     final_norm="gpt_neox.final_layer_norm",
-    lm_head="lm_head" if transformers_version() >= (5, 0) else "embed_out",  # renamed by transformers 5
+    lm_head="lm_head" if transformers_version() >= (5, 14) else "embed_out",  # renamed in transformers 5.14
     attention="attention",
     qkv="attention.query_key_value",
     qkv_layout="per_head",
