@@ -38,6 +38,7 @@ from torch import nn
 from ..data import describe_source
 from ..evaluate import eval_windows, windows_perplexity
 from ..progress import bar
+from ..version import installed_version, transformers_version
 from .card import CardSection
 from .formats import REGISTRY, ExportError
 from .job import ExportJob
@@ -132,9 +133,7 @@ def check_genai_support(model: nn.Module) -> None:
 
 
 def _installed_genai() -> tuple[int, int]:
-    from importlib.metadata import version
-
-    return tuple(int(p) for p in version("onnxruntime-genai").split(".")[:2])  # type: ignore[return-value]
+    return installed_version("onnxruntime-genai")
 
 
 def _shown(genai: tuple[int, int]) -> str:
@@ -144,8 +143,6 @@ def _shown(genai: tuple[int, int]) -> str:
 def _check_builder_matches_transformers() -> None:
     """The builder imports transformers' model classes: releases before 0.16 import only with transformers 4.x,
     0.16 and later only with transformers >= 5.2. Refuse a pair that cannot run, saying which release to install."""
-    from ..version import transformers_version
-
     genai = _installed_genai()
     tf = transformers_version()
     if tf >= (5, 0) and genai < (0, 16):

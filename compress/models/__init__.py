@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 import torch
@@ -522,13 +522,7 @@ EXAONE4 = DecoderAdapter(
 )
 # OLMo-3: OLMo-2 (norms after the sublayers, q/k norms over the whole projection, so head pruning is not exact)
 # with sliding and full layers (layer_types, one rope per layer type).
-OLMO3 = DecoderAdapter(
-    families=("olmo3",),
-    layer_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
-    residual_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
-    q_proj_norm="self_attn.q_norm",
-    k_proj_norm="self_attn.k_norm",
-)
+OLMO3 = replace(OLMO2, families=("olmo3",), residual_norms=OLMO2.layer_norms)
 # GLM-4: a fused gate|up projection (Phi-3's MLP), four norms per layer (the extra post_self_attn_layernorm and
 # post_mlp_layernorm sit on the sublayers' outputs, before the residual add), q/k/v biases, partial rotary.
 GLM4 = DecoderAdapter(
