@@ -296,3 +296,17 @@ def test_builder_failure_names_the_builder(tmp_path):
     with pytest.raises(ExportError, match="model builder .fp32. failed"):
         genai.build(tmp_path / "hf", tmp_path / "out", "fp32")
     shutil.rmtree(tmp_path / "hf")
+
+
+@pytest.mark.parametrize("transformers_line, genai_release, need", [
+    ((5, 25), (0, 15), "onnxruntime-genai>=0.18"), ((4, 57), (0, 18), "onnxruntime-genai==0.15.2")])
+def test_a_builder_that_cannot_import_with_this_transformers_is_refused_before_any_work(
+        transformers_line, genai_release, need, tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setattr(genai, "transformers_version", lambda: transformers_line)
+    monkeypatch.setattr(genai, "_installed_genai", lambda: genai_release)
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ExportError, match=rf"model builder cannot run with transformers.*{need}"):
+        compress.export(model, tokenizer, tmp_path / "o", formats=["onnx-genai"])
+    assert list(tmp_path.iterdir()) == []
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
